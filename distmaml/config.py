@@ -1,0 +1,354 @@
+"""Typed configuration: dataclasses with a one-line doc per field, YAML files, dotted overrides.
+
+    config = load_config("configs/sine_maml.yaml", ["inner.steps=5", "run.dir=runs/k5"])
+
+Every problem (an unknown key, a wrong type, an impossible value) raises ConfigError with one line
+that names the file (or "command line"), the key and the value. This module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line for the user."""
+
+
+def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its one-line description (and allowed values, for strings)."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("runs/sine_maml", "run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json")
+    resume: bool | str = _opt(
+        "auto", "auto: continue from the newest complete checkpoint in run.dir if any; true: must "
+        "continue; false: start fresh; or the path of a checkpoint to continue from")
+
+
+@dataclass
+class TaskConfig:
+    family: str = _opt("sine", "task family", ("sine", "omniglot"))
+    support: int = _opt(10, "support examples per task (per class for classification): the K in K-shot")
+    query: int = _opt(10, "query examples per task (per class for classification)")
+    ways: int = _opt(5, "classes per task (classification only): the N in N-way")
+    amplitude: list[float] = _opt([0.1, 5.0], "sine: amplitude range [low, high)")
+    phase: list[float] = _opt([0.0, math.pi], "sine: phase range [low, high)")
+    x_range: list[float] = _opt([-5.0, 5.0], "sine: input range [low, high)")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _opt("mlp", "network", ("mlp", "conv4"))
+    hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths")
+    channels: int = _opt(64, "conv4: filters per convolution")
+
+
+@dataclass
+class InnerConfig:
+    steps: int = _opt(1, "inner SGD steps per task during meta-training (K)")
+    lr: float = _opt(0.01, "inner step size (alpha)")
+    mode: str = _opt("second_order", "meta-gradient: through all steps, none, the last `truncate`, or implicit",
+                     ("second_order", "first_order", "truncated", "implicit"))
+    truncate: int = _opt(1, "truncated mode: backpropagate through the last T inner steps only")
+    checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them",
+                           ("none", "every_step", "segments", "auto"))
+    checkpoint_segment: Optional[int] = _opt(None, "checkpoint=segments: inner steps per recomputed segment")
+
+
+@dataclass
+class ImplicitConfig:
+    lam: float = _opt(1.0, "implicit mode: strength of the pull of the task solution towards theta (lambda)")
+    cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task")
+    cg_damping: float = _opt(0.0, "implicit mode: added to the diagonal of I + H/lambda for stability")
+    cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = _opt(70000, "meta-iterations (outer Adam steps)")
+    meta_batch: int = _opt(25, "tasks per meta-iteration, over all processes")
+    lr: float = _opt(1e-3, "outer Adam learning rate (beta)")
+    lr_schedule: str = _opt("constant", "outer learning-rate schedule", ("constant", "cosine"))
+    lr_min: float = _opt(0.0, "cosine schedule: learning rate at the last iteration")
+    grad_clip: float = _opt(0.0, "clip the meta-gradient to this global L2 norm (0: off)")
+    seed: int = _opt(0, "seed of the weights and of every task")
+    log_every: int = _opt(100, "iterations between metrics.jsonl lines")
+    checkpoint_every: int = _opt(1000, "iterations between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _opt(3, "newest checkpoints kept in run.dir/checkpoints")
+    check_every: int = _opt(0, "iterations between cross-process weight checksums (0: off)")
+
+
+@dataclass
+class EvalConfig:
+    tasks: int = _opt(600, "fresh tasks to evaluate on")
+    steps: int = _opt(10, "inner steps at test time; losses are reported after 0..steps")
+    shots: Optional[int] = _opt(None, "support examples at test time (default: task.support)")
+    query: Optional[int] = _opt(None, "query examples at test time (default: task.query)")
+    at_end: bool = _opt(True, "evaluate on fresh tasks when training ends and write it to summary.json")
+
+
+@dataclass
+class EngineConfig:
+    device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is present, else cpu; or cpu, cuda")
+    dtype: str = _opt("float32", "dtype of weights and data", ("float32", "float64"))
+    batched: bool = _opt(True, "evaluate a process's tasks together with vmap (false: the per-task loop)")
+    cuda_graph: bool = _opt(False, "capture the whole meta-iteration as one CUDA graph (CUDA only)")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = _opt(True, "live progress bar on a terminal")
+    wandb: bool = _opt(False, "also log metrics to Weights & Biases (main process only)")
+    wandb_project: str = _opt("distmaml", "wandb project")
+    wandb_name: Optional[str] = _opt(None, "wandb run name (default: the run directory's name)")
+    wandb_mode: str = _opt("auto", "auto: online with an API key, else offline",
+                           ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data/omniglot", "folder with the data set (Omniglot: the two zips or their folders)")
+    cache_dir: Optional[str] = _opt(None, "where the preprocessed array is cached (default: user cache)")
+    split: str = _opt("paper", "class split: paper (1200 train characters + rotations) or background",
+                      ("paper", "background"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides; validated."""
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        for key, value in _flatten(loaded):
+            raw[key] = value
+            sources[key] = str(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        raw[key] = value
+        sources[key] = "command line"
+    return from_flat(raw, sources)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'inner.steps=5' -> ('inner.steps', 5); values are read as YAML scalars or lists."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command line: {item!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
+    """Build a validated Config from {'section.key': value}; missing keys keep their defaults."""
+    sources = sources or {}
+    config = Config()
+    known = {f"{section.name}.{spec.name}": (section.name, spec) for section in dataclasses.fields(Config)
+             for spec in dataclasses.fields(_section_type(section.name))}
+    for key, value in raw.items():
+        where = sources.get(key, "config")
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{suggestion}")
+        section, spec = known[key]
+        value = _coerce(value, _field_type(section, spec.name), key, where)
+        choices = spec.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {key} = {value!r}: must be one of {', '.join(choices)}")
+        setattr(getattr(config, section), spec.name, value)
+    _check_values(config, lambda key: sources.get(key, "default"))
+    return config
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested data, for config.yaml, checkpoints and wandb."""
+    return dataclasses.asdict(config)
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """{'section.key': value} for every field."""
+    return dict(_flatten(to_dict(config)))
+
+
+def describe() -> str:
+    """Every key with its default and its description, one per line (for `--help-config`)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        for spec in dataclasses.fields(_section_type(section.name)):
+            default = getattr(getattr(Config(), section.name), spec.name)
+            choices = spec.metadata.get("choices")
+            allowed = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"{section.name}.{spec.name} = {default!r}{allowed}  # {spec.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(Config)[name]
+
+
+def _field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(_section_type(section))[name]
+
+
+def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `kind`; ints widen to float, nothing else converts."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(option) for option in typing.get_args(kind))
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {names}")
+    if kind is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, list):
+            return [_coerce(item, item_kind, key, where) for item in value]
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(kind)}")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return "null" if kind is type(None) else kind.__name__
+
+
+def _check_values(config: Config, source) -> None:
+    """Impossible values and contradictions, each reported against the key that caused it."""
+
+    def fail(key: str, message: str, cause: str | None = None) -> typing.NoReturn:
+        # A value that is missing (still the default) is blamed on the setting that needs it.
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        where = source(key) if cause is None or source(key) != "default" else source(cause)
+        raise ConfigError(f"{where}: {key} = {value!r}: {message}")
+
+    def at_least(key: str, low: float) -> None:
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < low:
+            fail(key, f"must be >= {low}")
+
+    def positive(key: str) -> None:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not (value > 0 and math.isfinite(value)):
+            fail(key, "must be > 0")
+
+    def interval(key: str) -> None:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if len(value) != 2 or not value[0] <= value[1]:
+            fail(key, "must be [low, high] with low <= high")
+
+    inner, train, task = config.inner, config.train, config.task
+    at_least("inner.steps", 0)
+    positive("inner.lr")
+    if inner.mode == "truncated" and not 0 <= inner.truncate <= inner.steps:
+        fail("inner.truncate", f"must be between 0 and inner.steps ({inner.steps})", cause="inner.steps")
+    if inner.checkpoint == "segments" and inner.checkpoint_segment is None:
+        fail("inner.checkpoint_segment", "inner.checkpoint=segments needs a segment length",
+             cause="inner.checkpoint")
+    if inner.checkpoint_segment is not None and inner.checkpoint_segment < 1:
+        fail("inner.checkpoint_segment", "must be >= 1")
+    positive("implicit.lam")
+    at_least("implicit.cg_steps", 1)
+    at_least("implicit.cg_damping", 0)
+    at_least("implicit.cg_tol", 0)
+    at_least("train.iterations", 0)
+    at_least("train.meta_batch", 1)
+    positive("train.lr")
+    at_least("train.lr_min", 0)
+    if train.lr_min > train.lr:
+        fail("train.lr_min", f"must be <= train.lr ({train.lr})", cause="train.lr")
+    at_least("train.grad_clip", 0)
+    at_least("train.log_every", 1)
+    at_least("train.checkpoint_every", 0)
+    at_least("train.keep_checkpoints", 1)
+    at_least("train.check_every", 0)
+    at_least("task.support", 1)
+    at_least("task.query", 1)
+    at_least("task.ways", 2)
+    for key in ("task.amplitude", "task.phase", "task.x_range"):
+        interval(key)
+    if any(width < 1 for width in config.model.hidden):
+        fail("model.hidden", "every width must be >= 1")
+    at_least("model.channels", 1)
+    at_least("eval.tasks", 2)
+    at_least("eval.steps", 0)
+    if config.eval.shots is not None and config.eval.shots < 1:
+        fail("eval.shots", "must be >= 1")
+    if config.eval.query is not None and config.eval.query < 1:
+        fail("eval.query", "must be >= 1")
+    if config.engine.device not in ("auto", "cpu", "cuda") and not config.engine.device.startswith("cuda:"):
+        fail("engine.device", "must be auto, cpu, cuda or cuda:N")
+    if isinstance(config.run.resume, str) and config.run.resume.lower() in ("true", "false"):
+        config.run.resume = config.run.resume.lower() == "true"

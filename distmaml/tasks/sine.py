@@ -1,0 +1,76 @@
+"""Sine-wave regression, the MAML paper's protocol (Finn et al. 2017, section 5.1):
+y = A sin(x - phi) with A ~ U[0.1, 5.0], phi ~ U[0, pi], x ~ U[-5, 5]."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distmaml.tasks import TaskBatch
+from distmaml.tasks.rng import uniform
+
+# Each random quantity of a task draws from its own lane, so changing the number of support
+# points at test time leaves the task's amplitude, phase and query points unchanged.
+_LANE_AMPLITUDE, _LANE_PHASE, _LANE_SUPPORT, _LANE_QUERY = range(4)
+
+
+def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of one task."""
+    return F.mse_loss(prediction, target)
+
+
+@dataclass(frozen=True)
+class SineTasks:
+    """The family of sine tasks; `sample` builds any subset of a meta-batch by global index."""
+
+    seed: int = 0
+    support: int = 10
+    query: int = 10
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    loss = staticmethod(mse)
+    is_classification = False
+
+    @classmethod
+    def from_config(cls, config, device, dtype=torch.float32) -> "SineTasks":
+        task = config.task
+        return cls(seed=config.train.seed, support=task.support, query=task.query,
+                   amplitude=tuple(task.amplitude), phase=tuple(task.phase), x_range=tuple(task.x_range),
+                   device=device, dtype=dtype)
+
+    def sample(self, stream: int, iteration: int | torch.Tensor, indices: torch.Tensor,
+               support: int | None = None, query: int | None = None) -> TaskBatch:
+        """Tasks `indices` (global task indices, int64) of meta-iteration `iteration` in `stream`."""
+        support = self.support if support is None else support
+        query = self.query if query is None else query
+        keys, amplitude, phase = self._functions(stream, iteration, indices)
+
+        def points(lane: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            j = torch.arange(count, dtype=torch.int64, device=self.device)
+            x = self._uniform(self.x_range, *keys, lane, j)
+            return x[..., None], (amplitude * torch.sin(x - phase))[..., None]
+
+        return TaskBatch(*points(_LANE_SUPPORT, support), *points(_LANE_QUERY, query))
+
+    def curve(self, stream: int, iteration: int, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The true functions of tasks `indices` on a grid `x` (for plots): [n, len(x), 1]."""
+        _, amplitude, phase = self._functions(stream, iteration, indices)
+        return (amplitude * torch.sin(x.to(self.device, self.dtype)[None, :] - phase))[..., None]
+
+    def _functions(self, stream, iteration, indices):
+        """The hash keys, amplitudes and phases of tasks `indices`, each [n, 1]."""
+        task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)[:, None]
+        keys = (self.seed, stream, iteration, task)
+        amplitude = self._uniform(self.amplitude, *keys, _LANE_AMPLITUDE, 0)
+        phase = self._uniform(self.phase, *keys, _LANE_PHASE, 0)
+        return keys, amplitude, phase
+
+    def _uniform(self, bounds, *keys):
+        return uniform(bounds[0], bounds[1], *keys, dtype=self.dtype, device=self.device)
