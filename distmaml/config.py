@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,6 +248,9 @@ def _field_type(section: str, name: str) -> Any:
     return typing.get_type_hints(_section_type(section))[name]
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
     """Check `value` against the annotation `kind`; ints widen to float, nothing else converts."""
     origin = typing.get_origin(kind)
@@ -267,6 +271,9 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
             return [_coerce(item, item_kind, key, where) for item in value]
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 3e-4 (no dot) as a string; take it as the number the user meant.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):

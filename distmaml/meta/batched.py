@@ -25,6 +25,7 @@ class MetaGradient(NamedTuple):
     grad_sum: Params  # sum over tasks of d L_query(adapted_i) / d theta
     task_losses: torch.Tensor  # [n] query loss of each task after adaptation, detached
     stats: dict[str, torch.Tensor]  # mode-specific diagnostics (e.g. the CG residual), detached
+    adapted: Params | None = None  # detached adapted weights, task dimension first (for metrics)
 
 
 def sgd_step(model: nn.Module, loss_fn: LossFn, inner_lr: float, differentiable: bool) -> Callable:
@@ -88,8 +89,12 @@ def meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: 
     A sum, not a mean, so that shards of one meta-batch add up exactly across processes; the
     caller divides by the global meta-batch size.
     """
-    losses = meta_loss(model, params, batch, inner_lr, inner_steps, mode, truncate, loss_fn)
+    adapted, batched = adapt(model, params, batch.support_x, batch.support_y, inner_lr, inner_steps, mode,
+                             truncate, loss_fn)
+    losses = task_losses(model, adapted, batched, batch.query_x, batch.query_y, loss_fn)
     grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     grad_sum = {name: torch.zeros_like(value) if g is None else g
                 for (name, value), g in zip(params.items(), grads)}
-    return MetaGradient(grad_sum, losses.detach(), {})
+    if not batched:  # no inner step: every task's adapted weights are theta itself
+        adapted = {name: value.expand(batch.num_tasks, *value.shape) for name, value in adapted.items()}
+    return MetaGradient(grad_sum, losses.detach(), {}, detached(adapted))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from distmaml.tasks import TaskBatch
-from distmaml.tasks.rng import uniform
+from distmaml.tasks.rng import seed_words, uniform
 
 # Each random quantity of a task draws from its own lane, so changing the number of support
 # points at test time leaves the task's amplitude, phase and query points unchanged.
@@ -50,11 +50,11 @@ class SineTasks:
         """Tasks `indices` (global task indices, int64) of meta-iteration `iteration` in `stream`."""
         support = self.support if support is None else support
         query = self.query if query is None else query
-        keys, amplitude, phase = self._functions(stream, iteration, indices)
+        task, amplitude, phase = self._functions(stream, iteration, indices)
 
         def points(lane: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
             j = torch.arange(count, dtype=torch.int64, device=self.device)
-            x = self._uniform(self.x_range, *keys, lane, j)
+            x = self._uniform(self.x_range, stream, iteration, lane, task, j)
             return x[..., None], (amplitude * torch.sin(x - phase))[..., None]
 
         return TaskBatch(*points(_LANE_SUPPORT, support), *points(_LANE_QUERY, query))
@@ -65,12 +65,13 @@ class SineTasks:
         return (amplitude * torch.sin(x.to(self.device, self.dtype)[None, :] - phase))[..., None]
 
     def _functions(self, stream, iteration, indices):
-        """The hash keys, amplitudes and phases of tasks `indices`, each [n, 1]."""
+        """Task indices as a [n, 1] key, and the tasks' amplitudes and phases, each [n, 1]."""
         task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)[:, None]
-        keys = (self.seed, stream, iteration, task)
-        amplitude = self._uniform(self.amplitude, *keys, _LANE_AMPLITUDE, 0)
-        phase = self._uniform(self.phase, *keys, _LANE_PHASE, 0)
-        return keys, amplitude, phase
+        amplitude = self._uniform(self.amplitude, stream, iteration, _LANE_AMPLITUDE, task)
+        phase = self._uniform(self.phase, stream, iteration, _LANE_PHASE, task)
+        return task, amplitude, phase
 
-    def _uniform(self, bounds, *keys):
-        return uniform(bounds[0], bounds[1], *keys, dtype=self.dtype, device=self.device)
+    def _uniform(self, bounds, stream, iteration, lane, *keys):
+        # The integer keys lead, so they are mixed once in Python rather than per element.
+        return uniform(bounds[0], bounds[1], *seed_words(self.seed), stream, iteration, lane, *keys,
+                       dtype=self.dtype, device=self.device)

@@ -1,0 +1,3 @@
+from distmaml.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The `distmaml` command: parse, call the library, print. Every subcommand is a thin layer.
+
+    distmaml train CONFIG [key.sub=value ...]
+    distmaml eval CHECKPOINT [--tasks 600] [--shots N] [--steps S] [--json PATH]
+    distmaml plot CHECKPOINT OUT.png
+    distmaml config [CONFIG] [key.sub=value ...]      # print the resolved config with every key's doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from distmaml.config import ConfigError, describe, from_flat, load_config, to_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distmaml", description="Exact, batched, distributed MAML.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_p = commands.add_parser("train", help="meta-train from a YAML config")
+    train_p.add_argument("config", help="YAML file, e.g. configs/sine_maml.yaml")
+    train_p.add_argument("overrides", nargs="*", help="key.sub=value settings that replace the file's")
+
+    eval_p = commands.add_parser("eval", help="adapt a trained model to fresh tasks and report query metrics")
+    eval_p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest checkpoint)")
+    eval_p.add_argument("--tasks", type=int, help="fresh tasks (default: eval.tasks of the run)")
+    eval_p.add_argument("--shots", type=int, help="support examples per task (default: the training K)")
+    eval_p.add_argument("--steps", type=int, help="inner steps; metrics are reported after 0..S")
+    eval_p.add_argument("--query", type=int, help="query examples per task (default: eval.query)")
+    eval_p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    eval_p.add_argument("--json", type=Path, help="also write the result here")
+
+    plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation")
+    plot_p.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    plot_p.add_argument("out", type=Path, help="PNG file to write")
+    plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
+    plot_p.add_argument("--shots", type=int, help="support points (default: the training K)")
+
+    config_p = commands.add_parser("config", help="print the resolved config, or every key with its doc")
+    config_p.add_argument("config", nargs="?", help="YAML file (omit to list every key with its doc)")
+    config_p.add_argument("overrides", nargs="*", help="key.sub=value settings")
+
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"distmaml {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from distmaml.train import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config)
+    if summary["status"] == "preempted":
+        return 128 + summary["signal"]  # as a shell reports a job ended by that signal
+    if "eval" in summary:
+        from distmaml.evaluate import format_table
+
+        print(format_table(summary["eval"]))
+    return 0
+
+
+def load_trained(path: str | Path, device: str = "cpu"):
+    """(config, model, params, task family) of a checkpoint file or a run directory's newest one."""
+    from distmaml.models import build_model
+    from distmaml.tasks import build_task_family
+    from distmaml.train import DTYPES
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint in this run directory")
+        path = found
+    state = load_checkpoint(path)
+    flat = {f"{section}.{key}": value for section, values in state["config"].items() for key, value in values.items()}
+    config = from_flat(flat, {key: str(path) for key in flat})
+    dtype = DTYPES[config.engine.dtype]
+    model = build_model(config).to(device, dtype)
+    model.load_state_dict(state["model"])
+    return config, model, dict(model.named_parameters()), build_task_family(config, device, dtype)
+
+
+def _eval(args) -> int:
+    from distmaml.evaluate import evaluate, format_table
+
+    config, model, params, family = load_trained(args.checkpoint, args.device)
+    result = evaluate(model, params, family, config.inner.lr,
+                      steps=config.eval.steps if args.steps is None else args.steps,
+                      tasks=config.eval.tasks if args.tasks is None else args.tasks,
+                      shots=args.shots if args.shots is not None else config.eval.shots,
+                      query=args.query if args.query is not None else config.eval.query)
+    print(f"{args.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner lr {config.inner.lr}")
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _plot(args) -> int:
+    from distmaml.plots import plot_sine_adaptation
+
+    config, model, params, family = load_trained(args.checkpoint)
+    plot_sine_adaptation(model, params, family, config.inner.lr, args.out, tasks=args.tasks, shots=args.shots)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _config(args) -> int:
+    if args.config is None:
+        print(describe())
+    else:
+        print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "config": _config}

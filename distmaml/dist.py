@@ -1,0 +1,167 @@
+"""The one module that knows about processes and devices.
+
+It reads the launcher's environment (torchrun / accelerate launch: RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT; else SLURM's srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first
+host of SLURM_JOB_NODELIST), joins the process group (NCCL on CUDA, gloo on CPU), and offers the few
+collectives the trainer needs. With neither environment it is a single process with no group.
+
+Why no DistributedDataParallel: DDP synchronises gradients from hooks on the first backward, which
+does not see gradients of gradients (pytorch/pytorch#63929), and the meta-gradient is exactly such a
+thing. Instead every rank computes the sum of its own tasks' meta-gradients and one explicit
+all-reduce adds them up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among `world_size`, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files, prints progress and talks to wandb."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank layout read from the environment; None fields where the launcher gave none."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: str | None
+    launcher: str
+
+
+def read_launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv | None:
+    """The rank layout set by torchrun/accelerate (preferred) or srun; None for a plain process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        # A port derived from the job id keeps two jobs that share a node from colliding.
+        port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         env.get("MASTER_ADDR") or first_host(nodelist), port, "srun")
+    return None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu3' -> 'gpu07'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """engine.device: 'auto' takes cuda:LOCAL_RANK when CUDA is present, else the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"engine.device = {preference!r}, but this machine has no CUDA device")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init(device_preference: str = "auto", timeout_s: float = 600.0) -> Context:
+    """Join the process group the launcher describes (or none) and pick this rank's device."""
+    launch = read_launch_env()
+    if launch is None or launch.world_size == 1:
+        return Context(device=pick_device(device_preference, 0))
+    device = pick_device(device_preference, launch.local_rank)
+    if launch.master_addr:
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+    if launch.master_port:
+        os.environ.setdefault("MASTER_PORT", launch.master_port)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"rank {launch.rank}: {launch.launcher} launch without {' and '.join(missing)}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                  rank=launch.rank, world_size=launch.world_size,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d/%d on %s (%s)", launch.rank, launch.world_size, device, launch.launcher)
+    return Context(launch.rank, launch.world_size, launch.local_rank, device)
+
+
+def teardown() -> None:
+    """Leave the process group, if one was joined (safe to call always)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def shard(meta_batch: int, rank: int, world_size: int) -> range:
+    """Global task indices of `rank`: contiguous shards, the first B mod W ranks one task larger."""
+    base, extra = divmod(meta_batch, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], ctx: Context) -> list[torch.Tensor]:
+    """Element-wise sums over ranks of a list of tensors, in ONE all-reduce of one flat buffer.
+
+    The models here have well under a million parameters (a few MB), far below the size where
+    bucketing would let communication overlap computation, so one bucket is both simplest and
+    fastest: a single latency instead of one per tensor.
+    """
+    if not ctx.distributed:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def check_replicas(params: list[torch.Tensor], ctx: Context, iteration: int) -> None:
+    """Fail loudly if any rank's weights differ from rank 0's (they must be bit-identical)."""
+    if not ctx.distributed:
+        return
+    flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+    # Two different weightings make an accidental match of diverged replicas vanishingly unlikely.
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    checksum = torch.stack([flat.sum(), (flat * weights).sum()])
+    gathered = [torch.empty_like(checksum) for _ in range(ctx.world_size)]
+    torch_dist.all_gather(gathered, checksum)
+    bad = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if bad:
+        raise RuntimeError(f"iteration {iteration}: weights of rank(s) {bad} diverged from rank 0's "
+                           f"(checksums {[g.tolist() for g in gathered]})")
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        torch_dist.barrier()

@@ -1,0 +1,126 @@
+"""Where metrics go: metrics.jsonl (the readable record), a progress bar, Python logging, wandb.
+
+Only the main process gets a RunLogger; every other rank gets a NullLogger with the same methods,
+so the training loop never asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+log = logging.getLogger("distmaml")
+
+
+def setup_logging(rank: int) -> None:
+    """Console logging: INFO on the main process, warnings only from the others, rank-prefixed."""
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+
+
+class NullLogger:
+    """The logger of non-main ranks: accepts everything, writes nothing."""
+
+    wandb_run = None
+
+    def start(self, first_iteration: int, total: int) -> None: ...
+
+    def advance(self, iteration: int) -> None: ...
+
+    def log(self, metrics: dict[str, Any]) -> None: ...
+
+    def summary(self, summary: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunLogger(NullLogger):
+    """The main process's logger for one run directory."""
+
+    def __init__(self, run_dir: str | Path, config_dict: dict[str, Any], progress: bool = True,
+                 wandb: bool = False, wandb_project: str = "distmaml", wandb_name: str | None = None,
+                 wandb_mode: str = "auto") -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._progress = progress and sys.stderr.isatty()
+        self._bar: tqdm | None = None
+        self._redirect = contextlib.ExitStack()
+        self.wandb_run = self._start_wandb(config_dict, wandb_project, wandb_name, wandb_mode) if wandb else None
+
+    def _start_wandb(self, config_dict, project, name, mode):
+        import wandb  # only the main process, and only when asked, pays for the import
+
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # A stable id in the run directory makes a resumed or requeued job continue the same wandb run.
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=project, name=name or self.run_dir.name, id=run_id, resume="allow",
+                          dir=str(self.run_dir), config=config_dict, mode=mode)
+
+    def start(self, first_iteration: int, total: int) -> None:
+        """Begin at `first_iteration` (> 0 after a resume): drop metrics lines the checkpoint never saw."""
+        if self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= first_iteration]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        if self._progress:
+            self._redirect.enter_context(logging_redirect_tqdm())
+            self._bar = tqdm(total=total, initial=first_iteration, desc="meta-train", unit="it", dynamic_ncols=True)
+
+    def advance(self, iteration: int) -> None:
+        if self._bar is not None:
+            self._bar.update(iteration - self._bar.n)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self._bar is not None:
+            self._bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
+        log.info("iter %d | meta-loss %.4f | query loss before %.4f after %.4f | %.0f tasks/s",
+                 metrics["iteration"], metrics["meta_loss"], metrics["query_loss_before"],
+                 metrics["query_loss_after"], metrics["tasks_per_s"])
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(_scalars(summary))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._redirect.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested summaries to 'a/b' keys of finite numbers and strings, as wandb shows them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+        elif isinstance(value, (int, str)) or (isinstance(value, float) and math.isfinite(value)):
+            out[name] = value
+    return out
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,53 @@
+"""Pictures of adaptation (matplotlib, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distmaml.meta import detached, functional_forward, sgd_step
+from distmaml.tasks.rng import STREAM_PLOT
+
+
+def plot_sine_adaptation(model, params, family, inner_lr: float, out: str | Path, tasks: int = 3,
+                         shots: int | None = None, steps: tuple[int, ...] = (1, 10)) -> None:
+    """The MAML paper's Figure 2: for a few fresh sine tasks, the true function, the K support
+    points, the meta-learned prediction before adaptation and after 1 and 10 inner steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if family.is_classification:
+        raise ValueError("distmaml plot draws sine regression tasks; this run is a classification run")
+    device = next(iter(params.values())).device
+    indices = torch.arange(tasks, device=device)
+    batch = family.sample(STREAM_PLOT, 0, indices, support=shots)
+    grid = torch.linspace(family.x_range[0], family.x_range[1], 200, device=device, dtype=family.dtype)
+    truth = family.curve(STREAM_PLOT, 0, indices, grid)
+
+    step = sgd_step(model, family.loss, inner_lr, differentiable=False)
+    predictions = {0: [functional_forward(model, detached(params), grid[:, None]).detach()] * tasks}
+    for i in range(tasks):
+        adapted = detached(params)
+        for k in range(1, max(steps) + 1):
+            adapted = detached(step(adapted, batch.support_x[i], batch.support_y[i]))
+            if k in steps:
+                predictions.setdefault(k, []).append(functional_forward(model, adapted, grid[:, None]).detach())
+
+    figure, axes = plt.subplots(1, tasks, figsize=(4.5 * tasks, 3.6), squeeze=False)
+    for i, axis in enumerate(axes[0]):
+        axis.plot(grid.cpu(), truth[i, :, 0].cpu(), color="black", lw=2, label="ground truth")
+        axis.scatter(batch.support_x[i, :, 0].cpu(), batch.support_y[i, :, 0].cpu(), color="tab:purple",
+                     marker="^", s=40, zorder=3, label=f"{batch.support_x.shape[1]} support points")
+        for k, style in zip(sorted(predictions), (":", "--", "-", "-.")):
+            label = "pre-update" if k == 0 else f"{k} grad step{'s' if k > 1 else ''}"
+            axis.plot(grid.cpu(), predictions[k][i][:, 0].cpu(), ls=style, lw=1.6, label=label)
+        axis.set_title(f"fresh task {i}")
+        axis.set_xlabel("x")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,87 @@
+import pytest
+
+from distmaml.config import ConfigError, describe, load_config, parse_override
+from conftest import REPO
+
+
+def errors_of(overrides, path=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(path)
+
+
+def test_overrides_replace_file_values_with_types():
+    config = load_config(REPO / "configs/sine_maml.yaml",
+                         ["inner.steps=5", "model.hidden=[16, 8]", "train.lr=3e-4", "run.resume=false"])
+    assert config.inner.steps == 5
+    assert config.model.hidden == [16, 8]
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.run.resume is False
+    assert config.train.meta_batch == 25  # from the file
+
+
+def test_int_widens_to_float_but_not_the_other_way():
+    assert load_config(None, ["inner.lr=1"]).inner.lr == 1.0
+    assert errors_of(["inner.steps=1.5"]) == "command line: inner.steps = 1.5: expected int"
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["inner.stepz=3"], "command line: unknown key 'inner.stepz' (did you mean 'inner.steps'?)"),
+    (["inner.steps=-1"], "command line: inner.steps = -1: must be >= 0"),
+    (["inner.steps=ten"], "command line: inner.steps = 'ten': expected int"),
+    (["train.meta_batch=0"], "command line: train.meta_batch = 0: must be >= 1"),
+    (["inner.lr=0"], "command line: inner.lr = 0.0: must be > 0"),
+    (["inner.lr=-0.5"], "command line: inner.lr = -0.5: must be > 0"),
+    (["inner.mode=truncated", "inner.steps=2", "inner.truncate=3"],
+     "command line: inner.truncate = 3: must be between 0 and inner.steps (2)"),
+    (["inner.mode=second_ordr"],
+     "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit"),
+    (["train.lr_schedule=linear"], "command line: train.lr_schedule = 'linear': must be one of constant, cosine"),
+    (["model.hidden=[40, 0]"], "command line: model.hidden = [40, 0]: every width must be >= 1"),
+    (["task.amplitude=[5, 1]"], "command line: task.amplitude = [5.0, 1.0]: must be [low, high] with low <= high"),
+    (["engine.device=tpu"], "command line: engine.device = 'tpu': must be auto, cpu, cuda or cuda:N"),
+    (["inner"], "command line: 'inner' is not of the form key.sub=value"),
+])
+def test_bad_values_give_one_line_naming_key_value_and_source(override, expected):
+    assert errors_of(override) == expected
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner:\n  steps: -2\n")
+    assert errors_of([], path) == f"{path}: inner.steps = -2: must be >= 0"
+    path.write_text("inner:\n  stepz: 2\n")
+    assert errors_of([], path) == f"{path}: unknown key 'inner.stepz' (did you mean 'inner.steps'?)"
+    path.write_text("trian:\n  lr: 0.1\n")
+    assert errors_of([], path) == f"{path}: unknown key 'trian.lr' (did you mean 'train.lr'?)"
+    path.write_text("inner: [1, 2\n")
+    assert errors_of([], path).startswith(f"{path}: line ")
+    assert errors_of([], tmp_path / "missing.yaml") == f"{tmp_path / 'missing.yaml'}: config file not found"
+
+
+def test_truncation_checked_against_the_file_that_set_steps(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("inner:\n  mode: truncated\n  steps: 3\n  truncate: 2\n")
+    assert load_config(path).inner.truncate == 2
+    assert errors_of(["inner.steps=1"], path) == f"{path}: inner.truncate = 2: must be between 0 and inner.steps (1)"
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=runs/x=y") == ("a.b", "runs/x=y")
+
+
+def test_every_field_is_documented():
+    lines = describe().splitlines()
+    assert len(lines) > 40
+    assert all("  # " in line and not line.endswith("# ") for line in lines)
