@@ -60,6 +60,10 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | No
     if keep is not None:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
+    # Only the main process writes here, so a temporary file still lying around is from a writer
+    # that was killed mid-save.
+    for stale in Path(directory).glob(".ckpt_*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
     return path
 
 
