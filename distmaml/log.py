@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class RunLogger(NullLogger):
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         # A stable id in the run directory makes a resumed or requeued job continue the same wandb run.
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         return wandb.init(project=project, name=name or self.run_dir.name, id=run_id, resume="allow",
                           dir=str(self.run_dir), config=config_dict, mode=mode)
@@ -94,7 +95,7 @@ class RunLogger(NullLogger):
                  metrics["iteration"], metrics["meta_loss"], metrics["query_loss_before"],
                  metrics["query_loss_after"], metrics["tasks_per_s"])
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"], commit=True)
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.wandb_run is not None:

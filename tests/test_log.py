@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from distmaml.log import NullLogger, RunLogger
+
+
+def metrics(i, loss):
+    return {"iteration": i, "meta_loss": loss, "query_loss_before": 2 * loss, "query_loss_after": loss,
+            "tasks_per_s": 100.0}
+
+
+def test_metrics_jsonl_and_resume_truncation(tmp_path):
+    logger = RunLogger(tmp_path, {"train": {"lr": 1e-3}}, progress=False)
+    logger.start(0, 30)
+    for i in (10, 20, 30):
+        logger.log(metrics(i, 1.0 / i))
+    logger.close()
+    # Resuming from a checkpoint at iteration 20 drops what the crashed run logged after it.
+    logger = RunLogger(tmp_path, {}, progress=False)
+    logger.start(20, 30)
+    logger.log(metrics(30, 0.5))
+    logger.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["iteration"], m["meta_loss"]) for m in lines] == [(10, 0.1), (20, 0.05), (30, 0.5)]
+
+
+def test_wandb_gets_the_same_metrics_config_and_summary_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = {"inner": {"steps": 5, "lr": 0.01}, "train": {"meta_batch": 25}}
+    logger = RunLogger(tmp_path, config, progress=False, wandb=True, wandb_project="distmaml-test",
+                       wandb_name="unit")
+    run = logger.wandb_run
+    assert run is not None and run.settings.mode == "offline"
+    assert run.name == "unit" and run.project == "distmaml-test"
+    assert run.config["inner"] == {"steps": 5, "lr": 0.01}
+    logger.start(0, 20)
+    logger.log(metrics(10, 0.25))
+    logger.log(metrics(20, 0.125))
+    logger.summary({"status": "complete", "eval": {"steps": 3, "loss": 0.3}, "skip": [1, 2]})
+    assert run.summary["meta_loss"] == 0.125  # last logged value, as in metrics.jsonl
+    assert run.summary["query_loss_before"] == 0.25
+    assert run.summary["status"] == "complete" and run.summary["eval/loss"] == 0.3
+    run_id = (tmp_path / "wandb_id").read_text()
+    logger.close()
+    assert wandb.run is None  # finished
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    # A resumed run in the same directory continues the same wandb run id.
+    again = RunLogger(tmp_path, config, progress=False, wandb=True, wandb_project="distmaml-test")
+    assert again.wandb_run.id == run_id
+    again.close()
+
+
+def test_null_logger_accepts_everything():
+    logger = NullLogger()
+    logger.start(0, 10)
+    logger.log(metrics(1, 1.0))
+    logger.summary({})
+    logger.close()
+    assert logger.wandb_run is None
