@@ -72,7 +72,7 @@ def load_trained(path: str | Path, device: str = "cpu"):
     """(config, model, params, task family) of a checkpoint file or a run directory's newest one."""
     from distmaml.models import build_model
     from distmaml.tasks import build_task_family
-    from distmaml.train import DTYPES
+    from distmaml.engine import DTYPES
 
     path = Path(path)
     if path.is_dir():
@@ -83,7 +83,7 @@ def load_trained(path: str | Path, device: str = "cpu"):
     state = load_checkpoint(path)
     flat = {f"{section}.{key}": value for section, values in state["config"].items() for key, value in values.items()}
     config = from_flat(flat, {key: str(path) for key in flat})
-    dtype = DTYPES[config.engine.dtype]
+    dtype = DTYPES[config.engine.dtype][0]
     model = build_model(config).to(device, dtype)
     model.load_state_dict(state["model"])
     return config, model, dict(model.named_parameters()), build_task_family(config, device, dtype)

@@ -106,7 +106,8 @@ class EvalConfig:
 @dataclass
 class EngineConfig:
     device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is present, else cpu; or cpu, cuda")
-    dtype: str = _opt("float32", "dtype of weights and data", ("float32", "float64"))
+    dtype: str = _opt("float32", "weights and data: float32, float64, or bf16 (float32 weights and Adam, "
+                      "bfloat16 autocast of the model's matmuls and convolutions)", ("float32", "float64", "bf16"))
     batched: bool = _opt(True, "evaluate a process's tasks together with vmap (false: the per-task loop)")
     cuda_graph: bool = _opt(False, "capture the whole meta-iteration as one CUDA graph (CUDA only)")
 

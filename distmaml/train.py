@@ -28,14 +28,12 @@ from distmaml import checkpoint, dist
 from distmaml.config import Config, ConfigError, flatten, to_dict
 from distmaml.evaluate import evaluate, query_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
-from distmaml.meta import MetaGradient, detached, meta_gradient, meta_gradient_loop
+from distmaml.engine import DTYPES, MetaStep, StepOutput, make_optimizer, set_learning_rate
+from distmaml.meta import detached
 from distmaml.models import build_model
 from distmaml.tasks import build_task_family
-from distmaml.tasks.rng import STREAM_TRAIN
 
 log = logging.getLogger("distmaml.train")
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Settings that may differ between a checkpoint and the run that resumes it; any other difference
 # would silently change the experiment, so resuming refuses it.
@@ -50,19 +48,6 @@ def learning_rate(config: Config, iteration: int) -> float:
     if train.lr_schedule == "constant" or train.iterations == 0:
         return train.lr
     return train.lr_min + (train.lr - train.lr_min) * 0.5 * (1 + math.cos(math.pi * iteration / train.iterations))
-
-
-def compute_meta_gradient(model, params, batch, config: Config, family) -> MetaGradient:
-    """This rank's summed meta-gradient in the configured mode and engine."""
-    inner = config.inner
-    if batch.num_tasks == 0:  # more processes than tasks: this rank only joins the all-reduce
-        return MetaGradient({name: torch.zeros_like(p) for name, p in params.items()},
-                            batch.support_x.new_zeros(0), {})
-    if config.engine.batched:
-        return meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate, family.loss)
-    grads, losses = meta_gradient_loop(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate,
-                                       family.loss)
-    return MetaGradient(grads, losses, {})
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -83,22 +68,21 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
-    dtype = DTYPES[config.engine.dtype]
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
-    model = build_model(config).to(ctx.device, dtype)
+    weight_dtype = DTYPES[config.engine.dtype][0]
+    model = build_model(config).to(ctx.device, weight_dtype)
     params = dict(model.named_parameters())
-    optimizer = torch.optim.Adam(params.values(), lr=train_cfg.lr)
-    family = build_task_family(config, ctx.device, dtype)
+    optimizer = make_optimizer(params.values(), train_cfg.lr, ctx.device)
+    family = build_task_family(config, ctx.device, weight_dtype)
 
     start = _restore(config, ckpt_dir, model, optimizer)
-    my_tasks = dist.shard(train_cfg.meta_batch, ctx.rank, ctx.world_size)
-    indices = torch.arange(my_tasks.start, my_tasks.stop, device=ctx.device)
+    step = MetaStep(model, params, optimizer, family, config, ctx)
     logger = _make_logger(config, ctx, run_dir)
     logger.start(start, train_cfg.iterations)
     log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s)",
-             run_dir, start, train_cfg.iterations, ctx.world_size, my_tasks.start, my_tasks.stop - 1,
-             train_cfg.meta_batch, ctx.device)
+             run_dir, start, train_cfg.iterations, ctx.world_size, int(step.indices[0]) if len(step.indices) else 0,
+             int(step.indices[-1]) if len(step.indices) else -1, train_cfg.meta_batch, ctx.device)
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):
@@ -110,31 +94,22 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
-    window_loss, window_start, window_time = torch.zeros((), dtype=torch.float64, device=ctx.device), start, \
-        time.perf_counter()
+    # Metrics stay on the device between log steps, so the host never waits for the GPU in between.
+    window_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    window_start, window_time = start, time.perf_counter()
     iteration, status = start, "complete"
     with checkpoint.PreemptionWatch() as preemption:
         while iteration < train_cfg.iterations:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, iteration)
-            batch = family.sample(STREAM_TRAIN, iteration, indices)
-            result = compute_meta_gradient(model, params, batch, config, family)
-            # The stop request rides along in the gradient's all-reduce, so every rank stops after
-            # the same iteration even when the signal reached only some of them.
-            stop_flag = torch.tensor([float(preemption.requested)], dtype=dtype, device=ctx.device)
-            *grads, stop_votes = dist.all_reduce_sum([*result.grad_sum.values(), stop_flag], ctx)
-            for param, grad in zip(params.values(), grads):
-                param.grad = grad / train_cfg.meta_batch
-            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), train_cfg.grad_clip or math.inf)
-            optimizer.step()
-            window_loss += result.task_losses.sum()
+            set_learning_rate(optimizer, learning_rate(config, iteration))
+            out = step(iteration, preemption.requested)
+            window_loss += out.result.task_losses.sum()
             iteration += 1
 
             logger.advance(iteration)
             if iteration % train_cfg.log_every == 0 or iteration == train_cfg.iterations:
-                metrics = _metrics(model, params, batch, result, family, config, ctx, window_loss,
+                metrics = _metrics(model, params, out, family, config, ctx, window_loss,
                                    iteration - window_start, time.perf_counter() - window_time)
-                metrics.update(iteration=iteration, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item())
+                metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
                 if not math.isfinite(metrics["meta_loss"]):
                     raise FloatingPointError(f"iteration {iteration}: meta-loss is {metrics['meta_loss']} "
                                              f"(try a smaller inner.lr or train.lr); checkpoints in {ckpt_dir} "
@@ -145,7 +120,7 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
             if train_cfg.check_every and iteration % train_cfg.check_every == 0:
                 dist.check_replicas(list(params.values()), ctx, iteration)
             # Reading the vote waits for the all-reduce; a lone process needs no vote.
-            stopping = stop_votes.item() > 0 if ctx.distributed else preemption.requested
+            stopping = out.stop_votes.item() > 0 if ctx.distributed else preemption.requested
             if stopping or iteration == train_cfg.iterations or (
                     train_cfg.checkpoint_every and iteration % train_cfg.checkpoint_every == 0):
                 save(iteration)
@@ -219,9 +194,10 @@ def _make_logger(config: Config, ctx: dist.Context, run_dir: Path):
                      wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode)
 
 
-def _metrics(model, params, batch, result: MetaGradient, family, config: Config, ctx: dist.Context,
+def _metrics(model, params, out: StepOutput, family, config: Config, ctx: dist.Context,
              window_loss: torch.Tensor, window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
+    batch, result = out.batch, out.result
     before = query_metrics(model, detached(params), False, batch.query_x, batch.query_y, family)
     if result.adapted is not None:
         after = query_metrics(model, result.adapted, True, batch.query_x, batch.query_y, family)
@@ -237,6 +213,7 @@ def _metrics(model, params, batch, result: MetaGradient, family, config: Config,
         sums[name] = value.sum()
     reduced = dist.all_reduce_sum([v.to(torch.float64).reshape(()) for v in sums.values()], ctx)
     metrics = {name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)}
+    metrics["grad_norm"] = out.grad_norm.item()
     metrics["tasks_per_s"] = config.train.meta_batch * window_iterations / max(seconds, 1e-9)
     metrics["s_per_iteration"] = seconds / max(window_iterations, 1)
     return metrics

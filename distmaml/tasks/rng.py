@@ -42,12 +42,11 @@ def hash_u32(*keys: int | torch.Tensor, device: torch.device | str | None = None
     32-bit values, as an int64 tensor. Keys are absorbed in order, so (1, 2) and (2, 1) differ."""
     state: int | torch.Tensor = _START
     for key in keys:
-        if isinstance(key, int):
-            if not 0 <= key <= _MASK32:
-                raise ValueError(f"hash keys are 32-bit words, got {key}")
-        elif not torch.is_tensor(state):
-            state = torch.tensor(state, dtype=torch.int64, device=key.device)
-        state = _mix32(((state ^ key) + _ABSORB) & _MASK32)
+        if isinstance(key, int) and not 0 <= key <= _MASK32:
+            raise ValueError(f"hash keys are 32-bit words, got {key}")
+        # A Python int state meets a tensor key as a scalar operand: no host-to-device copy, so
+        # sampling can be captured in a CUDA graph with the iteration as a device tensor.
+        state = _mix32(((key ^ state if torch.is_tensor(key) else state ^ key) + _ABSORB) & _MASK32)
     if not torch.is_tensor(state):
         state = torch.tensor(state, dtype=torch.int64, device=device)
     return state
