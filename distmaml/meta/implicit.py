@@ -48,9 +48,8 @@ def regularised_adapt(model: nn.Module, params: Params, support_x: torch.Tensor,
 
     num_tasks = support_x.shape[0]
     phi = {name: value.expand(num_tasks, *value.shape).clone() for name, value in theta.items()}
-    with torch.no_grad():  # torch.func.grad still differentiates inside; nothing outside records
-        for _ in range(inner_steps):
-            phi = vmap(step)(phi, support_x, support_y)
+    for _ in range(inner_steps):  # phi and theta are cut from the graph, so no graph is recorded
+        phi = vmap(step)(phi, support_x, support_y)
     return phi
 
 
