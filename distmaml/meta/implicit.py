@@ -15,9 +15,10 @@ diagonal, ((1 + damping) I + H / lam) g = grad L_query, for stability when H is 
 
 The batched engine adapts every task at once (one vmap per inner step) and runs CG on [n, ...]
 tensors outside vmap; its Hessian-vector products differentiate once more through one retained
-double-backward graph of the batched support gradient (reverse over reverse), which was faster
-than forward-over-reverse `jvp(grad)` under vmap on the sine MLP (benchmarks/implicit_memory.py),
-because the graph is built once and every CG step is one backward pass through it.
+double-backward graph of the batched support gradient (reverse over reverse). Forward over reverse,
+vmap(jvp(grad)), is kept as hvp="jvp" for comparison only: it rebuilds the gradient at every CG
+step (about 2x slower on the widened sine MLP, benchmarks/implicit_memory.py) and fails on
+F.mse_loss, the sine family's loss ("ZeroTensors are immutable", pytorch/pytorch#123996).
 `implicit_meta_gradient_loop` is the per-task textbook version, plain autograd, the reference.
 """
 
