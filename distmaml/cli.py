@@ -90,14 +90,14 @@ def load_trained(path: str | Path, device: str = "cpu"):
 
 
 def _eval(args) -> int:
-    from distmaml.evaluate import evaluate, format_table
+    from distmaml.evaluate import evaluate, evaluation_settings, format_table
 
     config, model, params, family = load_trained(args.checkpoint, args.device)
-    result = evaluate(model, params, family, config.inner.lr,
-                      steps=config.eval.steps if args.steps is None else args.steps,
-                      tasks=config.eval.tasks if args.tasks is None else args.tasks,
-                      shots=args.shots if args.shots is not None else config.eval.shots,
-                      query=args.query if args.query is not None else config.eval.query)
+    settings = evaluation_settings(config)
+    for name in ("steps", "tasks", "shots", "query"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    result = evaluate(model, params, family, **settings)
     print(f"{args.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner lr {config.inner.lr}")
     print(format_table(result))
     if args.json:

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 
 from distmaml import dist
-from distmaml.meta import MetaGradient, meta_gradient, meta_gradient_loop
+from distmaml.meta import (MetaGradient, implicit_meta_gradient, implicit_meta_gradient_loop, meta_gradient,
+                           meta_gradient_loop)
 from distmaml.tasks import TaskBatch
 from distmaml.tasks.rng import STREAM_TRAIN
 
@@ -57,6 +58,15 @@ def compute_meta_gradient(model, params, batch: TaskBatch, config, family) -> Me
     if batch.num_tasks == 0:  # more processes than tasks: this rank only joins the all-reduce
         return MetaGradient({name: torch.zeros_like(p) for name, p in params.items()},
                             batch.support_x.new_zeros(0), {})
+    if inner.mode == "implicit":
+        solver = dict(lam=config.implicit.lam, cg_steps=config.implicit.cg_steps,
+                      cg_damping=config.implicit.cg_damping, cg_tol=config.implicit.cg_tol)
+        if not config.engine.batched:
+            return implicit_meta_gradient_loop(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
+                                               **solver)
+        # Stopping CG early needs the host to look at the residual each step; a graph cannot.
+        return implicit_meta_gradient(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
+                                      stop_early=not config.engine.cuda_graph, **solver)
     if config.engine.batched:
         return meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate, family.loss)
     grads, losses = meta_gradient_loop(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate,

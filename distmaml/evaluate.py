@@ -49,15 +49,21 @@ def query_metrics(model: nn.Module, params: Params, batched: bool, x: torch.Tens
 
 
 def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, steps: int,
-                      family) -> dict[str, torch.Tensor]:
-    """Query metrics of every task after 0..`steps` inner steps, batched: {name: [steps + 1, n]}."""
+                      family, prox_lam: float = 0.0) -> dict[str, torch.Tensor]:
+    """Query metrics of every task after 0..`steps` inner steps, batched: {name: [steps + 1, n]}.
+
+    prox_lam > 0 adapts as iMAML trains: SGD on L_support(phi) + prox_lam/2 |phi - theta|^2.
+    """
     update = sgd_step(model, family.loss, inner_lr, differentiable=False)
-    adapted, batched, curves = detached(params), False, []
+    theta = detached(params)
+    adapted, batched, curves = theta, False, []
     for step in range(steps + 1):
         curves.append(query_metrics(model, adapted, batched, batch.query_x, batch.query_y, family))
         if step < steps:
-            adapted = vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x, batch.support_y)
-            adapted, batched = detached(adapted), True
+            moved = vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x, batch.support_y)
+            adapted = {name: (moved[name] - inner_lr * prox_lam * (adapted[name] - theta[name])).detach()
+                       for name in moved}
+            batched = True
     return {name: torch.stack([c[name] for c in curves]) for name in curves[0]}
 
 
@@ -69,14 +75,14 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 def evaluate(model: nn.Module, params: Params, family, inner_lr: float, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
-             chunk: int = 200) -> dict[str, Any]:
+             chunk: int = 200, prox_lam: float = 0.0) -> dict[str, Any]:
     """Adapt to `tasks` fresh tasks; mean and 95% CI of each query metric after each step."""
     device = next(iter(params.values())).device
     per_chunk = []
     for start in range(0, tasks, chunk):
         indices = torch.arange(start, min(start + chunk, tasks), device=device)
         batch = family.sample(stream, 0, indices, support=shots, query=query)
-        per_chunk.append(adaptation_curves(model, params, batch, inner_lr, steps, family))
+        per_chunk.append(adaptation_curves(model, params, batch, inner_lr, steps, family, prox_lam))
     curves = {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
     rows = []
     for step in range(steps + 1):
@@ -85,7 +91,13 @@ def evaluate(model: nn.Module, params: Params, family, inner_lr: float, steps: i
             row[name], row[f"{name}_ci95"] = mean_ci95(values[step])
         rows.append(row)
     return {"tasks": tasks, "shots": shots if shots is not None else family.support, "inner_lr": inner_lr,
-            "steps": rows}
+            "prox_lam": prox_lam, "steps": rows}
+
+
+def evaluation_settings(config) -> dict[str, Any]:
+    """evaluate()'s keyword arguments as a run's config asks for them."""
+    return dict(inner_lr=config.inner.lr, steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots,
+                query=config.eval.query, prox_lam=config.implicit.lam if config.inner.mode == "implicit" else 0.0)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 from distmaml import checkpoint, dist
 from distmaml.config import Config, ConfigError, flatten, to_dict
-from distmaml.evaluate import evaluate, query_metrics
+from distmaml.evaluate import evaluate, evaluation_settings, query_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.engine import DTYPES, MetaStep, StepOutput, make_optimizer, set_learning_rate
 from distmaml.meta import detached
@@ -134,8 +134,7 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": status, "iteration": iteration, "world_size": ctx.world_size,
                                "run_dir": str(run_dir)}
     if status == "complete" and config.eval.at_end and ctx.is_main:
-        summary["eval"] = evaluate(model, params, family, config.inner.lr, config.eval.steps, config.eval.tasks,
-                                   config.eval.shots, config.eval.query)
+        summary["eval"] = evaluate(model, params, family, **evaluation_settings(config))
         final = summary["eval"]["steps"]
         log.info("eval on %d fresh tasks: query loss %.4f before adaptation, %.4f after %d step(s)",
                  config.eval.tasks, final[0]["loss"], final[-1]["loss"], config.eval.steps)

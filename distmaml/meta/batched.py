@@ -8,7 +8,7 @@ and recomputation can choose per step what the backward pass keeps.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -83,12 +83,22 @@ def meta_loss(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: floa
 
 
 def meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, inner_steps: int,
-                  mode: str = "second_order", truncate: int | None = None, loss_fn: LossFn = mse) -> MetaGradient:
+                  mode: str = "second_order", truncate: int | None = None, loss_fn: LossFn = mse, *,
+                  implicit: Mapping[str, float] | None = None) -> MetaGradient:
     """Sum over the batch's tasks of the meta-gradient d L_query(adapted) / d params.
 
     A sum, not a mean, so that shards of one meta-batch add up exactly across processes; the
-    caller divides by the global meta-batch size.
+    caller divides by the global meta-batch size. mode="implicit" needs `implicit`, the keyword
+    arguments of distmaml.meta.implicit.implicit_meta_gradient (lam, cg_steps, cg_damping, cg_tol:
+    dataclasses.asdict(config.implicit)).
     """
+    if mode == "implicit":
+        if implicit is None:
+            raise ValueError("mode='implicit' needs implicit={'lam': ..., 'cg_steps': ...} (config.implicit)")
+        # Imported here: implicit.py builds on this module's MetaGradient.
+        from distmaml.meta.implicit import implicit_meta_gradient
+
+        return implicit_meta_gradient(model, params, batch, inner_lr, inner_steps, loss_fn=loss_fn, **implicit)
     adapted, batched = adapt(model, params, batch.support_x, batch.support_y, inner_lr, inner_steps, mode,
                              truncate, loss_fn)
     losses = task_losses(model, adapted, batched, batch.query_x, batch.query_y, loss_fn)

@@ -39,4 +39,8 @@ def differentiated_steps(mode: str, inner_steps: int, truncate: int | None = Non
         if truncate is None or not 0 <= truncate <= inner_steps:
             raise ValueError(f"truncated mode needs 0 <= truncate <= inner_steps ({inner_steps}), got {truncate}")
         return truncate
+    if mode == "implicit":
+        raise ValueError("mode 'implicit' differentiates no inner steps (its inner loop is regularised towards "
+                         "theta and keeps no graph): use meta_gradient(..., mode='implicit', implicit=...) or "
+                         "distmaml.meta.implicit.regularised_adapt")
     raise ValueError(f"mode must be one of {', '.join(MODES[:3])} here, got {mode!r}")
