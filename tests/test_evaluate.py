@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distmaml import evaluate as ev
+import distmaml.evaluate as ev  # noqa: E402
 from distmaml.models import MLP
 from distmaml.tasks.rng import STREAM_EVAL
 from distmaml.tasks.sine import SineTasks
