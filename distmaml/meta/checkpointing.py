@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from distmaml.meta.functional import Params
 
@@ -106,8 +105,13 @@ class _Recompute(torch.autograd.Function):
         return fn(*inputs)
 
     @staticmethod
-    @once_differentiable  # differentiating this backward would need the recomputed graph tied to the inputs
     def backward(ctx, *output_grads):
+        # A graph of this backward (create_graph=True: grad mode is on here) would need the recomputed
+        # steps tied to the original inputs. once_differentiable is no guard: its error node is skipped
+        # when the second derivative is taken with respect to the weights, which then silently get None.
+        if torch.is_grad_enabled():
+            raise RuntimeError("inner-loop checkpointing cannot differentiate the meta-gradient again "
+                               "(create_graph=True); use checkpoint='none' for higher derivatives")
         needs_grad = ctx.needs_input_grad[1:]
         inputs = [saved.detach().requires_grad_(needs) for saved, needs in zip(ctx.saved_tensors, needs_grad)]
         with torch.enable_grad():
