@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from distmaml.config import ConfigError, load_config
-from distmaml.meta import adapt, meta_gradient, meta_gradient_loop, meta_loss
-from distmaml.meta.checkpointing import check_recomputable, plan_segments
+from distmaml.config import ConfigError, InnerConfig, load_config
+from distmaml.meta import CHECKPOINTS, adapt, meta_gradient, meta_gradient_loop, meta_loss, plan_segments
+from distmaml.meta.checkpointing import check_recomputable
 from distmaml.models import MLP
 from distmaml.tasks.sine import SineTasks
 
@@ -197,6 +198,13 @@ def test_running_statistics_are_refused_before_any_step():
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
+
+
+def test_config_offers_exactly_the_engine_settings():
+    # config.py may not import torch-side modules, so the two lists are kept equal by this test.
+    spec = next(f for f in dataclasses.fields(InnerConfig) if f.name == "checkpoint")
+    assert spec.metadata["choices"] == CHECKPOINTS
+    assert InnerConfig().checkpoint == "none"
 
 
 @pytest.mark.parametrize("overrides, message", [
