@@ -10,15 +10,22 @@ sine MLP widened to 1 -> 256 -> 256 -> 1, so that the unrolled graph dominates m
 
 Memory. CPU: peak resident set size (resource.getrusage ru_maxrss) after the first meta-iteration,
 minus the resident set size just before it; the peak is reset first where Linux allows it
-(/proc/self/clear_refs), so that imports cannot set it. CUDA: torch.cuda.max_memory_allocated minus
+(/proc/self/clear_refs), so that imports cannot set it. glibc's malloc keeps freed blocks in its heap
+once its mmap threshold has adapted, so RSS also counts fragmentation that grows with K (first-order:
++49 MiB at K=5, +341 MiB at K=100); children therefore run with MALLOC_MMAP_THRESHOLD_=65536, which
+returns large blocks to the system at once and makes RSS follow live tensors (first-order: +26 and +30
+MiB); --system-malloc measures the default behaviour instead. CUDA: torch.cuda.max_memory_allocated minus
 memory_allocated before the iteration (the caching allocator's reserve is not counted).
-Time: median over `--repeats` meta-iterations after the first (which also warms up).
+Time: median over `--repeats` meta-iterations after the first (which also warms up), as wall-clock
+seconds and, on CPU, as this process's CPU seconds (with --threads 1, much less disturbed than wall
+time when other programs share the cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,8 +41,6 @@ def resident_mib() -> float:
     """Current resident set size of this process (Linux /proc; else the peak so far)."""
     try:
         with open("/proc/self/statm") as statm:
-            import os
-
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return peak_resident_mib()
@@ -98,32 +103,42 @@ def measure(args) -> dict:
     else:
         peak = peak_resident_mib()
 
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         iteration()
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - start_cpu)
     return {"k": args.k, "mode": args.mode, "checkpoint": args.checkpoint, "truncate": truncate,
             "baseline_mib": baseline, "peak_mib": peak, "delta_mib": peak - baseline,
             "seconds": statistics.median(seconds) if seconds else first_seconds,
+            "cpu_seconds": statistics.median(cpu_seconds) if cpu_seconds else None,
             "peak_reset": device.type == "cuda" or peak_was_reset}
 
 
 def table(rows: list[dict], device: str) -> str:
     """Markdown table; checkpointed rows also give memory and time relative to checkpoint=none."""
     unchecked = {row["k"]: row for row in rows if row["mode"] == "second_order" and row["checkpoint"] == "none"}
-    what = "allocated (MiB)" if device.startswith("cuda") else "RSS (MiB)"
-    lines = [f"| K | mode | checkpoint | peak - baseline {what} | peak {what} | s / meta-iteration "
-             f"| memory vs none | time vs none |",
-             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    on_cpu = not device.startswith("cuda")
+    what = "RSS" if on_cpu else "allocated"
+    time_columns = ["wall s / iter", "CPU s / iter"] if on_cpu else ["s / iter"]
+    header = ["K", "mode", "checkpoint", f"peak - baseline {what} (MiB)", f"peak {what} (MiB)", *time_columns,
+              "memory vs none", "time vs none"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---"
+                                                        for i in range(len(header))) + "|"]
     for row in rows:
         mode = f"truncated (T={row['truncate']})" if row["mode"] == "truncated" else row["mode"]
+        # Compare CPU time where there is one: it is what contention for the cores disturbs least.
+        cost = "cpu_seconds" if on_cpu and row.get("cpu_seconds") is not None else "seconds"
         ratios = ["", ""]
         reference = unchecked.get(row["k"])
         if row["mode"] == "second_order" and row["checkpoint"] != "none" and reference:
-            ratios = [f"{row['delta_mib'] / reference['delta_mib']:.2f}", f"{row['seconds'] / reference['seconds']:.2f}"]
-        lines.append(f"| {row['k']} | {mode} | {row['checkpoint']} | {row['delta_mib']:.0f} | {row['peak_mib']:.0f} "
-                     f"| {row['seconds']:.3f} | {' | '.join(ratios)} |")
+            ratios = [f"{row['delta_mib'] / reference['delta_mib']:.2f}", f"{row[cost] / reference[cost]:.2f}"]
+        times = [f"{row['seconds']:.3f}"] + ([f"{row['cpu_seconds']:.3f}" if row.get("cpu_seconds") else ""]
+                                             if on_cpu else [])
+        cells = [str(row["k"]), mode, row["checkpoint"], f"{row['delta_mib']:.0f}", f"{row['peak_mib']:.0f}",
+                 *times, *ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed meta-iterations after the first")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per run (default: torch's choice); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: keep glibc's adaptive mmap threshold (RSS then includes heap fragmentation)")
     parser.add_argument("--json", help="also write the rows to this file")
     # One configuration in this process (what the parent runs in each subprocess).
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -153,11 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--device", args.device, "--dtype", args.dtype, "--truncate", str(args.truncate),
               "--hidden", str(args.hidden), "--meta-batch", str(args.meta_batch), "--points", str(args.points),
               "--inner-lr", str(args.inner_lr), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    environment = dict(os.environ)
+    if not args.system_malloc:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     rows = []
     for k in args.steps:
         for mode, checkpoint in SETTINGS:
-            command = [sys.executable, __file__, *common, "--k", str(k), "--mode", mode, "--checkpoint", checkpoint]
-            result = subprocess.run(command, capture_output=True, text=True)
+            command = [sys.executable, __file__, *common, "--k", str(k), "--mode", mode,
+                       "--checkpoint", checkpoint]
+            result = subprocess.run(command, capture_output=True, text=True, env=environment)
             if result.returncode != 0:
                 sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -167,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         print("note: the peak RSS could not be reset; peaks include everything before the iteration",
               file=sys.stderr)
     threads = f", {args.threads} CPU thread(s)" if args.threads and args.device == "cpu" else ""
-    print(f"device {args.device}{threads}, {args.dtype}, MLP 1-{args.hidden}-{args.hidden}-1, meta-batch {args.meta_batch}, "
-          f"{args.points} support + {args.points} query points, truncate T={args.truncate}\n")
+    if args.device == "cpu":
+        threads += ", system malloc" if args.system_malloc else ", MALLOC_MMAP_THRESHOLD_=65536"
+    print(f"device {args.device}{threads}, {args.dtype}, MLP 1-{args.hidden}-{args.hidden}-1, "
+          f"meta-batch {args.meta_batch}, {args.points} support + {args.points} query points, "
+          f"truncate T={args.truncate}\n")
     print(table(rows, args.device))
     if args.json:
         with open(args.json, "w") as out:

@@ -227,6 +227,7 @@ def test_missing_segment_length_is_blamed_on_the_file_that_asked_for_segments(tm
     path.write_text("inner:\n  steps: 20\n  checkpoint: segments\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert str(error.value) == f"{path}: inner.checkpoint_segment = None: inner.checkpoint=segments needs a segment length"
+    assert str(error.value) == (f"{path}: inner.checkpoint_segment = None: "
+                                "inner.checkpoint=segments needs a segment length")
     config = load_config(path, ["inner.checkpoint_segment=4"])
     assert (config.inner.checkpoint, config.inner.checkpoint_segment) == ("segments", 4)
