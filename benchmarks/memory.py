@@ -34,7 +34,7 @@ import time
 
 # (mode, checkpoint) pairs measured for every K; truncated uses --truncate differentiated steps.
 SETTINGS = [("second_order", "none"), ("second_order", "every_step"), ("second_order", "auto"),
-            ("truncated", "none"), ("first_order", "none")]
+            ("truncated", "none"), ("truncated", "auto"), ("first_order", "none")]
 
 
 def resident_mib() -> float:

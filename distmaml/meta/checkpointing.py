@@ -12,8 +12,9 @@ saved-tensor hooks, which torch.func.grad refuses ("don't yet support saved tens
 and its reentrant form does not support torch.autograd.grad, which the engine uses.
 
 Recomputation must repeat exactly what the forward did. The inner steps are deterministic functions of
-(weights, support set): no dropout, and normalisation layers use batch statistics only
-(BatchNorm(track_running_stats=False)), so running a segment twice updates no state twice.
+(weights, support set): no random operations (vmap's default randomness='error' refuses them), and
+normalisation layers use batch statistics only (BatchNorm(track_running_stats=False), which has no
+buffers), so running a segment twice updates no state twice.
 `check_recomputable` rejects a model whose normalisation layers would update running statistics.
 """
 
