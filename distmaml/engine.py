@@ -68,7 +68,8 @@ def compute_meta_gradient(model, params, batch: TaskBatch, config, family) -> Me
         return implicit_meta_gradient(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
                                       stop_early=not config.engine.cuda_graph, **solver)
     if config.engine.batched:
-        return meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate, family.loss)
+        return meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate, family.loss,
+                             checkpoint=inner.checkpoint, checkpoint_segment=inner.checkpoint_segment)
     grads, losses = meta_gradient_loop(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate,
                                        family.loss)
     return MetaGradient(grads, losses, {})

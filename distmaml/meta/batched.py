@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from distmaml.meta.checkpointing import check_recomputable, plan_segments, recomputed
 from distmaml.meta.functional import LossFn, Params, detached, differentiated_steps, functional_forward
 from distmaml.tasks import TaskBatch
 from distmaml.tasks.sine import mse
@@ -48,19 +49,40 @@ def sgd_step(model: nn.Module, loss_fn: LossFn, inner_lr: float, differentiable:
 
 def adapt(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, inner_lr: float,
           inner_steps: int, mode: str = "second_order", truncate: int | None = None,
-          loss_fn: LossFn = mse) -> tuple[Params, bool]:
+          loss_fn: LossFn = mse, *, checkpoint: str = "none", checkpoint_segment: int | None = None,
+          ) -> tuple[Params, bool]:
     """Adapt shared weights `params` to every task of the batch at once.
 
     Returns (adapted, batched): while no step has run yet, the weights are still the shared,
     unbatched `params` (batched=False); after a step each has a leading task dimension.
+    `checkpoint` ('none', 'every_step', 'segments' with `checkpoint_segment` steps, 'auto') makes
+    the differentiated steps recompute in the backward pass instead of keeping their graph; the
+    result and its gradients are unchanged (see distmaml.meta.checkpointing).
     """
-    first_differentiated = inner_steps - differentiated_steps(mode, inner_steps, truncate)
+    differentiated = differentiated_steps(mode, inner_steps, truncate)
+    first_differentiated = inner_steps - differentiated
+    plan = plan_segments(inner_steps, differentiated, checkpoint, checkpoint_segment)
+    if any(checkpointed for _, _, checkpointed in plan):
+        check_recomputable(model)
     batched = False
-    for step in range(inner_steps):
-        update = sgd_step(model, loss_fn, inner_lr, differentiable=step >= first_differentiated)
-        params = vmap(update, in_dims=(0 if batched else None, 0, 0))(params, support_x, support_y)
+    for start, end, checkpointed in plan:
+        def segment(params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
+                    start: int = start, end: int = end, batched: bool = batched) -> Params:
+            for step in range(start, end):
+                update = sgd_step(model, loss_fn, inner_lr, differentiable=step >= first_differentiated)
+                in_dims = (0 if batched or step > start else None, 0, 0)
+                params = vmap(update, in_dims=in_dims)(params, support_x, support_y)
+            return params
+
+        run = recomputed if checkpointed else _run
+        params = run(segment, params, support_x, support_y)
         batched = True
     return params, batched
+
+
+def _run(segment: Callable[..., Params], params: Params, *data: torch.Tensor) -> Params:
+    """A segment run plainly, its graph kept for the backward pass (the counterpart of `recomputed`)."""
+    return segment(params, *data)
 
 
 def task_losses(model: nn.Module, params: Params, batched: bool, x: torch.Tensor, y: torch.Tensor,
@@ -74,16 +96,18 @@ def task_losses(model: nn.Module, params: Params, batched: bool, x: torch.Tensor
 
 
 def meta_loss(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, inner_steps: int,
-              mode: str = "second_order", truncate: int | None = None, loss_fn: LossFn = mse) -> torch.Tensor:
+              mode: str = "second_order", truncate: int | None = None, loss_fn: LossFn = mse, *,
+              checkpoint: str = "none", checkpoint_segment: int | None = None) -> torch.Tensor:
     """[n] post-adaptation query loss of each task, differentiable with respect to `params` as
     `mode` says; their mean over the meta-batch is MAML's meta-objective."""
     adapted, batched = adapt(model, params, batch.support_x, batch.support_y, inner_lr, inner_steps, mode,
-                             truncate, loss_fn)
+                             truncate, loss_fn, checkpoint=checkpoint, checkpoint_segment=checkpoint_segment)
     return task_losses(model, adapted, batched, batch.query_x, batch.query_y, loss_fn)
 
 
 def meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, inner_steps: int,
                   mode: str = "second_order", truncate: int | None = None, loss_fn: LossFn = mse, *,
+                  checkpoint: str = "none", checkpoint_segment: int | None = None,
                   implicit: Mapping[str, float] | None = None) -> MetaGradient:
     """Sum over the batch's tasks of the meta-gradient d L_query(adapted) / d params.
 
@@ -100,7 +124,7 @@ def meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: 
 
         return implicit_meta_gradient(model, params, batch, inner_lr, inner_steps, loss_fn=loss_fn, **implicit)
     adapted, batched = adapt(model, params, batch.support_x, batch.support_y, inner_lr, inner_steps, mode,
-                             truncate, loss_fn)
+                             truncate, loss_fn, checkpoint=checkpoint, checkpoint_segment=checkpoint_segment)
     losses = task_losses(model, adapted, batched, batch.query_x, batch.query_y, loss_fn)
     grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     grad_sum = {name: torch.zeros_like(value) if g is None else g
