@@ -3,6 +3,7 @@
     distmaml train CONFIG [key.sub=value ...]
     distmaml eval CHECKPOINT [--tasks 600] [--shots N] [--steps S] [--json PATH]
     distmaml plot CHECKPOINT OUT.png
+    distmaml study inner-steps CONFIG [--steps 1 5 10 20 50 100] [--iterations N] [--out DIR]
     distmaml config [CONFIG] [key.sub=value ...]      # print the resolved config with every key's doc
 """
 
@@ -41,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     plot_p.add_argument("out", type=Path, help="PNG file to write")
     plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
     plot_p.add_argument("--shots", type=int, help="support points (default: the training K)")
+
+    study_p = commands.add_parser("study", help="studies; inner-steps: accuracy, over-fitting, time, memory vs K")
+    study_p.add_argument("study", choices=["inner-steps"])
+    study_p.add_argument("config", help="YAML file to vary, e.g. configs/sine_maml.yaml")
+    study_p.add_argument("overrides", nargs="*", help="key.sub=value settings shared by every run")
+    study_p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20, 50, 100], help="values of K")
+    study_p.add_argument("--modes", nargs="+", default=["second_order", "first_order"],
+                         choices=["second_order", "first_order"])
+    study_p.add_argument("--iterations", type=int, default=2000, help="meta-iterations per run")
+    study_p.add_argument("--out", type=Path, default=Path("runs/study_inner_steps"), help="output folder")
 
     config_p = commands.add_parser("config", help="print the resolved config, or every key with its doc")
     config_p.add_argument("config", nargs="?", help="YAML file (omit to list every key with its doc)")
@@ -114,6 +125,15 @@ def _plot(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from distmaml.study import HEADER, run_inner_steps_study
+
+    load_config(args.config, args.overrides)  # fail here, once, on a bad setting
+    print(f"{args.iterations} meta-iterations per run; results in {args.out}\n{HEADER}", flush=True)
+    run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
+    return 0
+
+
 def _config(args) -> int:
     if args.config is None:
         print(describe())
@@ -122,4 +142,4 @@ def _config(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "config": _config}
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "study": _study, "config": _config}

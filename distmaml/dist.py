@@ -162,6 +162,15 @@ def check_replicas(params: list[torch.Tensor], ctx: Context, iteration: int) -> 
                            f"(checksums {[g.tolist() for g in gathered]})")
 
 
+def peak_memory_mb(ctx: Context) -> float:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, else resident memory."""
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         torch_dist.barrier()

@@ -58,7 +58,11 @@ def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_
     theta = detached(params)
     adapted, batched, curves = theta, False, []
     for step in range(steps + 1):
-        curves.append(query_metrics(model, adapted, batched, batch.query_x, batch.query_y, family))
+        metrics = query_metrics(model, adapted, batched, batch.query_x, batch.query_y, family)
+        # The support loss after adaptation shows over-fitting of the support set beside the query loss.
+        metrics["support_loss"] = query_metrics(model, adapted, batched, batch.support_x, batch.support_y,
+                                                family)["loss"]
+        curves.append(metrics)
         if step < steps:
             moved = vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x, batch.support_y)
             adapted = {name: (moved[name] - inner_lr * prox_lam * (adapted[name] - theta[name])).detach()
@@ -103,7 +107,8 @@ def evaluation_settings(config) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """The evaluation as a Markdown table, one row per number of inner steps."""
     names = [k for k in result["steps"][0] if k != "step" and not k.endswith("_ci95")]
-    header = "| steps | " + " | ".join(f"query {n} (95% CI)" for n in names) + " |"
+    header = "| steps | " + " | ".join(f"{n.replace('_', ' ') if '_' in n else 'query ' + n} (95% CI)"
+                                      for n in names) + " |"
     lines = [header, "|" + "---|" * (len(names) + 1)]
     for row in result["steps"]:
         cells = []

@@ -97,6 +97,7 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     # Metrics stay on the device between log steps, so the host never waits for the GPU in between.
     window_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     window_start, window_time = start, time.perf_counter()
+    train_start = window_time
     iteration, status = start, "complete"
     with checkpoint.PreemptionWatch() as preemption:
         while iteration < train_cfg.iterations:
@@ -131,8 +132,11 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
         if iteration == start and start == train_cfg.iterations:
             log.info("nothing to do: the checkpoint is already at iteration %d", start)
 
+    seconds = time.perf_counter() - train_start
     summary: dict[str, Any] = {"status": status, "iteration": iteration, "world_size": ctx.world_size,
-                               "run_dir": str(run_dir)}
+                               "run_dir": str(run_dir), "train_seconds": seconds,
+                               "seconds_per_iteration": seconds / max(iteration - start, 1),
+                               "peak_memory_mb": dist.peak_memory_mb(ctx)}
     if status == "complete" and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(model, params, family, **evaluation_settings(config))
         final = summary["eval"]["steps"]

@@ -38,7 +38,8 @@ def test_evaluate_reports_mean_and_ci_per_step(setup):
         assert row["loss"] == pytest.approx(step_losses.mean().item(), rel=1e-12)
         assert row["loss_ci95"] == pytest.approx(1.96 * step_losses.std().item() / 50 ** 0.5, rel=1e-9)
     table = ev.format_table(result)
-    assert table.splitlines()[0] == "| steps | query loss (95% CI) |" and len(table.splitlines()) == 6
+    assert table.splitlines()[0] == "| steps | query loss (95% CI) | support loss (95% CI) |"
+    assert len(table.splitlines()) == 6
 
 
 def test_mean_ci95():
