@@ -34,7 +34,9 @@ import time
 
 # (mode, checkpoint) pairs measured for every K; truncated uses --truncate differentiated steps.
 SETTINGS = [("second_order", "none"), ("second_order", "every_step"), ("second_order", "auto"),
-            ("truncated", "none"), ("truncated", "auto"), ("first_order", "none")]
+            ("truncated", "none"), ("truncated", "auto"), ("first_order", "none"), ("implicit", "none")]
+# iMAML's solver settings for the implicit rows (lam as in configs/sine_imaml.yaml's range, 5 CG steps).
+IMPLICIT = {"lam": 1.0, "cg_steps": 5}
 
 
 def resident_mib() -> float:
@@ -81,7 +83,8 @@ def measure(args) -> dict:
 
     def iteration(inner_steps: int = args.k, task_batch=batch) -> None:
         meta_gradient(model, params, task_batch, args.inner_lr, inner_steps, args.mode,
-                      None if truncate is None else min(truncate, inner_steps), checkpoint=args.checkpoint)
+                      None if truncate is None else min(truncate, inner_steps), checkpoint=args.checkpoint,
+                      implicit=IMPLICIT if args.mode == "implicit" else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="CPU: keep glibc's adaptive mmap threshold (RSS then includes heap fragmentation)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--modes", nargs="+", default=sorted({mode for mode, _ in SETTINGS}),
+                        help="only these modes (second_order, truncated, first_order, implicit)")
     # One configuration in this process (what the parent runs in each subprocess).
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     rows = []
     for k in args.steps:
-        for mode, checkpoint in SETTINGS:
+        for mode, checkpoint in [s for s in SETTINGS if s[0] in args.modes]:
             command = [sys.executable, __file__, *common, "--k", str(k), "--mode", mode,
                        "--checkpoint", checkpoint]
             result = subprocess.run(command, capture_output=True, text=True, env=environment)

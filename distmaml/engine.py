@@ -46,10 +46,14 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)  # in place: a captured graph keeps reading the same tensor
-        else:
+        if not group.get("capturable"):
             group["lr"] = lr
+            continue
+        device = group["params"][0].device
+        if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
+            # A restored state dict brings its learning rate as a float or a CPU tensor.
+            group["lr"] = torch.tensor(lr, device=device)
+        group["lr"].fill_(lr)  # in place: a captured graph keeps reading the same tensor
 
 
 def compute_meta_gradient(model, params, batch: TaskBatch, config, family) -> MetaGradient:

@@ -1,0 +1,66 @@
+"""The pieces the CUDA-graph path shares with eager training, checked on the CPU."""
+
+import pytest
+import torch
+
+from distmaml import dist
+from distmaml.config import ConfigError, load_config
+from distmaml.engine import MetaStep, make_optimizer
+from distmaml.models import build_model
+from distmaml.tasks import build_task_family
+from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.train import train
+from conftest import REPO
+
+
+def run_steps(config, static, iterations=6):
+    torch.manual_seed(0)
+    model = build_model(config)
+    params = dict(model.named_parameters())
+    optimizer = make_optimizer(params.values(), config.train.lr, torch.device("cpu"))
+    family = build_task_family(config, "cpu")
+    step = MetaStep(model, params, optimizer, family, config, dist.Context(), static=static)
+    outputs = [step(i) for i in range(iterations)]
+    return params, outputs, step
+
+
+@pytest.mark.parametrize("mode", ["second_order", "first_order", "implicit"])
+def test_static_buffers_and_device_counter_give_the_eager_result(mode):
+    config = load_config(REPO / "configs/sine_debug.yaml", [f"inner.mode={mode}", "inner.steps=2",
+                                                            "train.grad_clip=5.0"])
+    eager, eager_out, _ = run_steps(config, static=False)
+    static, static_out, step = run_steps(config, static=True)
+    for name in eager:
+        assert torch.equal(eager[name], static[name]), name
+    assert torch.equal(eager_out[-1].result.task_losses, static_out[-1].result.task_losses)
+    assert step.iteration.item() == 5 and step.iteration.dtype == torch.int64  # the device-side counter
+
+
+def test_sampling_with_a_device_iteration_counter_matches_python_ints():
+    family = build_task_family(load_config(None), "cpu")
+    indices = torch.arange(7)
+    for iteration in (0, 1, 12345, 2 ** 32 - 1):
+        a = family.sample(STREAM_TRAIN, iteration, indices)
+        b = family.sample(STREAM_TRAIN, torch.tensor(iteration), indices)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_cuda_graph_is_refused_without_cuda(tmp_path):
+    config = load_config(REPO / "configs/sine_debug.yaml", ["engine.cuda_graph=true", "engine.device=cpu",
+                                                            f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^engine.cuda_graph = true: needs a CUDA device, this process has cpu$"):
+        train(config)
+
+
+def test_bf16_autocast_keeps_float32_weights_and_learns(tmp_path):
+    config = load_config(REPO / "configs/sine_debug.yaml", ["engine.dtype=bf16", f"run.dir={tmp_path}",
+                                                            "train.iterations=150", "eval.tasks=100",
+                                                            "logging.progress=false"])
+    summary = train(config)
+    steps = summary["eval"]["steps"]
+    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
+    from distmaml.checkpoint import latest_checkpoint, load_checkpoint
+
+    state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
