@@ -99,7 +99,7 @@ class OmniglotTasks:
                    seed=config.train.seed, device=device, dtype=dtype)
 
     def num_classes(self, stream: int) -> int:
-        characters, rotations = self._split(stream)
+        characters, rotations = self.split_classes(stream)
         return len(characters) * rotations
 
     def sample(self, stream: int, iteration: int | torch.Tensor, indices: torch.Tensor,
@@ -113,28 +113,31 @@ class OmniglotTasks:
         if support + query > self.drawings:
             raise ValueError(f"support + query = {support + query} exceeds the {self.drawings} drawings per class")
         task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
-        keys = (self.seed, stream, iteration)
-        characters, rotations = self._split(stream)
-        num_classes = len(characters) * rotations
-
-        # The N classes with the smallest hashes, in hash order: a uniformly random set in a
-        # uniformly random order, so label j is the class ranked j. Adding the class index to the
-        # scaled hash breaks ties, so the choice is identical on every device.
-        every_class = torch.arange(num_classes, device=self.device)
-        class_keys = hash_u32(*keys, task[:, None], _LANE_CLASSES, every_class, device=self.device) * num_classes + every_class
-        classes = torch.topk(class_keys, self.ways, dim=-1, largest=False, sorted=True).indices  # [n, N]
-        character = characters[classes // rotations]
-        turns = classes % rotations
+        classes = self.classes(stream, iteration, task)
+        characters, rotations = self.split_classes(stream)
+        character, turns = characters[classes // rotations], classes % rotations
 
         # A random order of each class's drawings: support from its front, query from its back,
         # so they never share a drawing and a different K at test time keeps the same query set.
         drawing = torch.arange(self.drawings, device=self.device)
-        drawing_keys = (hash_u32(*keys, task[:, None, None], _LANE_DRAWINGS, classes[..., None], drawing, device=self.device)
-                        * self.drawings + drawing)
-        order = torch.argsort(drawing_keys, dim=-1)  # [n, N, drawings]
+        drawing_hash = hash_u32(self.seed, stream, iteration, task[:, None, None], _LANE_DRAWINGS,
+                                classes[..., None], drawing, device=self.device)
+        order = torch.argsort(drawing_hash * self.drawings + drawing, dim=-1)  # [n, N, drawings]
         labels = torch.arange(self.ways, device=self.device)
         return TaskBatch(*self._points(character, turns, order[..., :support], labels),
                          *self._points(character, turns, order[..., self.drawings - query:], labels))
+
+    def classes(self, stream: int, iteration: int | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """[n, N] class of each label of tasks `indices` (an index into the stream's class list).
+
+        The N classes with the smallest hashes, in hash order: a uniformly random set in a
+        uniformly random order, so label j is the class ranked j. Adding the class index to the
+        scaled hash breaks ties, so the choice is the same on every device.
+        """
+        task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
+        every_class = torch.arange(self.num_classes(stream), device=self.device)
+        keys = hash_u32(self.seed, stream, iteration, task[:, None], _LANE_CLASSES, every_class, device=self.device)
+        return torch.topk(keys * len(every_class) + every_class, self.ways, dim=-1, largest=False).indices
 
     def _points(self, character, turns, drawings, labels) -> tuple[torch.Tensor, torch.Tensor]:
         n, ways, count = drawings.shape
@@ -145,5 +148,7 @@ class OmniglotTasks:
         y = labels.repeat_interleave(count).expand(n, -1)
         return x, y.contiguous()
 
-    def _split(self, stream: int):
+    def split_classes(self, stream: int) -> tuple[torch.Tensor, int]:
+        """(characters, rotations) of the stream's split: class c is character characters[c // rotations]
+        turned (c % rotations) quarter turns anticlockwise."""
         return self._classes["train" if stream == STREAM_TRAIN else "test"]
