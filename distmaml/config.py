@@ -21,6 +21,9 @@ from typing import Any, Optional
 import yaml
 
 
+OMNIGLOT_DRAWINGS = 20  # drawings of each Omniglot character
+
+
 class ConfigError(ValueError):
     """A configuration problem, already phrased as one line for the user."""
 
@@ -345,6 +348,19 @@ def _check_values(config: Config, source) -> None:
     at_least("task.support", 1)
     at_least("task.query", 1)
     at_least("task.ways", 2)
+    if task.family == "omniglot":
+        # Support and query images of a class are distinct drawings of its character.
+        if task.support + task.query > OMNIGLOT_DRAWINGS:
+            fail("task.query", f"task.support + task.query must be <= {OMNIGLOT_DRAWINGS}, the drawings of "
+                 f"each Omniglot character (task.support = {task.support})", cause="task.support")
+        eval_shots = task.support if config.eval.shots is None else config.eval.shots
+        eval_query = task.query if config.eval.query is None else config.eval.query
+        if eval_shots + eval_query > OMNIGLOT_DRAWINGS:
+            fail("eval.shots" if config.eval.shots is not None else "eval.query",
+                 f"eval shots + query ({eval_shots} + {eval_query}) must be <= {OMNIGLOT_DRAWINGS}, the "
+                 "drawings of each Omniglot character")
+        if config.model.kind != "conv4":
+            fail("model.kind", "task.family = omniglot needs model.kind = conv4", cause="task.family")
     for key in ("task.amplitude", "task.phase", "task.x_range"):
         interval(key)
     if any(width < 1 for width in config.model.hidden):

@@ -32,4 +32,8 @@ def build_task_family(config, device: torch.device | str, dtype: torch.dtype = t
         from distmaml.tasks.sine import SineTasks
 
         return SineTasks.from_config(config, device=device, dtype=dtype)
+    if config.task.family == "omniglot":
+        from distmaml.tasks.omniglot import OmniglotTasks
+
+        return OmniglotTasks.from_config(config, device=device, dtype=dtype)
     raise ValueError(f"task.family = {config.task.family!r} is not available")

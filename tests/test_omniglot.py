@@ -1,0 +1,307 @@
+"""Omniglot: the loader and its cache, the episodes, Conv4 under the batched engine, the config checks."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distmaml import meta
+from distmaml.config import ConfigError, load_config
+from distmaml.models import BatchStatNorm2d, Conv4, build_model
+from distmaml.tasks import build_task_family
+from distmaml.tasks import omniglot_data
+from distmaml.tasks.omniglot import OmniglotTasks, accuracy, cross_entropy, paper_train_characters
+from distmaml.tasks.omniglot_data import OmniglotData, OmniglotDataError, load_omniglot
+from distmaml.tasks.rng import STREAM_EVAL, STREAM_TRAIN
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ROOT = Path(os.environ.get("DISTMAML_OMNIGLOT") or REPO.parent / "shared/data/omniglot")
+HAVE_REAL = (REAL_ROOT / "images_background.zip").is_file() or (REAL_ROOT / "images_background").is_dir()
+
+# A small Omniglot-shaped set: (split, {alphabet: characters}); every character has DRAWINGS drawings.
+FAKE_LAYOUT = {"images_background": {"Alpha": 3, "Beta": 2}, "images_evaluation": {"Gamma": 4}}
+DRAWINGS = 6
+
+
+def _drawing(character: int, drawing: int) -> Image.Image:
+    """A 105x105 1-bit drawing, black strokes on white, unique to (character, drawing)."""
+    pixels = np.ones((105, 105), dtype=bool)
+    row = 5 + 9 * character
+    pixels[row:row + 6, 10:95] = False  # the character's bar
+    pixels[10:95, 5 + 15 * drawing:9 + 15 * drawing] = False  # the drawing's bar
+    return Image.fromarray(pixels)
+
+
+def _write_fake(root: Path, as_zip: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    character_id = 0
+    for split, alphabets in FAKE_LAYOUT.items():
+        entries = {}
+        for alphabet, count in alphabets.items():
+            for c in range(count):
+                character_id += 1
+                for d in range(DRAWINGS):
+                    name = f"{split}/{alphabet}/character{c + 1:02d}/{character_id:04d}_{d + 1:02d}.png"
+                    entries[name] = _drawing(character_id, d)
+        if as_zip:
+            with zipfile.ZipFile(root / f"{split}.zip", "w") as archive:
+                for name, image in entries.items():
+                    png = io.BytesIO()
+                    image.save(png, format="PNG")
+                    archive.writestr(name, png.getvalue())
+        else:
+            for name, image in entries.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory) -> Path:
+    """A cache folder shared by the whole test session, so the real set is decoded at most once."""
+    if not HAVE_REAL:
+        pytest.skip(f"real Omniglot not found at {REAL_ROOT} (set DISTMAML_OMNIGLOT to its folder)")
+    return tmp_path_factory.mktemp("omniglot_cache")
+
+
+@pytest.fixture(scope="session")
+def real_data(real_cache) -> OmniglotData:
+    start = time.perf_counter()
+    data = load_omniglot(REAL_ROOT, real_cache)
+    print(f"decoding real Omniglot took {time.perf_counter() - start:.1f} s")
+    return data
+
+
+@pytest.mark.parametrize("as_zip", [True, False], ids=["zips", "folders"])
+def test_loader_reads_layout_and_reuses_its_cache(tmp_path, monkeypatch, as_zip):
+    root = _write_fake(tmp_path / "data", as_zip)
+    cache = tmp_path / "cache"
+    data = load_omniglot(root, cache)
+    characters = sum(sum(a.values()) for a in FAKE_LAYOUT.values())
+    assert data.images.shape == (characters, DRAWINGS, 28, 28) and data.images.dtype == np.uint8
+    assert data.characters[0] == ("images_background", "Alpha", "character01")
+    assert data.characters[-1] == ("images_evaluation", "Gamma", "character04")
+    assert list(data.split_indices("images_evaluation")) == [5, 6, 7, 8]
+    # Strokes are bright on a dark background after inversion; the character bar of character 1
+    # (rows 14..19 of 105) lands around rows 4-5 of 28.
+    assert data.images[0, 0, 4:6, 5:20].mean() > 150 and data.images[0, 0, 20:, 20:].max() < 100
+    assert not np.array_equal(data.images[0, 0], data.images[0, 1])
+    files = list(cache.iterdir())
+    assert len(files) == 2 and not list(root.rglob("*.npy"))
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+
+    def no_decoding(png):
+        raise AssertionError("decoded a PNG although the cache was valid")
+
+    monkeypatch.setattr(omniglot_data, "_to_array", no_decoding)
+    again = load_omniglot(root, cache)
+    assert np.array_equal(again.images, data.images) and again.characters == data.characters
+    assert {f: f.stat().st_mtime_ns for f in cache.iterdir()} == mtimes
+
+
+def test_changed_data_is_not_served_from_a_stale_cache(tmp_path):
+    root = _write_fake(tmp_path / "data", as_zip=False)
+    cache = tmp_path / "cache"
+    first = load_omniglot(root, cache)
+    png = root / "images_evaluation/Gamma/character04/0009_01.png"
+    Image.fromarray(np.zeros((105, 105), dtype=bool)).save(png)  # all strokes
+    os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))
+    second = load_omniglot(root, cache)
+    assert second.images[-1, 0].min() == 255 and first.images[-1, 0].min() == 0
+    assert np.array_equal(second.images[:-1], first.images[:-1])
+
+
+def test_default_cache_is_the_user_cache(tmp_path, monkeypatch):
+    root = _write_fake(tmp_path / "data", as_zip=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_omniglot(root)
+    assert len(list((tmp_path / "xdg" / "distmaml").glob("omniglot28-*.npy"))) == 1
+
+
+def test_missing_or_incomplete_root_is_one_clear_line(tmp_path):
+    with pytest.raises(OmniglotDataError) as missing:
+        load_omniglot(tmp_path / "nowhere", tmp_path / "cache")
+    message = str(missing.value)
+    assert "\n" not in message and f"data.root={tmp_path / 'nowhere'} (no such folder)" in message
+    assert "expected images_background.zip and images_evaluation.zip" in message and "found neither" in message
+
+    root = _write_fake(tmp_path / "half", as_zip=True)
+    (root / "images_evaluation.zip").unlink()
+    with pytest.raises(OmniglotDataError, match=r"- found images_background\.zip;"):
+        load_omniglot(root, tmp_path / "cache")
+
+
+def test_real_omniglot_loads_every_character(real_data):
+    assert real_data.images.shape == (1623, 20, 28, 28)
+    assert len(real_data.split_indices("images_background")) == 964
+    assert len(real_data.split_indices("images_evaluation")) == 659
+    assert len({c.alphabet for c in real_data.characters}) == 50
+    # Every drawing has strokes (bright) and mostly background (dark).
+    per_image = real_data.images.reshape(1623 * 20, -1)
+    assert per_image.max(axis=1).min() > 128 and np.median(per_image.mean(axis=1)) < 64
+
+
+@pytest.mark.slow
+def test_real_omniglot_extracted_folders_match_the_zips(real_data, tmp_path):
+    for split in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(REAL_ROOT / f"{split}.zip") as archive:
+            archive.extractall(tmp_path)
+    from_folders = load_omniglot(tmp_path, tmp_path / "cache")
+    assert from_folders.characters == real_data.characters
+    assert np.array_equal(from_folders.images, real_data.images)
+
+
+def _family(real_data, **kwargs) -> OmniglotTasks:
+    return OmniglotTasks(real_data, **{"ways": 5, "support": 1, "query": 15, **kwargs})
+
+
+def test_paper_split_is_1200_fixed_characters(real_data):
+    train = paper_train_characters(1623)
+    assert len(train) == 1200 and len(set(train.tolist())) == 1200
+    assert torch.equal(train, paper_train_characters(1623))
+    # Characters of both archives end up on both sides.
+    assert 0 < int((train < 964).sum()) < 1200
+    family = _family(real_data, seed=123)
+    assert family.num_classes(STREAM_TRAIN) == 4800 and family.num_classes(STREAM_EVAL) == 423
+    background = _family(real_data, split="background")
+    assert background.num_classes(STREAM_TRAIN) == 964 and background.num_classes(STREAM_EVAL) == 659
+
+
+def test_episodes_are_deterministic_and_shards_are_slices(real_data):
+    family = _family(real_data, support=2, query=3)
+    whole = family.sample(STREAM_TRAIN, 7, torch.arange(10))
+    again = family.sample(STREAM_TRAIN, 7, torch.arange(10))
+    shard = family.sample(STREAM_TRAIN, 7, torch.arange(4, 10))
+    for full, same, part in zip(whole, again, shard):
+        assert torch.equal(full, same) and torch.equal(full[4:], part)
+    assert whole.support_x.shape == (10, 10, 1, 28, 28) and whole.query_x.shape == (10, 15, 1, 28, 28)
+    assert whole.support_y.dtype == torch.int64 and whole.support_x.dtype == torch.float32
+    assert 0 <= whole.support_x.min() and whole.support_x.max() == 1
+    assert torch.equal(whole.support_y[0], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]))
+    other_iteration = family.sample(STREAM_TRAIN, 8, torch.arange(10))
+    other_seed = _family(real_data, support=2, query=3, seed=1).sample(STREAM_TRAIN, 7, torch.arange(10))
+    assert not torch.equal(whole.support_x, other_iteration.support_x)
+    assert not torch.equal(whole.support_x, other_seed.support_x)
+
+
+def _drawings_of(family, stream, classes):
+    """[n, N, drawings, 784] every drawing of each class of a task, turned as the class says."""
+    characters, rotations = family.split_classes(stream)
+    images = family.images[characters[classes // rotations]].reshape(*classes.shape, -1, 28, 28)
+    turns = classes % rotations
+    turned = torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
+    return turned[turns, torch.arange(classes.shape[0])[:, None], torch.arange(classes.shape[1])].flatten(-2)
+
+
+def test_classes_distinct_and_support_query_are_disjoint_drawings(real_data):
+    family = _family(real_data, ways=20, support=5, query=15)
+    batch = family.sample(STREAM_TRAIN, 0, torch.arange(16))
+    classes = family.classes(STREAM_TRAIN, 0, torch.arange(16))
+    assert all(len(set(task.tolist())) == 20 for task in classes)
+    assert classes.min() >= 0 and classes.max() < 4800
+    drawings = _drawings_of(family, STREAM_TRAIN, classes).double()  # [16, 20, 20, 784]
+    support = (batch.support_x.reshape(16, 20, 5, 784) * 255).double()
+    query = (batch.query_x.reshape(16, 20, 15, 784) * 255).double()
+    # Which of its class's drawings each image is: all found, all different.
+    which = torch.cdist(torch.cat([support, query], dim=2), drawings)  # [16, 20, 20 images, 20 drawings]
+    distance, index = which.min(dim=-1)
+    assert distance.max() < 1e-6
+    assert all(len(set(row.tolist())) == 20 for row in index.reshape(-1, 20))
+
+
+def test_labels_in_random_order_and_classes_rotated(real_data):
+    family = _family(real_data)
+    indices = torch.arange(64)
+    classes = family.classes(STREAM_TRAIN, 0, indices)
+    # Labels in random order: label 0 is not always the smallest class index; 3 in 4 classes turned.
+    assert 0.05 < float((classes[:, 0] == classes.min(dim=1).values).float().mean()) < 0.5
+    assert 0.6 < float((classes % 4 != 0).float().mean()) < 0.9
+    batch = family.sample(STREAM_TRAIN, 0, indices, support=1, query=1)
+    drawings = _drawings_of(family, STREAM_TRAIN, classes).double()
+    support = (batch.support_x.reshape(64, 5, 1, 784) * 255).double()
+    assert torch.cdist(support, drawings).min(dim=-1).values.max() < 1e-6
+    # A changed K at test time keeps each task's classes, labels and query images.
+    more_shots = family.sample(STREAM_TRAIN, 0, indices, support=5, query=1)
+    assert torch.equal(more_shots.query_x, batch.query_x)
+    assert torch.equal(more_shots.support_x[:, ::5], batch.support_x)
+    # Test tasks draw from the 423 unturned test characters.
+    test_classes = family.classes(STREAM_EVAL, 0, indices)
+    assert test_classes.max() < 423
+    test = family.sample(STREAM_EVAL, 0, indices, support=1, query=1)
+    drawings = _drawings_of(family, STREAM_EVAL, test_classes).double()
+    assert torch.cdist((test.query_x.reshape(64, 5, 1, 784) * 255).double(), drawings).min(-1).values.max() < 1e-6
+
+
+def test_loss_and_accuracy():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]])
+    labels = torch.tensor([[0, 1, 1]])
+    assert torch.allclose(accuracy(logits, labels), torch.tensor([2 / 3]))
+    assert torch.isclose(cross_entropy(logits[0], labels[0]), torch.nn.functional.cross_entropy(logits[0], labels[0]))
+
+
+def test_batch_stat_norm_is_batchnorm_without_running_stats():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    ours, theirs = BatchStatNorm2d(4).double(), torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.weight.copy_(torch.linspace(0.5, 2, 4))
+            module.bias.copy_(torch.linspace(-1, 1, 4))
+    ours.eval(), theirs.eval()  # no running statistics: batch statistics in eval mode too
+    assert torch.allclose(ours(x), theirs(x), atol=1e-12)
+
+
+def _conv4_problem(real_data):
+    family = _family(real_data, support=1, query=2, dtype=torch.float64)
+    batch = family.sample(STREAM_TRAIN, 3, torch.arange(2))
+    torch.manual_seed(0)
+    model = Conv4(5, channels=4).double()
+    params = {name: value.detach().clone().requires_grad_() for name, value in model.named_parameters()}
+    return model, params, batch
+
+
+@pytest.mark.parametrize("mode,truncate", [("second_order", None), ("first_order", None), ("truncated", 1)])
+def test_conv4_batched_engine_matches_per_task_loop(real_data, mode, truncate):
+    model, params, batch = _conv4_problem(real_data)
+    batched = meta.meta_gradient(model, params, batch, 0.4, 2, mode, truncate, loss_fn=cross_entropy)
+    grads, losses = meta.meta_gradient_loop(model, params, batch, 0.4, 2, mode, truncate, loss_fn=cross_entropy)
+    assert torch.allclose(batched.task_losses, losses, rtol=1e-12, atol=0)
+    for name, value in grads.items():
+        error = (batched.grad_sum[name] - value).norm() / value.norm()
+        assert error < 1e-10, (name, float(error))
+    if mode == "second_order":
+        first = meta.meta_gradient(model, params, batch, 0.4, 2, "first_order", loss_fn=cross_entropy)
+        assert (first.grad_sum["classifier.weight"] - grads["classifier.weight"]).norm() > 1e-6
+
+
+def test_config_checks_and_builders(real_data, real_cache):
+    omniglot = ["task.family=omniglot", "model.kind=conv4"]
+    with pytest.raises(ConfigError, match=r"^command line: task.query = 16: task.support \+ task.query must be <= 20"):
+        load_config(None, [*omniglot, "task.support=5", "task.query=16"])
+    with pytest.raises(ConfigError, match=r"^command line: eval.shots = 10: eval shots \+ query \(10 \+ 15\)"):
+        load_config(None, [*omniglot, "task.support=1", "task.query=15", "eval.shots=10"])
+    with pytest.raises(ConfigError, match=r"^command line: model.kind = 'mlp': task.family = omniglot needs model.kind = conv4$"):
+        load_config(None, ["task.family=omniglot"])
+    with pytest.raises(ConfigError, match=r"task.ways = 1: must be >= 2"):
+        load_config(None, [*omniglot, "task.ways=1"])
+    config = load_config(REPO / "configs/omniglot_20w1s.yaml",
+                         [f"data.root={REAL_ROOT}", f"data.cache_dir={real_cache}", "model.channels=4"])
+    family = build_task_family(config, "cpu")
+    model = build_model(config)
+    batch = family.sample(STREAM_TRAIN, 0, torch.arange(2))
+    logits = torch.func.vmap(model)(batch.support_x)
+    assert logits.shape == (2, 20, 20)
+
+
+@pytest.mark.parametrize("name", ["omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_debug"])
+def test_configs_load(name):
+    config = load_config(REPO / f"configs/{name}.yaml")
+    assert config.task.family == "omniglot" and config.model.kind == "conv4"
