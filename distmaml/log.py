@@ -91,9 +91,13 @@ class RunLogger(NullLogger):
             handle.write(json.dumps(metrics) + "\n")
         if self._bar is not None:
             self._bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
-        log.info("iter %d | meta-loss %.4f | query loss before %.4f after %.4f | %.0f tasks/s",
+        accuracy = ""
+        if "query_accuracy_after" in metrics:
+            accuracy = (f" | query accuracy before {100 * metrics['query_accuracy_before']:.1f}% "
+                        f"after {100 * metrics['query_accuracy_after']:.1f}%")
+        log.info("iter %d | meta-loss %.4f | query loss before %.4f after %.4f%s | %.0f tasks/s",
                  metrics["iteration"], metrics["meta_loss"], metrics["query_loss_before"],
-                 metrics["query_loss_after"], metrics["tasks_per_s"])
+                 metrics["query_loss_after"], accuracy, metrics["tasks_per_s"])
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"], commit=True)
 

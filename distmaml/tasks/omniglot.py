@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from distmaml.tasks import TaskBatch
 from distmaml.tasks.omniglot_data import IMAGE_SIZE, OmniglotData, load_omniglot
-from distmaml.tasks.rng import STREAM_TRAIN, hash_u32
+from distmaml.tasks.rng import STREAM_TRAIN, hash_u32, seed_words
 
 PAPER_TRAIN_CHARACTERS = 1200
 _SPLIT_SALT = 0x0D1A6107
@@ -120,7 +120,7 @@ class OmniglotTasks:
         # A random order of each class's drawings: support from its front, query from its back,
         # so they never share a drawing and a different K at test time keeps the same query set.
         drawing = torch.arange(self.drawings, device=self.device)
-        drawing_hash = hash_u32(self.seed, stream, iteration, task[:, None, None], _LANE_DRAWINGS,
+        drawing_hash = hash_u32(*seed_words(self.seed), stream, iteration, task[:, None, None], _LANE_DRAWINGS,
                                 classes[..., None], drawing, device=self.device)
         order = torch.argsort(drawing_hash * self.drawings + drawing, dim=-1)  # [n, N, drawings]
         labels = torch.arange(self.ways, device=self.device)
@@ -136,7 +136,8 @@ class OmniglotTasks:
         """
         task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
         every_class = torch.arange(self.num_classes(stream), device=self.device)
-        keys = hash_u32(self.seed, stream, iteration, task[:, None], _LANE_CLASSES, every_class, device=self.device)
+        keys = hash_u32(*seed_words(self.seed), stream, iteration, task[:, None], _LANE_CLASSES, every_class,
+                        device=self.device)
         return torch.topk(keys * len(every_class) + every_class, self.ways, dim=-1, largest=False).indices
 
     def _points(self, character, turns, drawings, labels) -> tuple[torch.Tensor, torch.Tensor]:
