@@ -23,7 +23,8 @@ from distmaml.tasks import build_task_family
 
 
 def build_step(overrides: list[str], device: torch.device, engine: str, omniglot_root: str | None):
-    settings = [f"engine.batched={engine != 'loop'}", f"engine.cuda_graph={engine == 'graph'}", *overrides]
+    settings = [f"engine.batched={engine != 'loop'}", f"engine.cuda_graph={engine.startswith('graph')}",
+                f"engine.dtype={'bf16' if engine.endswith('bf16') else 'float32'}", *overrides]
     if omniglot_root:
         settings.append(f"data.root={omniglot_root}")
     config = load_config(None, settings)
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--omniglot-root", help="Omniglot data folder (default: random images of the same shape)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    engines = ["loop", "eager"] + (["graph"] if device.type == "cuda" else [])
+    engines = ["loop", "eager"] + (["graph", "graph bf16"] if device.type == "cuda" else [])
 
     sine = [(b, k, m) for b in (25, 1000) for k in (1, 5, 10, 50) for m in ("second_order", "first_order")]
     omniglot = [(32, k, "second_order") for k in (1, 5)]

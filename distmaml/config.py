@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "iterations between checkpoints (0: only at the end)")
     keep_checkpoints: int = _opt(3, "newest checkpoints kept in run.dir/checkpoints")
     check_every: int = _opt(0, "iterations between cross-process weight checksums (0: off)")
+    time_limit: float = _opt(0.0, "stop cleanly (checkpoint, evaluate) after this many seconds of training (0: off)")
 
 
 @dataclass
@@ -345,6 +346,7 @@ def _check_values(config: Config, source) -> None:
     at_least("train.checkpoint_every", 0)
     at_least("train.keep_checkpoints", 1)
     at_least("train.check_every", 0)
+    at_least("train.time_limit", 0)
     at_least("task.support", 1)
     at_least("task.query", 1)
     at_least("task.ways", 2)

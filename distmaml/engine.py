@@ -33,7 +33,7 @@ class StepOutput(NamedTuple):
     batch: TaskBatch
     result: MetaGradient
     grad_norm: torch.Tensor
-    stop_votes: torch.Tensor  # > 0 when any rank asked to stop after this iteration
+    stop_votes: torch.Tensor  # [signal, time limit]: > 0 where any rank asked to stop after this iteration
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -96,13 +96,15 @@ class MetaStep:
         self.indices = torch.arange(my_tasks.start, my_tasks.stop, device=ctx.device)
         weight_dtype, self.autocast_dtype = DTYPES[config.engine.dtype]
         self.iteration = torch.zeros((), dtype=torch.int64, device=ctx.device)
-        self.stop_flag = torch.zeros(1, dtype=weight_dtype, device=ctx.device)
+        self.stop_flag = torch.zeros(2, dtype=weight_dtype, device=ctx.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
         self.eager_iterations = 0
 
-    def __call__(self, iteration: int, stop_requested: bool = False) -> StepOutput:
-        self.stop_flag.fill_(float(stop_requested))
+    def __call__(self, iteration: int, stop_requests: tuple[bool, bool] = (False, False)) -> StepOutput:
+        """Run iteration `iteration`; stop_requests = (a signal arrived, the time limit passed) here."""
+        self.stop_flag[0].fill_(float(stop_requests[0]))
+        self.stop_flag[1].fill_(float(stop_requests[1]))
         if not self.static:
             return self._body(iteration, self.stop_flag)
         self.iteration.fill_(iteration)
@@ -119,12 +121,13 @@ class MetaStep:
     def _body(self, iteration: int | torch.Tensor, stop_flag: torch.Tensor) -> StepOutput:
         train = self.config.train
         batch = self.family.sample(STREAM_TRAIN, iteration, self.indices)
-        autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        # No autocast weight cache: a captured graph must recompute the casts on every replay.
+        autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+                    if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
             result = compute_meta_gradient(self.model, self.params, batch, self.config, self.family)
-        # The stop request rides along in the gradient's all-reduce, so every rank stops after the
-        # same iteration even when the signal reached only some of them.
+        # Stop requests ride along in the gradient's all-reduce, so every rank stops after the same
+        # iteration even when a signal reached only some of them or their clocks disagree.
         *grads, stop_votes = dist.all_reduce_sum([*result.grad_sum.values(), stop_flag], self.ctx)
         for param, grad in zip(self.params.values(), grads):
             param.grad = grad.to(param.dtype) / train.meta_batch

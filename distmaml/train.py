@@ -38,8 +38,8 @@ log = logging.getLogger("distmaml.train")
 # Settings that may differ between a checkpoint and the run that resumes it; any other difference
 # would silently change the experiment, so resuming refuses it.
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.check_every", "eval.", "logging.", "engine.device",
-                     "engine.batched", "engine.cuda_graph", "data.root", "data.cache_dir")
+                     "train.keep_checkpoints", "train.check_every", "train.time_limit", "eval.", "logging.",
+                     "engine.device", "engine.batched", "engine.cuda_graph", "data.root", "data.cache_dir")
 
 
 def learning_rate(config: Config, iteration: int) -> float:
@@ -102,7 +102,9 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     with checkpoint.PreemptionWatch() as preemption:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
-            out = step(iteration, preemption.requested)
+            time_up = bool(train_cfg.time_limit) and time.perf_counter() - train_start > train_cfg.time_limit
+            requests = (preemption.requested, time_up)
+            out = step(iteration, requests)
             window_loss += out.result.task_losses.sum()
             iteration += 1
 
@@ -120,14 +122,17 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
                 window_start, window_time = iteration, time.perf_counter()
             if train_cfg.check_every and iteration % train_cfg.check_every == 0:
                 dist.check_replicas(list(params.values()), ctx, iteration)
-            # Reading the vote waits for the all-reduce; a lone process needs no vote.
-            stopping = out.stop_votes.item() > 0 if ctx.distributed else preemption.requested
+            # Reading the votes waits for the all-reduce; a lone process needs no vote.
+            signal_votes, time_votes = out.stop_votes.tolist() if ctx.distributed else requests
+            stopping = signal_votes > 0 or time_votes > 0
             if stopping or iteration == train_cfg.iterations or (
                     train_cfg.checkpoint_every and iteration % train_cfg.checkpoint_every == 0):
                 save(iteration)
             if stopping:
-                status = "preempted"
-                log.warning("stopped at iteration %d on a signal; checkpoint saved in %s", iteration, ckpt_dir)
+                status = "preempted" if signal_votes > 0 else "time_limit"
+                log.warning("stopped at iteration %d (%s); checkpoint saved in %s", iteration,
+                            "signal" if status == "preempted" else f"train.time_limit={train_cfg.time_limit:g} s",
+                            ckpt_dir)
                 break
         if iteration == start and start == train_cfg.iterations:
             log.info("nothing to do: the checkpoint is already at iteration %d", start)
@@ -137,7 +142,7 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
                                "run_dir": str(run_dir), "train_seconds": seconds,
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx)}
-    if status == "complete" and config.eval.at_end and ctx.is_main:
+    if status != "preempted" and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(model, params, family, **evaluation_settings(config))
         final = summary["eval"]["steps"]
         log.info("eval on %d fresh tasks: query loss %.4f before adaptation, %.4f after %d step(s)",

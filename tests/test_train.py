@@ -117,3 +117,10 @@ def test_cli_errors_are_one_line(tmp_path):
     out = run_cli(["eval", str(bad)], check=False)
     assert out.returncode == 2 and out.stderr.startswith(f"distmaml eval: error: {bad}: not a readable checkpoint")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_time_limit_stops_cleanly_checkpoints_and_evaluates(tmp_path):
+    summary = train(debug_config(tmp_path, "train.iterations=1000000", "train.time_limit=2", "eval.tasks=20"))
+    assert summary["status"] == "time_limit" and 0 < summary["iteration"] < 1000000
+    assert summary["eval"]["steps"][-1]["loss"] > 0
+    assert load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["iteration"] == summary["iteration"]
