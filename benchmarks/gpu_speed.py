@@ -77,7 +77,7 @@ def main() -> None:
     omniglot = [(32, k, "second_order") for k in (1, 5)]
     if args.quick:
         sine = [(25, 5, "second_order"), (25, 1, "second_order"), (1000, 5, "second_order")]
-        omniglot = [(32, 1, "second_order")]
+        omniglot = [(32, 1, "second_order"), (32, 5, "second_order")]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}\n")
