@@ -29,5 +29,6 @@ def test_implicit_settings_are_checked_with_one_line_errors(override, message):
 def test_sine_imaml_config_selects_implicit_mode():
     config = load_config(CONFIGS / "sine_imaml.yaml")
     assert config.inner.mode == "implicit"
-    assert (config.implicit.lam, config.implicit.cg_steps) == (2.0, 5)
+    assert (config.implicit.lam, config.implicit.cg_steps, config.implicit.cg_damping) == (5.0, 5, 3.0)
+    assert (config.inner.steps, config.inner.lr) == (10, 0.01)
     assert (config.train.meta_batch, config.task.support, config.task.query, config.train.lr) == (25, 10, 10, 1e-3)
