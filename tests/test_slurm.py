@@ -198,25 +198,32 @@ def test_multi_node_script_runs_torchrun_under_srun(multi_node_run):
     assert logged == list(range(10, ITERATIONS + 1, 10))
 
 
+PREEMPTED = {  # script -> (sbatch options, extra environment)
+    "train_single_node.sbatch": (["--ntasks-per-node=2"], {}),  # srun starts the trainers (SLURM_PROCID)
+    "train_multi_node.sbatch": (["--nodes=1"], {"NPROC": "2"}),  # srun starts torchrun, torchrun the trainers
+}
+
+
 @pytest.mark.slow
-def test_single_node_script_preempted_requeues_and_resumes_to_the_same_weights(cluster, multi_node_run, tmp_path):
-    """srun starts the trainers directly (SLURM_PROCID path); USR1 to the batch script mid-run.
+@pytest.mark.parametrize("script", PREEMPTED)
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, multi_node_run, tmp_path,
+                                                                            script):
+    """USR1 to the batch script mid-run, as --signal=B:USR1@120 sends it before a time limit.
 
     The script forwards it, the trainers checkpoint and exit, the script requeues the job, and the
     requeued job resumes and ends with the weights of the uninterrupted 2-process run, bit for bit.
     """
+    options, env = PREEMPTED[script]
     run_dir = tmp_path / "run"
-    job_id = cluster.submit("train_single_node.sbatch",
-                            ["--ntasks-per-node=2", f"--output={tmp_path}/slurm-distmaml-%j.out"],
-                            [*COMMON, f"run.dir={run_dir}", f"train.iterations={ITERATIONS}"])
+    job_id = cluster.submit(script, [*options, f"--output={tmp_path}/slurm-distmaml-%j.out"],
+                            [*COMMON, f"run.dir={run_dir}", f"train.iterations={ITERATIONS}"], **env)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # past iteration 20
         assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
             output_of(tmp_path, job_id)
         time.sleep(0.2)
-    # What --signal=B:USR1@120 does before a time limit or preemption: signal the batch shell only.
-    cluster.client(["scancel", "--signal=USR1", "--batch", job_id])
+    cluster.client(["scancel", "--signal=USR1", "--batch", job_id])  # the batch shell only, like B:USR1
     fields = cluster.wait(job_id)
     log = output_of(tmp_path, job_id)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log
