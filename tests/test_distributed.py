@@ -8,6 +8,7 @@ one process against two adds the shards in another order, so that comparison has
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -254,7 +255,7 @@ def test_preempted_two_process_run_resumes_to_the_same_weights(tmp_path, referen
     assert len(stops) == 2 and any("[rank 1]" in line for line in stops), "".join(transcript)
     first_stop = int(stops[0].split("stopped at iteration ")[1].split()[0])
     assert all(f"stopped at iteration {first_stop} " in line for line in stops)
-    assert code != 0 and "exitcode  : 138" in out  # 128 + SIGUSR1, reported by torchrun
+    assert code != 0 and re.search(r"exitcode\s*:\s*138", out), out  # 128 + SIGUSR1, as torchrun reports it
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"ckpt_{first_stop:08d}.pt"]
     assert 20 <= first_stop < ITERATIONS
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "preempted"

@@ -26,7 +26,9 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "sinfo")
 COMMON = ["configs/sine_debug.yaml", "train.meta_batch=5", "inner.steps=1", "eval.at_end=false",
           "logging.progress=false", "train.log_every=10", "train.checkpoint_every=0"]
-ITERATIONS = 150
+# Long enough that the signal (batch shell -> scancel -> slurmd -> trainers, up to a second or so)
+# surely lands mid-run even on a fast machine.
+ITERATIONS = 300
 
 
 def free_port():
@@ -219,7 +221,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(clus
                             [*COMMON, f"run.dir={run_dir}", f"train.iterations={ITERATIONS}"], **env)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # past iteration 20
+    while not (metrics.exists() and metrics.read_text().strip()):  # past iteration 10
         assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
             output_of(tmp_path, job_id)
         time.sleep(0.2)
@@ -231,7 +233,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(clus
     stops = [line for line in log.splitlines() if "stopped at iteration" in line]
     assert len(stops) == 2, log  # both ranks, at the same iteration
     stop = int(stops[0].split("stopped at iteration ")[1].split()[0])
-    assert all(f"stopped at iteration {stop} " in line for line in stops) and 20 <= stop < ITERATIONS, log
+    assert all(f"stopped at iteration {stop} " in line for line in stops) and 10 <= stop < ITERATIONS, log
     assert f"resuming from {checkpoint_path(run_dir / 'checkpoints', stop)}" in log, log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == {**summary, "status": "complete", "iteration": ITERATIONS, "world_size": 2}
