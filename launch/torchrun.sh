@@ -42,5 +42,8 @@ fi
 
 # One BLAS thread per process unless told otherwise: the processes already share the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Workers of a restart otherwise share the agent's store with the failed attempt and can read its
+# stale addresses: about half of all restarts then fail to connect (pytorch/pytorch#135712, #167288).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" "${rendezvous[@]}" \
     --max-restarts "$MAX_RESTARTS" -m distmaml train "$@"

@@ -89,13 +89,54 @@ def torchrun_cmd(run_dir, *overrides):
     return ["bash", str(REPO / "launch/torchrun.sh"), *COMMON, f"run.dir={run_dir}", *overrides]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    while STARTED:  # a launcher a failed test left running, with its workers
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
 def start(cmd, **env):
-    return subprocess.Popen(cmd, cwd=REPO, env=launch_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+def process_tree(pid):
+    """`pid` and all its descendants (torchrun starts its workers in sessions of their own)."""
+    found = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += process_tree(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def kill_tree(proc):
+    """SIGKILL a launcher and every process under it; what it printed."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.communicate()[0]
 
 
 def finish(proc, timeout=240):
-    out, _ = proc.communicate(timeout=timeout)
+    """Wait for a launcher; on a hang kill it and its workers, so no test leaves processes behind."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out = kill_tree(proc)
+        raise AssertionError(f"{' '.join(map(str, proc.args))} hung for {timeout} s:\n{out}")
     return proc.returncode, out
 
 
