@@ -1,8 +1,8 @@
 """The one module that knows about processes and devices.
 
 It reads the launcher's environment (torchrun / accelerate launch: RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT; else SLURM's srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first
-host of SLURM_JOB_NODELIST), joins the process group (NCCL on CUDA, gloo on CPU), and offers the few
+MASTER_ADDR, MASTER_PORT; else SLURM's srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID and the
+first host of the step's node list), joins the process group (NCCL on CUDA, gloo on CPU), and offers the few
 collectives the trainer needs. With neither environment it is a single process with no group.
 
 Why no DistributedDataParallel: DDP synchronises gradients from hooks on the first backward, which
@@ -62,12 +62,17 @@ def read_launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv | None:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+    # Only an srun step sets SLURM_STEP_NUM_TASKS. The batch shell of a multi-task job also has
+    # SLURM_PROCID=0 and SLURM_NTASKS>1, and a trainer started there directly must run alone rather
+    # than wait forever for ranks that srun never started.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # Rank 0 runs on the first node of the step (srun places tasks in blocks, in node-list order).
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
         # A port derived from the job id keeps two jobs that share a node from colliding.
         port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         env.get("MASTER_ADDR") or first_host(nodelist), port, "srun")
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                         int(env.get("SLURM_LOCALID", 0)), env.get("MASTER_ADDR") or first_host(nodelist), port,
+                         "srun")
     return None
 
 

@@ -151,6 +151,10 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
         write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
     logger.close()
+    # Ranks leave together: a launcher that stops all tasks once one exits with an error status
+    # (srun --kill-on-bad-exit, torchrun; a preempted run exits 128+signum) must not cut rank 0
+    # short while it writes the summary.
+    dist.barrier(ctx)
     if status == "preempted":
         summary["signal"] = preemption.signum
     return summary

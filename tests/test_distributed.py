@@ -1,0 +1,338 @@
+"""Several processes: launch-environment parsing, sharding, the collectives, and whole runs under
+torchrun and accelerate (gloo on the CPU) against one process, preemption and a killed worker.
+
+The 2-process runs share one reference run (module fixture) because every launcher start costs
+seconds. Same world size means the same sums in the same order, so those comparisons are bitwise;
+one process against two adds the shards in another order, so that comparison has a tolerance.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distmaml import dist
+from distmaml.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from conftest import REPO
+
+# ---------------------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu[07-09,12],cpu3", "gpu07"), ("node1", "node1"),
+                                            ("a-b[001-004]", "a-b001"), ("n[3,1-2]", "n3"),
+                                            ("login2,compute[10-11]", "login2"), (" c[5] ", "c5")])
+def test_first_host_of_slurm_node_lists(nodelist, host):
+    assert dist.first_host(nodelist) == host
+
+
+def test_read_launch_env_prefers_torchrun_then_srun_step():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500",
+                "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}  # torchrun started by srun: torchrun wins
+    assert dist.read_launch_env(torchrun) == dist.LaunchEnv(3, 8, 1, "n1", "29500", "torchrun")
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "2",
+            "SLURM_JOB_NODELIST": "gpu[07-09,12],cpu3", "SLURM_STEP_NODELIST": "gpu[08-09]", "SLURM_JOB_ID": "123"}
+    assert dist.read_launch_env(srun) == dist.LaunchEnv(5, 6, 2, "gpu08", str(15000 + 123), "srun")
+    assert dist.read_launch_env({**srun, "MASTER_ADDR": "head", "MASTER_PORT": "4000"}).master_addr == "head"
+    # The batch shell of a 2-task job has SLURM_PROCID=0 and SLURM_NTASKS=2 but is no step: run alone.
+    assert dist.read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}) is None
+    assert dist.read_launch_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert dist.read_launch_env({}) is None
+
+
+@pytest.mark.parametrize("meta_batch, world", [(5, 2), (25, 4), (7, 7), (3, 5), (0, 2), (64, 8)])
+def test_shards_are_contiguous_cover_every_task_once_and_differ_by_at_most_one(meta_batch, world):
+    shards = [dist.shard(meta_batch, rank, world) for rank in range(world)]
+    assert [i for s in shards for i in s] == list(range(meta_batch))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_uneven_and_empty_shards_exactly():
+    assert [dist.shard(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+    assert [len(dist.shard(3, r, 5)) for r in range(5)] == [1, 1, 1, 0, 0]  # world > B: idle ranks
+
+
+# ------------------------------------------------------------------------------ process helpers
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra):
+    # The launchers call `torchrun` / `accelerate` by name: find the ones next to this interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    return {**clean, "PATH": path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+COMMON = ["configs/sine_debug.yaml", "train.meta_batch=5", "inner.steps=1", "eval.at_end=false",
+          "logging.progress=false", "train.log_every=10", "train.check_every=10", "train.keep_checkpoints=20"]
+ITERATIONS = 120  # the 2-process runs; the reference checkpoints every 20
+# One process against two: float32 rounding differences grow with iterations (about 1e-6 by 300),
+# so that comparison stops early. The learning rate is constant, so the first COMPARED iterations
+# of a longer run are a COMPARED-iteration run.
+COMPARED = 20
+
+
+def torchrun_cmd(run_dir, *overrides):
+    return ["bash", str(REPO / "launch/torchrun.sh"), *COMMON, f"run.dir={run_dir}", *overrides]
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    while STARTED:  # a launcher a failed test left running, with its workers
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
+def start(cmd, **env):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+def process_tree(pid):
+    """`pid` and all its descendants (torchrun starts its workers in sessions of their own)."""
+    found = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += process_tree(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def kill_tree(proc):
+    """SIGKILL a launcher and every process under it; what it printed."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.communicate()[0]
+
+
+def finish(proc, timeout=240):
+    """Wait for a launcher; on a hang kill it and its workers, so no test leaves processes behind."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out = kill_tree(proc)
+        raise AssertionError(f"{' '.join(map(str, proc.args))} hung for {timeout} s:\n{out}")
+    return proc.returncode, out
+
+
+def run(cmd, timeout=240, **env):
+    code, out = finish(start(cmd, **env), timeout)
+    assert code == 0, out
+    return out
+
+
+def weights(run_dir, iteration):
+    return load_checkpoint(checkpoint_path(Path(run_dir) / "checkpoints", iteration))["model"]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
+
+
+def max_abs_diff(a, b):
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def worker_pid(agent_pid, rank, timeout=60):
+    """The pid of torchrun's worker `rank` (a child of the agent whose environment says RANK=rank)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{agent_pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return int(child)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun pid {agent_pid}")
+
+
+def read_until(proc, text, transcript):
+    """Read the launcher's output until a line contains `text` (keeps everything read)."""
+    for line in proc.stdout:
+        transcript.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"never saw {text!r}:\n{''.join(transcript)}")
+
+
+# ----------------------------------------------------------------------------------- collectives
+
+REPLICA_SCRIPT = """
+import torch
+from distmaml import dist
+ctx = dist.init("cpu")
+try:
+    a, b = dist.all_reduce_sum([torch.full((2, 3), ctx.rank + 1.0), torch.tensor([10.0 * ctx.rank])], ctx)
+    assert torch.equal(a, torch.full((2, 3), 3.0)) and torch.equal(b, torch.tensor([10.0])), (a, b)
+    params = [torch.linspace(-1, 1, 1640).reshape(40, 41), torch.linspace(0, 1, 40)]
+    dist.check_replicas(params, ctx, iteration=5)  # identical replicas pass
+    print("identical: passed", flush=True)
+    if ctx.rank == 1:  # one rank's weights drift by one float32 ulp in one element
+        params[0][3, 7] = torch.nextafter(params[0][3, 7], torch.tensor(2.0))
+    try:
+        dist.check_replicas(params, ctx, iteration=6)
+        print("perturbed: MISSED", flush=True)
+    except RuntimeError as err:
+        print("perturbed:", err, flush=True)
+    if ctx.rank == 1:  # same values, two of them swapped: the plain sum cannot see this
+        params[0][3, 7] = torch.linspace(-1, 1, 1640).reshape(40, 41)[3, 7]
+        params[1][[0, 1]] = params[1][[1, 0]]
+    try:
+        dist.check_replicas(params, ctx, iteration=7)
+        print("swapped: MISSED", flush=True)
+    except RuntimeError as err:
+        print("swapped:", err, flush=True)
+finally:
+    dist.teardown()
+"""
+
+
+def test_all_reduce_and_replica_check_detect_a_diverged_rank():
+    """Two gloo processes joined from torchrun-style environment variables."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", REPLICA_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out
+        assert "identical: passed" in out, out
+        # Every rank raises (not only rank 0), naming the diverged rank and the iteration.
+        assert "perturbed: iteration 6: weights of rank(s) [1] diverged from rank 0's" in out, out
+        assert "swapped: iteration 7: weights of rank(s) [1] diverged" in out, out
+
+
+# ----------------------------------------------------------------------------- runs end to end
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-process torchrun run (second order) with checkpoints every 20 iterations."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    out = run(torchrun_cmd(run_dir, f"train.iterations={ITERATIONS}", "train.checkpoint_every=20"), NPROC="2")
+    assert "2 process(es), tasks 0..2 of 5" in out, out
+    return run_dir
+
+
+def metrics(run_dir):
+    return {m["iteration"]: m for m in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["second_order", "first_order"])
+def test_two_processes_match_one(tmp_path, reference, mode):
+    """B = 5 over 2 ranks (3 + 2 tasks): the same weights and logged metrics as one process."""
+    overrides = [f"inner.mode={mode}", f"train.iterations={COMPARED}", "train.checkpoint_every=0"]
+    one = tmp_path / "one"
+    run([sys.executable, "-m", "distmaml", "train", *COMMON, f"run.dir={one}", *overrides])
+    two = reference
+    if mode != "second_order":  # the reference run is second order
+        two = tmp_path / "two"
+        run(torchrun_cmd(two, *overrides), NPROC="2")
+    assert max_abs_diff(weights(one, COMPARED), weights(two, COMPARED)) <= 1e-6
+    # Logged metrics are reduced over ranks before rank 0 writes them: they describe all 5 tasks.
+    for iteration, logged in metrics(one).items():
+        for key in ("meta_loss", "query_loss_before", "query_loss_after", "grad_norm"):
+            assert logged[key] == pytest.approx(metrics(two)[iteration][key], rel=1e-5), (iteration, key)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_matches_torchrun(tmp_path, reference):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: 2 gloo processes."""
+    out = run(["bash", str(REPO / "launch/accelerate.sh"), *COMMON, f"run.dir={tmp_path}",
+               f"train.iterations={COMPARED}"], NPROC="2", MAIN_PROCESS_PORT=str(free_port()))
+    assert "2 process(es), tasks 0..2 of 5 on this one (cpu)" in out, out
+    assert_bitwise_equal(weights(tmp_path, COMPARED), weights(reference, COMPARED))
+
+
+@pytest.mark.slow
+def test_preempted_two_process_run_resumes_to_the_same_weights(tmp_path, reference):
+    """Stop twice, as SLURM would, and resume each time: the result is bitwise the uninterrupted run.
+
+    First SIGUSR1 reaches only rank 1 (a signal to one task): the stop request rides in the
+    all-reduce, so both ranks stop after the same iteration. Then SIGTERM to the torchrun agent, as
+    slurm/*.sbatch send it: torchrun passes it on to every worker.
+    """
+    cmd = torchrun_cmd(tmp_path, f"train.iterations={ITERATIONS}", "train.checkpoint_every=0")
+    transcript = []
+    proc = start(cmd, NPROC="2")
+    read_until(proc, "iter 20 ", transcript)
+    os.kill(worker_pid(proc.pid, rank=1), signal.SIGUSR1)
+    code, out = finish(proc)
+    transcript.append(out)
+    stops = [line for line in out.splitlines() if "stopped at iteration" in line]
+    assert len(stops) == 2 and any("[rank 1]" in line for line in stops), "".join(transcript)
+    first_stop = int(stops[0].split("stopped at iteration ")[1].split()[0])
+    assert all(f"stopped at iteration {first_stop} " in line for line in stops)
+    assert code != 0 and re.search(r"exitcode\s*:\s*138", out), out  # 128 + SIGUSR1, as torchrun reports it
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [f"ckpt_{first_stop:08d}.pt"]
+    assert 20 <= first_stop < ITERATIONS
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "preempted"
+
+    transcript = []
+    proc = start(cmd, NPROC="2")
+    read_until(proc, f"resuming from {checkpoint_path(tmp_path / 'checkpoints', first_stop)}", transcript)
+    read_until(proc, f"iter {first_stop // 10 * 10 + 20} ", transcript)
+    proc.send_signal(signal.SIGTERM)  # the agent
+    code, out = finish(proc)
+    stops = [line for line in out.splitlines() if "stopped at iteration" in line]
+    assert len(stops) == 2 and "received SIGTERM" in out, "".join(transcript) + out
+    second_stop = int(stops[0].split("stopped at iteration ")[1].split()[0])
+    assert first_stop < second_stop < ITERATIONS
+
+    out = run(cmd, NPROC="2")
+    assert f"resuming from {checkpoint_path(tmp_path / 'checkpoints', second_stop)}" in out
+    assert_bitwise_equal(weights(tmp_path, ITERATIONS), weights(reference, ITERATIONS))
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path, reference):
+    """SIGKILL one worker after a checkpoint: torchrun --max-restarts restarts both, they resume."""
+    proc = start(torchrun_cmd(tmp_path, f"train.iterations={ITERATIONS}", "train.checkpoint_every=20"),
+                 NPROC="2", MAX_RESTARTS="2")
+    transcript = []
+    read_until(proc, "iter 30 ", transcript)  # ckpt 20 is complete (saving ends in a barrier)
+    victim = worker_pid(proc.pid, rank=1)
+    os.kill(victim, signal.SIGKILL)
+    code, out = finish(proc)
+    out = "".join(transcript) + out
+    assert code == 0, out
+    assert "resuming from" in out, out  # the restarted workers picked up a checkpoint
+    resumed_at = int(out.split("resuming from ")[1].split("(iteration ")[1].split(")")[0])
+    assert 20 <= resumed_at < ITERATIONS
+    assert_bitwise_equal(weights(tmp_path, ITERATIONS), weights(reference, ITERATIONS))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {**summary, "status": "complete", "iteration": ITERATIONS, "world_size": 2}
