@@ -92,8 +92,8 @@ class MetaStep:
         self.config, self.ctx = config, ctx
         self.cuda_graph = config.engine.cuda_graph
         self.static = static or self.cuda_graph
-        my_tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
-        self.indices = torch.arange(my_tasks.start, my_tasks.stop, device=ctx.device)
+        self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
+        self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
         weight_dtype, self.autocast_dtype = DTYPES[config.engine.dtype]
         self.iteration = torch.zeros((), dtype=torch.int64, device=ctx.device)
         self.stop_flag = torch.zeros(2, dtype=weight_dtype, device=ctx.device)

@@ -81,8 +81,19 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     logger = _make_logger(config, ctx, run_dir)
     logger.start(start, train_cfg.iterations)
     log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s)",
-             run_dir, start, train_cfg.iterations, ctx.world_size, int(step.indices[0]) if len(step.indices) else 0,
-             int(step.indices[-1]) if len(step.indices) else -1, train_cfg.meta_batch, ctx.device)
+             run_dir, start, train_cfg.iterations, ctx.world_size, step.tasks.start, step.tasks.stop - 1,
+             train_cfg.meta_batch, ctx.device)
+    try:
+        return _loop(config, ctx, model, params, optimizer, family, step, logger, start)
+    finally:
+        logger.close()  # also when training fails: finish the progress bar and the wandb run
+
+
+def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, step: MetaStep, logger,
+          start: int) -> dict[str, Any]:
+    """Meta-iterations from `start` until done, preempted or out of time; then evaluate and summarise."""
+    run_dir, train_cfg = Path(config.run.dir), config.train
+    ckpt_dir = run_dir / "checkpoints"
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):
@@ -150,7 +161,6 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     if ctx.is_main:
         write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
-    logger.close()
     # Ranks leave together: a launcher that stops all tasks once one exits with an error status
     # (srun --kill-on-bad-exit, torchrun; a preempted run exits 128+signum) must not cut rank 0
     # short while it writes the summary.
