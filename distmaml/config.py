@@ -80,6 +80,9 @@ class ImplicitConfig:
     cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task")
     cg_damping: float = _opt(0.0, "implicit mode: added to the diagonal of I + H/lambda for stability")
     cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this")
+    inner_safeguard: bool = _opt(True, "implicit mode: cap each inner step at the exact line minimiser of the "
+                                 "local quadratic model (one Hessian-vector product), so a sharp task cannot "
+                                 "diverge; the inner problem's solution is unchanged")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def compute_meta_gradient(model, params, batch: TaskBatch, config, family) -> Me
                             batch.support_x.new_zeros(0), {})
     if inner.mode == "implicit":
         solver = dict(lam=config.implicit.lam, cg_steps=config.implicit.cg_steps,
-                      cg_damping=config.implicit.cg_damping, cg_tol=config.implicit.cg_tol)
+                      cg_damping=config.implicit.cg_damping, cg_tol=config.implicit.cg_tol,
+                      inner_safeguard=config.implicit.inner_safeguard)
         if not config.engine.batched:
             return implicit_meta_gradient_loop(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
                                                **solver)

@@ -11,6 +11,7 @@ from torch.func import vmap
 
 from distmaml.meta import detached, functional_forward, inner_loop, sgd_step
 from distmaml.meta.functional import LossFn, Params
+from distmaml.meta.implicit import safeguarded_step_sizes
 from distmaml.tasks import TaskBatch
 from distmaml.tasks.rng import STREAM_EVAL
 from distmaml.tasks.sine import mse
@@ -49,10 +50,11 @@ def query_metrics(model: nn.Module, params: Params, batched: bool, x: torch.Tens
 
 
 def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, steps: int,
-                      family, prox_lam: float = 0.0) -> dict[str, torch.Tensor]:
+                      family, prox_lam: float = 0.0, prox_safeguard: bool = False) -> dict[str, torch.Tensor]:
     """Query metrics of every task after 0..`steps` inner steps, batched: {name: [steps + 1, n]}.
 
-    prox_lam > 0 adapts as iMAML trains: SGD on L_support(phi) + prox_lam/2 |phi - theta|^2.
+    prox_lam > 0 adapts as iMAML trains: SGD on L_support(phi) + prox_lam/2 |phi - theta|^2, with
+    `prox_safeguard` its per-task capped step (implicit.inner_safeguard).
     """
     update = sgd_step(model, family.loss, inner_lr, differentiable=False)
     theta = detached(params)
@@ -63,7 +65,15 @@ def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_
         metrics["support_loss"] = query_metrics(model, adapted, batched, batch.support_x, batch.support_y,
                                                 family)["loss"]
         curves.append(metrics)
-        if step < steps:
+        if step < steps and prox_lam > 0 and prox_safeguard:
+            points = adapted if batched else {name: value.expand(batch.num_tasks, *value.shape)
+                                              for name, value in theta.items()}
+            inner_grads, sizes = safeguarded_step_sizes(model, points, theta, batch.support_x, batch.support_y,
+                                                        inner_lr, prox_lam, family.loss)
+            adapted = {name: (points[name] - sizes.reshape(-1, *[1] * (value.dim() - 1)) * value).detach()
+                       for name, value in inner_grads.items()}
+            batched = True
+        elif step < steps:
             moved = vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x, batch.support_y)
             adapted = {name: (moved[name] - inner_lr * prox_lam * (adapted[name] - theta[name])).detach()
                        for name in moved}
@@ -79,14 +89,15 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 def evaluate(model: nn.Module, params: Params, family, inner_lr: float, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
-             chunk: int = 200, prox_lam: float = 0.0) -> dict[str, Any]:
+             chunk: int = 200, prox_lam: float = 0.0, prox_safeguard: bool = False) -> dict[str, Any]:
     """Adapt to `tasks` fresh tasks; mean and 95% CI of each query metric after each step."""
     device = next(iter(params.values())).device
     per_chunk = []
     for start in range(0, tasks, chunk):
         indices = torch.arange(start, min(start + chunk, tasks), device=device)
         batch = family.sample(stream, 0, indices, support=shots, query=query)
-        per_chunk.append(adaptation_curves(model, params, batch, inner_lr, steps, family, prox_lam))
+        per_chunk.append(adaptation_curves(model, params, batch, inner_lr, steps, family, prox_lam,
+                                           prox_safeguard))
     curves = {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
     rows = []
     for step in range(steps + 1):
@@ -101,7 +112,8 @@ def evaluate(model: nn.Module, params: Params, family, inner_lr: float, steps: i
 def evaluation_settings(config) -> dict[str, Any]:
     """evaluate()'s keyword arguments as a run's config asks for them."""
     return dict(inner_lr=config.inner.lr, steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots,
-                query=config.eval.query, prox_lam=config.implicit.lam if config.inner.mode == "implicit" else 0.0)
+                query=config.eval.query, prox_lam=config.implicit.lam if config.inner.mode == "implicit" else 0.0,
+                prox_safeguard=config.inner.mode == "implicit" and config.implicit.inner_safeguard)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -45,3 +45,17 @@ def test_evaluate_reports_mean_and_ci_per_step(setup):
 def test_mean_ci95():
     mean, half = ev.mean_ci95(torch.tensor([1.0, 3.0]))
     assert mean == 2.0 and half == pytest.approx(1.96 * 2 ** 0.5 / 2 ** 0.5)
+
+
+def test_safeguarded_proximal_evaluation_adapts_as_implicit_training_does(setup):
+    from distmaml.meta.implicit import regularised_adapt
+    model, params, family = setup
+    batch = family.sample(STREAM_EVAL, 0, torch.arange(5), support=10, query=20)
+    lam, lr, steps = 2.0, 0.3, 4  # a step the cap must shorten for these tasks
+    curves = ev.adaptation_curves(model, params, batch, lr, steps, family, prox_lam=lam, prox_safeguard=True)
+    phi = regularised_adapt(model, params, batch.support_x, batch.support_y, lr, steps, lam, family.loss,
+                            safeguard=True)
+    expected = ev.query_metrics(model, phi, True, batch.query_x, batch.query_y, family)["loss"]
+    torch.testing.assert_close(curves["loss"][-1], expected, rtol=1e-10, atol=0)
+    plain = ev.adaptation_curves(model, params, batch, lr, steps, family, prox_lam=lam)
+    assert not torch.allclose(plain["loss"][-1], curves["loss"][-1], rtol=1e-3)

@@ -268,3 +268,66 @@ def test_training_with_implicit_gradients_lowers_post_adaptation_loss():
     after = post_adaptation_loss()
     assert after < 0.75 * before, (before, after)
     assert sum(residuals) / len(residuals) < 0.1  # CG solved a positive definite system, not stopped early
+
+
+def sharp_regression_tasks(num_tasks: int = 3, dim: int = 5, feature_scale: float = 6.0) -> TaskBatch:
+    """linear_regression_tasks with features scaled up, so the support Hessian 2/n X^T X is sharp."""
+    batch = linear_regression_tasks(num_tasks, dim, seed=7)
+    return TaskBatch(batch.support_x * feature_scale, batch.support_y * feature_scale,
+                     batch.query_x * feature_scale, batch.query_y * feature_scale)
+
+
+def test_inner_safeguard_stops_a_sharp_task_diverging_and_keeps_the_solution():
+    # inner_lr (lam + mu_max) = 3 > 2: the fixed-step inner loop blows up, as iMAML's did once
+    # training sharpened the sine support loss. The safeguarded step (capped Cauchy step, steepest
+    # descent with exact line search on a quadratic) converges to the same phi* and gives the same
+    # closed-form meta-gradient.
+    dim, lam, inner_steps = 5, 0.7 * 36, 300  # H and lam both 36x those of the closed-form test above
+    batch = sharp_regression_tasks(dim=dim)
+    model, params = linear_model(dim)
+    phi_star, g_star, hessians = closed_form(batch, params["weight"][0].detach(), lam)
+    top = torch.linalg.eigvalsh(hessians).max().item()
+    inner_lr = 3.0 / (lam + top)
+    assert contraction(hessians, lam, inner_lr) > 1.5
+
+    plain = regularised_adapt(model, params, batch.support_x, batch.support_y, inner_lr, 40, lam)
+    assert (plain["weight"][:, 0] - phi_star).norm() > 1e3 * phi_star.norm()
+    guarded = regularised_adapt(model, params, batch.support_x, batch.support_y, inner_lr, inner_steps, lam,
+                                safeguard=True)
+    torch.testing.assert_close(guarded["weight"][:, 0], phi_star, rtol=0, atol=1e-10)
+
+    result = implicit_meta_gradient(model, params, batch, inner_lr, inner_steps, lam=lam, cg_steps=2 * dim,
+                                    inner_safeguard=True)
+    torch.testing.assert_close(result.grad_sum["weight"][0], g_star.sum(0), rtol=1e-9, atol=1e-9)
+    assert (result.stats["inner_grad_norm"] < 1e-9).all()
+    loop = implicit_meta_gradient_loop(model, params, batch, inner_lr, inner_steps, lam=lam, cg_steps=2 * dim,
+                                       inner_safeguard=True)
+    torch.testing.assert_close(loop.grad_sum["weight"], result.grad_sum["weight"], rtol=1e-9, atol=1e-9)
+
+
+def test_inner_safeguard_is_inactive_where_the_fixed_step_is_safe():
+    # The Cauchy step is at least 1 / (lam + mu_max), so with inner_lr (lam + mu_max) <= 1 the cap
+    # never binds and the safeguarded loop takes exactly the fixed steps.
+    dim, lam = 5, 0.7
+    batch = linear_regression_tasks(num_tasks=3, dim=dim)
+    model, params = linear_model(dim)
+    _, _, hessians = closed_form(batch, params["weight"][0].detach(), lam)
+    inner_lr = 0.9 / (lam + torch.linalg.eigvalsh(hessians).max().item())
+    plain = regularised_adapt(model, params, batch.support_x, batch.support_y, inner_lr, 7, lam)
+    guarded = regularised_adapt(model, params, batch.support_x, batch.support_y, inner_lr, 7, lam, safeguard=True)
+    torch.testing.assert_close(guarded["weight"], plain["weight"], rtol=1e-13, atol=1e-15)
+
+
+def test_safeguarded_batched_matches_per_task_loop_on_sine():
+    # inner_lr 0.05 against support Hessians with mu_max ~ 20-55 at init: the cap binds for some tasks.
+    model, params = sine_model()
+    batch = sine_batch(6)
+    settings = dict(lam=2.0, cg_steps=6, cg_damping=0.1, cg_tol=0.0)
+    batched = implicit_meta_gradient(model, params, batch, 0.05, 5, inner_safeguard=True, **settings)
+    loop = implicit_meta_gradient_loop(model, params, batch, 0.05, 5, inner_safeguard=True, **settings)
+    for name in params:
+        torch.testing.assert_close(batched.grad_sum[name], loop.grad_sum[name], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(batched.task_losses, loop.task_losses, rtol=1e-12, atol=0)
+    plain = implicit_meta_gradient(model, params, batch, 0.05, 5, **settings)
+    assert not torch.allclose(plain.task_losses, batched.task_losses, rtol=1e-3)  # the safeguard acted
+    assert torch.isfinite(batched.task_losses).all()
