@@ -33,7 +33,7 @@ class StepOutput(NamedTuple):
     batch: TaskBatch
     result: MetaGradient
     grad_norm: torch.Tensor
-    stop_votes: torch.Tensor  # [signal, time limit]: > 0 where any rank asked to stop after this iteration
+    stop_votes: torch.Tensor  # per stop reason, how many ranks asked to stop after this iteration
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -88,7 +88,8 @@ class MetaStep:
     after WARMUP_ITERATIONS eager iterations and replayed from then on.
     """
 
-    def __init__(self, model, params, optimizer, family, config, ctx: dist.Context, static: bool = False):
+    def __init__(self, model, params, optimizer, family, config, ctx: dist.Context, static: bool = False,
+                 stop_reasons: int = 1):
         self.model, self.params, self.optimizer, self.family = model, params, optimizer, family
         self.config, self.ctx = config, ctx
         self.cuda_graph = config.engine.cuda_graph
@@ -97,15 +98,15 @@ class MetaStep:
         self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
         weight_dtype, self.autocast_dtype = DTYPES[config.engine.dtype]
         self.iteration = torch.zeros((), dtype=torch.int64, device=ctx.device)
-        self.stop_flag = torch.zeros(2, dtype=weight_dtype, device=ctx.device)
+        self.stop_flag = torch.zeros(stop_reasons, dtype=weight_dtype, device=ctx.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
         self.eager_iterations = 0
 
-    def __call__(self, iteration: int, stop_requests: tuple[bool, bool] = (False, False)) -> StepOutput:
-        """Run iteration `iteration`; stop_requests = (a signal arrived, the time limit passed) here."""
-        self.stop_flag[0].fill_(float(stop_requests[0]))
-        self.stop_flag[1].fill_(float(stop_requests[1]))
+    def __call__(self, iteration: int, stop_requests: tuple[bool, ...] = ()) -> StepOutput:
+        """Run iteration `iteration`; stop_requests: which of the stop reasons this rank has seen."""
+        for slot, requested in enumerate(stop_requests):
+            self.stop_flag[slot].fill_(float(requested))
         if not self.static:
             return self._body(iteration, self.stop_flag)
         self.iteration.fill_(iteration)

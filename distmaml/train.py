@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from distmaml import checkpoint, dist
+from distmaml.checkpoint import PreemptionWatch
 from distmaml.config import Config, ConfigError, flatten, to_dict
 from distmaml.evaluate import evaluate, evaluation_settings, query_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
@@ -37,6 +38,9 @@ log = logging.getLogger("distmaml.train")
 
 # Settings that may differ between a checkpoint and the run that resumes it; any other difference
 # would silently change the experiment, so resuming refuses it.
+# Why training may stop early, in order of precedence: the signals of a preemption, then the time limit.
+STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
+
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.check_every", "train.time_limit", "eval.", "logging.",
                      "engine.device", "engine.batched", "engine.cuda_graph", "data.root", "data.cache_dir")
@@ -77,7 +81,7 @@ def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
     family = build_task_family(config, ctx.device, weight_dtype)
 
     start = _restore(config, ckpt_dir, model, optimizer)
-    step = MetaStep(model, params, optimizer, family, config, ctx)
+    step = MetaStep(model, params, optimizer, family, config, ctx, stop_reasons=len(STOP_REASONS))
     logger = _make_logger(config, ctx, run_dir)
     logger.start(start, train_cfg.iterations)
     log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s)",
@@ -109,12 +113,12 @@ def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, s
     window_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     window_start, window_time = start, time.perf_counter()
     train_start = window_time
-    iteration, status = start, "complete"
-    with checkpoint.PreemptionWatch() as preemption:
+    iteration, status, reason = start, "complete", None
+    with PreemptionWatch() as preemption:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
             time_up = bool(train_cfg.time_limit) and time.perf_counter() - train_start > train_cfg.time_limit
-            requests = (preemption.requested, time_up)
+            requests = (*(preemption.signum == signum for signum in PreemptionWatch.SIGNALS), time_up)
             out = step(iteration, requests)
             window_loss += out.result.task_losses.sum()
             iteration += 1
@@ -134,16 +138,17 @@ def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, s
             if train_cfg.check_every and iteration % train_cfg.check_every == 0:
                 dist.check_replicas(list(params.values()), ctx, iteration)
             # Reading the votes waits for the all-reduce; a lone process needs no vote.
-            signal_votes, time_votes = out.stop_votes.tolist() if ctx.distributed else requests
-            stopping = signal_votes > 0 or time_votes > 0
+            votes = out.stop_votes.tolist() if ctx.distributed else requests
+            # Every rank names the same reason, also one that no signal reached itself.
+            reason = next((name for name, count in zip(STOP_REASONS, votes) if count > 0), None)
+            stopping = reason is not None
             if stopping or iteration == train_cfg.iterations or (
                     train_cfg.checkpoint_every and iteration % train_cfg.checkpoint_every == 0):
                 save(iteration)
             if stopping:
-                status = "preempted" if signal_votes > 0 else "time_limit"
-                log.warning("stopped at iteration %d (%s); checkpoint saved in %s", iteration,
-                            "signal" if status == "preempted" else f"train.time_limit={train_cfg.time_limit:g} s",
-                            ckpt_dir)
+                status = "time_limit" if reason == "time_limit" else "preempted"
+                why = f"train.time_limit={train_cfg.time_limit:g} s" if status == "time_limit" else reason.name
+                log.warning("stopped at iteration %d (%s); checkpoint saved in %s", iteration, why, ckpt_dir)
                 break
         if iteration == start and start == train_cfg.iterations:
             log.info("nothing to do: the checkpoint is already at iteration %d", start)
@@ -166,7 +171,7 @@ def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, s
     # short while it writes the summary.
     dist.barrier(ctx)
     if status == "preempted":
-        summary["signal"] = preemption.signum
+        summary["signal"] = int(reason)
     return summary
 
 
