@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,13 +72,23 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = train(config)
+    code = 0
     if summary["status"] == "preempted":
-        return 128 + summary["signal"]  # as a shell reports a job ended by that signal
-    if "eval" in summary:
+        code = 128 + summary["signal"]  # as a shell reports a job ended by that signal
+    elif "eval" in summary:
         from distmaml.evaluate import format_table
 
         print(format_table(summary["eval"]))
-    return 0
+    if summary["world_size"] > 1:
+        # Everything is saved and the process group is gone. Leave without the interpreter's
+        # teardown: there, a distributed rank occasionally aborted ("terminate called without an
+        # active exception", seen once under torchrun on gloo) after finishing its work, which
+        # launchers then report as a failed run.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def load_trained(path: str | Path, device: str = "cpu"):
