@@ -11,7 +11,7 @@ from torch.func import vmap
 
 from distmaml.meta import detached, functional_forward, inner_loop, sgd_step
 from distmaml.meta.functional import LossFn, Params
-from distmaml.meta.implicit import safeguarded_step_sizes
+from distmaml.meta.implicit import regularised_step
 from distmaml.tasks import TaskBatch
 from distmaml.tasks.rng import STREAM_EVAL
 from distmaml.tasks.sine import mse
@@ -65,18 +65,15 @@ def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_
         metrics["support_loss"] = query_metrics(model, adapted, batched, batch.support_x, batch.support_y,
                                                 family)["loss"]
         curves.append(metrics)
-        if step < steps and prox_lam > 0 and prox_safeguard:
+        if step < steps and prox_lam > 0:
             points = adapted if batched else {name: value.expand(batch.num_tasks, *value.shape)
                                               for name, value in theta.items()}
-            inner_grads, sizes = safeguarded_step_sizes(model, points, theta, batch.support_x, batch.support_y,
-                                                        inner_lr, prox_lam, family.loss)
-            adapted = {name: (points[name] - sizes.reshape(-1, *[1] * (value.dim() - 1)) * value).detach()
-                       for name, value in inner_grads.items()}
+            adapted = regularised_step(model, points, theta, batch.support_x, batch.support_y, inner_lr, prox_lam,
+                                       family.loss, prox_safeguard)
             batched = True
         elif step < steps:
-            moved = vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x, batch.support_y)
-            adapted = {name: (moved[name] - inner_lr * prox_lam * (adapted[name] - theta[name])).detach()
-                       for name in moved}
+            adapted = detached(vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x,
+                                                                                   batch.support_y))
             batched = True
     return {name: torch.stack([c[name] for c in curves]) for name in curves[0]}
 

@@ -53,20 +53,24 @@ def regularised_adapt(model: nn.Module, params: Params, support_x: torch.Tensor,
     theta = detached(params)
     num_tasks = support_x.shape[0]
     phi = {name: value.expand(num_tasks, *value.shape).clone() for name, value in theta.items()}
-    if safeguard:
-        for _ in range(inner_steps):
-            inner_grads, step = safeguarded_step_sizes(model, phi, theta, support_x, support_y, inner_lr, lam,
-                                                       loss_fn)
-            phi = {name: phi[name] - _per_task(step, phi[name]) * inner_grads[name] for name in phi}
-        return phi
-
-    def step(phi: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> Params:
-        grads = grad(lambda point: loss_fn(functional_forward(model, point, task_x), task_y))(phi)
-        return {name: phi[name] - inner_lr * (grads[name] + lam * (phi[name] - theta[name])) for name in phi}
-
-    for _ in range(inner_steps):  # phi and theta are cut from the graph, so no graph is recorded
-        phi = vmap(step)(phi, support_x, support_y)
+    for _ in range(inner_steps):
+        phi = regularised_step(model, phi, theta, support_x, support_y, inner_lr, lam, loss_fn, safeguard)
     return phi
+
+
+def regularised_step(model: nn.Module, phi: Params, theta: Params, support_x: torch.Tensor,
+                     support_y: torch.Tensor, inner_lr: float, lam: float, loss_fn: LossFn = mse,
+                     safeguard: bool = False) -> Params:
+    """One SGD step of every task (phi has a leading task dimension) on L_support + lam/2 ||phi - theta||^2."""
+    if safeguard:
+        inner_grads, step = safeguarded_step_sizes(model, phi, theta, support_x, support_y, inner_lr, lam, loss_fn)
+        return {name: (phi[name] - _per_task(step, phi[name]) * inner_grads[name]).detach() for name in phi}
+
+    def task_step(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> Params:
+        grads = grad(lambda p: loss_fn(functional_forward(model, p, task_x), task_y))(point)
+        return {name: point[name] - inner_lr * (grads[name] + lam * (point[name] - theta[name])) for name in point}
+
+    return detached(vmap(task_step)(phi, support_x, support_y))
 
 
 def safeguarded_step_sizes(model: nn.Module, phi: Params, theta: Params, support_x: torch.Tensor,
