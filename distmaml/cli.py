@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from distmaml.config import ConfigError, describe, from_flat, load_config, to_dict
+from distmaml.config import ConfigError, describe, from_dict, load_config, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +104,7 @@ def load_trained(path: str | Path, device: str = "cpu"):
             raise CheckpointError(f"{path}: no checkpoint in this run directory")
         path = found
     state = load_checkpoint(path)
-    flat = {f"{section}.{key}": value for section, values in state["config"].items() for key, value in values.items()}
-    config = from_flat(flat, {key: str(path) for key in flat})
+    config = from_dict(state["config"], str(path))
     dtype = DTYPES[config.engine.dtype][0]
     model = build_model(config).to(device, dtype)
     model.load_state_dict(state["model"])

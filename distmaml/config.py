@@ -222,6 +222,12 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(config)
 
 
+def from_dict(tree: dict[str, Any], source: str) -> Config:
+    """Build a validated Config from nested data (a checkpoint's config); errors name `source`."""
+    raw = dict(_flatten(tree))
+    return from_flat(raw, {key: source for key in raw})
+
+
 def flatten(config: Config) -> dict[str, Any]:
     """{'section.key': value} for every field."""
     return dict(_flatten(to_dict(config)))
