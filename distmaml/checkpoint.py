@@ -8,8 +8,10 @@ one, never a torn file under a checkpoint's name.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import re
 import signal
 import threading
@@ -18,32 +20,47 @@ from typing import Any
 
 import torch
 
+from distmaml.errors import CheckpointError  # re-exported: distmaml.checkpoint.CheckpointError
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: learned inner-rule parameters under "rule"; 1 (no "rule") still loads
+_READABLE = (1, 2)
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _REQUIRED = ("format_version", "iteration", "model", "optimizer", "config", "rng")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, phrased as one line naming the file."""
 
 
 def checkpoint_path(directory: str | Path, iteration: int) -> Path:
     return Path(directory) / f"ckpt_{iteration:08d}.pt"
 
 
+def _open_for_writing(path: Path):
+    return open(path, "wb")
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place.
+
+    A failed write leaves `path` (and everything else) as it was; a full disk is reported as such,
+    not as the writer's own symptom (torch.save says "unexpected pos 19712 vs 19600").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temporary, "wb") as handle:
+        with _open_for_writing(temporary) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except Exception as err:
+        if _disk_full(err):
+            free = _free_mb(path.parent)
+            raise CheckpointError(f"{path}: no space left on device ({free} MB free in {path.parent}); nothing "
+                                  "was overwritten: the files already there are as they were") from None
+        raise
     finally:
         temporary.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -53,12 +70,35 @@ def atomic_write(path: str | Path, write) -> None:
         os.close(directory)
 
 
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether a failure came from a full disk or quota, looking through the chain of exceptions."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free_mb(directory: Path) -> str:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return "?"
+    return f"{stat.f_bavail * stat.f_frsize / 2 ** 20:.1f}"
+
+
 def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | None = None) -> Path:
-    """Write `state` as ckpt_<iteration>.pt atomically; keep only the newest `keep` checkpoints."""
+    """Write `state` as ckpt_<iteration>.pt atomically; keep the newest `keep` checkpoints up to it.
+
+    Pruning only removes checkpoints numbered below the one just written: a file numbered above
+    (left by an earlier run, or unreadable) is never counted, so the checkpoint just written is
+    never the one removed.
+    """
     path = checkpoint_path(directory, state["iteration"])
     atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
     if keep is not None:
-        for old in list_checkpoints(directory)[:-keep]:
+        older = [p for p in list_checkpoints(directory) if checkpoint_iteration(p) < state["iteration"]]
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             old.unlink(missing_ok=True)
     # Only the main process writes here, so a temporary file still lying around is from a writer
     # that was killed mid-save.
@@ -74,15 +114,59 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message advises loading with weights_only=False, which would run that code.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err), re.IGNORECASE)
+        if not found:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)") from None
+        raise CheckpointError(f"{path}: not a distmaml checkpoint: it holds Python objects ({found.group(1)}) beyond "
+                              "tensors and plain data, and loading them could run code; refused") from None
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable; say which
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
         raise CheckpointError(f"{path}: not a distmaml checkpoint (needs keys {', '.join(_REQUIRED)})")
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in _READABLE:
         raise CheckpointError(f"{path}: checkpoint format {state['format_version']}, "
-                              f"this distmaml reads {FORMAT_VERSION}")
+                              f"this distmaml reads {' and '.join(map(str, _READABLE))}")
+    state.setdefault("rule", {})
+    problem = _type_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
     return state
+
+
+def _type_problem(state: dict[str, Any]) -> str | None:
+    """What in a loaded checkpoint does not have the type distmaml wrote, or None."""
+    if not isinstance(state["iteration"], int) or isinstance(state["iteration"], bool) or state["iteration"] < 0:
+        return f"'iteration' must be a whole number >= 0, got {state['iteration']!r}"
+    for key in ("model", "optimizer", "config", "rng"):
+        if not isinstance(state[key], dict):
+            return f"'{key}' must be a mapping, got {type(state[key]).__name__}"
+    for key in ("model", "rule"):
+        if not isinstance(state.get(key, {}), dict):
+            return f"'{key}' must be a mapping, got {type(state[key]).__name__}"
+        for name, value in state.get(key, {}).items():
+            if not isinstance(name, str) or not torch.is_tensor(value):
+                return f"'{key}' must map names to tensors, got {name!r}: {type(value).__name__}"
+    if not torch.is_tensor(state["rng"].get("torch")):
+        return "'rng' must hold the generator state 'torch' as a tensor"
+    return None
+
+
+def load_weights(module: torch.nn.Module | torch.optim.Optimizer, saved: dict[str, Any], path: Path) -> None:
+    """module.load_state_dict(saved), with a one-line error naming the file when they do not fit."""
+    try:
+        module.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        what = "optimizer state" if isinstance(module, torch.optim.Optimizer) else "weights"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: its {what} do not fit the model its config describes ({first_line})") \
+            from None
+
+
+def checkpoint_iteration(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -94,14 +178,21 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest checkpoint that loads; a damaged newest one is skipped with a warning."""
+def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path | None:
+    """The newest checkpoint that loads. A newer unusable one is skipped with a warning; with
+    `move_aside` (the trainer's main process) it is also renamed <name>.unusable, so that no later
+    listing sees it, and the warning says so."""
     for path in reversed(list_checkpoints(directory)):
         try:
             load_checkpoint(path)
             return path
         except CheckpointError as err:
-            log.warning("skipping %s", err)
+            if not move_aside:
+                log.warning("skipping %s", err)
+                continue
+            aside = path.with_name(f"{path.name}.unusable")
+            os.replace(path, aside)
+            log.warning("%s; moved aside to %s", err, aside.name)
     return None
 
 
@@ -119,36 +210,111 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class PreemptionWatch:
-    """Turns SIGUSR1 / SIGTERM into a flag the training loop reads between iterations.
+    """Turns SIGUSR1 / SIGTERM / SIGINT into a flag the training loop reads between iterations.
 
     SLURM sends SIGUSR1 (--signal=B:USR1@T) before a preemption or time limit and SIGTERM when it
-    cancels; either way the loop finishes its iteration, saves and exits so the job can requeue.
-    Handlers can only be installed from the main thread; elsewhere the watch is inert.
+    cancels; Ctrl-C sends SIGINT. Either way the loop finishes its iteration, saves and exits
+    (128 + the signal's number) so that nothing since the last checkpoint is lost; the first
+    signal received is the reason reported. A second SIGINT ends the process at once.
+
+    Python runs signal handlers only between bytecodes, so a main thread inside a long backward
+    pass, or inside a collective waiting for a stopped rank, would not even notice a second Ctrl-C.
+    So, from the main thread, the watch blocks these signals in this thread (and in every thread
+    started while it is active: the process group's, wandb's) and takes them in a thread of its
+    own with sigtimedwait, which sees each at once. Ordinary handlers stay installed for a signal
+    that lands on a thread started before the watch. Elsewhere than the main thread it is inert.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, frame=None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            log.warning("received SIGINT again: exiting now, without a checkpoint")
+            logging.shutdown()
+            os._exit(128 + signal.SIGINT)
         if self.signum is None:
-            log.warning("received %s: finishing this iteration, then checkpointing and exiting",
-                        signal.Signals(signum).name)
-        self.signum = signum
+            self.signum = signum
+            again = "; Ctrl-C again to exit at once, without a checkpoint" if signum == signal.SIGINT else ""
+            log.warning("received %s: finishing this iteration, then checkpointing and exiting%s",
+                        signal.Signals(signum).name, again)
+
+    def _take_signals(self) -> None:
+        while not self._stop.is_set():
+            taken = signal.sigtimedwait(self.SIGNALS, 0.1)
+            if taken is not None:
+                self._handle(taken.si_signo)
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            self._thread = threading.Thread(target=self._take_signals, name="distmaml-signals", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so that two trainers never write one run.
+
+    flock on run_dir/lock: the kernel releases it when the holder dies, kill -9 included, so a
+    crashed run never leaves its directory locked. The file keeps the holder's PID for the message.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CheckpointError(f"run.dir = {self.run_dir}: exists and is not a directory")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CheckpointError(f"run.dir = {self.run_dir}: cannot write there ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"run.dir = {self.run_dir}: in use by another trainer (PID {holder}); wait for "
+                                  "it to finish or choose another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

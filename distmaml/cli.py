@@ -10,16 +10,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import yaml
 
-from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from distmaml.config import ConfigError, describe, from_dict, load_config, to_dict
+from distmaml.config import ConfigError, describe, flatten, from_flat, load_config, to_dict
+from distmaml.errors import DistmamlError, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--steps", type=int, help="inner steps; metrics are reported after 0..S")
     eval_p.add_argument("--query", type=int, help="query examples per task (default: eval.query)")
     eval_p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    eval_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
     eval_p.add_argument("--json", type=Path, help="also write the result here")
 
     plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation")
@@ -44,16 +45,28 @@ def main(argv: list[str] | None = None) -> int:
     plot_p.add_argument("out", type=Path, help="PNG file to write")
     plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
     plot_p.add_argument("--shots", type=int, help="support points (default: the training K)")
+    plot_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
 
-    study_p = commands.add_parser("study", help="studies; inner-steps: accuracy, over-fitting, time, memory vs K")
-    study_p.add_argument("study", choices=["inner-steps"])
-    study_p.add_argument("config", help="YAML file to vary, e.g. configs/sine_maml.yaml")
-    study_p.add_argument("overrides", nargs="*", help="key.sub=value settings shared by every run")
-    study_p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20, 50, 100], help="values of K")
-    study_p.add_argument("--modes", nargs="+", default=["second_order", "first_order"],
+    study_p = commands.add_parser("study", help="several training runs compared in one table")
+    studies = study_p.add_subparsers(dest="study", required=True)
+    steps_p = studies.add_parser("inner-steps", help="accuracy, over-fitting, time and memory against K")
+    steps_p.add_argument("config", help="YAML file to vary, e.g. configs/sine_maml.yaml")
+    steps_p.add_argument("overrides", nargs="*", help="key.sub=value settings shared by every run")
+    steps_p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20, 50, 100], help="values of K")
+    steps_p.add_argument("--modes", nargs="+", default=["second_order", "first_order"],
                          choices=["second_order", "first_order"])
-    study_p.add_argument("--iterations", type=int, default=2000, help="meta-iterations per run")
-    study_p.add_argument("--out", type=Path, default=Path("runs/study_inner_steps"), help="output folder")
+    steps_p.add_argument("--iterations", type=int, default=2000, help="meta-iterations per run")
+    steps_p.add_argument("--out", type=Path, default=Path("runs/study_inner_steps"), help="output folder")
+    seeds_p = studies.add_parser("seeds", help="a config over training seeds and thread counts, with divergence")
+    seeds_p.add_argument("config", help="YAML file, e.g. configs/sine_maml.yaml")
+    seeds_p.add_argument("overrides", nargs="*", help="key.sub=value settings shared by every run")
+    seeds_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="train.seed values")
+    seeds_p.add_argument("--threads", type=int, nargs="+", default=[1], help="engine.threads values")
+    seeds_p.add_argument("--shots", type=int, nargs="+", default=[5, 10], help="support points at evaluation")
+    seeds_p.add_argument("--steps", type=int, default=10, help="inner steps at evaluation (reported after 0..S)")
+    seeds_p.add_argument("--tasks", type=int, default=600, help="fresh evaluation tasks (the same for every run)")
+    seeds_p.add_argument("--jobs", type=int, default=1, help="training runs at once")
+    seeds_p.add_argument("--out", type=Path, default=Path("runs/study_seeds"), help="output folder")
 
     config_p = commands.add_parser("config", help="print the resolved config, or every key with its doc")
     config_p.add_argument("config", nargs="?", help="YAML file (omit to list every key with its doc)")
@@ -61,87 +74,115 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        code = _COMMANDS[args.command](args)
+    except DistmamlError as err:
         print(f"distmaml {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = 1 if isinstance(err, TrainingError) else 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"distmaml {args.command}: interrupted", file=sys.stderr)
+        code = 128 + signal.SIGINT
+    _leave_if_process_group_left_behind(code)
+    return code
+
+
+def _leave_if_process_group_left_behind(code: int) -> None:
+    """A rank that failed still holds its process group (destroying it while peers may be inside a
+    collective can hang, torchtitan#1342), and exiting the interpreter with gloo's worker threads
+    alive can abort ("terminate called without an active exception", pytorch#190489). Such a rank
+    has printed its one line and saved what it could: it leaves at once with its own status."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _train(args) -> int:
     from distmaml.train import train
 
-    config = load_config(args.config, args.overrides)
-    summary = train(config)
-    code = 0
+    summary = train(load_config(args.config, args.overrides))
     if summary["status"] == "preempted":
-        code = 128 + summary["signal"]  # as a shell reports a job ended by that signal
-    elif "eval" in summary:
+        return 128 + summary["signal"]  # as a shell reports a job ended by that signal
+    if summary["status"] == "diverged":
+        raise TrainingError(summary["error"])
+    if "eval" in summary:
         from distmaml.evaluate import format_table
 
         print(format_table(summary["eval"]))
-    if summary["world_size"] > 1:
-        # Everything is saved and the process group is gone. Leave without the interpreter's
-        # teardown: there, a distributed rank occasionally aborted ("terminate called without an
-        # active exception", seen once under torchrun on gloo) after finishing its work, which
-        # launchers then report as a failed run.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return 0
 
 
-def load_trained(path: str | Path, device: str = "cpu"):
-    """(config, model, params, task family) of a checkpoint file or a run directory's newest one."""
-    from distmaml.models import build_model
-    from distmaml.tasks import build_task_family
-    from distmaml.engine import DTYPES
-
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{path}: no checkpoint in this run directory")
-        path = found
-    state = load_checkpoint(path)
-    config = from_dict(state["config"], str(path))
-    dtype = DTYPES[config.engine.dtype][0]
-    model = build_model(config).to(device, dtype)
-    model.load_state_dict(state["model"])
-    return config, model, dict(model.named_parameters()), build_task_family(config, device, dtype)
+def _with_flags(config, flags: dict[str, tuple[object, str]]):
+    """`config` with the settings the command-line flags give ({key: (value or None, flag)}),
+    validated like the config keys they stand for, errors naming the flag."""
+    given = {key: value for key, (value, _) in flags.items() if value is not None}
+    if not given:
+        return config
+    return from_flat({**flatten(config), **given}, {key: flags[key][1] for key in given})
 
 
 def _eval(args) -> int:
-    from distmaml.evaluate import evaluate, evaluation_settings, format_table
+    from distmaml.build import load_trained
+    from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, format_table
+    from distmaml.log import write_json
 
-    config, model, params, family = load_trained(args.checkpoint, args.device)
-    settings = evaluation_settings(config)
-    for name in ("steps", "tasks", "shots", "query"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    result = evaluate(model, params, family, **settings)
-    print(f"{args.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner lr {config.inner.lr}")
+    trained = load_trained(args.checkpoint, args.device, {"data.root": args.data_root} if args.data_root else None)
+    config = _with_flags(trained.config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks"),
+                                          "eval.shots": (args.shots, "--shots"), "eval.query": (args.query, "--query")})
+    learner = trained.learner
+    result = evaluate(learner.model, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
+    print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
+          f"{config.inner.rule} (lr {config.inner.lr})")
     print(format_table(result))
+    warning = divergence_warning(result)
+    if warning:
+        print(f"distmaml eval: warning: {warning}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
 def _plot(args) -> int:
+    from distmaml.build import load_trained
     from distmaml.plots import plot_sine_adaptation
 
-    config, model, params, family = load_trained(args.checkpoint)
-    plot_sine_adaptation(model, params, family, config.inner.lr, args.out, tasks=args.tasks, shots=args.shots)
+    trained = load_trained(args.checkpoint, overrides={"data.root": args.data_root} if args.data_root else None)
+    learner = trained.learner
+    if learner.family.is_classification:
+        raise ConfigError(f"{trained.checkpoint}: distmaml plot draws regression tasks (the sine family); this run "
+                          f"is {trained.config.task.family} classification")
+    config = _with_flags(trained.config, {"eval.shots": (args.shots, "--shots")})
+    plot_sine_adaptation(learner.model, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
+                         shots=config.eval.shots)
     print(f"wrote {args.out}")
     return 0
 
 
 def _study(args) -> int:
-    from distmaml.study import HEADER, run_inner_steps_study
+    config = load_config(args.config, args.overrides)  # fail here, once, on a bad setting
+    if args.study == "inner-steps":
+        from distmaml.study import HEADER, run_inner_steps_study
 
-    load_config(args.config, args.overrides)  # fail here, once, on a bad setting
-    print(f"{args.iterations} meta-iterations per run; results in {args.out}\n{HEADER}", flush=True)
-    run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
+        for k in args.steps:
+            _with_flags(config, {"inner.steps": (k, "--steps"), "eval.steps": (k, "--steps")})
+        _with_flags(config, {"train.iterations": (args.iterations, "--iterations")})
+        print(f"{args.iterations} meta-iterations per run; results in {args.out}\n{HEADER}", flush=True)
+        run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
+        return 0
+    from distmaml.study import run_seeds_study
+    from distmaml.study.seeds import format_report
+
+    _with_flags(config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks")})
+    for count in args.shots:
+        _with_flags(config, {"eval.shots": (count, "--shots")})
+    for count in args.threads:
+        _with_flags(config, {"engine.threads": (count, "--threads")})
+    print(f"{len(args.seeds) * len(args.threads)} training runs; results in {args.out}", flush=True)
+    report = run_seeds_study(args.config, args.out, args.seeds, args.threads, args.shots, args.steps, args.tasks,
+                             args.jobs, args.overrides)
+    print(format_report(report))
     return 0
 
 

@@ -20,12 +20,10 @@ from typing import Any, Optional
 
 import yaml
 
+from distmaml.errors import ConfigError  # re-exported: distmaml.config.ConfigError
+
 
 OMNIGLOT_DRAWINGS = 20  # drawings of each Omniglot character
-
-
-class ConfigError(ValueError):
-    """A configuration problem, already phrased as one line for the user."""
 
 
 def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -60,18 +58,35 @@ class ModelConfig:
     kind: str = _opt("mlp", "network", ("mlp", "conv4"))
     hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths")
     channels: int = _opt(64, "conv4: filters per convolution")
+    init: str = _opt("pytorch", "initial weights: PyTorch's layer defaults, or the MAML reference code's "
+                     "truncated normal (std model.init_std, cut at 2 std) for weights with zero biases",
+                     ("pytorch", "truncated_normal"))
+    init_std: float = _opt(0.01, "model.init=truncated_normal: standard deviation of the weights")
 
 
 @dataclass
 class InnerConfig:
-    steps: int = _opt(1, "inner SGD steps per task during meta-training (K)")
-    lr: float = _opt(0.01, "inner step size (alpha)")
-    mode: str = _opt("second_order", "meta-gradient: through all steps, none, the last `truncate`, or implicit",
-                     ("second_order", "first_order", "truncated", "implicit"))
+    steps: int = _opt(1, "inner steps per task during meta-training (K)")
+    lr: float = _opt(0.01, "inner step size (alpha); the initial value of learned step sizes (meta_sgd, lslr)")
+    rule: str = _opt("sgd", "inner update: plain SGD, a learned step size per weight (Meta-SGD) or per tensor and "
+                     "step (MAML++'s LSLR), heavy-ball momentum, or Adam; all differentiable",
+                     ("sgd", "meta_sgd", "lslr", "momentum", "adam"))
+    momentum: Optional[float] = _opt(None, "inner.rule=momentum: heavy-ball coefficient in [0, 1), e.g. 0.9")
+    betas: list[float] = _opt([0.9, 0.999], "inner.rule=adam: decay rates of Adam's two moments, each in [0, 1)")
+    eps: float = _opt(1e-8, "inner.rule=adam: added to the root of the second moment")
+    adapt: list[str] = _opt([], "name prefixes of the weights the inner loop adapts (ANIL: the head); [] adapts all")
+    mode: str = _opt("second_order", "meta-gradient: through all steps, none, the last `truncate`, implicit (iMAML), "
+                     "or reptile (theta - phi_K)", ("second_order", "first_order", "truncated", "implicit", "reptile"))
     truncate: int = _opt(1, "truncated mode: backpropagate through the last T inner steps only")
     checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them",
                            ("none", "every_step", "segments", "auto"))
     checkpoint_segment: Optional[int] = _opt(None, "checkpoint=segments: inner steps per recomputed segment")
+    multi_step_loss: bool = _opt(False, "MAML++'s multi-step loss: the meta-objective weights the query loss after "
+                                 "every inner step, annealed towards the last over inner.multi_step_anneal iterations")
+    multi_step_anneal: int = _opt(10000, "inner.multi_step_loss: iterations until the earlier steps' weights reach "
+                                  "their floor (0.03 / K)")
+    first_order_iterations: int = _opt(0, "derivative-order annealing (MAML++): first-order meta-gradients for this "
+                                       "many iterations, then inner.mode")
 
 
 @dataclass
@@ -99,6 +114,8 @@ class TrainConfig:
     keep_checkpoints: int = _opt(3, "newest checkpoints kept in run.dir/checkpoints")
     check_every: int = _opt(0, "iterations between cross-process weight checksums (0: off)")
     time_limit: float = _opt(0.0, "stop cleanly (checkpoint, evaluate) after this many seconds of training (0: off)")
+    max_meta_loss: float = _opt(0.0, "stop as diverged once the meta-batch's mean query loss after adaptation "
+                                "exceeds this (0: only a non-finite loss or gradient stops the run)")
 
 
 @dataclass
@@ -108,6 +125,10 @@ class EvalConfig:
     shots: Optional[int] = _opt(None, "support examples at test time (default: task.support)")
     query: Optional[int] = _opt(None, "query examples at test time (default: task.query)")
     at_end: bool = _opt(True, "evaluate on fresh tasks when training ends and write it to summary.json")
+    seed: int = _opt(0, "seed of the evaluation tasks: the same for every train.seed, so runs are compared "
+                     "on the same tasks")
+    diverged_factor: float = _opt(10.0, "a task counts as diverged once its query loss is non-finite or above "
+                                  "this many times its loss before adaptation")
 
 
 @dataclass
@@ -117,16 +138,31 @@ class EngineConfig:
                       "bfloat16 autocast of the model's matmuls and convolutions)", ("float32", "float64", "bf16"))
     batched: bool = _opt(True, "evaluate a process's tasks together with vmap (false: the per-task loop)")
     cuda_graph: bool = _opt(False, "capture the whole meta-iteration as one CUDA graph (CUDA only)")
+    memory_check: bool = _opt(True, "before the first iteration, estimate its peak memory and refuse a run that "
+                              "would not fit (with what would)")
+    memory_budget: float = _opt(0.0, "GiB one process may use for the memory check (0: the memory available: "
+                                "free device memory, or the machine's or job's available RAM)")
+    threads: int = _opt(1, "CPU threads of this process (0: PyTorch's default, one per core); bitwise-equal "
+                        "results need the same thread count and torch build")
+
+
+@dataclass
+class DistConfig:
+    timeout: float = _opt(600.0, "seconds a collective waits for the other processes before the run fails "
+                          "(rank 0 says so after a minute without progress)")
 
 
 @dataclass
 class LoggingConfig:
     progress: bool = _opt(True, "live progress bar on a terminal")
+    sharpness: bool = _opt(True, "at each log step, the top Hessian eigenvalue of the support loss at theta "
+                           "(mean over the meta-batch; inner SGD steps are unstable above 2 / inner.lr)")
     wandb: bool = _opt(False, "also log metrics to Weights & Biases (main process only)")
     wandb_project: str = _opt("distmaml", "wandb project")
     wandb_name: Optional[str] = _opt(None, "wandb run name (default: the run directory's name)")
     wandb_mode: str = _opt("auto", "auto: online with an API key, else offline",
                            ("auto", "online", "offline", "disabled"))
+    wandb_timeout: float = _opt(30.0, "seconds wandb may take to reach its server; past that the run logs offline")
 
 
 @dataclass
@@ -147,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -161,19 +198,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     sources: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        for key, value in _flatten(loaded):
+        for key, value in _flatten(_read_sections(path)):
             raw[key] = value
             sources[key] = str(path)
     for item in overrides or []:
@@ -181,6 +206,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw[key] = value
         sources[key] = "command line"
     return from_flat(raw, sources)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+        first_line[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _read_sections(path: Path) -> dict[str, Any]:
+    """The file's {section: {key: value}}, or a one-line ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is None:
+        # Running every default (70,000 iterations into runs/sine_maml) is never what an empty file meant.
+        raise ConfigError(f"{path}: the file holds no settings (empty, or only comments)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    sections = {spec.name for spec in dataclasses.fields(Config)}
+    for name, value in list(loaded.items()):
+        if name in sections and value is None:  # every key of the section commented out
+            del loaded[name]
+        elif name in sections and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of keys, got {value!r}")
+    return loaded
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -272,7 +347,9 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
         for option in typing.get_args(kind):
             try:
                 return _coerce(value, option, key, where)
-            except ConfigError:
+            except ConfigError as err:
+                if str(err).endswith("must be a finite number"):  # the right type, an impossible value
+                    raise
                 continue
         names = " or ".join(_type_name(option) for option in typing.get_args(kind))
         raise ConfigError(f"{where}: {key} = {value!r}: expected {names}")
@@ -284,11 +361,18 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
         if isinstance(value, list):
             return [_coerce(item, item_kind, key, where) for item in value]
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads 3e-4 (no dot) as a string; take it as the number the user meant.
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = float(value)
+        if number is not None:
+            # No setting means anything as NaN or an infinity (a NaN tolerance once trained nothing
+            # and reported success); checked here once for every float field, present and future.
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {key} = {value!r}: must be a finite number")
+            return number
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -301,6 +385,38 @@ def _type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
         return f"a list of {_type_name(typing.get_args(kind)[0])}"
     return "null" if kind is type(None) else kind.__name__
+
+
+def _check_inner(config: Config, fail, at_least, positive) -> None:
+    """The inner rule's settings and the combinations of rule and mode that cannot work."""
+    inner = config.inner
+    if inner.rule == "momentum" and inner.momentum is None:
+        fail("inner.momentum", "inner.rule = momentum needs inner.momentum (a coefficient in [0, 1), e.g. 0.9)",
+             cause="inner.rule")
+    if inner.momentum is not None and not 0 <= inner.momentum < 1:
+        fail("inner.momentum", "must be in [0, 1)")
+    if len(inner.betas) != 2 or not all(0 <= beta < 1 for beta in inner.betas):
+        fail("inner.betas", "must be two numbers in [0, 1)")
+    positive("inner.eps")
+    if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
+        fail("inner.adapt", "must list non-empty name prefixes")
+    at_least("inner.multi_step_anneal", 1)
+    at_least("inner.first_order_iterations", 0)
+    if inner.mode == "implicit" and inner.rule != "sgd":
+        fail("inner.rule", "implicit mode takes plain SGD steps: its gradient formula assumes the solution of the "
+             "regularised inner problem, not the path of another rule", cause="inner.mode")
+    if inner.mode == "implicit" and inner.adapt:
+        fail("inner.adapt", "implicit mode adapts every weight (its gradient formula has no term for weights "
+             "the inner loop holds fixed)", cause="inner.mode")
+    if inner.mode == "reptile" and inner.rule in ("meta_sgd", "lslr"):
+        fail("inner.rule", "Reptile's meta-gradient theta - phi_K gives learned step sizes no gradient",
+             cause="inner.mode")
+    if inner.multi_step_loss and inner.mode in ("implicit", "reptile"):
+        fail("inner.multi_step_loss", f"needs a mode that differentiates the unroll, not {inner.mode}",
+             cause="inner.mode")
+    if inner.first_order_iterations and inner.mode not in ("second_order", "truncated"):
+        fail("inner.first_order_iterations", "anneals from first order to second_order or truncated mode, not "
+             f"{inner.mode}", cause="inner.mode")
 
 
 def _check_values(config: Config, source) -> None:
@@ -333,6 +449,7 @@ def _check_values(config: Config, source) -> None:
     inner, train, task = config.inner, config.train, config.task
     at_least("inner.steps", 0)
     positive("inner.lr")
+    _check_inner(config, fail, at_least, positive)
     if inner.mode == "truncated" and not 0 <= inner.truncate <= inner.steps:
         fail("inner.truncate", f"must be between 0 and inner.steps ({inner.steps})", cause="inner.steps")
     if inner.checkpoint == "segments" and inner.checkpoint_segment is None:
@@ -356,6 +473,9 @@ def _check_values(config: Config, source) -> None:
     at_least("train.keep_checkpoints", 1)
     at_least("train.check_every", 0)
     at_least("train.time_limit", 0)
+    at_least("train.max_meta_loss", 0)
+    positive("dist.timeout")
+    positive("logging.wandb_timeout")
     at_least("task.support", 1)
     at_least("task.query", 1)
     at_least("task.ways", 2)
@@ -377,6 +497,10 @@ def _check_values(config: Config, source) -> None:
     if any(width < 1 for width in config.model.hidden):
         fail("model.hidden", "every width must be >= 1")
     at_least("model.channels", 1)
+    positive("model.init_std")
+    at_least("engine.threads", 0)
+    at_least("engine.memory_budget", 0)
+    at_least("eval.diverged_factor", 1)
     at_least("eval.tasks", 2)
     at_least("eval.steps", 0)
     if config.eval.shots is not None and config.eval.shots < 1:

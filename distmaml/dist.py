@@ -17,13 +17,18 @@ import datetime
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
+from distmaml.errors import ConfigError, DistmamlError, TrainingError
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,14 +97,21 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"engine.device = {preference!r}, but this machine has no CUDA device")
+        raise ConfigError(f"engine.device = {preference!r}: this machine has no CUDA device (torch "
+                          f"{torch.__version__}); use engine.device=cpu or auto")
     if preference.startswith("cuda:"):
         return torch.device(preference)
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init(device_preference: str = "auto", timeout_s: float = 600.0) -> Context:
-    """Join the process group the launcher describes (or none) and pick this rank's device."""
+def init(device_preference: str = "auto", timeout_s: float = 600.0, threads: int = 0) -> Context:
+    """Join the process group the launcher describes (or none) and pick this rank's device.
+
+    `threads` > 0 sets this process's CPU thread count (0 leaves PyTorch's default, one per core).
+    Reductions split over threads add in another order, so bitwise-equal runs need equal counts.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
     launch = read_launch_env()
     if launch is None or launch.world_size == 1:
         return Context(device=pick_device(device_preference, 0))
@@ -110,7 +122,8 @@ def init(device_preference: str = "auto", timeout_s: float = 600.0) -> Context:
         os.environ.setdefault("MASTER_PORT", launch.master_port)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise RuntimeError(f"rank {launch.rank}: {launch.launcher} launch without {' and '.join(missing)}")
+        raise ConfigError(f"rank {launch.rank}: {launch.launcher} launch without {' and '.join(missing)} in the "
+                          "environment")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
@@ -121,9 +134,97 @@ def init(device_preference: str = "auto", timeout_s: float = 600.0) -> Context:
 
 
 def teardown() -> None:
-    """Leave the process group, if one was joined (safe to call always)."""
+    """Leave the process group after every rank got here (safe to call always).
+
+    The barrier first: destroying a group while a peer is still inside a collective can deadlock
+    (torchtitan#1342), and exiting with gloo's worker threads still holding work aborts at
+    interpreter shutdown ("terminate called without an active exception", pytorch#190489). Call it
+    only once the run succeeded; a failing rank leaves without it (see cli).
+    """
     if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def on_every_rank(ctx: Context, action: Callable[[], T]) -> T:
+    """action() on every rank, failing on every rank if it failed on any.
+
+    Start-up work (loading data, locking the run directory, restoring a checkpoint, checking
+    memory) can fail on one rank only; the others would then wait in their first collective until
+    the timeout. One all-reduce of failure flags lets every rank stop at once: the failed rank
+    raises its own error, the others say which rank failed.
+    """
+    failure: BaseException | None = None
+    try:
+        result = action()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on this rank and (as a flag) on the others
+        failure = err
+    if ctx.distributed:
+        flags = torch.zeros(ctx.world_size, dtype=torch.float32, device=ctx.device)
+        flags[ctx.rank] = float(failure is not None)
+        torch_dist.all_reduce(flags)
+        failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+    else:
+        failed = [0] if failure is not None else []
+    if failure is not None:
+        raise failure
+    if failed:
+        raise TrainingError(f"rank(s) {failed} failed to start (their error is above); rank {ctx.rank} stops too")
+    return result
+
+
+def collective_error(err: BaseException, ctx: Context, timeout_s: float) -> DistmamlError | None:
+    """A one-line error for a collective that failed because a peer died, stopped or timed out."""
+    backend_error = getattr(torch_dist, "DistBackendError", RuntimeError)
+    if not ctx.distributed or not isinstance(err, (backend_error, RuntimeError)):
+        return None
+    text = str(err)
+    if not any(word in text.lower() for word in ("timed out", "timeout", "connection", "closed", "peer", "gloo",
+                                                  "nccl")):
+        return None
+    first_line = text.strip().splitlines()[0][:200]
+    return TrainingError(f"rank {ctx.rank}: a collective with the other ranks failed ({first_line}): a rank "
+                         f"stopped, died or was slower than dist.timeout = {timeout_s:g} s")
+
+
+class Watchdog:
+    """Rank 0 says so, once per stall, when no iteration has finished for a while.
+
+    A stopped (SIGSTOP) or very slow rank makes every other rank wait in the next collective,
+    silently, until dist.timeout. The line appears after min(60 s, timeout / 4) without progress.
+    A thread of its own, joined on exit; it only reads a timestamp the loop writes.
+    """
+
+    def __init__(self, ctx: Context, timeout_s: float):
+        self.enabled = ctx.distributed and ctx.is_main
+        self.timeout_s, self.patience = timeout_s, min(60.0, timeout_s / 4)
+        self.iteration, self.last = 0, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="distmaml-watchdog", daemon=True)
+
+    def beat(self, iteration: int) -> None:
+        self.iteration, self.last = iteration, time.monotonic()
+
+    def _watch(self) -> None:
+        warned_at = None
+        while not self._stop.wait(min(1.0, self.patience / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.patience and warned_at != self.last:
+                warned_at = self.last
+                log.warning("no iteration has finished for %.0f s (iteration %d): unless this rank's own "
+                            "iterations are that slow, another rank is stopped or slow; the collective fails "
+                            "after dist.timeout = %g s", waited, self.iteration + 1, self.timeout_s)
+
+    def __enter__(self) -> "Watchdog":
+        self.last = time.monotonic()
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
 
 
 def shard(meta_batch: int, rank: int, world_size: int) -> range:

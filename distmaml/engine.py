@@ -5,28 +5,28 @@ costs far more than running them. With engine.cuda_graph the whole iteration -- 
 sampling keyed by a device-tensor iteration counter, the batched inner loops, the meta-backward,
 the gradient all-reduce (NCCL is capturable), clipping and a capturable Adam step -- is captured
 once and replayed, so each iteration costs one launch. Eager and graph modes run the same body.
+What changes between iterations lives in device tensors the graph reads: the iteration counter,
+the stop flags, the learning rate and MAML++'s per-step loss weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import NamedTuple
 
 import torch
 
 from distmaml import dist
-from distmaml.meta import (MetaGradient, implicit_meta_gradient, implicit_meta_gradient_loop, meta_gradient,
-                           meta_gradient_loop)
-from distmaml.tasks import TaskBatch
+from distmaml.build import DTYPES, Learner
+from distmaml.meta import Inner, MetaGradient, TaskBatch, implicit_meta_gradient_loop, meta_gradient, meta_gradient_loop
 from distmaml.tasks.rng import STREAM_TRAIN
-
-# Weights' dtype, and the autocast dtype of the model's matmuls/convolutions (None: no autocast).
-DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16)}
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
 # NCCL communicators) that must not happen while a graph is being captured.
 WARMUP_ITERATIONS = 3
+MULTI_STEP_FLOOR = 0.03  # MAML++: the earlier steps' loss weights never fall below 0.03 / K
 
 
 class StepOutput(NamedTuple):
@@ -34,6 +34,7 @@ class StepOutput(NamedTuple):
     result: MetaGradient
     grad_norm: torch.Tensor
     stop_votes: torch.Tensor  # per stop reason, how many ranks asked to stop after this iteration
+    meta_loss: torch.Tensor  # mean query loss after adaptation over the whole meta-batch (all ranks)
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -56,42 +57,48 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"].fill_(lr)  # in place: a captured graph keeps reading the same tensor
 
 
-def compute_meta_gradient(model, params, batch: TaskBatch, config, family) -> MetaGradient:
-    """This rank's summed meta-gradient in the configured mode, batched or with the per-task loop."""
-    inner = config.inner
+def multi_step_weights(steps: int, iteration: int, anneal: int) -> list[float]:
+    """MAML++'s multi-step loss weights of the query losses after inner steps 1..K at `iteration`.
+
+    All 1/K at first; the earlier steps' weights fall linearly to their floor 0.03/K over `anneal`
+    iterations while the last step's rises, so the weights always sum to 1 and the objective ends
+    (almost) at MAML's, the loss after the last step (Antoniou et al. 2019, section 4).
+    """
+    if steps <= 1:
+        return [1.0] * steps
+    progress = min(iteration / anneal, 1.0)
+    earlier = max((1 - progress) / steps, MULTI_STEP_FLOOR / steps)
+    return [earlier] * (steps - 1) + [1 - earlier * (steps - 1)]
+
+
+def compute_meta_gradient(model, theta, batch: TaskBatch, inner: Inner, batched: bool = True,
+                          step_weights: torch.Tensor | None = None) -> MetaGradient:
+    """This rank's summed meta-gradient, batched or with the per-task reference loop."""
     if batch.num_tasks == 0:  # more processes than tasks: this rank only joins the all-reduce
-        return MetaGradient({name: torch.zeros_like(p) for name, p in params.items()},
-                            batch.support_x.new_zeros(0), {})
+        return MetaGradient({name: torch.zeros_like(p) for name, p in theta.items()}, batch.support_x.new_zeros(0),
+                            {})
+    if batched:
+        return meta_gradient(model, theta, batch, inner, step_weights)
     if inner.mode == "implicit":
-        solver = dict(lam=config.implicit.lam, cg_steps=config.implicit.cg_steps,
-                      cg_damping=config.implicit.cg_damping, cg_tol=config.implicit.cg_tol,
-                      inner_safeguard=config.implicit.inner_safeguard)
-        if not config.engine.batched:
-            return implicit_meta_gradient_loop(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
-                                               **solver)
-        # Stopping CG early needs the host to look at the residual each step; a graph cannot.
-        return implicit_meta_gradient(model, params, batch, inner.lr, inner.steps, loss_fn=family.loss,
-                                      stop_early=not config.engine.cuda_graph, **solver)
-    if config.engine.batched:
-        return meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate, family.loss,
-                             checkpoint=inner.checkpoint, checkpoint_segment=inner.checkpoint_segment)
-    grads, losses = meta_gradient_loop(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate,
-                                       family.loss)
-    return MetaGradient(grads, losses, {})
+        settings = {k: v for k, v in (inner.implicit or {}).items() if k != "stop_early"}
+        return implicit_meta_gradient_loop(model, theta, batch, inner.rule.lr, inner.steps, loss_fn=inner.loss_fn,
+                                           **settings)
+    return meta_gradient_loop(model, theta, batch, inner, step_weights)
 
 
 class MetaStep:
     """sample -> meta-gradient -> all-reduce -> clip -> Adam, for one iteration at a time.
 
     `static=True` routes every input through fixed device tensors (the iteration counter, the stop
-    flag) as graph replay needs; with `cuda_graph=True` (which implies static) the body is captured
-    after WARMUP_ITERATIONS eager iterations and replayed from then on.
+    flag, the multi-step weights) as graph replay needs; with `cuda_graph=True` (which implies
+    static) the body is captured after WARMUP_ITERATIONS eager iterations and replayed from then on,
+    and captured again when derivative-order annealing switches the mode.
     """
 
-    def __init__(self, model, params, optimizer, family, config, ctx: dist.Context, static: bool = False,
+    def __init__(self, learner: Learner, optimizer, config, ctx: dist.Context, static: bool = False,
                  stop_reasons: int = 1):
-        self.model, self.params, self.optimizer, self.family = model, params, optimizer, family
-        self.config, self.ctx = config, ctx
+        self.model, self.params, self.family = learner.model, learner.theta, learner.family
+        self.inner, self.optimizer, self.config, self.ctx = learner.inner, optimizer, config, ctx
         self.cuda_graph = config.engine.cuda_graph
         self.static = static or self.cuda_graph
         self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
@@ -99,43 +106,73 @@ class MetaStep:
         weight_dtype, self.autocast_dtype = DTYPES[config.engine.dtype]
         self.iteration = torch.zeros((), dtype=torch.int64, device=ctx.device)
         self.stop_flag = torch.zeros(stop_reasons, dtype=weight_dtype, device=ctx.device)
+        self.step_weights = (torch.zeros(self.inner.steps, dtype=weight_dtype, device=ctx.device)
+                             if config.inner.multi_step_loss else None)
+        # The first iteration whose meta-loss or meta-gradient was not finite (or above
+        # train.max_meta_loss), -1 while none was: set on the device, read by the host when it likes.
+        self.diverged_at = torch.full((), -1, dtype=torch.int64, device=ctx.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
+        self.captured_mode: str | None = None
         self.eager_iterations = 0
+
+    def inner_at(self, iteration: int) -> Inner:
+        """The inner loop of `iteration`: first order during inner.first_order_iterations (MAML++)."""
+        if iteration < self.config.inner.first_order_iterations:
+            return dataclasses.replace(self.inner, mode="first_order")
+        return self.inner
 
     def __call__(self, iteration: int, stop_requests: tuple[bool, ...] = ()) -> StepOutput:
         """Run iteration `iteration`; stop_requests: which of the stop reasons this rank has seen."""
         for slot, requested in enumerate(stop_requests):
             self.stop_flag[slot].fill_(float(requested))
+        if self.step_weights is not None:
+            weights = multi_step_weights(self.inner.steps, iteration, self.config.inner.multi_step_anneal)
+            self.step_weights.copy_(torch.tensor(weights, dtype=self.step_weights.dtype))
+        inner = self.inner_at(iteration)
         if not self.static:
-            return self._body(iteration, self.stop_flag)
+            return self._body(iteration, inner)
         self.iteration.fill_(iteration)
         if not self.cuda_graph:
-            return self._body(self.iteration, self.stop_flag)
+            return self._body(self.iteration, inner)
+        if self.graph is not None and inner.mode != self.captured_mode:
+            self.graph, self.eager_iterations = None, 0  # the unroll changed: warm up and capture it anew
         if self.graph is None and self.eager_iterations < WARMUP_ITERATIONS:
             self.eager_iterations += 1
-            return self._on_side_stream(lambda: self._body(self.iteration, self.stop_flag))
+            return self._on_side_stream(lambda: self._body(self.iteration, inner))
         if self.graph is None:
-            self._capture()
+            self._capture(inner)
         self.graph.replay()
         return self.captured
 
-    def _body(self, iteration: int | torch.Tensor, stop_flag: torch.Tensor) -> StepOutput:
+    def _body(self, iteration: int | torch.Tensor, inner: Inner) -> StepOutput:
         train = self.config.train
         batch = self.family.sample(STREAM_TRAIN, iteration, self.indices)
         # No autocast weight cache: a captured graph must recompute the casts on every replay.
         autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
-            result = compute_meta_gradient(self.model, self.params, batch, self.config, self.family)
-        # Stop requests ride along in the gradient's all-reduce, so every rank stops after the same
-        # iteration even when a signal reached only some of them or their clocks disagree.
-        *grads, stop_votes = dist.all_reduce_sum([*result.grad_sum.values(), stop_flag], self.ctx)
+            result = compute_meta_gradient(self.model, self.params, batch, inner, self.config.engine.batched,
+                                           self.step_weights)
+        # Stop requests and the loss ride along in the gradient's all-reduce, so every rank stops
+        # after the same iteration even when a signal reached only some of them or their clocks
+        # disagree, and every rank sees the same meta-loss.
+        loss_sum = result.task_losses.sum().reshape(1).to(self.stop_flag.dtype)
+        *grads, stop_votes, loss_sum = dist.all_reduce_sum([*result.grad_sum.values(), self.stop_flag, loss_sum],
+                                                           self.ctx)
         for param, grad in zip(self.params.values(), grads):
             param.grad = grad.to(param.dtype) / train.meta_batch
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), train.grad_clip or math.inf)
+        meta_loss = loss_sum[0] / train.meta_batch
+        # The all-reduced values are the same on every rank, so every rank flags the same iteration.
+        diverged = ~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm)
+        if train.max_meta_loss:
+            diverged = diverged | (meta_loss > train.max_meta_loss)
+        first = diverged & (self.diverged_at < 0)
+        self.diverged_at.copy_(torch.where(first, torch.as_tensor(iteration, device=self.diverged_at.device),
+                                           self.diverged_at))
         self.optimizer.step()
-        return StepOutput(batch, result, grad_norm, stop_votes)
+        return StepOutput(batch, result, grad_norm, stop_votes, meta_loss)
 
     def _on_side_stream(self, fn):
         # Warm-up before capture runs on a side stream, as CUDA graph capture requires.
@@ -146,8 +183,9 @@ class MetaStep:
         torch.cuda.current_stream(self.ctx.device).wait_stream(stream)
         return out
 
-    def _capture(self) -> None:
+    def _capture(self, inner: Inner) -> None:
         torch.cuda.synchronize(self.ctx.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.captured = self._body(self.iteration, self.stop_flag)
+            self.captured = self._body(self.iteration, inner)
+        self.captured_mode = inner.mode

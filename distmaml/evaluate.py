@@ -9,34 +9,14 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from distmaml.meta import detached, functional_forward, inner_loop, sgd_step
-from distmaml.meta.functional import LossFn, Params
+from distmaml.meta import Inner, Params, TaskBatch, adapt, detached, functional_forward, split
 from distmaml.meta.implicit import regularised_step
-from distmaml.tasks import TaskBatch
 from distmaml.tasks.rng import STREAM_EVAL
-from distmaml.tasks.sine import mse
 
 
-def test_adaptation(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                    query_x: torch.Tensor, query_y: torch.Tensor, inner_lr: float, steps: int,
-                    loss_fn: LossFn = mse) -> list[float]:
-    """Adapt to one task step by step; the query loss after 0, 1, ..., `steps` inner steps."""
-    losses, adapted = [], detached(params)
-    for step in range(steps + 1):
-        with torch.no_grad():
-            losses.append(loss_fn(functional_forward(model, adapted, query_x), query_y).item())
-        if step < steps:
-            adapted = detached(inner_loop(model, adapted, support_x, support_y, inner_lr, 1, "first_order",
-                                          loss_fn=loss_fn))
-    return losses
-
-
-test_adaptation.__test__ = False  # a public API name, not a pytest test
-
-
-def query_metrics(model: nn.Module, params: Params, batched: bool, x: torch.Tensor, y: torch.Tensor,
+def query_metrics(model: nn.Module, weights: Params, batched: bool, x: torch.Tensor, y: torch.Tensor,
                   family) -> dict[str, torch.Tensor]:
-    """Per-task query loss (and accuracy, for classification) of shared or per-task weights."""
+    """Per-task loss (and accuracy, for classification) of shared or per-task model weights."""
 
     def metrics(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction = functional_forward(model, point, task_x)
@@ -46,36 +26,66 @@ def query_metrics(model: nn.Module, params: Params, batched: bool, x: torch.Tens
         return out
 
     with torch.no_grad():
-        return vmap(metrics, in_dims=(0 if batched else None, 0, 0))(params, x, y)
+        return vmap(metrics, in_dims=(0 if batched else None, 0, 0))(weights, x, y)
 
 
-def adaptation_curves(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float, steps: int,
-                      family, prox_lam: float = 0.0, prox_safeguard: bool = False) -> dict[str, torch.Tensor]:
-    """Query metrics of every task after 0..`steps` inner steps, batched: {name: [steps + 1, n]}.
+def adaptation_trajectory(model: nn.Module, theta: Params, batch: TaskBatch, inner: Inner, steps: int) -> list[Params]:
+    """Every task's model weights after 0, 1, ..., `steps` inner steps, each with a leading task
+    dimension: the learned rule (and the run's inner.adapt) as training used them, without a graph.
+    Implicit runs adapt as they trained: SGD on L_support + lam/2 |phi - theta|^2 (with the safeguard)."""
+    n = batch.num_tasks
+    weights, _, _ = split(detached(theta))
+    start = {name: value.expand(n, *value.shape) for name, value in weights.items()}
+    if inner.mode == "implicit":
+        settings = inner.implicit or {}
+        trajectory, phi = [start], start
+        for _ in range(steps):
+            phi = regularised_step(model, phi, weights, batch.support_x, batch.support_y, inner.rule.lr,
+                                   settings["lam"], inner.loss_fn, settings.get("inner_safeguard", False))
+            trajectory.append(phi)
+        return trajectory
+    with torch.no_grad():  # torch.func.grad inside still takes the inner gradients
+        result = adapt(model, detached(theta), batch.support_x, batch.support_y, inner, steps=steps, differentiated=0,
+                       trajectory=True)
+    return [start] + [{**start, **point} for point in result.trajectory]
 
-    prox_lam > 0 adapts as iMAML trains: SGD on L_support(phi) + prox_lam/2 |phi - theta|^2, with
-    `prox_safeguard` its per-task capped step (implicit.inner_safeguard).
-    """
-    update = sgd_step(model, family.loss, inner_lr, differentiable=False)
-    theta = detached(params)
-    adapted, batched, curves = theta, False, []
-    for step in range(steps + 1):
-        metrics = query_metrics(model, adapted, batched, batch.query_x, batch.query_y, family)
+
+def adaptation_curves(model: nn.Module, theta: Params, batch: TaskBatch, inner: Inner, steps: int,
+                      family) -> dict[str, torch.Tensor]:
+    """Query metrics (and the support loss) of every task after 0..`steps` inner steps: {name: [steps + 1, n]}."""
+    curves = []
+    for weights in adaptation_trajectory(model, theta, batch, inner, steps):
+        metrics = query_metrics(model, weights, True, batch.query_x, batch.query_y, family)
         # The support loss after adaptation shows over-fitting of the support set beside the query loss.
-        metrics["support_loss"] = query_metrics(model, adapted, batched, batch.support_x, batch.support_y,
-                                                family)["loss"]
+        metrics["support_loss"] = query_metrics(model, weights, True, batch.support_x, batch.support_y, family)["loss"]
         curves.append(metrics)
-        if step < steps and prox_lam > 0:
-            points = adapted if batched else {name: value.expand(batch.num_tasks, *value.shape)
-                                              for name, value in theta.items()}
-            adapted = regularised_step(model, points, theta, batch.support_x, batch.support_y, inner_lr, prox_lam,
-                                       family.loss, prox_safeguard)
-            batched = True
-        elif step < steps:
-            adapted = detached(vmap(update, in_dims=(0 if batched else None, 0, 0))(adapted, batch.support_x,
-                                                                                   batch.support_y))
-            batched = True
     return {name: torch.stack([c[name] for c in curves]) for name in curves[0]}
+
+
+def test_adaptation(model: nn.Module, new_task: TaskBatch, theta: Params | None = None, inner: Inner | None = None,
+                    steps: int = 10) -> list[float]:
+    """One new task's query loss after 0, 1, ..., `steps` inner steps (the MAML write-up's name).
+
+    `new_task` is one task's (support_x, support_y, query_x, query_y) without a task dimension;
+    `theta` defaults to the model's own parameters, `inner` to 10 SGD steps at 0.01 on the MSE.
+    """
+    theta = dict(model.named_parameters()) if theta is None else theta
+    inner = Inner() if inner is None else inner
+    batch = TaskBatch(*(t.unsqueeze(0) for t in new_task))
+    curves = adaptation_curves(model, theta, batch, inner, steps, _LossOnly(inner.loss_fn))
+    return curves["loss"][:, 0].tolist()
+
+
+test_adaptation.__test__ = False  # a public API name, not a pytest test
+
+
+class _LossOnly:
+    """The least a task family offers evaluation: its loss (regression)."""
+
+    is_classification = False
+
+    def __init__(self, loss):
+        self.loss = loss
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -84,45 +94,122 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), 1.96 * values.std().item() / math.sqrt(values.numel())
 
 
-def evaluate(model: nn.Module, params: Params, family, inner_lr: float, steps: int, tasks: int = 600,
+def diverged_tasks(losses: torch.Tensor, factor: float) -> torch.Tensor:
+    """[steps + 1, n] -> [steps + 1, n] bool: each task's query loss is non-finite, or above `factor`
+    times the same task's loss before adaptation (row 0).
+
+    Relative to the task's own starting loss, so one threshold serves sine MSEs of 0.01 to 10 and
+    cross entropies alike: adaptation that makes a task 10x worse than not adapting has failed.
+    """
+    return ~torch.isfinite(losses) | (losses > factor * losses[:1])
+
+
+def distribution(values: torch.Tensor) -> dict[str, float]:
+    """Mean with its 95% CI, median and quartiles of one metric over tasks; non-finite values rank
+    highest, and a statistic they make non-finite becomes NaN (null in JSON, "diverged" in tables)."""
+    values = values.double()
+    ranked = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf)).sort().values
+    mean, ci95 = mean_ci95(values) if bool(torch.isfinite(values).all()) else (math.nan, math.nan)
+    out = {"": mean, "_ci95": ci95}
+    for name, q in (("_median", 0.5), ("_q25", 0.25), ("_q75", 0.75)):
+        # Linear interpolation between order statistics; an infinite neighbour makes it infinite.
+        position = q * (len(ranked) - 1)
+        low, high = ranked[math.floor(position)].item(), ranked[math.ceil(position)].item()
+        out[name] = low if low == high else low + (position - math.floor(position)) * (high - low)
+    out["_max"] = ranked[-1].item()
+    return {key: value if math.isfinite(value) else math.nan for key, value in out.items()}
+
+
+def evaluate(model: nn.Module, theta: Params, family, inner: Inner, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
-             chunk: int = 200, prox_lam: float = 0.0, prox_safeguard: bool = False) -> dict[str, Any]:
-    """Adapt to `tasks` fresh tasks; mean and 95% CI of each query metric after each step."""
-    device = next(iter(params.values())).device
+             chunk: int = 200, seed: int | None = None, diverged_factor: float = 10.0) -> dict[str, Any]:
+    """Adapt to `tasks` fresh tasks; each query metric's distribution over tasks after each step.
+
+    `seed` chooses the tasks (default: the family's own seed); a run's evaluation uses eval.seed,
+    the same for every training seed, so that runs are compared on the same tasks. Each row gives,
+    per metric, its mean and 95% CI, median and quartiles; for the query loss also the worst task
+    and how many tasks diverged (`diverged_tasks`). Statistics that are not finite are NaN.
+    """
+    if seed is not None:
+        family = family.with_seed(seed)
+    device = next(iter(theta.values())).device
     per_chunk = []
     for start in range(0, tasks, chunk):
         indices = torch.arange(start, min(start + chunk, tasks), device=device)
         batch = family.sample(stream, 0, indices, support=shots, query=query)
-        per_chunk.append(adaptation_curves(model, params, batch, inner_lr, steps, family, prox_lam,
-                                           prox_safeguard))
+        per_chunk.append(adaptation_curves(model, theta, batch, inner, steps, family))
     curves = {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
+    diverged = diverged_tasks(curves["loss"], diverged_factor).sum(1)
     rows = []
     for step in range(steps + 1):
         row: dict[str, Any] = {"step": step}
         for name, values in curves.items():
-            row[name], row[f"{name}_ci95"] = mean_ci95(values[step])
+            stats = distribution(values[step])
+            if name != "loss":
+                stats = {key: stats[key] for key in ("", "_ci95", "_median", "_q25", "_q75")}
+            row.update({name + key: value for key, value in stats.items()})
+        row["diverged"] = int(diverged[step])
+        row["diverged_fraction"] = int(diverged[step]) / tasks
         rows.append(row)
-    return {"tasks": tasks, "shots": shots if shots is not None else family.support, "inner_lr": inner_lr,
-            "prox_lam": prox_lam, "steps": rows}
+    return {"tasks": tasks, "shots": shots if shots is not None else family.support, "rule": inner.rule.name,
+            "inner_lr": inner.rule.lr, "diverged_factor": diverged_factor, "steps": rows}
 
 
 def evaluation_settings(config) -> dict[str, Any]:
-    """evaluate()'s keyword arguments as a run's config asks for them."""
-    return dict(inner_lr=config.inner.lr, steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots,
-                query=config.eval.query, prox_lam=config.implicit.lam if config.inner.mode == "implicit" else 0.0,
-                prox_safeguard=config.inner.mode == "implicit" and config.implicit.inner_safeguard)
+    """evaluate()'s keyword arguments (beyond model, theta, family and inner) as a run's config asks for them."""
+    return dict(steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots, query=config.eval.query,
+                seed=config.eval.seed, diverged_factor=config.eval.diverged_factor)
+
+
+def _number(value: float, scale: float = 1.0, unit: str = "") -> str:
+    return f"{value * scale:.4f}{unit}" if math.isfinite(value) else "diverged"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The evaluation as a Markdown table, one row per number of inner steps."""
-    names = [k for k in result["steps"][0] if k != "step" and not k.endswith("_ci95")]
-    header = "| steps | " + " | ".join(f"{n.replace('_', ' ') if '_' in n else 'query ' + n} (95% CI)"
-                                      for n in names) + " |"
-    lines = [header, "|" + "---|" * (len(names) + 1)]
+    """The evaluation as a Markdown table, one row per number of inner steps.
+
+    A mean is printed only where no task diverged: otherwise one task's 1e22 would stand in for
+    the whole evaluation, so the cell says how many diverged and the median carries the result.
+    """
+    names = [k for k in result["steps"][0] if f"{k}_median" in result["steps"][0]]
+    header = ["steps"]
+    for name in names:
+        label = name.replace("_", " ") if "_" in name else f"query {name}"
+        header += [f"{label} (mean ± 95% CI)", f"{label} (median [IQR])"]
+    header.append("diverged tasks")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["steps"]:
-        cells = []
+        cells = [str(row["step"])]
         for name in names:
             scale, unit = (100.0, " %") if name == "accuracy" else (1.0, "")
-            cells.append(f"{row[name] * scale:.4f} ± {row[name + '_ci95'] * scale:.4f}{unit}")
-        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+            blown = name != "accuracy" and row["diverged"] > 0
+            if blown or not math.isfinite(row[name]):
+                cells.append(f"diverged ({row['diverged']} tasks)")
+            else:
+                cells.append(f"{_number(row[name], scale)} ± {_number(row[name + '_ci95'], scale)}{unit}")
+            cells.append(f"{_number(row[name + '_median'], scale, unit)} [{_number(row[name + '_q25'], scale)}, "
+                         f"{_number(row[name + '_q75'], scale)}]")
+        cells.append(f"{row['diverged']} / {result['tasks']}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def divergence_warning(result: dict[str, Any]) -> str | None:
+    """One line saying how many tasks diverged and from which step on, or None when none did."""
+    bad = [row for row in result["steps"] if row["diverged"]]
+    if not bad:
+        return None
+    worst = max(row["diverged"] for row in bad)
+    return (f"{worst} of {result['tasks']} tasks diverged within {result['steps'][-1]['step']} step(s), the first "
+            f"at step {bad[0]['step']} (query loss non-finite or above {result['diverged_factor']:g}x its value "
+            "before adaptation); means are not reported for those steps, medians are")
+
+
+def final_line(result: dict[str, Any]) -> str:
+    """The evaluation in one line: before adaptation and after the last step, never a blown-up mean."""
+    first, last = result["steps"][0], result["steps"][-1]
+    after = (f"{_number(last['loss'])} after {last['step']} step(s) (median {_number(last['loss_median'])})"
+             if not last["diverged"] else
+             f"median {_number(last['loss_median'])} after {last['step']} step(s), with {last['diverged']} of "
+             f"{result['tasks']} tasks diverged")
+    return f"eval on {result['tasks']} fresh tasks: query loss {_number(first['loss'])} before adaptation, {after}"

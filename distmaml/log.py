@@ -19,6 +19,8 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from distmaml.errors import ConfigError
+
 log = logging.getLogger("distmaml")
 
 
@@ -51,16 +53,17 @@ class RunLogger(NullLogger):
 
     def __init__(self, run_dir: str | Path, config_dict: dict[str, Any], progress: bool = True,
                  wandb: bool = False, wandb_project: str = "distmaml", wandb_name: str | None = None,
-                 wandb_mode: str = "auto") -> None:
+                 wandb_mode: str = "auto", wandb_timeout: float = 30.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._progress = progress and sys.stderr.isatty()
         self._bar: tqdm | None = None
         self._redirect = contextlib.ExitStack()
-        self.wandb_run = self._start_wandb(config_dict, wandb_project, wandb_name, wandb_mode) if wandb else None
+        self.wandb_run = (self._start_wandb(config_dict, wandb_project, wandb_name, wandb_mode, wandb_timeout)
+                          if wandb else None)
 
-    def _start_wandb(self, config_dict, project, name, mode):
+    def _start_wandb(self, config_dict, project, name, mode, timeout):
         import wandb  # only the main process, and only when asked, pays for the import
 
         if mode == "auto":
@@ -69,15 +72,48 @@ class RunLogger(NullLogger):
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        return wandb.init(project=project, name=name or self.run_dir.name, id=run_id, resume="allow",
-                          dir=str(self.run_dir), config=config_dict, mode=mode)
+
+        def start(mode: str):
+            return wandb.init(project=project, name=name or self.run_dir.name, id=run_id, resume="allow",
+                              dir=str(self.run_dir), config=config_dict, mode=mode,
+                              settings=wandb.Settings(init_timeout=timeout))
+
+        try:
+            return start(mode)
+        except wandb.errors.UsageError as err:
+            if "api key" in str(err).lower():
+                raise ConfigError("logging.wandb_mode = online: wandb has no API key (set WANDB_API_KEY or run "
+                                  "`wandb login`), or use logging.wandb_mode=offline") from None
+            raise ConfigError(f"logging.wandb: wandb refused to start ({str(err).splitlines()[0]})") from None
+        except wandb.errors.CommError as err:
+            # An unreachable server must not stop (or stall) training: keep the metrics offline.
+            log.warning("wandb could not reach its server within logging.wandb_timeout = %g s (%s); logging "
+                        "offline in %s (`wandb sync` uploads it later)", timeout, str(err).splitlines()[0][:120],
+                        self.run_dir / "wandb")
+            wandb.teardown()  # the failed attempt still holds the run id in wandb's service process
+            return start("offline")
 
     def start(self, first_iteration: int, total: int) -> None:
-        """Begin at `first_iteration` (> 0 after a resume): drop metrics lines the checkpoint never saw."""
+        """Begin at `first_iteration` (> 0 after a resume): drop metrics lines the checkpoint never saw,
+        and a torn line (a full disk or a kill mid-append leaves half a line) with a warning."""
         if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= first_iteration]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            lines = self.metrics_path.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    iteration = int(record.get("iteration", 0))
+                except (ValueError, TypeError, AttributeError):
+                    where = "its last line" if number == len(lines) else f"line {number}"
+                    log.warning("%s: %s is torn or not JSON; dropped it", self.metrics_path, where)
+                    continue
+                if iteration <= first_iteration:
+                    kept.append(line)
+            temporary = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.metrics_path)
         if self._progress:
             self._redirect.enter_context(logging_redirect_tqdm())
             self._bar = tqdm(total=total, initial=first_iteration, desc="meta-train", unit="it", dynamic_ncols=True)
@@ -127,5 +163,21 @@ def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def strict_json(data: Any) -> str:
+    """JSON that every parser reads: NaN and infinities become null (the status or a count beside them
+    says why), never the NaN / Infinity tokens that Python's json writes by default."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    Path(path).write_text(strict_json(data))

@@ -75,14 +75,36 @@ class Conv4(nn.Module):
         return self.classifier(self.features(x))
 
 
+def initialise(model: nn.Module, scheme: str = "pytorch", std: float = 0.01) -> nn.Module:
+    """Re-draw the initial weights of every linear and convolutional layer as `scheme` says.
+
+    "pytorch" keeps the layers' own defaults (Kaiming-uniform weights and biases); "truncated_normal"
+    is the MAML reference code's (cbfinn/maml, construct_fc_weights): weights from a normal of
+    standard deviation `std` re-drawn beyond 2 std, biases zero. Normalisation layers keep scale 1
+    and shift 0. Draws from torch's global generator, so the seed set before decides them.
+    """
+    if scheme == "pytorch":
+        return model
+    if scheme != "truncated_normal":
+        raise ValueError(f"model.init must be pytorch or truncated_normal, got {scheme!r}")
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
 def build_model(config) -> nn.Module:
-    """The network named by config.model, shaped for config.task."""
+    """The network named by config.model, shaped for config.task, initialised as config.model.init says."""
     if config.model.kind == "mlp":
         if config.task.family != "sine":
             raise ValueError(f"model.kind = 'mlp' fits task.family = 'sine', not {config.task.family!r}")
-        return MLP(1, config.model.hidden, 1)
-    if config.model.kind == "conv4":
+        model = MLP(1, config.model.hidden, 1)
+    elif config.model.kind == "conv4":
         if config.task.family != "omniglot":
             raise ValueError(f"model.kind = 'conv4' fits task.family = 'omniglot', not {config.task.family!r}")
-        return Conv4(config.task.ways, config.model.channels)
-    raise ValueError(f"model.kind = {config.model.kind!r} is not available")
+        model = Conv4(config.task.ways, config.model.channels)
+    else:
+        raise ValueError(f"model.kind = {config.model.kind!r} is not available")
+    return initialise(model, config.model.init, config.model.init_std)

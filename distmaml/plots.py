@@ -6,14 +6,16 @@ from pathlib import Path
 
 import torch
 
-from distmaml.meta import detached, functional_forward, sgd_step
+from distmaml.evaluate import adaptation_trajectory
+from distmaml.meta import Inner, functional_forward
 from distmaml.tasks.rng import STREAM_PLOT
 
 
-def plot_sine_adaptation(model, params, family, inner_lr: float, out: str | Path, tasks: int = 3,
+def plot_sine_adaptation(model, theta, family, inner: Inner, out: str | Path, tasks: int = 3,
                          shots: int | None = None, steps: tuple[int, ...] = (1, 10)) -> None:
     """The MAML paper's Figure 2: for a few fresh sine tasks, the true function, the K support
-    points, the meta-learned prediction before adaptation and after 1 and 10 inner steps."""
+    points, the meta-learned prediction before adaptation and after 1 and 10 inner steps (with the
+    run's own inner rule)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,20 +23,18 @@ def plot_sine_adaptation(model, params, family, inner_lr: float, out: str | Path
 
     if family.is_classification:
         raise ValueError("distmaml plot draws sine regression tasks; this run is a classification run")
-    device = next(iter(params.values())).device
+    device = next(iter(theta.values())).device
     indices = torch.arange(tasks, device=device)
     batch = family.sample(STREAM_PLOT, 0, indices, support=shots)
     grid = torch.linspace(family.x_range[0], family.x_range[1], 200, device=device, dtype=family.dtype)
     truth = family.curve(STREAM_PLOT, 0, indices, grid)
 
-    step = sgd_step(model, family.loss, inner_lr, differentiable=False)
-    predictions = {0: [functional_forward(model, detached(params), grid[:, None]).detach()] * tasks}
-    for i in range(tasks):
-        adapted = detached(params)
-        for k in range(1, max(steps) + 1):
-            adapted = detached(step(adapted, batch.support_x[i], batch.support_y[i]))
-            if k in steps:
-                predictions.setdefault(k, []).append(functional_forward(model, adapted, grid[:, None]).detach())
+    trajectory = adaptation_trajectory(model, theta, batch, inner, max(steps))
+    predictions = {}
+    with torch.no_grad():
+        for k in (0, *steps):
+            predictions[k] = [functional_forward(model, {name: value[i] for name, value in trajectory[k].items()},
+                                                 grid[:, None]) for i in range(tasks)]
 
     figure, axes = plt.subplots(1, tasks, figsize=(4.5 * tasks, 3.6), squeeze=False)
     for i, axis in enumerate(axes[0]):

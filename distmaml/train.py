@@ -15,6 +15,7 @@ takes the same Adam step on the average, so the weights stay identical everywher
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,128 +25,161 @@ from typing import Any
 import torch
 import yaml
 
-from distmaml import checkpoint, dist
-from distmaml.checkpoint import PreemptionWatch
+from distmaml import checkpoint, dist, memory
+from distmaml.build import Learner, build, build_inner, restore
+from distmaml.checkpoint import PreemptionWatch, RunLock
 from distmaml.config import Config, ConfigError, flatten, to_dict
-from distmaml.evaluate import evaluate, evaluation_settings, query_metrics
+from distmaml.errors import TrainingError
+from distmaml.engine import MetaStep, StepOutput, compute_meta_gradient, make_optimizer, set_learning_rate
+from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, final_line, query_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
-from distmaml.engine import DTYPES, MetaStep, StepOutput, make_optimizer, set_learning_rate
 from distmaml.meta import detached
-from distmaml.models import build_model
-from distmaml.tasks import build_task_family
+from distmaml.meta.hessian import top_eigenvalue
+from distmaml.tasks.rng import STREAM_TRAIN
 
 log = logging.getLogger("distmaml.train")
 
-# Settings that may differ between a checkpoint and the run that resumes it; any other difference
-# would silently change the experiment, so resuming refuses it.
-# Why training may stop early, in order of precedence: the signals of a preemption, then the time limit.
+# Why training may stop early, in order of precedence: the signals of a preemption or Ctrl-C, then
+# the time limit.
 STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
 
+# Settings that may differ between a checkpoint and the run that resumes it; any other difference
+# would silently change the experiment, so resuming refuses it.
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.check_every", "train.time_limit", "eval.", "logging.",
-                     "engine.device", "engine.batched", "engine.cuda_graph", "data.root", "data.cache_dir")
+                     "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
+                     "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
+                     "dist.", "data.root", "data.cache_dir")
 
 
-def learning_rate(config: Config, iteration: int) -> float:
-    """The outer learning rate at `iteration`: constant, or cosine from train.lr to train.lr_min."""
+def learning_rate(config: Config, iteration: int, iterations: int | None = None) -> float:
+    """The outer learning rate at `iteration`: constant, or cosine from train.lr to train.lr_min over
+    `iterations` (default train.iterations)."""
     train = config.train
-    if train.lr_schedule == "constant" or train.iterations == 0:
+    iterations = train.iterations if iterations is None else iterations
+    if train.lr_schedule == "constant" or iterations == 0:
         return train.lr
-    return train.lr_min + (train.lr - train.lr_min) * 0.5 * (1 + math.cos(math.pi * iteration / train.iterations))
+    return train.lr_min + (train.lr - train.lr_min) * 0.5 * (1 + math.cos(math.pi * iteration / iterations))
 
 
 def train(config: Config) -> dict[str, Any]:
     """Meta-train as `config` says and return the summary (rank 0 also writes run.dir/summary.json).
 
-    Joins and always leaves the process group the launcher set up (none for a plain process).
+    summary["status"]: complete, time_limit, preempted (summary["signal"] says which) or diverged.
+    Joins the process group the launcher set up (none for a plain process) and, once the run
+    succeeded, leaves it with every other rank; a failing rank raises without waiting for the others.
     """
-    ctx = dist.init(config.engine.device)
-    setup_logging(ctx.rank)
-    try:
-        return _train(config, ctx)
-    finally:
+    # Signals are watched from before the process group starts its threads, so that they all leave
+    # the signals to the watch (a signal from the start-up on stops training after one iteration).
+    with PreemptionWatch() as preemption:
+        ctx = dist.init(config.engine.device, timeout_s=config.dist.timeout, threads=config.engine.threads)
+        setup_logging(ctx.rank)
+        try:
+            summary = _train(config, ctx, preemption)
+        except Exception as err:
+            raise dist.collective_error(err, ctx, config.dist.timeout) or err
         dist.teardown()
+    return summary
 
 
-def _train(config: Config, ctx: dist.Context) -> dict[str, Any]:
+def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        start, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
+        step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))
+        logger = stack.enter_context(contextlib.closing(_make_logger(config, ctx)))
+        logger.start(start, config.train.iterations)
+        log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s, "
+                 "%d CPU thread(s))", config.run.dir, start, config.train.iterations, ctx.world_size,
+                 step.tasks.start, step.tasks.stop - 1, config.train.meta_batch, ctx.device, torch.get_num_threads())
+        return _loop(config, ctx, learner, optimizer, step, logger, start, preemption)
+
+
+def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
+    """Everything before the first iteration that can fail on one rank: lock, build, restore."""
     if config.engine.cuda_graph and ctx.device.type != "cuda":
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
+    if ctx.is_main:  # one trainer per run directory; the other ranks only read it
+        stack.enter_context(RunLock(config.run.dir))
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    learner = build(config, ctx.device)
+    optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
+    start = _restore(config, ctx, learner, optimizer)
+    tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
+    if config.engine.memory_check and len(tasks):
+        # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
+        shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
+
+        def probe(model, theta, batch, probed: Config):
+            return compute_meta_gradient(model, theta, batch, build_inner(probed, learner.family.loss))
+
+        found = memory.check_fits(learner.model, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
+        log.info("estimated peak memory of one meta-iteration: %s on this process", memory.describe_size(found.peak_bytes))
+    return start, learner, optimizer
+
+
+def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: MetaStep, logger,
+          start: int, preemption: PreemptionWatch) -> dict[str, Any]:
+    """Meta-iterations from `start` until done, preempted, out of time or diverged; then evaluate and summarise."""
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
-
-    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
-    weight_dtype = DTYPES[config.engine.dtype][0]
-    model = build_model(config).to(ctx.device, weight_dtype)
-    params = dict(model.named_parameters())
-    optimizer = make_optimizer(params.values(), train_cfg.lr, ctx.device)
-    family = build_task_family(config, ctx.device, weight_dtype)
-
-    start = _restore(config, ckpt_dir, model, optimizer)
-    step = MetaStep(model, params, optimizer, family, config, ctx, stop_reasons=len(STOP_REASONS))
-    logger = _make_logger(config, ctx, run_dir)
-    logger.start(start, train_cfg.iterations)
-    log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s)",
-             run_dir, start, train_cfg.iterations, ctx.world_size, step.tasks.start, step.tasks.stop - 1,
-             train_cfg.meta_batch, ctx.device)
-    try:
-        return _loop(config, ctx, model, params, optimizer, family, step, logger, start)
-    finally:
-        logger.close()  # also when training fails: finish the progress bar and the wandb run
-
-
-def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, step: MetaStep, logger,
-          start: int) -> dict[str, Any]:
-    """Meta-iterations from `start` until done, preempted or out of time; then evaluate and summarise."""
-    run_dir, train_cfg = Path(config.run.dir), config.train
-    ckpt_dir = run_dir / "checkpoints"
+    params = learner.theta
 
     def save(iteration: int) -> None:
-        if any(not torch.isfinite(p).all() for p in params.values()):
-            raise FloatingPointError(f"iteration {iteration}: weights are not finite; not overwriting "
-                                     f"the checkpoints in {ckpt_dir}")
+        if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
+            raise TrainingError(f"iteration {iteration}: weights are not finite; not writing a checkpoint over "
+                                f"the good ones in {ckpt_dir}")
         if ctx.is_main:
-            state = {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "config": to_dict(config), "rng": checkpoint.rng_state()}
+            state = {"iteration": iteration, "model": learner.model.state_dict(),
+                     "rule": {name: value.detach() for name, value in learner.learned.items()},
+                     "optimizer": optimizer.state_dict(), "config": to_dict(config), "rng": checkpoint.rng_state()}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
-    # Metrics stay on the device between log steps, so the host never waits for the GPU in between.
+    # Divergence is flagged on the device every iteration; the host looks where it costs nothing
+    # (a CPU, or a distributed run that syncs for its stop votes anyway), else at log and
+    # checkpoint steps and at the end, and always before a checkpoint is written.
+    look_every_iteration = ctx.device.type == "cpu" or ctx.distributed
     window_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     window_start, window_time = start, time.perf_counter()
     train_start = window_time
-    iteration, status, reason = start, "complete", None
-    with PreemptionWatch() as preemption:
+    iteration, status, reason, diverged_at, warned_sharp = start, "complete", None, -1, False
+    with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
             time_up = bool(train_cfg.time_limit) and time.perf_counter() - train_start > train_cfg.time_limit
             requests = (*(preemption.signum == signum for signum in PreemptionWatch.SIGNALS), time_up)
             out = step(iteration, requests)
-            window_loss += out.result.task_losses.sum()
+            window_loss += out.meta_loss
             iteration += 1
-
+            watchdog.beat(iteration)
             logger.advance(iteration)
-            if iteration % train_cfg.log_every == 0 or iteration == train_cfg.iterations:
-                metrics = _metrics(model, params, out, family, config, ctx, window_loss,
-                                   iteration - window_start, time.perf_counter() - window_time)
-                metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
-                if not math.isfinite(metrics["meta_loss"]):
-                    raise FloatingPointError(f"iteration {iteration}: meta-loss is {metrics['meta_loss']} "
-                                             f"(try a smaller inner.lr or train.lr); checkpoints in {ckpt_dir} "
-                                             f"are from before it")
-                logger.log(metrics)
-                window_loss.zero_()
-                window_start, window_time = iteration, time.perf_counter()
-            if train_cfg.check_every and iteration % train_cfg.check_every == 0:
-                dist.check_replicas(list(params.values()), ctx, iteration)
+            log_now = iteration % train_cfg.log_every == 0 or iteration == train_cfg.iterations
+            save_now = iteration == train_cfg.iterations or (
+                bool(train_cfg.checkpoint_every) and iteration % train_cfg.checkpoint_every == 0)
             # Reading the votes waits for the all-reduce; a lone process needs no vote.
             votes = out.stop_votes.tolist() if ctx.distributed else requests
             # Every rank names the same reason, also one that no signal reached itself.
             reason = next((name for name, count in zip(STOP_REASONS, votes) if count > 0), None)
-            stopping = reason is not None
-            if stopping or iteration == train_cfg.iterations or (
-                    train_cfg.checkpoint_every and iteration % train_cfg.checkpoint_every == 0):
+            if look_every_iteration or log_now or save_now or reason is not None:
+                diverged_at = int(step.diverged_at)
+                if diverged_at >= 0:
+                    status = "diverged"
+                    break
+            if log_now:
+                metrics = _metrics(learner, out, config, ctx, window_loss, iteration - window_start,
+                                   time.perf_counter() - window_time)
+                metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
+                logger.log(metrics)
+                sharp = None if warned_sharp else _sharpness_warning(config, metrics)
+                if sharp:
+                    log.warning("%s", sharp)
+                    warned_sharp = True
+                window_loss.zero_()
+                window_start, window_time = iteration, time.perf_counter()
+            if train_cfg.check_every and iteration % train_cfg.check_every == 0:
+                dist.check_replicas(list(params.values()), ctx, iteration)
+            if save_now or reason is not None:
                 save(iteration)
-            if stopping:
+            if reason is not None:
                 status = "time_limit" if reason == "time_limit" else "preempted"
                 why = f"train.time_limit={train_cfg.time_limit:g} s" if status == "time_limit" else reason.name
                 log.warning("stopped at iteration %d (%s); checkpoint saved in %s", iteration, why, ckpt_dir)
@@ -158,11 +192,15 @@ def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, s
                                "run_dir": str(run_dir), "train_seconds": seconds,
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx)}
-    if status != "preempted" and config.eval.at_end and ctx.is_main:
-        summary["eval"] = evaluate(model, params, family, **evaluation_settings(config))
-        final = summary["eval"]["steps"]
-        log.info("eval on %d fresh tasks: query loss %.4f before adaptation, %.4f after %d step(s)",
-                 config.eval.tasks, final[0]["loss"], final[-1]["loss"], config.eval.steps)
+    if status == "diverged":
+        summary.update(_divergence(config, ckpt_dir, diverged_at))  # the CLI prints summary["error"]
+    if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
+        summary["eval"] = evaluate(learner.model, params, learner.family, learner.inner, **evaluation_settings(config))
+        log.info(final_line(summary["eval"]))
+        warning = divergence_warning(summary["eval"])
+        if warning:
+            log.warning("eval: %s", warning)
+            summary["warnings"] = [f"eval: {warning}"]
     if ctx.is_main:
         write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
@@ -175,10 +213,34 @@ def _loop(config: Config, ctx: dist.Context, model, params, optimizer, family, s
     return summary
 
 
-def _restore(config: Config, ckpt_dir: Path, model, optimizer) -> int:
+def _divergence(config: Config, ckpt_dir: Path, diverged_at: int) -> dict[str, Any]:
+    """The summary's account of a diverged run: where it diverged and where to go back to."""
+    good = checkpoint.latest_checkpoint(ckpt_dir)
+    where = (f"the last good checkpoint is {good} (iteration {checkpoint.checkpoint_iteration(good)})" if good
+             else "no checkpoint was written before it")
+    bound = f" or above train.max_meta_loss = {config.train.max_meta_loss:g}" if config.train.max_meta_loss else ""
+    error = (f"training diverged at iteration {diverged_at + 1}: the meta-loss or meta-gradient was not "
+             f"finite{bound}; stopped without writing a checkpoint; {where} (try a smaller train.lr or "
+             "inner.lr, or train.grad_clip)")
+    return {"diverged_at": diverged_at + 1, "last_good_checkpoint": str(good) if good else None, "error": error}
+
+
+def _sharpness_warning(config: Config, metrics: dict[str, Any]) -> str | None:
+    """A warning when the support loss at theta is too sharp for plain inner steps of size inner.lr."""
+    sharpness = metrics.get("sharpness")
+    # The limit 2 / lr is plain gradient descent's; other rules scale their steps otherwise.
+    if sharpness is None or config.inner.rule != "sgd" or config.inner.lr * sharpness <= 2:
+        return None
+    return (f"iteration {metrics['iteration']}: the support loss at theta has curvature {sharpness:.0f} (top "
+            f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {2 / config.inner.lr:.0f}: plain inner "
+            "steps at inner.lr oscillate along it, and adapting with more steps than training uses can diverge")
+
+
+def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> int:
     """Load the checkpoint run.resume asks for; return the iteration to start from."""
-    resume = config.run.resume
-    latest = checkpoint.latest_checkpoint(ckpt_dir)
+    resume, ckpt_dir = config.run.resume, Path(config.run.dir) / "checkpoints"
+    # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
+    latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
     if resume is False:
         if latest is not None:
             raise ConfigError(f"run.resume = false: {ckpt_dir} already holds checkpoints (newest {latest.name}); "
@@ -193,15 +255,15 @@ def _restore(config: Config, ckpt_dir: Path, model, optimizer) -> int:
     if path is None:
         return 0
     state = checkpoint.load_checkpoint(path)
-    _check_compatible(config, state["config"], path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _check_compatible(config, state["config"], path, state["iteration"])
+    restore(learner, state, path)
+    checkpoint.load_weights(optimizer, state["optimizer"], path)
     checkpoint.set_rng_state(state["rng"])
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return int(state["iteration"])
 
 
-def _check_compatible(config: Config, saved: dict, path: Path) -> None:
+def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
     now = flatten(config)
     for key, value in flatten(Config()).items():
         section, name = key.split(".")
@@ -209,37 +271,47 @@ def _check_compatible(config: Config, saved: dict, path: Path) -> None:
         if now[key] != before and not key.startswith(RESUMABLE_CHANGES):
             raise ConfigError(f"run.resume: {path} was trained with {key} = {before!r}, the config says "
                               f"{now[key]!r}; choose another run.dir or set {key}={before!r}")
+    before = saved.get("train", {}).get("iterations", config.train.iterations)
+    if config.train.lr_schedule == "cosine" and before != config.train.iterations:
+        # The cosine schedule is a function of train.iterations: stretching the run moves it.
+        log.warning("run.resume: train.iterations changed from %d to %d under the cosine schedule: the learning "
+                    "rate at iteration %d moves from %.3g to %.3g", before, config.train.iterations, iteration,
+                    learning_rate(config, iteration, before), learning_rate(config, iteration))
 
 
-def _make_logger(config: Config, ctx: dist.Context, run_dir: Path):
+def _make_logger(config: Config, ctx: dist.Context):
     if not ctx.is_main:
         return NullLogger()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(config.run.dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     lg = config.logging
     return RunLogger(run_dir, to_dict(config), progress=lg.progress, wandb=lg.wandb, wandb_project=lg.wandb_project,
-                     wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode)
+                     wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode, wandb_timeout=lg.wandb_timeout)
 
 
-def _metrics(model, params, out: StepOutput, family, config: Config, ctx: dist.Context,
-             window_loss: torch.Tensor, window_iterations: int, seconds: float) -> dict[str, Any]:
+def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, window_loss: torch.Tensor,
+             window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
-    batch, result = out.batch, out.result
-    before = query_metrics(model, detached(params), False, batch.query_x, batch.query_y, family)
+    model, family, (batch, result) = learner.model, learner.family, out[:2]
+    weights = detached(dict(model.named_parameters()))
+    before = query_metrics(model, weights, False, batch.query_x, batch.query_y, family)
     if result.adapted is not None:
         after = query_metrics(model, result.adapted, True, batch.query_x, batch.query_y, family)
     else:
         after = {"loss": result.task_losses}
-    sums = {"meta_loss": window_loss / max(window_iterations, 1), "query_loss_before": before["loss"].sum(),
-            "query_loss_after": after["loss"].sum()}
+    sums = {"query_loss_before": before["loss"].sum(), "query_loss_after": after["loss"].sum()}
     if family.is_classification:
         sums["query_accuracy_before"] = before["accuracy"].sum()
         if "accuracy" in after:
             sums["query_accuracy_after"] = after["accuracy"].sum()
     for name, value in result.stats.items():
         sums[name] = value.sum()
+    if config.logging.sharpness:
+        sums["sharpness"] = (top_eigenvalue(model, weights, batch.support_x, batch.support_y, family.loss)
+                             .sum() if batch.num_tasks else batch.support_x.new_zeros(()))
     reduced = dist.all_reduce_sum([v.to(torch.float64).reshape(()) for v in sums.values()], ctx)
-    metrics = {name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)}
+    metrics = {"meta_loss": (window_loss / max(window_iterations, 1)).item()}  # already over all ranks
+    metrics.update({name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)})
     metrics["grad_norm"] = out.grad_norm.item()
     metrics["tasks_per_s"] = config.train.meta_batch * window_iterations / max(seconds, 1e-9)
     metrics["s_per_iteration"] = seconds / max(window_iterations, 1)

@@ -96,8 +96,12 @@ class Evil:
 
 def test_checkpoints_cannot_run_code(tmp_path):
     torch.save({**state(1), "payload": Evil()}, tmp_path / "ckpt_00000001.pt")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError) as refused:
         load_checkpoint(tmp_path / "ckpt_00000001.pt")
+    # One line that says why, without torch's advice to load it with weights_only=False.
+    assert str(refused.value) == (f"{tmp_path / 'ckpt_00000001.pt'}: not a distmaml checkpoint: it holds Python "
+                                  "objects (posix.system) beyond tensors and plain data, and loading them could "
+                                  "run code; refused")
 
 
 def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
@@ -125,3 +129,192 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_
     assert resumed["iteration"] == straight["iteration"] == 300
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
+
+
+# ------------------------------------------------------------------ faults that once lost work
+
+
+def short_run(run_dir, *overrides):
+    from distmaml.config import load_config
+    from distmaml.train import train
+
+    return train(load_config(REPO / "configs/sine_debug.yaml",
+                             [f"run.dir={run_dir}", "logging.progress=false", "eval.at_end=false",
+                              "train.log_every=10", *overrides]))
+
+
+def newer_format(path):
+    torch.save({**state(99), "format_version": checkpoint.FORMAT_VERSION + 1}, path)
+
+
+@pytest.mark.parametrize("damage", ["truncated_newest", "random_bytes_above", "newer_format_above"])
+def test_unusable_checkpoints_are_moved_aside_and_never_cost_a_new_one(tmp_path, damage):
+    """Unreadable files numbered above the run once made pruning delete every new checkpoint."""
+    ckpt = tmp_path / "checkpoints"
+    short_run(tmp_path, "train.iterations=20", "train.checkpoint_every=10", "train.keep_checkpoints=1")
+    assert [p.name for p in list_checkpoints(ckpt)] == ["ckpt_00000020.pt"]
+    if damage == "truncated_newest":  # the only checkpoint, cut short as a full disk would
+        data = (ckpt / "ckpt_00000020.pt").read_bytes()
+        (ckpt / "ckpt_00000020.pt").write_bytes(data[:len(data) // 2])
+        bad = ["ckpt_00000020.pt"]
+    elif damage == "random_bytes_above":  # more of them than keep_checkpoints
+        bad = [f"ckpt_{i:08d}.pt" for i in (500, 600)]
+        for name in bad:
+            (ckpt / name).write_bytes(os.urandom(3000))
+    else:
+        bad = ["ckpt_00000700.pt"]
+        newer_format(ckpt / bad[0])
+    summary = short_run(tmp_path, "train.iterations=40", "train.checkpoint_every=10", "train.keep_checkpoints=1")
+    assert summary["status"] == "complete"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == sorted(["ckpt_00000040.pt", *(f"{name}.unusable" for name in bad)]), names
+    assert load_checkpoint(ckpt / "ckpt_00000040.pt")["iteration"] == 40
+
+
+def test_pruning_keeps_files_numbered_above_and_the_newest_written(tmp_path):
+    for i in (5, 10, 15, 90):  # 90: from an earlier run that went further
+        save_checkpoint(tmp_path, state(i), keep=10)
+    save_checkpoint(tmp_path, state(20), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000015.pt", "ckpt_00000020.pt",
+                                                             "ckpt_00000090.pt"]
+    save_checkpoint(tmp_path, state(25), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000025.pt", "ckpt_00000090.pt"]
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    save_checkpoint(tmp_path, state(1))
+    before = (tmp_path / "ckpt_00000001.pt").read_bytes()
+
+    class FullDisk(io.RawIOBase):  # accepts 10 kB, then fails as a full disk does
+        def __init__(self, path):
+            self.file, self.written = open(path, "wb"), 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.written + len(data) > 10_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.file.write(data)
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(checkpoint, "_open_for_writing", FullDisk)
+    with pytest.raises(CheckpointError) as full:
+        save_checkpoint(tmp_path, state(2, size=100_000), keep=1)
+    message = str(full.value)
+    assert message.startswith(f"{tmp_path / 'ckpt_00000002.pt'}: no space left on device (")
+    assert "unexpected pos" not in message and "\n" not in message
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt_00000001.pt"]
+    assert (tmp_path / "ckpt_00000001.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    (lambda s: s.update(iteration="7"), "damaged checkpoint: 'iteration' must be a whole number >= 0, got '7'"),
+    (lambda s: s.update(model=[1, 2]), "damaged checkpoint: 'model' must be a mapping, got list"),
+    (lambda s: s["model"].update(w="weights"), "damaged checkpoint: 'model' must map names to tensors, got 'w': str"),
+    (lambda s: s.update(rng={}), "damaged checkpoint: 'rng' must hold the generator state 'torch' as a tensor"),
+])
+def test_tampered_checkpoints_are_refused_in_one_line(tmp_path, tamper, expected):
+    tampered = {"format_version": checkpoint.FORMAT_VERSION, **state(3)}
+    tamper(tampered)
+    torch.save(tampered, tmp_path / "ckpt_00000003.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path / "ckpt_00000003.pt")
+    assert str(refused.value) == f"{tmp_path / 'ckpt_00000003.pt'}: {expected}"
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    short_run(tmp_path, "train.iterations=5", "train.checkpoint_every=5")
+    path = tmp_path / "checkpoints/ckpt_00000005.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["model"]["net.0.weight"] = torch.zeros(7, 1)  # the config says 40 hidden units
+    torch.save(saved, path)
+    proc = run_cli(["eval", str(tmp_path), "--tasks", "5"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"distmaml eval: error: {path}: its weights do not fit the model its config "
+                                  "describes (")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+LOCK_HOLDER = """
+import sys, time
+from distmaml.checkpoint import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_trainer_in_one_run_dir_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError) as refused:
+            short_run(tmp_path, "train.iterations=5")
+        assert str(refused.value) == (f"run.dir = {tmp_path}: in use by another trainer (PID {holder.pid}); wait "
+                                      "for it to finish or choose another run.dir")
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock with the process
+        holder.wait()
+    assert short_run(tmp_path, "train.iterations=5")["status"] == "complete"
+
+
+def test_a_run_dir_that_is_a_file_or_unwritable_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(CheckpointError, match=r"^run.dir = .*taken: exists and is not a directory$"):
+        short_run(tmp_path / "taken")
+    with pytest.raises(CheckpointError, match=r"^run.dir = .*taken/sub: cannot write there \(Not a directory\)$"):
+        short_run(tmp_path / "taken" / "sub")
+
+
+def test_ctrl_c_finishes_the_iteration_checkpoints_and_exits_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "distmaml", "train", "configs/sine_debug.yaml",
+                             f"run.dir={tmp_path}", "train.iterations=100000", "train.checkpoint_every=0",
+                             "train.log_every=10", "eval.at_end=false", "logging.progress=false"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "iter 20 " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait() == 130, rest
+    assert "received SIGINT: finishing this iteration" in rest and "Traceback" not in rest
+    (saved,) = list_checkpoints(tmp_path / "checkpoints")
+    assert load_checkpoint(saved)["iteration"] >= 20
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["iteration"] == load_checkpoint(saved)["iteration"]
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """Even while the first one waits for a long iteration to end (here: one of K = 2000 inner steps)."""
+    proc = subprocess.Popen([sys.executable, "-m", "distmaml", "train", "configs/sine_debug.yaml",
+                             f"run.dir={tmp_path}", "inner.steps=2000", "train.log_every=1", "eval.at_end=false",
+                             "logging.progress=false"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "training " in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "received SIGINT" in line:
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) in (130, -signal.SIGINT)
+    assert time.monotonic() - started < 5
+    assert list_checkpoints(tmp_path / "checkpoints") == []

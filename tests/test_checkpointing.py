@@ -11,13 +11,20 @@ import torch
 from torch import nn
 
 from distmaml.config import ConfigError, InnerConfig, load_config
-from distmaml.meta import CHECKPOINTS, adapt, meta_gradient, meta_gradient_loop, meta_loss, plan_segments
+from distmaml.meta import (CHECKPOINTS, Inner, adapt, make_rule, meta_gradient, meta_gradient_loop, meta_loss,
+                           plan_segments)
 from distmaml.meta.checkpointing import check_recomputable
 from distmaml.models import MLP
 from distmaml.tasks.sine import SineTasks
 
 INNER_LR = 0.05
 SETTINGS = [("every_step", None), ("segments", 3), ("auto", None)]
+
+
+def spec(steps: int, mode: str = "second_order", truncate: int | None = None, checkpoint: str = "none",
+         checkpoint_segment: int | None = None) -> Inner:
+    return Inner(make_rule("sgd", INNER_LR), steps, mode=mode, truncate=truncate, checkpoint=checkpoint,
+                 checkpoint_segment=checkpoint_segment)
 
 
 def make_problem(build_model, tasks: int = 3, points: int = 5):
@@ -32,7 +39,7 @@ def make_problem(build_model, tasks: int = 3, points: int = 5):
 def unchecked(inner_steps: int, mode: str, truncate: int | None):
     """The checkpoint='none' meta-gradient, shared by the tests that compare against it."""
     model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
-    return meta_gradient(model, params, batch, INNER_LR, inner_steps, mode, truncate)
+    return meta_gradient(model, params, batch, spec(inner_steps, mode, truncate))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,8 +108,7 @@ def test_plan_rejects_bad_arguments(args, message):
 def test_checkpointed_meta_gradient_equals_unchecked(inner_steps, mode, truncate, checkpoint, segment):
     model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
     expected = unchecked(inner_steps, mode, truncate)
-    got = meta_gradient(model, params, batch, INNER_LR, inner_steps, mode, truncate,
-                        checkpoint=checkpoint, checkpoint_segment=segment)
+    got = meta_gradient(model, params, batch, spec(inner_steps, mode, truncate, checkpoint, segment))
     assert max((got.grad_sum[name] - expected.grad_sum[name]).abs().max().item() for name in params) <= 1e-6
     # Bitwise (float64, CPU, torch 2.13): the recomputation repeats the same kernels on the same
     # inputs, and the weights reach each segment through a single tensor, so no gradient sum is
@@ -116,12 +122,11 @@ def test_checkpointed_meta_gradient_equals_unchecked(inner_steps, mode, truncate
 
 def test_checkpointed_meta_gradient_matches_the_per_task_reference():
     model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
-    got = meta_gradient(model, params, batch, INNER_LR, 7, "truncated", 5, checkpoint="segments",
-                        checkpoint_segment=2)
-    expected, losses = meta_gradient_loop(model, params, batch, INNER_LR, 7, "truncated", 5)
+    got = meta_gradient(model, params, batch, spec(7, "truncated", 5, "segments", 2))
+    expected = meta_gradient_loop(model, params, batch, spec(7, "truncated", 5))
     for name in params:
-        torch.testing.assert_close(got.grad_sum[name], expected[name], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got.task_losses, losses, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.grad_sum[name], expected.grad_sum[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.task_losses, expected.task_losses, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("checkpoint, segment, extra_forwards", [
@@ -132,7 +137,7 @@ def test_backward_recomputes_the_checkpointed_steps(checkpoint, segment, extra_f
     model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
     forwards = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    losses = meta_loss(model, params, batch, INNER_LR, 7, checkpoint=checkpoint, checkpoint_segment=segment)
+    losses = meta_loss(model, params, batch, spec(7, checkpoint=checkpoint, checkpoint_segment=segment))[0]
     assert len(forwards) == 7 + 1  # one vmapped forward per inner step, one for the query loss
     torch.autograd.grad(losses.sum(), list(params.values()))
     assert len(forwards) == 7 + 1 + extra_forwards
@@ -142,7 +147,7 @@ def test_truncated_mode_recomputes_only_its_tail():
     model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
     forwards = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    losses = meta_loss(model, params, batch, INNER_LR, 7, "truncated", 2, checkpoint="every_step")
+    losses = meta_loss(model, params, batch, spec(7, "truncated", 2, "every_step"))[0]
     torch.autograd.grad(losses.sum(), list(params.values()))
     assert len(forwards) == 7 + 1 + 2
 
@@ -152,7 +157,7 @@ def test_gradient_with_respect_to_the_support_set_survives_recomputation():
 
     def support_gradient(checkpoint):
         support_x = batch.support_x.clone().requires_grad_()
-        adapted, _ = adapt(model, params, support_x, batch.support_y, INNER_LR, 4, checkpoint=checkpoint)
+        adapted = adapt(model, params, support_x, batch.support_y, spec(4, checkpoint=checkpoint)).adapted
         return torch.autograd.grad(sum(value.sum() for value in adapted.values()), support_x)[0]
 
     expected = support_gradient("none")
@@ -164,7 +169,7 @@ def test_gradient_with_respect_to_the_support_set_survives_recomputation():
 
 def test_differentiating_the_meta_gradient_through_a_checkpoint_is_an_error_not_a_wrong_answer():
     model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
-    losses = meta_loss(model, params, batch, INNER_LR, 3, checkpoint="auto")
+    losses = meta_loss(model, params, batch, spec(3, checkpoint="auto"))[0]
     with pytest.raises(RuntimeError, match=r"cannot differentiate the meta-gradient again \(create_graph=True\)"):
         torch.autograd.grad(losses.sum(), list(params.values()), create_graph=True)
 
@@ -181,8 +186,8 @@ def batchnorm_net(track_running_stats: bool) -> nn.Module:
 def test_batch_statistics_batchnorm_is_checkpointed_exactly():
     model, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=False))
     assert list(model.buffers()) == []  # nothing that a recomputation could update
-    expected = meta_gradient(model, params, batch, INNER_LR, 5)
-    got = meta_gradient(model, params, batch, INNER_LR, 5, checkpoint="segments", checkpoint_segment=2)
+    expected = meta_gradient(model, params, batch, spec(5))
+    got = meta_gradient(model, params, batch, spec(5, checkpoint="segments", checkpoint_segment=2))
     for name in params:
         assert torch.equal(got.grad_sum[name], expected.grad_sum[name]), name
 
@@ -191,7 +196,7 @@ def test_running_statistics_are_refused_before_any_step():
     model, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=True))
     with pytest.raises(ValueError, match=r"running statistics of 1 \(BatchNorm1d\) twice: build it with "
                                          r"track_running_stats=False"):
-        meta_gradient(model, params, batch, INNER_LR, 3, checkpoint="every_step")
+        meta_gradient(model, params, batch, spec(3, checkpoint="every_step"))
     assert model[1].num_batches_tracked.item() == 0
     check_recomputable(model.eval())  # evaluation mode reads the statistics but never updates them
 

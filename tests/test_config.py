@@ -44,7 +44,8 @@ def test_int_widens_to_float_but_not_the_other_way():
     (["inner.mode=truncated", "inner.steps=2", "inner.truncate=3"],
      "command line: inner.truncate = 3: must be between 0 and inner.steps (2)"),
     (["inner.mode=second_ordr"],
-     "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit"),
+     "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit, "
+     "reptile"),
     (["train.lr_schedule=linear"], "command line: train.lr_schedule = 'linear': must be one of constant, cosine"),
     (["model.hidden=[40, 0]"], "command line: model.hidden = [40, 0]: every width must be >= 1"),
     (["task.amplitude=[5, 1]"], "command line: task.amplitude = [5.0, 1.0]: must be [low, high] with low <= high"),
@@ -85,3 +86,54 @@ def test_every_field_is_documented():
     lines = describe().splitlines()
     assert len(lines) > 40
     assert all("  # " in line and not line.endswith("# ") for line in lines)
+
+
+def float_keys():
+    import dataclasses
+    import typing
+
+    from distmaml.config import Config
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        kind = typing.get_type_hints(Config)[section.name]
+        for spec in dataclasses.fields(kind):
+            hint = typing.get_type_hints(kind)[spec.name]
+            if hint is float or float in typing.get_args(hint) or hint == list[float]:
+                keys.append((f"{section.name}.{spec.name}", hint == list[float]))
+    return keys
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_every_float_setting_refuses_nan_and_infinities(value):
+    """Found by introspection, so a float key added later is covered too (a NaN cg_tol once trained nothing)."""
+    keys = float_keys()
+    assert {"implicit.cg_tol", "implicit.cg_damping", "train.grad_clip", "train.lr_min", "train.time_limit",
+            "inner.lr", "task.amplitude"} <= {key for key, _ in keys}
+    for key, is_list in keys:
+        given = f"[0.1, {value}]" if is_list else value
+        message = errors_of([f"{key}={given}"])
+        assert message.startswith(f"command line: {key} = ") and message.endswith(": must be a finite number"), message
+
+
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path):
+    assert errors_of([], tmp_path) == f"{tmp_path}: is a directory, not a config file"
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"run:\n  dir: \xff\xfe\n")
+    assert errors_of([], binary) == f"{binary}: not a text file (byte 12 is not UTF-8)"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# train:\n#   lr: 0.1\n")
+    assert errors_of([], empty) == f"{empty}: the file holds no settings (empty, or only comments)"
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text("inner:\n  steps: 2\n  lr: 0.1\n  steps: 3\n")
+    assert errors_of([], duplicate) == f"{duplicate}: line 4 not valid YAML (duplicate key 'steps' (first on line 2))"
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("train: 5\n")
+    assert errors_of([], scalar) == f"{scalar}: section 'train' must be a mapping of keys, got 5"
+
+
+def test_a_section_with_every_key_commented_out_is_an_empty_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  steps: 4\ntrain:\n  # lr: 0.1\n  # iterations: 5\n")
+    config = load_config(path)
+    assert config.inner.steps == 4 and config.train.lr == 1e-3

@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("override, message", [
     ("implicit.lam=0", "command line: implicit.lam = 0.0: must be > 0"),
     ("implicit.lam=-1.5", "command line: implicit.lam = -1.5: must be > 0"),
-    ("implicit.lam=.inf", "command line: implicit.lam = inf: must be > 0"),
+    ("implicit.lam=.inf", "command line: implicit.lam = inf: must be a finite number"),
     ("implicit.cg_steps=0", "command line: implicit.cg_steps = 0: must be >= 1"),
     ("implicit.cg_damping=-0.1", "command line: implicit.cg_damping = -0.1: must be >= 0"),
     ("implicit.cg_tol=-0.001", "command line: implicit.cg_tol = -0.001: must be >= 0"),

@@ -147,7 +147,9 @@ def run(cmd, timeout=240, **env):
 
 
 def weights(run_dir, iteration):
-    return load_checkpoint(checkpoint_path(Path(run_dir) / "checkpoints", iteration))["model"]
+    """Every meta-parameter of a checkpoint: the model's weights and any learned step sizes."""
+    state = load_checkpoint(checkpoint_path(Path(run_dir) / "checkpoints", iteration))
+    return {**state["model"], **state["rule"]}
 
 
 def assert_bitwise_equal(a, b):
@@ -251,10 +253,12 @@ def metrics(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["second_order", "first_order", "implicit"])
+@pytest.mark.parametrize("mode", ["second_order", "first_order", "implicit", "meta_sgd"])
 def test_two_processes_match_one(tmp_path, reference, mode):
-    """B = 5 over 2 ranks (3 + 2 tasks): the same weights and logged metrics as one process."""
-    overrides = [f"inner.mode={mode}", f"train.iterations={COMPARED}", "train.checkpoint_every=0"]
+    """B = 5 over 2 ranks (3 + 2 tasks): the same weights (and learned step sizes) and logged metrics
+    as one process."""
+    setting = ["inner.rule=meta_sgd", "inner.steps=2"] if mode == "meta_sgd" else [f"inner.mode={mode}"]
+    overrides = [*setting, f"train.iterations={COMPARED}", "train.checkpoint_every=0"]
     if mode == "implicit":
         # CG's stopping test (residual below cg_tol) can flip on a float32 rounding difference
         # between shardings and amplify it; in float64 the shards add up to the last bits.
@@ -265,6 +269,9 @@ def test_two_processes_match_one(tmp_path, reference, mode):
     if mode != "second_order":  # the reference run is second order
         two = tmp_path / "two"
         run(torchrun_cmd(two, *overrides), NPROC="2")
+    assert weights(one, COMPARED).keys() == weights(two, COMPARED).keys()
+    if mode == "meta_sgd":
+        assert len(weights(one, COMPARED)) == 12  # six weights, six learned step-size tensors
     assert max_abs_diff(weights(one, COMPARED), weights(two, COMPARED)) <= 1e-6
     # Logged metrics are reduced over ranks before rank 0 writes them: they describe all 5 tasks.
     for iteration, logged in metrics(one).items():
@@ -286,7 +293,7 @@ def test_accelerate_launch_matches_torchrun(tmp_path, reference):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: 2 gloo processes."""
     out = run(["bash", str(REPO / "launch/accelerate.sh"), *COMMON, f"run.dir={tmp_path}",
                f"train.iterations={COMPARED}"], NPROC="2", MAIN_PROCESS_PORT=str(free_port()))
-    assert "2 process(es), tasks 0..2 of 5 on this one (cpu)" in out, out
+    assert "2 process(es), tasks 0..2 of 5 on this one (cpu, " in out, out
     assert_bitwise_equal(weights(tmp_path, COMPARED), weights(reference, COMPARED))
 
 
@@ -349,3 +356,59 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path, reference)
     assert_bitwise_equal(weights(tmp_path, ITERATIONS), weights(reference, ITERATIONS))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {**summary, "status": "complete", "iteration": ITERATIONS, "world_size": 2}
+
+
+# ------------------------------------------------------------------------- faults between ranks
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_reported_then_fails_the_run_after_dist_timeout(tmp_path):
+    """SIGSTOP one worker: rank 0 says so while it waits, then the collective times out in one line."""
+    proc = start(torchrun_cmd(tmp_path, "train.iterations=100000", "train.checkpoint_every=0", "dist.timeout=12"),
+                 NPROC="2")
+    transcript = []
+    read_until(proc, "iter 20 ", transcript)
+    victim = worker_pid(proc.pid, rank=1)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        read_until(proc, "no iteration has finished for", transcript)
+        code, out = finish(proc, timeout=120)
+    finally:
+        for pid in process_tree(victim):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = "".join(transcript) + out
+    assert code != 0
+    waiting = [line for line in out.splitlines() if "no iteration has finished for" in line]
+    assert waiting and "the collective fails after dist.timeout = 12 s" in waiting[0]
+    errors = [line for line in out.splitlines() if "distmaml train: error: rank 0: a collective" in line]
+    assert errors and "dist.timeout = 12 s" in errors[0], out
+    assert "Traceback" not in out.split("no iteration has finished for")[1].split("distmaml train: error")[0]
+
+
+EXIT_SCRIPT = """
+import sys
+from distmaml.cli import main
+sys.exit(main(["train", "configs/sine_debug.yaml", "run.dir=" + sys.argv[1], "train.iterations=3",
+               "train.meta_batch=4", "train.log_every=1", "eval.at_end=false", "logging.progress=false",
+               "engine.memory_check=false"]))
+"""
+
+
+@pytest.mark.slow
+def test_distributed_runs_exit_normally_every_time(tmp_path):
+    """20 distributed process exits (10 two-rank runs) through the interpreter's normal shutdown:
+    none may abort ("terminate called without an active exception") or exit non-zero."""
+    for attempt in range(10):
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / f"run{attempt}")], cwd=REPO,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for rank in range(2)]
+        for proc in procs:
+            out = proc.communicate(timeout=120)[0]
+            assert proc.returncode == 0, out
+            assert "terminate called" not in out and "Traceback" not in out, out

@@ -6,8 +6,7 @@ import torch
 from distmaml import dist
 from distmaml.config import ConfigError, load_config
 from distmaml.engine import MetaStep, make_optimizer
-from distmaml.models import build_model
-from distmaml.tasks import build_task_family
+from distmaml.build import build
 from distmaml.tasks.rng import STREAM_TRAIN
 from distmaml.train import train
 from conftest import REPO
@@ -15,19 +14,18 @@ from conftest import REPO
 
 def run_steps(config, static, iterations=6):
     torch.manual_seed(0)
-    model = build_model(config)
-    params = dict(model.named_parameters())
-    optimizer = make_optimizer(params.values(), config.train.lr, torch.device("cpu"))
-    family = build_task_family(config, "cpu")
-    step = MetaStep(model, params, optimizer, family, config, dist.Context(), static=static)
+    learner = build(config)
+    optimizer = make_optimizer(learner.theta.values(), config.train.lr, torch.device("cpu"))
+    step = MetaStep(learner, optimizer, config, dist.Context(), static=static)
     outputs = [step(i) for i in range(iterations)]
-    return params, outputs, step
+    return learner.theta, outputs, step
 
 
-@pytest.mark.parametrize("mode", ["second_order", "first_order", "implicit"])
-def test_static_buffers_and_device_counter_give_the_eager_result(mode):
-    config = load_config(REPO / "configs/sine_debug.yaml", [f"inner.mode={mode}", "inner.steps=2",
-                                                            "train.grad_clip=5.0"])
+@pytest.mark.parametrize("overrides", [["inner.mode=second_order"], ["inner.mode=first_order"], ["inner.mode=implicit"],
+                                       ["inner.rule=lslr", "inner.multi_step_loss=true", "inner.multi_step_anneal=3",
+                                        "inner.first_order_iterations=2"]])
+def test_static_buffers_and_device_counter_give_the_eager_result(overrides):
+    config = load_config(REPO / "configs/sine_debug.yaml", [*overrides, "inner.steps=2", "train.grad_clip=5.0"])
     eager, eager_out, _ = run_steps(config, static=False)
     static, static_out, step = run_steps(config, static=True)
     for name in eager:
@@ -37,7 +35,7 @@ def test_static_buffers_and_device_counter_give_the_eager_result(mode):
 
 
 def test_sampling_with_a_device_iteration_counter_matches_python_ints():
-    family = build_task_family(load_config(None), "cpu")
+    family = build(load_config(None)).family
     indices = torch.arange(7)
     for iteration in (0, 1, 12345, 2 ** 32 - 1):
         a = family.sample(STREAM_TRAIN, iteration, indices)

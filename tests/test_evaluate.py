@@ -1,10 +1,21 @@
+import math
+
 import pytest
 import torch
 
 import distmaml.evaluate as ev  # noqa: E402
+from distmaml.meta import Inner, make_rule
 from distmaml.models import MLP
 from distmaml.tasks.rng import STREAM_EVAL
 from distmaml.tasks.sine import SineTasks
+
+
+def sgd(lr):
+    return Inner(make_rule("sgd", lr))
+
+
+def proximal(lr, lam, safeguard):
+    return Inner(make_rule("sgd", lr), mode="implicit", implicit={"lam": lam, "inner_safeguard": safeguard})
 
 
 @pytest.fixture
@@ -17,28 +28,27 @@ def setup():
 def test_batched_curves_equal_one_task_at_a_time(setup):
     model, params, family = setup
     batch = family.sample(STREAM_EVAL, 0, torch.arange(6), support=5, query=20)
-    curves = ev.adaptation_curves(model, params, batch, 0.02, 4, family)
+    curves = ev.adaptation_curves(model, params, batch, sgd(0.02), 4, family)
     assert curves["loss"].shape == (5, 6)
     for i in range(6):
-        task = batch.task(i)
-        losses = ev.test_adaptation(model, params, task.support_x, task.support_y, task.query_x, task.query_y,
-                                    0.02, 4, family.loss)
+        losses = ev.test_adaptation(model, batch.task(i), params, sgd(0.02), steps=4)
         assert torch.allclose(curves["loss"][:, i], torch.tensor(losses, dtype=torch.float64), rtol=1e-10)
 
 
 def test_evaluate_reports_mean_and_ci_per_step(setup):
     model, params, family = setup
-    result = ev.evaluate(model, params, family, inner_lr=0.02, steps=3, tasks=50, shots=5, query=30, chunk=16)
+    result = ev.evaluate(model, params, family, sgd(0.02), steps=3, tasks=50, shots=5, query=30, chunk=16)
     assert result["tasks"] == 50 and result["shots"] == 5
     assert [row["step"] for row in result["steps"]] == [0, 1, 2, 3]
     # Same numbers as computing all 50 tasks in one batch (chunking is invisible).
     batch = family.sample(STREAM_EVAL, 0, torch.arange(50), support=5, query=30)
-    losses = ev.adaptation_curves(model, params, batch, 0.02, 3, family)["loss"]
+    losses = ev.adaptation_curves(model, params, batch, sgd(0.02), 3, family)["loss"]
     for row, step_losses in zip(result["steps"], losses):
         assert row["loss"] == pytest.approx(step_losses.mean().item(), rel=1e-12)
         assert row["loss_ci95"] == pytest.approx(1.96 * step_losses.std().item() / 50 ** 0.5, rel=1e-9)
     table = ev.format_table(result)
-    assert table.splitlines()[0] == "| steps | query loss (95% CI) | support loss (95% CI) |"
+    assert table.splitlines()[0] == ("| steps | query loss (mean ± 95% CI) | query loss (median [IQR]) | "
+                                     "support loss (mean ± 95% CI) | support loss (median [IQR]) | diverged tasks |")
     assert len(table.splitlines()) == 6
 
 
@@ -52,10 +62,86 @@ def test_safeguarded_proximal_evaluation_adapts_as_implicit_training_does(setup)
     model, params, family = setup
     batch = family.sample(STREAM_EVAL, 0, torch.arange(5), support=10, query=20)
     lam, lr, steps = 2.0, 0.3, 4  # a step the cap must shorten for these tasks
-    curves = ev.adaptation_curves(model, params, batch, lr, steps, family, prox_lam=lam, prox_safeguard=True)
+    curves = ev.adaptation_curves(model, params, batch, proximal(lr, lam, safeguard=True), steps, family)
     phi = regularised_adapt(model, params, batch.support_x, batch.support_y, lr, steps, lam, family.loss,
                             safeguard=True)
     expected = ev.query_metrics(model, phi, True, batch.query_x, batch.query_y, family)["loss"]
     torch.testing.assert_close(curves["loss"][-1], expected, rtol=1e-10, atol=0)
-    plain = ev.adaptation_curves(model, params, batch, lr, steps, family, prox_lam=lam)
+    plain = ev.adaptation_curves(model, params, batch, proximal(lr, lam, safeguard=False), steps, family)
     assert not torch.allclose(plain["loss"][-1], curves["loss"][-1], rtol=1e-3)
+
+
+def plant_blow_up(monkeypatch, task_index=7, scale=1e6):
+    """Every evaluation batch gets one task whose support targets are `scale` times too large: its
+    inner gradient steps explode, so its query loss becomes huge or non-finite after a few steps."""
+    from distmaml.tasks.sine import SineTasks
+
+    original = SineTasks.sample
+
+    def sample(self, stream, iteration, indices, **kwargs):
+        batch = original(self, stream, iteration, indices, **kwargs)
+        if stream == STREAM_EVAL:
+            planted = (indices == task_index)[:, None, None]
+            batch = batch._replace(support_y=torch.where(planted, batch.support_y * scale, batch.support_y))
+        return batch
+
+    monkeypatch.setattr(SineTasks, "sample", sample)
+
+
+def test_evaluation_counts_a_diverged_task_and_never_reports_its_mean(setup, monkeypatch):
+    model, params, family = setup
+    plant_blow_up(monkeypatch)
+    result = ev.evaluate(model, params, family, sgd(0.02), steps=6, tasks=40, shots=5, query=20)
+    steps = result["steps"]
+    assert steps[0]["diverged"] == 0 and steps[-1]["diverged"] == 1 and steps[-1]["diverged_fraction"] == 1 / 40
+    # The median of 40 tasks does not notice one blown-up task; the worst task is reported as such.
+    assert steps[-1]["loss_median"] < 10 and not steps[-1]["loss_max"] < 1e6
+    table = ev.format_table(result)
+    last = table.splitlines()[-1]
+    assert "diverged (1 tasks)" in last and last.endswith("| 1 / 40 |")
+    assert "e+" not in table and "nan" not in table and "inf" not in table
+    warning = ev.divergence_warning(result)
+    assert warning.startswith("1 of 40 tasks diverged within 6 step(s), the first at step ")
+    line = ev.final_line(result)
+    assert line.startswith("eval on 40 fresh tasks: query loss ") and "1 of 40 tasks diverged" in line
+    assert "e+" not in line and "nan" not in line
+
+
+def test_distribution_of_values_with_non_finite_tasks():
+    stats = ev.distribution(torch.tensor([1.0, 2.0, 3.0, float("nan")]))
+    assert math.isnan(stats[""]) and math.isnan(stats["_ci95"]) and math.isnan(stats["_max"])
+    assert stats["_median"] == 2.5 and stats["_q25"] == 1.75
+    assert math.isnan(stats["_q75"])  # between 3 and the non-finite value, which ranks highest
+    finite = ev.distribution(torch.tensor([4.0, 1.0, 3.0, 2.0, 5.0]))
+    assert finite == {"": 3.0, "_ci95": pytest.approx(1.96 * 2.5 ** 0.5 / 5 ** 0.5), "_median": 3.0, "_q25": 2.0,
+                      "_q75": 4.0, "_max": 5.0}
+
+
+def test_evaluation_tasks_depend_on_the_evaluation_seed_only(setup):
+    """Runs of different training seeds are compared on the same tasks (eval.seed)."""
+    model, params, _ = setup
+    one = ev.evaluate(model, params, SineTasks(seed=1, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
+    two = ev.evaluate(model, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
+    other = ev.evaluate(model, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=8)
+    assert one["steps"] == two["steps"] and one["steps"] != other["steps"]
+
+
+def test_evaluation_adapts_with_the_learned_rule(setup):
+    """A Meta-SGD run is evaluated with its learned step sizes, as its training adapted."""
+    from distmaml.meta import reference_adapt
+    from distmaml.meta.functional import functional_forward
+
+    model, params, family = setup
+    spec = Inner(make_rule("meta_sgd", 0.02), steps=3)
+    learned = {name: value * torch.linspace(0.5, 3.0, value.numel(), dtype=value.dtype).view_as(value)
+               for name, value in spec.rule.parameters({k: v.detach() for k, v in params.items()}).items()}
+    theta = {**params, **learned}
+    batch = family.sample(STREAM_EVAL, 0, torch.arange(4), support=5, query=20)
+    curves = ev.adaptation_curves(model, theta, batch, spec, 3, family)
+    for i in range(4):
+        task = batch.task(i)
+        weights = reference_adapt(model, theta, task.support_x, task.support_y, spec, differentiated=0)[-1]
+        expected = family.loss(functional_forward(model, weights, task.query_x), task.query_y)
+        torch.testing.assert_close(curves["loss"][3, i], expected.detach(), rtol=1e-10, atol=0)
+    plain = ev.adaptation_curves(model, params, batch, sgd(0.02), 3, family)
+    assert not torch.allclose(plain["loss"][3], curves["loss"][3], rtol=1e-3)

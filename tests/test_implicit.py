@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distmaml.meta import adapt, meta_gradient, regularised_adapt
+from distmaml.meta import Inner, adapt, make_rule, meta_gradient, regularised_adapt
 from distmaml.meta.implicit import implicit_meta_gradient, implicit_meta_gradient_loop
 from distmaml.models import MLP
 from distmaml.tasks import TaskBatch
@@ -215,14 +215,13 @@ def test_meta_gradient_dispatches_implicit_and_adapt_refuses_it():
     batch = sine_batch(4)
     settings = dict(lam=1.0, cg_steps=5, cg_damping=0.0, cg_tol=1e-10)
     direct = implicit_meta_gradient(model, params, batch, 0.01, 3, **settings)
-    dispatched = meta_gradient(model, params, batch, 0.01, 3, mode="implicit", implicit=settings)
+    spec = Inner(make_rule("sgd", 0.01), 3, mode="implicit", implicit=settings)
+    dispatched = meta_gradient(model, params, batch, spec)
     for name in params:
         assert torch.equal(direct.grad_sum[name], dispatched.grad_sum[name])
     assert dispatched.stats["cg_residual"].shape == (4,)
-    with pytest.raises(ValueError, match="needs implicit="):
-        meta_gradient(model, params, batch, 0.01, 3, mode="implicit")
-    with pytest.raises(ValueError, match="regularised_adapt"):
-        adapt(model, params, batch.support_x, batch.support_y, 0.01, 3, mode="implicit")
+    with pytest.raises(ValueError, match="distmaml.meta.implicit"):
+        adapt(model, params, batch.support_x, batch.support_y, spec)
 
 
 def test_implicit_inner_loop_keeps_no_graph_and_starts_at_theta():
@@ -260,7 +259,8 @@ def test_training_with_implicit_gradients_lowers_post_adaptation_loss():
     residuals = []
     for iteration in range(200):
         batch = tasks.sample(STREAM_TRAIN, iteration, torch.arange(meta_batch))
-        result = meta_gradient(model, params, batch, inner_lr, inner_steps, mode="implicit", implicit=settings)
+        result = meta_gradient(model, params, batch, Inner(make_rule("sgd", inner_lr), inner_steps, mode="implicit",
+                                                           implicit=settings))
         residuals.append(result.stats["cg_residual"].mean().item())
         for name, value in params.items():
             value.grad = result.grad_sum[name] / meta_batch

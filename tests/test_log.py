@@ -60,3 +60,52 @@ def test_null_logger_accepts_everything():
     logger.summary({})
     logger.close()
     assert logger.wandb_run is None
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
+    """A full disk mid-append leaves half a line; it once blocked every later resume with a traceback."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(metrics(10, 0.5)) + "\n" + json.dumps(metrics(20, 0.4)) + "\n" + '{"iteration": 30, "me')
+    logger = RunLogger(tmp_path, {}, progress=False)
+    with caplog.at_level("WARNING"):
+        logger.start(20, 40)
+    logger.log(metrics(30, 0.3))
+    logger.close()
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [10, 20, 30]
+    assert f"{path}: its last line is torn or not JSON; dropped it" in caplog.text
+
+
+def test_wandb_online_without_an_api_key_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from distmaml.errors import ConfigError
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ConfigError) as refused:
+        RunLogger(tmp_path / "run", {}, progress=False, wandb=True, wandb_mode="online")
+    assert str(refused.value) == ("logging.wandb_mode = online: wandb has no API key (set WANDB_API_KEY or run "
+                                  "`wandb login`), or use logging.wandb_mode=offline")
+
+
+def test_an_unreachable_wandb_server_costs_the_timeout_then_logs_offline(tmp_path, monkeypatch, caplog):
+    import socket
+    import time
+
+    pytest.importorskip("wandb")
+    with socket.socket() as sock:  # a port on this machine that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    started = time.monotonic()
+    with caplog.at_level("WARNING"):
+        logger = RunLogger(tmp_path, {}, progress=False, wandb=True, wandb_mode="auto", wandb_timeout=3)
+    assert time.monotonic() - started < 20
+    assert logger.wandb_run.settings.mode == "offline"
+    assert "wandb could not reach its server within logging.wandb_timeout = 3 s" in caplog.text
+    logger.log(metrics(10, 0.5))
+    logger.close()

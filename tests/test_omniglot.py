@@ -98,7 +98,7 @@ def test_loader_reads_layout_and_reuses_its_cache(tmp_path, monkeypatch, as_zip)
     assert len(files) == 2 and not list(root.rglob("*.npy"))
     mtimes = {f: f.stat().st_mtime_ns for f in files}
 
-    def no_decoding(png):
+    def no_decoding(png, where):
         raise AssertionError("decoded a PNG although the cache was valid")
 
     monkeypatch.setattr(omniglot_data, "_to_array", no_decoding)
@@ -271,22 +271,26 @@ def _conv4_problem(real_data):
 @pytest.mark.parametrize("mode,truncate", [("second_order", None), ("first_order", None), ("truncated", 1)])
 def test_conv4_batched_engine_matches_per_task_loop(real_data, mode, truncate):
     model, params, batch = _conv4_problem(real_data)
-    batched = meta.meta_gradient(model, params, batch, 0.4, 2, mode, truncate, loss_fn=cross_entropy)
-    grads, losses = meta.meta_gradient_loop(model, params, batch, 0.4, 2, mode, truncate, loss_fn=cross_entropy)
+    spec = meta.Inner(meta.make_rule("sgd", 0.4), 2, cross_entropy, mode, truncate)
+    batched = meta.meta_gradient(model, params, batch, spec)
+    looped = meta.meta_gradient_loop(model, params, batch, spec)
+    grads, losses = looped.grad_sum, looped.task_losses
     assert torch.allclose(batched.task_losses, losses, rtol=1e-12, atol=0)
     for name, value in grads.items():
         error = (batched.grad_sum[name] - value).norm() / value.norm()
         assert error < 1e-10, (name, float(error))
     if mode == "second_order":
-        first = meta.meta_gradient(model, params, batch, 0.4, 2, "first_order", loss_fn=cross_entropy)
+        first = meta.meta_gradient(model, params, batch, meta.Inner(meta.make_rule("sgd", 0.4), 2, cross_entropy,
+                                                                    "first_order"))
         assert (first.grad_sum["classifier.weight"] - grads["classifier.weight"]).norm() > 1e-6
 
 
 def test_conv4_checkpointed_unroll_is_exact(real_data):
     """Recomputing inner steps through batch-statistics norm gives the stored-graph meta-gradient."""
     model, params, batch = _conv4_problem(real_data)
-    stored = meta.meta_gradient(model, params, batch, 0.4, 4, loss_fn=cross_entropy)
-    recomputed = meta.meta_gradient(model, params, batch, 0.4, 4, loss_fn=cross_entropy, checkpoint="every_step")
+    stored = meta.meta_gradient(model, params, batch, meta.Inner(meta.make_rule("sgd", 0.4), 4, cross_entropy))
+    recomputed = meta.meta_gradient(model, params, batch, meta.Inner(meta.make_rule("sgd", 0.4), 4, cross_entropy,
+                                                                     checkpoint="every_step"))
     for name, value in stored.grad_sum.items():
         assert torch.equal(recomputed.grad_sum[name], value), name
 
@@ -314,3 +318,64 @@ def test_config_checks_and_builders(real_data, real_cache):
 def test_configs_load(name):
     config = load_config(REPO / f"configs/{name}.yaml")
     assert config.task.family == "omniglot" and config.model.kind == "conv4"
+
+
+def test_a_truncated_or_corrupt_zip_is_one_line_naming_the_file(tmp_path):
+    root = _write_fake(tmp_path / "data", as_zip=True)
+    archive = root / "images_background.zip"
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[:len(whole) // 2])  # a download cut short
+    with pytest.raises(OmniglotDataError) as cut:
+        load_omniglot(root, tmp_path / "cache")
+    assert str(cut.value).startswith(f"{archive}: not a readable zip archive (") and "\n" not in str(cut.value)
+    # A flipped byte inside one compressed drawing: the archive opens, that entry does not.
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as rewritten:
+        with zipfile.ZipFile(io.BytesIO(whole)) as original:
+            for name in original.namelist():
+                rewritten.writestr(name, original.read(name))
+    with zipfile.ZipFile(archive) as reread:
+        entry = reread.infolist()[0]
+    data = bytearray(archive.read_bytes())
+    # Past the entry's 30-byte local header and its name: a byte of its compressed data.
+    data[entry.header_offset + 30 + len(entry.filename) + entry.compress_size // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(OmniglotDataError) as damaged:
+        load_omniglot(root, tmp_path / "cache")
+    assert str(damaged.value).startswith(f"{archive}: ") and "download" in str(damaged.value)
+    assert "\n" not in str(damaged.value)
+
+
+def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    root = _write_fake(tmp_path / "data", as_zip=False)
+    cache = tmp_path / "cache"
+    first = load_omniglot(root, cache)
+    (array_path,) = cache.glob("*.npy")
+    raw = bytearray(array_path.read_bytes())
+    raw[-5] ^= 0x01  # same size, one pixel changed: shape checks cannot see it
+    array_path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        again = load_omniglot(root, cache)
+    assert np.array_equal(again.images, first.images)
+    assert "damaged (its checksum does not match); rebuilding it" in caplog.text
+    assert np.array_equal(np.load(array_path), first.images)  # the rebuilt cache is intact
+
+
+def test_eval_of_a_run_whose_data_moved_and_plot_of_a_classification_run(tmp_path):
+    from conftest import run_cli
+
+    root = _write_fake(tmp_path / "data", as_zip=True)
+    run = tmp_path / "run"
+    run_cli(["train", "configs/omniglot_debug.yaml", f"run.dir={run}", f"data.root={root}", "data.split=background",
+             f"data.cache_dir={tmp_path / 'cache'}", "train.iterations=2", "train.meta_batch=2", "eval.at_end=false",
+             "task.ways=2", "task.query=2", "eval.query=2"])
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    proc = run_cli(["eval", str(run), "--tasks", "4"], check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"distmaml eval: error: data.root={root} (no such folder)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(["eval", str(run), "--tasks", "4", "--data-root", str(moved)])
+    assert "4 fresh tasks, 1-shot" in proc.stdout
+    proc = run_cli(["plot", str(run), str(tmp_path / "fig.png"), "--data-root", str(moved)], check=False)
+    assert proc.returncode == 2 and "distmaml plot draws regression tasks (the sine family); this run is omniglot " \
+        "classification" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -21,3 +21,23 @@ def test_inner_steps_study_writes_table_json_and_plot(tmp_path):
     table = (tmp_path / "study.md").read_text().splitlines()
     assert table[0] == "30 meta-iterations per run." and len(table) == 2 + 2 + 4
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_study_trains_each_seed_and_evaluates_all_on_the_same_tasks(tmp_path):
+    from distmaml.study import run_seeds_study
+
+    report = run_seeds_study(REPO / "configs/sine_debug.yaml", tmp_path, seeds=[0, 1], threads=[1], shots=[5, 10],
+                             steps=3, tasks=20, jobs=2, overrides=["train.iterations=30", "train.log_every=10"])
+    assert [(run["seed"], run["threads"]) for run in report["runs"]] == [(0, 1), (1, 1)]
+    for run in report["runs"]:
+        assert [row["step"] for row in run["eval"]["5"]["steps"]] == [0, 1, 2, 3]
+        assert [i for i, _ in run["sharpness"]] == [10, 20, 30] and all(v > 0 for _, v in run["sharpness"])
+    seed0, seed1 = (run["eval"]["5"]["steps"][0]["loss"] for run in report["runs"])
+    assert seed0 != seed1  # different weights...
+    rows = report["over_runs"]["5"]
+    assert rows[2]["mean"] == (report["runs"][0]["eval"]["5"]["steps"][2]["loss"]
+                               + report["runs"][1]["eval"]["5"]["steps"][2]["loss"]) / 2
+    assert json.loads((tmp_path / "seeds.json").read_text())["over_runs"]["10"][3]["diverged_tasks"] == 0
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| 5 | " in table and "| 10 | " in table and "| 1 | 1 | " in table
+    assert (tmp_path / "seeds.png").read_bytes()[:4] == b"\x89PNG"

@@ -76,13 +76,35 @@ def test_cosine_schedule_ends_at_lr_min():
     assert learning_rate(config, 100) == pytest.approx(0.001)
 
 
-def test_diverging_run_stops_with_a_clear_error_and_keeps_good_checkpoints(tmp_path):
-    config = debug_config(tmp_path, "inner.lr=1000", "train.lr=1000", "train.log_every=5",
-                          "train.checkpoint_every=1", "train.iterations=50")
-    with pytest.raises(FloatingPointError, match=r"iteration \d+: (meta-loss is nan|weights are not finite)"):
-        train(config)
-    for path in list_checkpoints(tmp_path / "checkpoints"):
-        assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
+def test_a_diverging_run_stops_at_once_names_the_last_good_checkpoint_and_writes_strict_json(tmp_path):
+    common = ["train.log_every=50", "train.checkpoint_every=5", "eval.at_end=false"]
+    train(debug_config(tmp_path, "train.iterations=10", *common))
+    # The same run continued with a loss bound it cannot meet: it stops after its first iteration.
+    summary = train(debug_config(tmp_path, "train.iterations=20", "train.max_meta_loss=1e-6", *common))
+    assert summary["status"] == "diverged" and summary["diverged_at"] == summary["iteration"] == 11
+    good = str(tmp_path / "checkpoints/ckpt_00000010.pt")
+    assert summary["last_good_checkpoint"] == good
+    assert summary["error"].startswith("training diverged at iteration 11: the meta-loss or meta-gradient was "
+                                       "not finite or above train.max_meta_loss = 1e-06; stopped without writing a "
+                                       f"checkpoint; the last good checkpoint is {good} (iteration 10)")
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_a_run_gone_to_nan_exits_1_with_one_line_and_no_checkpoint(tmp_path):
+    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", "inner.lr=1000", "train.lr=1000",
+                    "train.checkpoint_every=1", "train.iterations=50"], check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "distmaml train: error: training diverged at iteration 1: the meta-loss or meta-gradient was not finite")
+    assert "Traceback" not in proc.stderr and "| steps |" not in proc.stdout
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+    def refuse(token):
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["status"] == "diverged" and summary["last_good_checkpoint"] is None and "eval" not in summary
 
 
 def test_per_task_loop_engine_trains_identically(tmp_path):
@@ -97,7 +119,7 @@ def test_per_task_loop_engine_trains_identically(tmp_path):
 def test_cli_train_eval_plot(tmp_path):
     run = tmp_path / "run"
     out = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={run}", "train.iterations=60", "eval.tasks=50"])
-    assert "| steps | query loss (95% CI) |" in out.stdout
+    assert "| steps | query loss (mean ± 95% CI) | query loss (median [IQR]) |" in out.stdout
     result_json = tmp_path / "eval.json"
     out = run_cli(["eval", str(run), "--tasks", "40", "--shots", "5", "--steps", "3", "--json", str(result_json)])
     assert "40 fresh tasks, 5-shot" in out.stdout
@@ -124,3 +146,120 @@ def test_time_limit_stops_cleanly_checkpoints_and_evaluates(tmp_path):
     assert summary["status"] == "time_limit" and 0 < summary["iteration"] < 1000000
     assert summary["eval"]["steps"][-1]["loss"] > 0
     assert load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["iteration"] == summary["iteration"]
+
+
+def test_a_diverging_evaluation_is_counted_flagged_and_written_as_strict_json(tmp_path, monkeypatch, capfd):
+    from test_evaluate import plant_blow_up
+
+    plant_blow_up(monkeypatch, task_index=3, scale=1e8)
+    summary = train(debug_config(tmp_path, "train.iterations=200", "eval.tasks=50", "eval.steps=10"))
+    last = summary["eval"]["steps"][-1]
+    assert last["diverged"] == 1 and last["loss_median"] < 10
+    assert summary["status"] == "complete" and summary["warnings"][0].startswith("eval: 1 of 50 tasks diverged")
+
+    def refuse(token):
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert written["eval"]["steps"][-1]["diverged"] == 1
+    logged = capfd.readouterr().err.splitlines()
+    final = [line.split("INFO distmaml.train: ")[1] for line in logged if "INFO distmaml.train: eval on" in line]
+    assert len(final) == 1 and final[0].startswith("eval on 50 fresh tasks: query loss ")
+    assert "median" in final[0] and "1 of 50 tasks diverged" in final[0]
+    assert "e+" not in final[0] and "nan" not in final[0] and "inf" not in final[0]
+    assert any("WARNING distmaml.train: eval: 1 of 50 tasks diverged within 10 step(s), the first at step 1"
+               in line for line in logged)
+
+
+def test_engine_threads_sets_the_process_thread_count(tmp_path):
+    train(debug_config(tmp_path, "train.iterations=2", "eval.at_end=false", "engine.threads=2"))
+    assert torch.get_num_threads() == 2  # (the test fixture restores the count afterwards)
+    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path / 'cli'}", "train.iterations=2",
+                    "eval.at_end=false", "engine.threads=3"], env={"OMP_NUM_THREADS": "1"})
+    assert "3 CPU thread(s)" in proc.stderr
+
+
+def test_truncated_normal_init_is_the_maml_reference_codes():
+    from distmaml.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.init=truncated_normal", "model.init_std=0.01",
+                                           "model.hidden=[400, 400]"]))
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+    middle = weights[1].detach()
+    assert middle.abs().max() <= 0.02 and 0.007 < middle.std() < 0.0095  # cut at 2 std: std 0.88 * 0.01
+    torch.manual_seed(0)
+    default = build_model(load_config(None, ["model.hidden=[400, 400]"]))
+    assert default.net[2].weight.abs().max() > 0.04  # PyTorch's Kaiming-uniform, bound 1/sqrt(400)
+
+
+# ------------------------------------------------------------------------------ inner rules
+
+
+def test_sine_debug_gives_the_numbers_it_always_gave(tmp_path):
+    """Pins the default SGD path and the task stream: these are the values before learned rules existed
+    (torch 2.13 CPU, one thread); a change of either moves them."""
+    train(debug_config(tmp_path, "eval.at_end=false"))
+    logged = [json.loads(line)["meta_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([3.4595892, 2.9673573, 2.6548293, 2.0918427, 1.927581, 1.6565203, 1.5785955,
+                                    1.4488685], rel=1e-6)
+    weights = final_state(tmp_path)["model"]
+    sums = {name: float(value.double().sum()) for name, value in weights.items()}
+    assert sums == pytest.approx({"net.0.weight": -2.4132066, "net.0.bias": 0.3207346, "net.2.weight": -46.9782703,
+                                  "net.2.bias": -0.3416375, "net.4.weight": -3.0887308, "net.4.bias": 0.2929431},
+                                 rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["inner.rule=rmsprop"], "command line: inner.rule = 'rmsprop': must be one of sgd, meta_sgd, lslr, momentum, adam"),
+    (["inner.rule=momentum"], "command line: inner.momentum = None: inner.rule = momentum needs inner.momentum (a "
+                              "coefficient in [0, 1), e.g. 0.9)"),
+    (["inner.rule=momentum", "inner.momentum=1.0"], "command line: inner.momentum = 1.0: must be in [0, 1)"),
+    (["inner.lr=-0.01"], "command line: inner.lr = -0.01: must be > 0"),
+    (["inner.rule=adam", "inner.betas=[0.9, 1.5]"], "command line: inner.betas = [0.9, 1.5]: must be two numbers in "
+                                                    "[0, 1)"),
+    (["inner.rule=adam", "inner.mode=implicit"], "command line: inner.rule = 'adam': implicit mode takes plain SGD "
+                                                 "steps: its gradient formula assumes the solution of the regularised "
+                                                 "inner problem, not the path of another rule"),
+    (["inner.rule=meta_sgd", "inner.mode=reptile"], "command line: inner.rule = 'meta_sgd': Reptile's meta-gradient "
+                                                    "theta - phi_K gives learned step sizes no gradient"),
+])
+def test_bad_inner_settings_are_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as refused:
+        load_config(REPO / "configs/sine_debug.yaml", overrides)
+    assert str(refused.value) == expected
+
+
+def test_an_adapt_prefix_that_matches_no_weight_is_one_line(tmp_path):
+    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", "inner.adapt=[head]"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("distmaml train: error: inner.adapt = ['head']: no weight of the model starts with "
+                                   "'head' (its weights: net.0.weight, net.0.bias, net.2.weight, net.2.bias, "
+                                   "net.4.weight, net.4.bias)")
+
+
+@pytest.mark.parametrize("rule", ["meta_sgd", "lslr"])
+def test_learned_step_sizes_are_trained_checkpointed_and_resume_bit_exactly(tmp_path, rule):
+    common = [f"inner.rule={rule}", "inner.steps=2", "train.checkpoint_every=0", "eval.at_end=false",
+              "train.log_every=7"]
+    train(debug_config(tmp_path / "straight", "train.iterations=30", *common))
+    train(debug_config(tmp_path / "split", "train.iterations=13", *common))
+    train(debug_config(tmp_path / "split", "train.iterations=30", *common))
+    straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert straight["rule"].keys() == {f"inner.lr.{name}" for name in straight["model"]}
+    for name, value in straight["rule"].items():
+        assert torch.equal(value, split["rule"][name]), name
+        assert not torch.all(value == 0.01), name  # the outer Adam moved them from inner.lr
+    for name, value in straight["model"].items():
+        assert torch.equal(value, split["model"][name]), name
+
+
+def test_anil_and_reptile_train_and_evaluate(tmp_path):
+    anil = train(debug_config(tmp_path / "anil", "inner.adapt=[net.4]", "inner.steps=3", "eval.tasks=40"))
+    reptile = train(debug_config(tmp_path / "reptile", "inner.mode=reptile", "inner.steps=5", "inner.lr=0.02",
+                                 "train.lr=0.003", "eval.tasks=40"))
+    for summary in (anil, reptile):
+        steps = summary["eval"]["steps"]
+        assert summary["status"] == "complete" and steps[-1]["loss"] < steps[0]["loss"]

@@ -21,12 +21,11 @@ buffers), so running a segment twice updates no state twice.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-
-from distmaml.meta.functional import Params
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 CHECKPOINTS = ("none", "every_step", "segments", "auto")
 
@@ -77,20 +76,26 @@ def check_recomputable(model: nn.Module) -> None:
                              f"track_running_stats=False (batch statistics) or use checkpoint='none'")
 
 
-def recomputed(segment_fn: Callable[..., Params], params: Params, *data: torch.Tensor) -> Params:
-    """segment_fn(params, *data), keeping only its inputs for the backward pass, which reruns it.
+def recomputed(segment_fn: Callable[..., Any], inputs: Any, *data: torch.Tensor) -> Any:
+    """segment_fn(inputs, *data), keeping only its inputs for the backward pass, which reruns it.
 
-    `data` (e.g. the support set) is passed explicitly rather than captured, so that gradients with
-    respect to it, should anything ask for them, are computed rather than silently dropped.
+    `inputs` is any tree (dicts, lists) of tensors: the weights a segment starts from, the rule's
+    state and learned step sizes, weights the inner loop holds fixed. Every tensor the segment
+    reads must be passed here rather than captured, so that its gradient is computed by the
+    recomputation instead of silently dropped; `data` (the support set) likewise. The result is a
+    tree of new tensors (never one of the inputs).
     """
-    names = list(params)
+    leaves, spec = tree_flatten(inputs)
+    result_spec = []
 
     def flat_fn(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        result = segment_fn(dict(zip(names, tensors[:len(names)])), *tensors[len(names):])
-        return tuple(result[name] for name in names)
+        result = segment_fn(tree_unflatten(list(tensors[:len(leaves)]), spec), *tensors[len(leaves):])
+        flat, structure = tree_flatten(result)
+        result_spec[:] = [structure]
+        return tuple(flat)
 
-    outputs = _Recompute.apply(flat_fn, *params.values(), *data)
-    return dict(zip(names, outputs))
+    outputs = _Recompute.apply(flat_fn, *leaves, *data)
+    return tree_unflatten(list(outputs), result_spec[0])
 
 
 class _Recompute(torch.autograd.Function):

@@ -35,10 +35,8 @@ import torch
 from torch import nn
 from torch.func import grad, grad_and_value, jvp, vmap
 
-from distmaml.meta.batched import MetaGradient
-from distmaml.meta.functional import LossFn, Params, detached, functional_forward
-from distmaml.tasks import TaskBatch
-from distmaml.tasks.sine import mse
+from distmaml.meta.functional import LossFn, MetaGradient, Params, TaskBatch, detached, functional_forward, mse
+from distmaml.meta.hessian import per_task, support_hvp, task_dot
 
 
 def regularised_adapt(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
@@ -64,7 +62,7 @@ def regularised_step(model: nn.Module, phi: Params, theta: Params, support_x: to
     """One SGD step of every task (phi has a leading task dimension) on L_support + lam/2 ||phi - theta||^2."""
     if safeguard:
         inner_grads, step = safeguarded_step_sizes(model, phi, theta, support_x, support_y, inner_lr, lam, loss_fn)
-        return {name: (phi[name] - _per_task(step, phi[name]) * inner_grads[name]).detach() for name in phi}
+        return {name: (phi[name] - per_task(step, phi[name]) * inner_grads[name]).detach() for name in phi}
 
     def task_step(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> Params:
         grads = grad(lambda p: loss_fn(functional_forward(model, p, task_x), task_y))(point)
@@ -88,24 +86,14 @@ def safeguarded_step_sizes(model: nn.Module, phi: Params, theta: Params, support
     differentiates, is unchanged. Where the curvature along g is not positive the step is inner_lr.
     Vectorised over tasks (no host sync).
     """
-    support_grads, hessian_vector = _double_backward_hvp(model, phi, support_x, support_y, loss_fn)
+    support_grads, hessian_vector = support_hvp(model, phi, support_x, support_y, loss_fn)
     inner_grads = {name: support_grads[name] + lam * (phi[name] - theta[name]) for name in phi}
-    squared = _task_dot(inner_grads, inner_grads)
-    curvature = _task_dot(inner_grads, hessian_vector(inner_grads)) + lam * squared
+    squared = task_dot(inner_grads, inner_grads)
+    curvature = task_dot(inner_grads, hessian_vector(inner_grads)) + lam * squared
     positive = curvature > 0
     cauchy = squared / torch.where(positive, curvature, torch.ones_like(curvature))
     step = torch.where(positive, cauchy.clamp(max=inner_lr), torch.full_like(cauchy, inner_lr))
     return inner_grads, step.detach()
-
-
-def _task_dot(a: Params, b: Params) -> torch.Tensor:
-    """[n] inner product of each task's slice of two batched parameter dicts."""
-    return sum((a[name] * b[name]).flatten(1).sum(1) for name in a)
-
-
-def _per_task(scale: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """[n] -> broadcastable against a batched parameter [n, ...]."""
-    return scale.reshape(-1, *([1] * (value.dim() - 1)))
 
 
 def batched_cg(matvec, rhs: Params, cg_steps: int, cg_tol: float,
@@ -123,7 +111,7 @@ def batched_cg(matvec, rhs: Params, cg_steps: int, cg_tol: float,
     x = {name: torch.zeros_like(value) for name, value in rhs.items()}
     r = dict(rhs)
     p = dict(rhs)
-    rr = _task_dot(r, r)
+    rr = task_dot(r, r)
     rhs_norm = rr.sqrt()
     running = rr > cg_tol
     steps_taken = torch.zeros_like(rr, dtype=torch.long)
@@ -131,14 +119,14 @@ def batched_cg(matvec, rhs: Params, cg_steps: int, cg_tol: float,
         if stop_early and not bool(running.any()):
             break
         Ap = matvec(p)
-        pAp = _task_dot(p, Ap)
+        pAp = task_dot(p, Ap)
         running = running & (pAp > 0)
         alpha = torch.where(running, rr / torch.where(running, pAp, torch.ones_like(pAp)), torch.zeros_like(rr))
-        x = {name: x[name] + _per_task(alpha, x[name]) * p[name] for name in x}
-        r = {name: r[name] - _per_task(alpha, r[name]) * Ap[name] for name in r}
-        rr_next = _task_dot(r, r)
+        x = {name: x[name] + per_task(alpha, x[name]) * p[name] for name in x}
+        r = {name: r[name] - per_task(alpha, r[name]) * Ap[name] for name in r}
+        rr_next = task_dot(r, r)
         beta = torch.where(running, rr_next / torch.where(running, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = {name: torch.where(_per_task(running, p[name]), r[name] + _per_task(beta, p[name]) * p[name], p[name])
+        p = {name: torch.where(per_task(running, p[name]), r[name] + per_task(beta, p[name]) * p[name], p[name])
              for name in p}
         steps_taken = steps_taken + running.long()
         rr = rr_next
@@ -146,32 +134,6 @@ def batched_cg(matvec, rhs: Params, cg_steps: int, cg_tol: float,
     relative = torch.where(rhs_norm > 0, rr.sqrt() / torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rr)),
                            torch.zeros_like(rr))
     return x, relative, steps_taken
-
-
-def _double_backward_hvp(model: nn.Module, phi: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                         loss_fn: LossFn):
-    """(support gradients, p -> H_i p_i) for every task; the products differentiate one retained
-    graph of the batched support gradient.
-
-    Task i's gradient depends on phi_i alone, so one vector-Jacobian product of the stacked
-    gradients with the stacked p gives every task's own H_i p_i (H_i is symmetric).
-    """
-    points = {name: value.detach().requires_grad_() for name, value in phi.items()}
-
-    def support_loss(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_forward(model, point, task_x), task_y)
-
-    with torch.enable_grad():
-        grads = vmap(grad(support_loss))(points, support_x, support_y)
-    names, inputs = list(points), list(points.values())
-    outputs = [grads[name] for name in names]
-
-    def hvp(p: Params) -> Params:
-        products = torch.autograd.grad(outputs, inputs, grad_outputs=[p[name] for name in names],
-                                       retain_graph=True, allow_unused=True)
-        return {name: torch.zeros_like(p[name]) if h is None else h for name, h in zip(names, products)}
-
-    return detached(grads), hvp
 
 
 def _jvp_hvp(model: nn.Module, phi: Params, support_x: torch.Tensor, support_y: torch.Tensor, loss_fn: LossFn):
@@ -190,7 +152,7 @@ def _jvp_hvp(model: nn.Module, phi: Params, support_x: torch.Tensor, support_y: 
     return grads, lambda p: vmap(task_hvp)(phi, p, support_x, support_y)
 
 
-HESSIAN_VECTOR_PRODUCTS = {"double_backward": _double_backward_hvp, "jvp": _jvp_hvp}
+HESSIAN_VECTOR_PRODUCTS = {"double_backward": support_hvp, "jvp": _jvp_hvp}
 
 
 def implicit_meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, inner_lr: float,
@@ -226,7 +188,7 @@ def implicit_meta_gradient(model: nn.Module, params: Params, batch: TaskBatch, i
     meta_grads, residual, steps_taken = batched_cg(matvec, query_grads, cg_steps, cg_tol, stop_early)
     grad_sum = {name: meta_grads[name].detach().sum(0) for name in params}
     stats = {"cg_residual": residual.detach(), "cg_steps": steps_taken,
-             "inner_grad_norm": _task_dot(inner_grads, inner_grads).sqrt()}
+             "inner_grad_norm": task_dot(inner_grads, inner_grads).sqrt()}
     return MetaGradient(grad_sum, losses.detach(), stats, detached(phi))
 
 

@@ -4,26 +4,11 @@ is exactly the slice of the whole batch that a single process would have built."
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from distmaml.meta.functional import TaskBatch  # re-exported: the families build these
 
-class TaskBatch(NamedTuple):
-    """Support and query sets of n tasks: x is [n, points, *features], y is [n, points, ...]."""
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
-
-    def task(self, i: int) -> "TaskBatch":
-        """The i-th task alone, without its task dimension (for the per-task reference loop)."""
-        return TaskBatch(*(t[i] for t in self))
-
-    @property
-    def num_tasks(self) -> int:
-        return self.support_x.shape[0]
+__all__ = ["TaskBatch", "build_task_family"]
 
 
 def build_task_family(config, device: torch.device | str, dtype: torch.dtype = torch.float32):

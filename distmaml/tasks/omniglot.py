@@ -18,6 +18,8 @@ order, which mixes all 50 alphabets into both sides as the MAML reference code's
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +99,22 @@ class OmniglotTasks:
         task = config.task
         return cls(data, split=config.data.split, ways=task.ways, support=task.support, query=task.query,
                    seed=config.train.seed, device=device, dtype=dtype)
+
+    def to(self, device: torch.device | str) -> "OmniglotTasks":
+        """The same family sampling on `device` ("meta": shapes only, as the memory check needs)."""
+        other = copy.copy(self)
+        other.device = torch.device(device)
+        other.images = self.images.to(device)
+        other._classes = {name: (characters.to(device), rotations)
+                          for name, (characters, rotations) in self._classes.items()}
+        other._rotation = self._rotation.to(device)
+        return other
+
+    def with_seed(self, seed: int) -> "OmniglotTasks":
+        """The same family (sharing its images) drawing its tasks from another seed."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
 
     def num_classes(self, stream: int) -> int:
         characters, rotations = self.split_classes(stream)

@@ -14,23 +14,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from distmaml.errors import DataError
+
+log = logging.getLogger(__name__)
+
 SPLITS = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
-# Bump when the preprocessing changes, so an old cache is never served for new code.
-_FORMAT_VERSION = 1
+# Bump when the preprocessing or the cache's layout changes, so an old cache is never served for new code.
+_FORMAT_VERSION = 2
 
 
-class OmniglotDataError(FileNotFoundError):
-    """The data set is missing or incomplete; the message is one line for the user."""
+class OmniglotDataError(DataError):
+    """The data set is missing, incomplete or damaged; the message is one line for the user."""
 
 
 class Character(NamedTuple):
@@ -64,15 +70,36 @@ def load_omniglot(root: str | Path, cache_dir: str | Path | None = None) -> Omni
     array_path = cache / f"omniglot{IMAGE_SIZE}-{key}.npy"
     index_path = cache / f"omniglot{IMAGE_SIZE}-{key}.json"
     if array_path.exists() and index_path.exists():
-        characters = [Character(*c) for c in json.loads(index_path.read_text())["characters"]]
-        images = np.load(array_path)
-        if images.shape[0] == len(characters):
-            return OmniglotData(images, characters)
+        cached = _read_cache(array_path, index_path)
+        if cached is not None:
+            return cached
     images, characters = _decode_all(root, sources)
     cache.mkdir(parents=True, exist_ok=True)
-    # The array goes first and the index last: a reader finds both or neither complete.
+    # The array goes first and the index, with the array's checksum, last: a reader finds both or
+    # neither complete, and notices an array that changed on disk since.
     _write_atomically(array_path, lambda f: np.save(f, images))
-    _write_atomically(index_path, lambda f: f.write(json.dumps({"characters": characters}).encode()))
+    index = {"characters": characters, "sha256": _checksum(images)}
+    _write_atomically(index_path, lambda f: f.write(json.dumps(index).encode()))
+    return OmniglotData(images, characters)
+
+
+def _checksum(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def _read_cache(array_path: Path, index_path: Path) -> OmniglotData | None:
+    """The cached data if it is intact, else None (with a warning) so that it is rebuilt: altered
+    pixels must never be trained on silently."""
+    try:
+        index = json.loads(index_path.read_text())
+        images = np.load(array_path)
+        characters = [Character(*c) for c in index["characters"]]
+        intact = images.shape[0] == len(characters) and _checksum(images) == index["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        intact = False
+    if not intact:
+        log.warning("%s: the cached Omniglot array is damaged (its checksum does not match); rebuilding it", array_path)
+        return None
     return OmniglotData(images, characters)
 
 
@@ -123,7 +150,8 @@ def _decode_all(root: Path, sources: dict[str, Path]) -> tuple[np.ndarray, list[
     for split, path in sources.items():
         for character, drawings in sorted(_list_drawings(split, path).items()):
             characters.append(character)
-            images.append(np.stack([_to_array(read()) for _, read in sorted(drawings)]))
+            images.append(np.stack([_to_array(read(), f"{path}: {'/'.join(character[1:])}/{name}")
+                                    for name, read in sorted(drawings)]))
     counts = {len(drawings) for drawings in images}
     if len(counts) != 1:
         raise OmniglotDataError(f"data.root={root}: characters have different numbers of drawings "
@@ -144,18 +172,29 @@ def _list_drawings(split: str, path: Path) -> dict[Character, list]:
         for file in path.glob("*/*/*.png"):
             add(list(file.relative_to(path).parts), file.read_bytes)
     else:
-        archive = zipfile.ZipFile(path)
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise OmniglotDataError(f"{path}: not a readable zip archive ({err}); download it again") from None
+
+        def read(name: str) -> bytes:
+            try:
+                return archive.read(name)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
+                raise OmniglotDataError(f"{path}: entry {name} is damaged ({err}); download the archive "
+                                        "again") from None
+
         for name in archive.namelist():
             parts = name.split("/")
             if parts[0] != split:
                 raise OmniglotDataError(f"{path}: entry {name!r} is not under {split}/ (the upstream layout)")
-            add(parts[1:], lambda name=name: archive.read(name))
+            add(parts[1:], lambda name=name: read(name))
     if not drawings:
         raise OmniglotDataError(f"{path}: no drawings found; expected {split}/<alphabet>/<character>/*.png")
     return drawings
 
 
-def _to_array(png: bytes) -> np.ndarray:
+def _to_array(png: bytes, where: str) -> np.ndarray:
     """One drawing as 28x28 uint8 with strokes 255 on 0.
 
     LANCZOS, as in the MAML reference code (cbfinn/maml, omniglot_resize), is Pillow's sharpest
@@ -163,10 +202,13 @@ def _to_array(png: bytes) -> np.ndarray:
     dropping them, and keeps more stroke detail than BILINEAR. Inverting makes the background 0,
     so that zero padding in the convolutions looks like empty paper.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(png)) as image:
-        grey = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            grey = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise OmniglotDataError(f"{where}: not a readable PNG image ({err})") from None
     return 255 - np.asarray(grey, dtype=np.uint8)
 
 

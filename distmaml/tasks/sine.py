@@ -3,6 +3,7 @@ y = A sin(x - phi) with A ~ U[0.1, 5.0], phi ~ U[0, pi], x ~ U[-5, 5]."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,14 @@ class SineTasks:
         return cls(seed=config.train.seed, support=task.support, query=task.query,
                    amplitude=tuple(task.amplitude), phase=tuple(task.phase), x_range=tuple(task.x_range),
                    device=device, dtype=dtype)
+
+    def to(self, device: torch.device | str) -> "SineTasks":
+        """The same family sampling on `device` ("meta": shapes only, as the memory check needs)."""
+        return dataclasses.replace(self, device=device)
+
+    def with_seed(self, seed: int) -> "SineTasks":
+        """The same family drawing its tasks from another seed (evaluation uses eval.seed)."""
+        return dataclasses.replace(self, seed=seed)
 
     def sample(self, stream: int, iteration: int | torch.Tensor, indices: torch.Tensor,
                support: int | None = None, query: int | None = None) -> TaskBatch:

@@ -9,11 +9,12 @@ seconds per iteration and peak memory. Results: study.json, study.md (a Markdown
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 from typing import Any
+
+from distmaml.log import strict_json
+from distmaml.study.runs import train_runs
 
 MODES = {"second_order": ["inner.mode=second_order", "inner.checkpoint=auto"],
          "first_order": ["inner.mode=first_order"]}
@@ -30,28 +31,34 @@ def run_inner_steps_study(config_path: str | Path, out_dir: str | Path, steps: l
             settings = [*(overrides or []), *MODES[mode], f"inner.steps={k}", f"eval.steps={k}",
                         f"train.iterations={iterations}", f"run.dir={run_dir}", "logging.progress=false",
                         "train.checkpoint_every=0"]
-            subprocess.run([sys.executable, "-m", "distmaml", "train", str(config_path), *settings], check=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+            train_runs(config_path, [settings])
             summary = json.loads((run_dir / "summary.json").read_text())
             after = summary["eval"]["steps"][-1]
             rows.append({"mode": mode, "inner_steps": k, "query_mse": after["loss"],
-                         "query_mse_ci95": after["loss_ci95"], "support_mse": after["support_loss"],
+                         "query_mse_ci95": after["loss_ci95"], "query_mse_median": after["loss_median"],
+                         "diverged": after["diverged"], "support_mse": after["support_loss"],
                          "seconds_per_iteration": summary["seconds_per_iteration"],
                          "peak_memory_mb": summary["peak_memory_mb"]})
             print(format_row(rows[-1]), flush=True)
-    (out_dir / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / "study.json").write_text(strict_json(rows))
     (out_dir / "study.md").write_text(format_table(rows, iterations) + "\n")
     plot_study(rows, out_dir / "study.png")
     return rows
 
 
-HEADER = ("| mode | K | query MSE after K steps (95% CI) | support MSE after K steps | s / iteration | "
-          "peak memory (MB) |\n|---|---|---|---|---|---|")
+HEADER = ("| mode | K | query MSE after K steps (95% CI) | median | support MSE after K steps | "
+          "s / iteration | peak memory (MB) |\n|---|---|---|---|---|---|---|")
 
 
 def format_row(row: dict[str, Any]) -> str:
-    return (f"| {row['mode']} | {row['inner_steps']} | {row['query_mse']:.3f} ± {row['query_mse_ci95']:.3f} | "
-            f"{row['support_mse']:.3f} | {row['seconds_per_iteration']:.4f} | {row['peak_memory_mb']:.0f} |")
+    query = (f"{row['query_mse']:.3f} ± {row['query_mse_ci95']:.3f}" if not row["diverged"] else
+             f"diverged ({row['diverged']} tasks)")
+    return (f"| {row['mode']} | {row['inner_steps']} | {query} | {row['query_mse_median']:.3f} | "
+            f"{_number(row['support_mse'])} | {row['seconds_per_iteration']:.4f} | {row['peak_memory_mb']:.0f} |")
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "diverged"
 
 
 def format_table(rows: list[dict[str, Any]], iterations: int) -> str:
@@ -68,8 +75,7 @@ def plot_study(rows: list[dict[str, Any]], out: Path) -> None:
     for mode in dict.fromkeys(row["mode"] for row in rows):
         mine = [row for row in rows if row["mode"] == mode]
         k = [row["inner_steps"] for row in mine]
-        axes[0].errorbar(k, [r["query_mse"] for r in mine], yerr=[r["query_mse_ci95"] for r in mine], marker="o",
-                         capsize=3, label=f"{mode}: query")
+        axes[0].plot(k, [r["query_mse_median"] for r in mine], marker="o", label=f"{mode}: query (median)")
         axes[0].plot(k, [r["support_mse"] for r in mine], ls="--", marker="x", label=f"{mode}: support")
         axes[1].plot(k, [r["seconds_per_iteration"] for r in mine], marker="o", label=mode)
         axes[2].plot(k, [r["peak_memory_mb"] for r in mine], marker="o", label=mode)

@@ -1,0 +1,25 @@
+"""The errors a user can cause and fix: each is phrased as one line that names the file, key or value.
+
+The CLI prints any of them as `distmaml <command>: error: <message>` and exits 2; anything else
+reaching the top is a bug in distmaml and keeps its traceback.
+"""
+
+
+class DistmamlError(Exception):
+    """A problem with the user's input, data, files or machine, already phrased as one line."""
+
+
+class ConfigError(DistmamlError, ValueError):
+    """A configuration problem: an unknown key, a wrong type, an impossible value, a bad flag."""
+
+
+class CheckpointError(DistmamlError, RuntimeError):
+    """A checkpoint or run directory that cannot be used."""
+
+
+class DataError(DistmamlError, FileNotFoundError):
+    """A data set that is missing, incomplete or damaged."""
+
+
+class TrainingError(DistmamlError, RuntimeError):
+    """Training that cannot go on: it diverged, or another rank failed."""

@@ -1,0 +1,217 @@
+"""Memory of one meta-iteration, estimated before the first one runs, and the check that uses it.
+
+The estimate runs the engine's own meta-gradient on `meta` tensors (shapes and dtypes, no data, no
+memory) under a dispatch mode that adds up the bytes of every tensor the operations create and
+subtracts them when the tensor is freed; the peak of that sum is the peak of what the real run
+allocates (they agree to the byte on the CPU). A probe costs a few inner steps of Python dispatch,
+so a long unroll is not probed in full: probes at K = 2 and 3, with and without checkpointing,
+give the memory a step's graph keeps (b) and a segment boundary's stored weights (w), and each
+plan's peak follows from them:
+
+    second order, no checkpointing      base + D b       (D = differentiated steps: K, or T)
+    checkpointed segments               the larger of: every stored boundary with the query's
+                                        graph (before the backward pass rebuilds a segment), and
+                                        max over segments j of (j w + length_j b') while segment j
+                                        is rebuilt (b' what a rebuilt step holds)
+    first order, implicit, K <= 3       probed as they are (flat in K)
+
+A run that would not fit is refused before it starts, with what would fit instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import weakref
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from distmaml.errors import ConfigError
+from distmaml.meta import plan_segments
+from distmaml.tasks import TaskBatch
+
+GIB = 2 ** 30
+RECOMPUTE_NODE = "_RecomputeBackward"  # the autograd node of distmaml.meta.checkpointing's recomputation
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that operations create inside the mode (each storage counted once):
+    overall, and before and from the moment the backward pass first rebuilds a checkpointed segment
+    (the first operation run for the recomputation node of distmaml.meta.checkpointing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = self.before_recompute = self.recompute = 0
+        self.recomputing = False
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.recomputing:
+            node = torch._C._current_autograd_node()
+            self.recomputing = node is not None and node.name() == RECOMPUTE_NODE
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = id(storage)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        if self.recomputing:
+            self.recompute = max(self.recompute, self.live)
+        else:
+            self.before_recompute = max(self.before_recompute, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+
+class Estimate(NamedTuple):
+    peak_bytes: int  # one meta-iteration at its peak: its tensors, the weights, gradients, Adam and the batch
+    fixed_bytes: int  # of which the weights, their gradient and Adam's moments: independent of the tasks
+    per_step_bytes: int  # what each differentiated inner step keeps for the backward pass (b)
+    boundary_bytes: int  # what a checkpointed segment boundary keeps (w)
+
+
+def estimate(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable) -> Estimate:
+    """Peak memory of one meta-iteration of `config` on this process's batch (its shapes only: it
+    may be on the `meta` device).
+
+    `meta_gradient_fn(model, params, batch, config)` is the engine's computation; it runs on
+    `meta` copies of everything, at small K, and is extrapolated as the module docstring says.
+    """
+    meta_model = copy.deepcopy(model).to("meta")
+    meta_params = {name: torch.empty_like(value, device="meta").requires_grad_() for name, value in params.items()}
+    meta_batch = TaskBatch(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in batch))
+
+    def probe(steps: int, mode: str | None = None, checkpoint: str = "none", segment: int | None = None) -> LiveBytes:
+        inner = dataclasses.replace(config.inner, steps=steps, mode=mode or config.inner.mode,
+                                    truncate=min(config.inner.truncate, steps), checkpoint=checkpoint,
+                                    checkpoint_segment=segment)
+        # Meta tensors hold no values for the host to read: take the path a CUDA graph takes, which
+        # never syncs (implicit mode then runs all its CG steps: an upper bound).
+        engine = dataclasses.replace(config.engine, cuda_graph=True)
+        with LiveBytes() as counter:
+            meta_gradient_fn(meta_model, meta_params, meta_batch, dataclasses.replace(config, inner=inner, engine=engine))
+        return counter
+
+    inner = config.inner
+    differentiated = {"second_order": inner.steps, "truncated": inner.truncate}.get(inner.mode, 0)
+    plan = plan_segments(inner.steps, differentiated, inner.checkpoint, inner.checkpoint_segment)
+    lengths = [end - start for start, end, checkpointed in plan if checkpointed]
+    step = boundary = 0
+    if differentiated == 0 or inner.steps <= 3:  # flat in K, or small enough to probe as it is
+        peak = probe(min(inner.steps, 3), checkpoint=inner.checkpoint if inner.steps else "none",
+                     segment=inner.checkpoint_segment).peak
+    elif not lengths:
+        # From K = 2 on every step is alike (the first differs: it starts from the unbatched theta).
+        two, three = probe(2, "second_order").peak, probe(3, "second_order").peak
+        step = max(three - two, 0)
+        peak = two + (differentiated - 2) * step
+    else:
+        # Checkpointed: up to the end of the query's backward pass every stored segment input is
+        # alive; then the segments are rebuilt last to first, and while segment j (of length L_j)
+        # is rebuilt the inputs of segments 1..j still are (segment 0 starts from theta, unless
+        # truncated mode's first-order head came first). Probes of one-step segments at K = 2 and
+        # 3 give the weight copy a boundary stores (w); two-step segments at K = 4 give what a
+        # rebuilt step holds (b).
+        every_two, every_three = probe(2, "second_order", "every_step"), probe(3, "second_order", "every_step")
+        pairs = probe(4, "second_order", "segments", 2)
+        boundary = max(every_three.peak - every_two.peak, 0)
+        step = max(pairs.recompute - every_two.recompute, 0)
+        head = int(plan[0][2] is False)
+        before = every_two.before_recompute + (len(lengths) - 2 + head) * boundary
+        rebuild = every_two.recompute - boundary - step + max(
+            (j + head) * boundary + length * step for j, length in enumerate(lengths))
+        peak = max(before, rebuild)
+    state = sum(value.numel() * value.element_size() for value in params.values())
+    data = sum(t.numel() * t.element_size() for t in batch)
+    fixed = 4 * state  # weights, their gradient and Adam's two moments live through the iteration
+    return Estimate(peak + fixed + data, fixed, step, boundary)
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes this process may still allocate, where the number comes from)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    available, source = _meminfo_available(), "MemAvailable in /proc/meminfo"
+    limit = _cgroup_headroom()
+    if limit is not None and limit < available:
+        available, source = limit, "this job's cgroup memory limit"
+    return available, source
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cgroup_headroom() -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), as SLURM and containers set it."""
+    try:
+        relative = Path("/proc/self/cgroup").read_text().strip().split("::")[-1]
+        group = Path("/sys/fs/cgroup") / relative.lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((group / "memory.current").read_text())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def check_fits(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable, world_size: int,
+               device: torch.device) -> Estimate:
+    """Estimate one meta-iteration and refuse, in one line, a run whose peak exceeds the memory
+    available (or engine.memory_budget), naming what would fit: activation checkpointing, first
+    order, the largest meta-batch (the tasks' share of the peak scales with their number)."""
+    found = estimate(model, params, batch, config, meta_gradient_fn)
+    if config.engine.memory_budget:
+        budget, where = config.engine.memory_budget * GIB, f"engine.memory_budget = {config.engine.memory_budget:g} GiB"
+    else:
+        budget, where = available_bytes(device)
+    if found.peak_bytes <= budget:
+        return found
+    inner, tasks_here = config.inner, batch.support_x.shape[0]
+    alternatives = {}
+    if inner.mode in ("second_order", "truncated") and inner.checkpoint == "none" and inner.steps > 1:
+        alternatives["inner.checkpoint=auto"] = dataclasses.replace(inner, checkpoint="auto")
+    if inner.mode != "first_order":
+        alternatives["inner.mode=first_order"] = dataclasses.replace(inner, mode="first_order", checkpoint="none")
+    sizes = {name: estimate(model, params, batch, dataclasses.replace(config, inner=changed), meta_gradient_fn)
+             for name, changed in alternatives.items()}
+    fits = [f"{name} ({describe_size(size.peak_bytes)})" for name, size in sizes.items() if size.peak_bytes <= budget]
+    per_task = max(found.peak_bytes - found.fixed_bytes, 1) / max(tasks_here, 1)
+    most_tasks = int((budget - found.fixed_bytes) // per_task) * world_size
+    if 1 <= most_tasks < config.train.meta_batch:
+        fits.append(f"train.meta_batch={most_tasks}, or more processes")
+    hint = f"; would fit: {', '.join(fits)}" if fits else ""
+    raise ConfigError(f"one meta-iteration needs about {describe_size(found.peak_bytes)} (estimated before starting, "
+                      f"for inner.steps = {config.inner.steps}, inner.mode = {config.inner.mode}, inner.checkpoint = "
+                      f"{config.inner.checkpoint} and {tasks_here} task(s) on this process), more than the "
+                      f"{describe_size(budget)} available ({where}){hint}; engine.memory_check=false skips this check")
+
+
+def describe_size(size: float) -> str:
+    """Bytes as the unit that reads best: 2.41 GiB, 310 MiB, 96 KiB."""
+    if size >= GIB:
+        return f"{size / GIB:.2f} GiB"
+    return f"{size / 2 ** 20:.0f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"

@@ -1,0 +1,184 @@
+"""Inner update rules: how one inner step turns a task's weights and inner gradients into new weights.
+
+A rule is a pair of pure functions in the style of optax / TorchOpt's functional optimizers:
+
+    state = rule.init(weights)                                        # before the first step
+    weights, state = rule.step(weights, grads, state, learned, step)  # one inner step
+
+with `learned` the rule's meta-learned parameters (step sizes), which live in the same dict as the
+model's weights (names under LEARNED, see `learned_names`), so the outer optimizer, the gradient
+all-reduce, checkpoints, the replica check and the CUDA graph carry them like any weight.
+`rule.parameters(weights)` gives their initial values. Everything is a differentiable tensor
+function, vmapped over tasks by the adaptation routine (distmaml.meta.adapt), so the meta-gradient
+flows through every rule in every mode. `step` is the inner step's index, a Python int.
+
+    sgd        w - lr g                                            (MAML)
+    meta_sgd   w - alpha (.) g, alpha learned per weight element   (Li et al. 2017, Meta-SGD)
+    lslr       w - alpha[step] g, alpha learned per tensor and step (Antoniou et al. 2019, MAML++)
+    momentum   b = mu b + g;  w - lr b                             (heavy ball, PyTorch's SGD momentum)
+    adam       Adam's update with bias correction                   (Kingma and Ba 2015)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from distmaml.meta.functional import Params
+
+# Names of learned rule parameters in the meta-parameter dict: "inner.lr.<weight name>". No model
+# parameter name can clash: a module attribute cannot be called "inner.lr".
+LEARNED = "inner.lr."
+State = dict[str, Params]
+
+
+def learned_names(theta: Params) -> list[str]:
+    """The names in a meta-parameter dict that belong to the inner rule, not the model."""
+    return [name for name in theta if name.startswith(LEARNED)]
+
+
+class Rule(Protocol):
+    name: str
+    lr: float
+
+    def parameters(self, weights: Params) -> Params: ...
+
+    def init(self, weights: Params) -> State: ...
+
+    def step(self, weights: Params, grads: Params, state: State, learned: Params,
+             step: int) -> tuple[Params, State]: ...
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent at a fixed step size: MAML's inner loop."""
+
+    lr: float
+    name: str = "sgd"
+
+    def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def init(self, weights: Params) -> State:
+        return {}
+
+    def step(self, weights, grads, state, learned, step):
+        return {name: value - self.lr * grads[name] for name, value in weights.items()}, state
+
+
+@dataclass(frozen=True)
+class MetaSGD:
+    """A learned step size for every weight element, starting at `lr` (Meta-SGD)."""
+
+    lr: float
+    name: str = "meta_sgd"
+
+    def parameters(self, weights: Params) -> Params:
+        return {LEARNED + name: torch.full_like(value, self.lr) for name, value in weights.items()}
+
+    def init(self, weights: Params) -> State:
+        return {}
+
+    def step(self, weights, grads, state, learned, step):
+        return {name: value - learned[LEARNED + name] * grads[name] for name, value in weights.items()}, state
+
+
+@dataclass(frozen=True)
+class LSLR:
+    """A learned step size per weight tensor and per inner step, starting at `lr` (MAML++'s LSLR).
+
+    Adaptation with more steps than `steps` (at test time) keeps using the last step's sizes.
+    """
+
+    lr: float
+    steps: int
+    name: str = "lslr"
+
+    def parameters(self, weights: Params) -> Params:
+        return {LEARNED + name: torch.full((max(self.steps, 1),), self.lr, dtype=value.dtype, device=value.device)
+                for name, value in weights.items()}
+
+    def init(self, weights: Params) -> State:
+        return {}
+
+    def step(self, weights, grads, state, learned, step):
+        at = min(step, max(self.steps, 1) - 1)
+        return {name: value - learned[LEARNED + name][at] * grads[name] for name, value in weights.items()}, state
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Heavy-ball momentum, b = momentum * b + g, w - lr * b; b starts at zero (so b = g at the first
+    step, as torch.optim.SGD and higher's DifferentiableSGD do)."""
+
+    lr: float
+    momentum: float
+    name: str = "momentum"
+
+    def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def init(self, weights: Params) -> State:
+        return {"velocity": {name: torch.zeros_like(value) for name, value in weights.items()}}
+
+    def step(self, weights, grads, state, learned, step):
+        velocity = {name: self.momentum * state["velocity"][name] + grads[name] for name in weights}
+        return {name: value - self.lr * velocity[name] for name, value in weights.items()}, {"velocity": velocity}
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam's step with bias correction, differentiable through every operation.
+
+    epsilon sits outside the square root, as in torch.optim.Adam and higher's DifferentiableAdam:
+    w - lr * m_hat / (sqrt(v_hat) + eps). Where v = 0 exactly (a weight whose inner gradients were all
+    exactly zero: a dead ReLU unit, an unused class), the square root's derivative 1 / (2 sqrt(v)) is
+    infinite and the chain rule's 0 * inf would make the whole meta-gradient NaN. The root is
+    therefore taken of where(v > 0, v, 1) and masked back to 0, so that its derivative there is 0,
+    the value the chain rule has in the limit (v depends on g^2 and g = 0); the forward value is
+    unchanged. This is the masking higher applies, with no hook.
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    name: str = "adam"
+
+    def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def init(self, weights: Params) -> State:
+        return {"m": {name: torch.zeros_like(value) for name, value in weights.items()},
+                "v": {name: torch.zeros_like(value) for name, value in weights.items()}}
+
+    def step(self, weights, grads, state, learned, step):
+        beta1, beta2 = self.betas
+        correction1, correction2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
+        m = {name: beta1 * state["m"][name] + (1 - beta1) * grads[name] for name in weights}
+        v = {name: beta2 * state["v"][name] + (1 - beta2) * grads[name] * grads[name] for name in weights}
+        new = {}
+        for name, value in weights.items():
+            positive = v[name] > 0
+            root = torch.where(positive, torch.sqrt(torch.where(positive, v[name], torch.ones_like(v[name]))), 0.0)
+            new[name] = value - (self.lr / correction1) * m[name] / (root / correction2 ** 0.5 + self.eps)
+        return new, {"m": m, "v": v}
+
+
+_BUILDERS = {
+    "sgd": lambda lr, steps, momentum, betas, eps: SGD(lr),
+    "meta_sgd": lambda lr, steps, momentum, betas, eps: MetaSGD(lr),
+    "lslr": lambda lr, steps, momentum, betas, eps: LSLR(lr, steps),
+    "momentum": lambda lr, steps, momentum, betas, eps: Momentum(lr, momentum),
+    "adam": lambda lr, steps, momentum, betas, eps: Adam(lr, tuple(betas), eps),
+}
+RULES = tuple(_BUILDERS)
+
+
+def make_rule(name: str, lr: float, steps: int = 1, momentum: float = 0.9,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Rule:
+    """The rule called `name` (one of RULES) with its settings; each takes the ones it needs."""
+    if name not in _BUILDERS:
+        raise ValueError(f"inner rule must be one of {', '.join(RULES)}, got {name!r}")
+    return _BUILDERS[name](lr, steps, momentum, betas, eps)

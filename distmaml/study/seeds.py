@@ -1,0 +1,149 @@
+"""The seeds study: does a config's result hold for every user who runs it, or for one lucky seed?
+
+    distmaml study seeds configs/sine_maml.yaml --seeds 0 1 2 3 4 --threads 1 2 --jobs 2
+
+trains the config once per (training seed, CPU thread count) in fresh processes, then evaluates
+every final model on the SAME fresh tasks (eval.seed) after 0..S inner steps at each number of
+shots, counting diverged tasks, and reads each run's logged meta-loss and sharpness (the top
+Hessian eigenvalue of the support loss at theta) over training. Results: seeds.json (everything),
+seeds.md (mean ± std over runs, and one row per run), seeds.png (sharpness over training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmaml.log import strict_json
+from distmaml.study.runs import train_runs
+
+REPORTED_STEPS = (1, 5, 10)  # the MAML paper's sine protocol reports these
+
+
+def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[int], threads: list[int],
+                    shots: list[int], steps: int = 10, tasks: int = 600, jobs: int = 1,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train every (seed, threads) pair, evaluate each on the same tasks, write and return the results.
+
+    A run directory that already holds a finished run is evaluated again without retraining (the
+    trainer resumes from its checkpoint and has nothing left to do), so a study can be extended or
+    re-reported cheaply.
+    """
+    out_dir = Path(out_dir)
+    runs = [(seed, count) for count in threads for seed in seeds]
+    run_dirs = {run: out_dir / f"threads{run[1]}_seed{run[0]}" for run in runs}
+    train_runs(config_path, [[*(overrides or []), f"train.seed={seed}", f"engine.threads={count}",
+                              f"run.dir={run_dirs[seed, count]}", "logging.progress=false", "eval.at_end=false"]
+                             for seed, count in runs], jobs=jobs, log_dir=out_dir / "logs")
+    results = [evaluate_run(run_dirs[run], run[0], run[1], shots, steps, tasks) for run in runs]
+    report = {"config": str(config_path), "overrides": overrides or [], "shots": shots, "steps": steps,
+              "tasks": tasks, "runs": results, "over_runs": over_runs(results, shots, steps)}
+    (out_dir / "seeds.json").write_text(strict_json(report))
+    (out_dir / "seeds.md").write_text(format_report(report) + "\n")
+    plot_sharpness(results, out_dir / "seeds.png")
+    return report
+
+
+def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int], steps: int, tasks: int) -> dict[str, Any]:
+    """One finished run: its evaluation at each number of shots and what it logged while training."""
+    from distmaml.build import load_trained
+    from distmaml.evaluate import evaluate, evaluation_settings
+
+    torch.set_num_threads(1)
+    config, learner, _ = load_trained(run_dir)
+    settings = {**evaluation_settings(config), "steps": steps, "tasks": tasks}
+    evaluations = {str(count): evaluate(learner.model, learner.theta, learner.family, learner.inner,
+                                        **{**settings, "shots": count}) for count in shots}
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first, last = logged[0], logged[-1]
+    return {"seed": seed, "threads": threads, "run_dir": str(run_dir), "inner_lr": config.inner.lr,
+            "meta_loss_first": first["meta_loss"], "meta_loss_last": last["meta_loss"],
+            "first_window_end": first["iteration"], "iterations": last["iteration"],
+            "s_per_iteration": statistics.median(m["s_per_iteration"] for m in logged),
+            "sharpness": [(m["iteration"], m.get("sharpness", math.nan)) for m in logged],
+            "eval": evaluations}
+
+
+def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
+    """Per number of shots and inner steps: mean and standard deviation over runs of each run's mean
+    query loss (NaN where any run diverged), the runs' median losses, and diverged tasks in all."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for count in map(str, shots):
+        rows = []
+        for step in range(steps + 1):
+            per_run = [result["eval"][count]["steps"][step] for result in results]
+            means = [row["loss"] for row in per_run]
+            clean = all(math.isfinite(m) for m in means) and not any(row["diverged"] for row in per_run)
+            rows.append({"step": step,
+                         "mean": statistics.fmean(means) if clean else math.nan,
+                         "std": statistics.stdev(means) if clean and len(means) > 1 else (0.0 if clean else math.nan),
+                         "median_of_medians": statistics.median(row["loss_median"] for row in per_run),
+                         "diverged_tasks": sum(row["diverged"] for row in per_run),
+                         "runs_with_divergence": sum(1 for row in per_run if row["diverged"])})
+        table[count] = rows
+    return table
+
+
+def _cell(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "diverged"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    runs, steps = report["runs"], report["steps"]
+    shown = [step for step in (0, *REPORTED_STEPS) if step <= steps]
+    lines = [f"{len(runs)} runs of {report['config']} {' '.join(report['overrides'])}".rstrip() + "; "
+             f"evaluated on the same {report['tasks']} fresh tasks (eval.seed), query MSE.", "",
+             "Over runs: mean ± std of the runs' mean query loss (diverged where any task of any run diverged); "
+             "diverged tasks in all runs.", "",
+             "| shots | " + " | ".join(f"{s} steps" for s in shown) + " | diverged tasks (runs) at each step |",
+             "|---|" + "---|" * (len(shown) + 1)]
+    for count, rows in report["over_runs"].items():
+        cells = [f"{_cell(rows[s]['mean'])} ± {_cell(rows[s]['std'])}" if math.isfinite(rows[s]["mean"])
+                 else f"diverged (median {_cell(rows[s]['median_of_medians'])})" for s in shown]
+        counts = ", ".join(f"{rows[s]['diverged_tasks']} ({rows[s]['runs_with_divergence']})" for s in shown)
+        lines.append(f"| {count} | " + " | ".join(cells) + f" | {counts} |")
+    lines += ["", "Per run (query MSE mean, or the number of diverged tasks; sharpness = top Hessian eigenvalue of "
+              "the support loss at theta, mean over the meta-batch, at the last log step and the largest seen; "
+              "inner steps at inner.lr are unstable above 2 / inner.lr):", ""]
+    header = ["seed", "threads"] + [f"{c}-shot, {s} steps" for c in report["shots"] for s in REPORTED_STEPS
+                                    if s <= steps]
+    header += ["sharpness (last / max)", "2 / inner.lr", "meta-loss first → last window", "s / iteration"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        cells = [str(run["seed"]), str(run["threads"])]
+        for count in map(str, report["shots"]):
+            for step in (s for s in REPORTED_STEPS if s <= steps):
+                row = run["eval"][count]["steps"][step]
+                cells.append(_cell(row["loss"]) if not row["diverged"] else f"{row['diverged']} diverged")
+        values = [value for _, value in run["sharpness"] if math.isfinite(value)]
+        cells.append(f"{values[-1]:.0f} / {max(values):.0f}" if values else "not logged")
+        cells += [f"{2 / run['inner_lr']:.0f}", f"{run['meta_loss_first']:.3f} → {run['meta_loss_last']:.3f}",
+                  f"{run['s_per_iteration']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sharpness(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in results:
+        points = [(i, v) for i, v in run["sharpness"] if math.isfinite(v)]
+        if points:
+            axis.plot(*zip(*points), lw=1.2, label=f"seed {run['seed']}, {run['threads']} thread(s)")
+    if results:
+        axis.axhline(2 / results[0]["inner_lr"], color="black", ls="--", lw=1, label="2 / inner.lr (stability limit)")
+    axis.set_xlabel("meta-iteration")
+    axis.set_ylabel("top Hessian eigenvalue of the support loss")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)

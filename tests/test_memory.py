@@ -1,0 +1,104 @@
+"""The memory estimate made before training starts, and the refusal of runs that would not fit."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from distmaml import memory
+from distmaml.build import build, build_inner
+from distmaml.config import load_config
+from distmaml.engine import compute_meta_gradient
+from distmaml.errors import ConfigError
+from distmaml.tasks.rng import STREAM_TRAIN
+from conftest import REPO, run_cli
+
+
+def problem(*overrides):
+    config = load_config(REPO / "configs/sine_debug.yaml", ["model.hidden=[64, 64]", "task.support=30",
+                                                            "task.query=30", "train.meta_batch=6", *overrides])
+    torch.manual_seed(0)
+    learner = build(config)
+    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch))
+    return config, learner.model, learner.theta, learner.family, batch
+
+
+def engine(family):
+    """The engine's meta-gradient for a config, as the trainer hands it to the estimate."""
+    return lambda model, theta, batch, config: compute_meta_gradient(model, theta, batch,
+                                                                     build_inner(config, family.loss))
+
+
+def exact_peak(config, model, params, family, batch, device="meta"):
+    """The whole unroll under the byte counter: what the estimate extrapolates to."""
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cuda_graph=device == "meta"))
+    on = copy.deepcopy(model).to(device)
+    weights = {name: value.detach().to(device).requires_grad_() for name, value in params.items()}
+    data = type(batch)(*(t.to(device) if device != "meta" else torch.empty(t.shape, dtype=t.dtype, device="meta")
+                         for t in batch))
+    with memory.LiveBytes() as counter:
+        engine(family)(on, weights, data, config)
+    return counter.peak
+
+
+def test_counted_bytes_on_meta_tensors_are_those_of_the_real_run():
+    config, model, params, family, batch = problem("inner.steps=3")
+    assert exact_peak(config, model, params, family, batch) == exact_peak(config, model, params, family, batch, "cpu")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["inner.steps=12"], ["inner.steps=12", "inner.checkpoint=auto"], ["inner.steps=12", "inner.checkpoint=every_step"],
+    ["inner.steps=13", "inner.checkpoint=segments", "inner.checkpoint_segment=4"],
+    ["inner.steps=12", "inner.mode=truncated", "inner.truncate=5"],
+    ["inner.steps=12", "inner.mode=truncated", "inner.truncate=6", "inner.checkpoint=auto"],
+    ["inner.steps=12", "inner.mode=first_order"], ["inner.steps=6", "inner.mode=implicit"], ["inner.steps=2"],
+])
+def test_the_estimate_is_within_ten_percent_of_the_whole_unroll(overrides):
+    config, model, params, family, batch = problem(*overrides)
+    found = memory.estimate(model, params, batch, config, engine(family))
+    exact = exact_peak(config, model, params, family, batch) + found.fixed_bytes + sum(
+        t.numel() * t.element_size() for t in batch)
+    assert abs(found.peak_bytes / exact - 1) < 0.10, (found, exact)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["inner.steps=100000000"], r"would fit: inner.checkpoint=auto \(.*\), inner.mode=first_order \("),
+    (["task.query=100000000"], r"1 task\(s\)|25 task\(s\) on this process\), more than the"),
+])
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, overrides, expected):
+    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", *overrides], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("distmaml train: error: one meta-iteration needs about ") and " GiB" in line
+    assert "available (MemAvailable in /proc/meminfo" in line or "cgroup" in line
+    import re
+
+    assert re.search(expected, line), line
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_budget_names_what_would_fit():
+    config, model, params, family, batch = problem("inner.steps=20", "model.hidden=[256, 256]")
+
+    def estimate(**inner):
+        changed = dataclasses.replace(config, inner=dataclasses.replace(config.inner, **inner))
+        return memory.estimate(model, params, batch, changed, engine(family))
+
+    found = estimate()
+    full, recomputed = found.peak_bytes, estimate(checkpoint="auto").peak_bytes
+    assert recomputed < full / 2
+    budget = (full + recomputed) / 2 / 2 ** 30
+    tight = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=budget))
+    with pytest.raises(ConfigError) as refused:
+        memory.check_fits(model, params, batch, tight, engine(family), 1,
+                          torch.device("cpu"))
+    message = str(refused.value)
+    assert f"engine.memory_budget = {budget:g} GiB" in message
+    assert "would fit: inner.checkpoint=auto (" in message and "inner.mode=first_order (" in message
+    # The tasks' share of the peak scales with their number; the weights and Adam's state do not.
+    most = int((budget * 2 ** 30 - found.fixed_bytes) // ((full - found.fixed_bytes) / 6))
+    assert 1 <= most < 6 and f"train.meta_batch={most}, or more processes" in message
+    roomy = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=2 * full / 2 ** 30))
+    assert memory.check_fits(model, params, batch, roomy, engine(family), 1,
+                             torch.device("cpu")).peak_bytes == full
