@@ -1,14 +1,14 @@
-"""Time per meta-iteration split into compute and the meta-gradient all-reduce, for 1 and 2 processes.
+"""A meta-iteration split into compute and its one all-reduce, for 1 and 2 processes (gloo on the CPU,
+NCCL on GPUs), and the bytes one all-reduce carries for the real models.
 
-    python benchmarks/distributed.py                      # sine, meta-batch 50, K = 5, worlds 1 and 2 (CPU, gloo)
-    python benchmarks/distributed.py --worlds 1 2 4 --iterations 200 --inner-steps 5
+    python -m benchmarks.distributed                   # sine, meta-batch 50, K = 5, worlds 1 and 2
+    python -m benchmarks.distributed --inner-steps 1 --worlds 1 2 4
 
-Each world size is a fresh `torchrun --standalone` of this file. A rank times, per iteration: compute
-(sample its shard, batched meta-gradient of its tasks, Adam step), wait (a barrier: how long the
-fastest rank idles for the slowest, i.e. imbalance and noise, not communication) and all-reduce (the
-one flat SUM of the meta-gradient plus the stop flag, exactly what the trainer sends). The table
-shows medians over iterations of the per-iteration maximum over ranks. It also prints how many bytes
-one all-reduce carries for the sine MLP and for Conv-4.
+Each world size is a fresh `torchrun --standalone`. Every rank runs training's own MetaStep; the
+engine's all-reduce (distmaml.dist.all_reduce_sum, the one flat SUM of the meta-gradient, the stop
+flags and the loss) is timed in place, after a barrier that separates waiting for the slowest rank
+(imbalance and noise, not communication) from the collective itself. Rows are medians over
+iterations of the slowest rank.
 """
 
 from __future__ import annotations
@@ -22,115 +22,119 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
 
+from benchmarks.common import MINIIMAGENET_SHAPED, OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, write
 
-def conv4_parameters(in_channels: int, image_size: int, ways: int, channels: int = 64) -> int:
-    """Parameters of Conv-4 (4 x [3x3 conv, batch norm, ReLU, 2x2 max-pool], linear head)."""
-    total, size, previous = 0, image_size, in_channels
-    for _ in range(4):
-        total += 3 * 3 * previous * channels + channels + 2 * channels  # conv weight, bias, BN scale and shift
-        previous, size = channels, size // 2
-    return total + channels * size * size * ways + ways
+SINE = REPO / "configs/sine_maml.yaml"
 
 
 def worker(args) -> None:
-    import torch
-
-    from distmaml import dist
-    from distmaml.config import load_config
-    from distmaml.meta import meta_gradient
-    from distmaml.models import build_model
-    from distmaml.tasks import build_task_family
-    from distmaml.tasks.rng import STREAM_TRAIN
+    from distmaml import dist, engine
+    from distmaml.build import build
+    from distmaml.engine import MetaStep, make_optimizer
 
     torch.set_num_threads(1)
-    config = load_config(REPO / "configs/sine_maml.yaml",
-                         [f"train.meta_batch={args.meta_batch}", f"task.support={args.shots}",
-                          f"inner.steps={args.inner_steps}", "engine.device=cpu"])
+    config = config_for(SINE, [f"train.meta_batch={args.meta_batch}", f"inner.steps={args.inner_steps}",
+                               "engine.device=cpu"])
     ctx = dist.init("cpu")
+    timings: list[list[float]] = []
+    reduce = dist.all_reduce_sum
+
+    def timed_all_reduce(tensors, context):
+        waited = time.perf_counter()
+        dist.barrier(context)
+        started = time.perf_counter()
+        out = reduce(tensors, context)
+        timings.append([started - waited, time.perf_counter() - started])
+        return out
+
     try:
         torch.manual_seed(0)
-        model = build_model(config)
-        params = dict(model.named_parameters())
-        optimizer = torch.optim.Adam(params.values(), lr=config.train.lr)
-        family = build_task_family(config, ctx.device)
-        shard = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
-        indices = torch.arange(shard.start, shard.stop)
-        inner = config.inner
+        learner = build(config, ctx.device)
+        optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
+        step = MetaStep(learner, optimizer, config, ctx)
+        engine.dist.all_reduce_sum = timed_all_reduce  # the engine's own collective, timed where it runs
         rows = []
         for iteration in range(args.warmup + args.iterations):
-            t0 = time.perf_counter()
-            batch = family.sample(STREAM_TRAIN, iteration, indices)
-            result = meta_gradient(model, params, batch, inner.lr, inner.steps, inner.mode, inner.truncate,
-                                   family.loss)
-            t1 = time.perf_counter()
-            dist.barrier(ctx)
-            t2 = time.perf_counter()
-            *grads, _ = dist.all_reduce_sum([*result.grad_sum.values(), torch.zeros(1)], ctx)
-            t3 = time.perf_counter()
-            for param, grad in zip(params.values(), grads):
-                param.grad = grad / config.train.meta_batch
-            optimizer.step()
-            t4 = time.perf_counter()
+            timings.clear()
+            started = time.perf_counter()
+            step(iteration)
+            total = time.perf_counter() - started
+            wait, collective = timings[0]
             if iteration >= args.warmup:
-                rows.append([t1 - t0 + t4 - t3, t2 - t1, t3 - t2])
+                rows.append([total - wait - collective, wait, collective, total])
         table = torch.tensor(rows, dtype=torch.float64)
         if ctx.distributed:
             torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
         if ctx.is_main:
-            n_params = sum(p.numel() for p in params.values())
-            Path(args.out).write_text(json.dumps({"world": ctx.world_size, "rows": table.tolist(),
-                                                  "params": n_params}))
+            Path(args.out).write_text(json.dumps({"world": ctx.world_size, "rows": table.tolist()}))
     finally:
+        engine.dist.all_reduce_sum = reduce
         dist.teardown()
 
 
-def main() -> None:
+def all_reduce_bytes() -> list[dict[str, Any]]:
+    """What one all-reduce carries: every meta-parameter (float32) and the four scalars that ride along."""
+    from distmaml.build import build
+
+    few = ["task.args.classes=8"]  # generated images: only the model's size matters here
+    models = [("sine MLP 1-40-40-1", []),
+              ("sine MLP, Meta-SGD (learned step sizes)", ["inner.rule=meta_sgd"]),
+              ("Conv-4, 64 filters, Omniglot 5-way", [*OMNIGLOT_SHAPED, *few]),
+              ("Conv-4, 32 filters, max-pool, mini-ImageNet 5-way",
+               [*MINIIMAGENET_SHAPED, *few, "model.kind=conv4", "model.channels=32", "model.pool=max"]),
+              ("ResNet-12, mini-ImageNet 5-way", [*MINIIMAGENET_SHAPED, *few, "model.kind=resnet12"])]
+    out = []
+    for name, overrides in models:
+        learner = build(config_for(SINE, overrides))
+        parameters = sum(p.numel() for p in learner.theta.values())
+        out.append({"model": name, "parameters": parameters, "bytes": 4 * (parameters + 4)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--meta-batch", type=int, default=50)
-    parser.add_argument("--shots", type=int, default=5, help="K, support examples per task")
-    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/distributed_cpu.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
+        args.out = args.worker_out
         return worker(args)
-
-    forwarded = ["--meta-batch", str(args.meta_batch), "--shots", str(args.shots), "--inner-steps",
-                 str(args.inner_steps), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    results = []
+    forwarded = ["--meta-batch", str(args.meta_batch), "--inner-steps", str(args.inner_steps), "--iterations",
+                 str(args.iterations), "--warmup", str(args.warmup)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
             out = Path(tmp) / f"world{world}.json"
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            str(world), __file__, "--worker", "--out", str(out), *forwarded], env=env, check=True)
-            results.append(json.loads(out.read_text()))
-
-    print(f"\nsine MLP, meta-batch {args.meta_batch}, K = {args.shots}, {args.inner_steps} inner step(s), "
-          f"{args.iterations} timed iterations, CPU (gloo), medians of the slowest rank:\n")
-    print("| processes | tasks/rank | compute ms | wait ms | all-reduce ms | step ms | all-reduce share |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for result in results:
-        compute, wait, reduce = (statistics.median(column) * 1e3 for column in zip(*result["rows"]))
-        step = statistics.median(sum(row) for row in result["rows"]) * 1e3
-        world = result["world"]
-        print(f"| {world} | {-(-args.meta_batch // world)} | {compute:.2f} | {wait:.2f} | {reduce:.3f} | {step:.2f} "
-              f"| {100 * reduce / step:.1f}% |")
-
-    sine = results[0]["params"]
-    print("\nBytes per all-reduce (float32 parameters + 1 stop flag, one flat buffer):\n")
-    print("| model | parameters | bytes |")
-    print("|---|---:|---:|")
-    for name, count in [("sine MLP 1-40-40-1", sine),
-                        ("Conv-4, 64 ch, 5-way, Omniglot 28x28x1", conv4_parameters(1, 28, 5)),
-                        ("Conv-4, 64 ch, 5-way, miniImageNet 84x84x3", conv4_parameters(3, 84, 5))]:
-        print(f"| {name} | {count:,} | {4 * (count + 1):,} ({4 * (count + 1) / 1024:.1f} KiB) |")
+                            str(world), "-m", "benchmarks.distributed", "--worker", "--worker-out", str(out),
+                            *forwarded], env=env, cwd=REPO, check=True, capture_output=True)
+            measured = json.loads(out.read_text())["rows"]
+            compute, wait, collective, total = (statistics.median(column) * 1e3 for column in zip(*measured))
+            rows.append({"world": world, "tasks_per_rank": -(-args.meta_batch // world), "compute_ms": compute,
+                         "wait_ms": wait, "all_reduce_ms": collective, "step_ms": total,
+                         "all_reduce_share": collective / total})
+            print(f"{world} process(es): step {total:.2f} ms, all-reduce {collective:.3f} ms "
+                  f"({100 * collective / total:.1f} %)", flush=True)
+    result = {"benchmark": "distributed", "command": " ".join(["python -m benchmarks.distributed",
+                                                               *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device("cpu")), "meta_batch": args.meta_batch, "inner_steps": args.inner_steps,
+              "iterations": args.iterations, "wall_seconds": time.time() - started, "rows": rows,
+              "all_reduce_bytes": all_reduce_bytes()}
+    out = write(result, args.out or RESULTS / "distributed_cpu.json")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

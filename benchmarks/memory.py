@@ -1,24 +1,19 @@
-"""Peak memory and time of one meta-iteration against the number of inner steps K.
+"""Peak memory of one meta-iteration (MetaStep) per mode, checkpointing setting and K, measured, beside
+the estimate the trainer makes before its first iteration (distmaml.memory).
 
-    PYTHONPATH=$PWD python benchmarks/memory.py                    # CPU, every K and mode (minutes)
-    PYTHONPATH=$PWD python benchmarks/memory.py --device cuda      # on a GPU
-    PYTHONPATH=$PWD python benchmarks/memory.py --steps 5 20 --repeats 1
+    python -m benchmarks.memory                      # this CPU: the README's memory tables
+    python -m benchmarks.memory --device cuda
+    python -m benchmarks.memory --only resnet12
 
-Each configuration runs in a fresh subprocess, so no allocator cache or earlier peak leaks into the
-next. A meta-iteration is one batched `meta_gradient` (inner loop, query loss, meta-backward) on the
-sine MLP widened to 1 -> 256 -> 256 -> 1, so that the unrolled graph dominates memory.
-
-Memory. CPU: peak resident set size (resource.getrusage ru_maxrss) after the first meta-iteration,
-minus the resident set size just before it; the peak is reset first where Linux allows it
-(/proc/self/clear_refs), so that imports cannot set it. glibc's malloc keeps freed blocks in its heap
-once its mmap threshold has adapted, so RSS also counts fragmentation that grows with K (first-order:
-+49 MiB at K=5, +341 MiB at K=100); children therefore run with MALLOC_MMAP_THRESHOLD_=65536, which
-returns large blocks to the system at once and makes RSS follow live tensors (first-order: +26 and +30
-MiB); --system-malloc measures the default behaviour instead. CUDA: torch.cuda.max_memory_allocated minus
-memory_allocated before the iteration (the caching allocator's reserve is not counted).
-Time: median over `--repeats` meta-iterations after the first (which also warms up), as wall-clock
-seconds and, on CPU, as this process's CPU seconds (with --threads 1, much less disturbed than wall
-time when other programs share the cores).
+Every case runs in a fresh process, so that a peak is that case's alone. One meta-iteration runs
+first (it creates the gradients, Adam's state and the libraries' one-time caches); the second is
+measured: on the CPU, the high-water mark of the resident set (VmHWM, reset just before the
+iteration through /proc/self/clear_refs) minus the resident set then, with glibc told to hand
+large blocks straight back to the system
+(MALLOC_MMAP_THRESHOLD_) so that what is resident is what is live, and on CUDA the allocator's
+max_memory_allocated minus what was allocated before. The weights, their gradients and Adam's two
+moments (4 x the parameters), already resident then, are added back, as the estimate counts them.
+Implicit mode is measured the same way as the others.
 """
 
 from __future__ import annotations
@@ -26,182 +21,127 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-# (mode, checkpoint) pairs measured for every K; truncated uses --truncate differentiated steps.
-SETTINGS = [("second_order", "none"), ("second_order", "every_step"), ("second_order", "auto"),
-            ("truncated", "none"), ("truncated", "auto"), ("first_order", "none"), ("implicit", "none")]
-# iMAML's solver settings for the implicit rows (lam as in configs/sine_imaml.yaml's range, 5 CG steps).
-IMPLICIT = {"lam": 1.0, "cg_steps": 5}
+import torch
 
+from benchmarks.common import OMNIGLOT_SHAPED, MINIIMAGENET_SHAPED, REPO, RESULTS, config_for, machine, meta_step, write
 
-def resident_mib() -> float:
-    """Current resident set size of this process (Linux /proc; else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_resident_mib()
-
-
-def peak_resident_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+SINE = REPO / "configs/sine_maml.yaml"
+WIDE_SINE = ["model.hidden=[256, 256]", "task.support=100", "task.query=100", "train.meta_batch=25"]
+MODES = {"second order": ["inner.mode=second_order"],
+         "second order, checkpoint=every_step": ["inner.mode=second_order", "inner.checkpoint=every_step"],
+         "second order, checkpoint=auto": ["inner.mode=second_order", "inner.checkpoint=auto"],
+         "truncated T=10, checkpoint=auto": ["inner.mode=truncated", "inner.truncate=10", "inner.checkpoint=auto"],
+         "first order": ["inner.mode=first_order"],
+         "implicit": ["inner.mode=implicit", "implicit.lam=5.0", "implicit.cg_damping=3.0"]}
 
 
-def reset_peak_resident() -> bool:
-    """Lower the recorded peak RSS to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:
+    if tiny:  # the test suite's: two small cases, end to end
+        small = ["model.hidden=[64, 64]", "task.support=40", "task.query=40", "train.meta_batch=8", "inner.steps=3"]
+        return [dict(group="sine", model="MLP 1-64-64-1", base=str(SINE), setting=name, inner_steps=3,
+                     overrides=[*small, *MODES[name]]) for name in ("second order", "second order, checkpoint=auto")]
+    out = []
+    steps = (10, 50) if quick else (10, 50, 100)
+    for k in steps:
+        for name, settings in MODES.items():
+            out.append(dict(group="sine", model="MLP 1-256-256-1", base=str(SINE), setting=name, inner_steps=k,
+                            overrides=[*WIDE_SINE, *settings, f"inner.steps={k}"]))
+    conv = [*OMNIGLOT_SHAPED, "model.channels=32", "train.meta_batch=4"]
+    for k in ((1, 10) if quick else (1, 10, 100)):
+        for name in ("second order", "second order, checkpoint=auto"):
+            out.append(dict(group="conv4", model="Conv-4 (32 filters), Omniglot-shaped 5-way 1-shot", base=str(SINE),
+                            setting=name, inner_steps=k, overrides=[*conv, *MODES[name], f"inner.steps={k}"]))
+    if not quick:
+        resnet = [*MINIIMAGENET_SHAPED, "model.kind=resnet12", "train.meta_batch=2", "inner.steps=5"]
+        for name in ("second order", "second order, checkpoint=auto"):
+            out.append(dict(group="resnet12", model="ResNet-12, 84x84, 5-way 1-shot, 15 query", base=str(SINE),
+                            setting=name, inner_steps=5, overrides=[*resnet, *MODES[name]]))
+    return out
 
 
-def measure(args) -> dict:
-    """One configuration, in this process: memory of the first meta-iteration, then timing."""
-    import torch
+def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
+    """In this (fresh) process: one meta-iteration's peak, its seconds, and the trainer's estimate."""
+    from distmaml import memory
+    from distmaml.build import build_inner
+    from distmaml.engine import compute_meta_gradient
+    from distmaml.tasks.rng import STREAM_TRAIN
 
-    from distmaml.meta import meta_gradient
-    from distmaml.models import MLP
-    from distmaml.tasks.sine import SineTasks
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model = MLP(1, (args.hidden, args.hidden), 1).to(device, dtype)
-    params = {name: value.detach().clone().requires_grad_() for name, value in model.named_parameters()}
-    tasks = SineTasks(support=args.points, query=args.points, device=device, dtype=dtype)
-    batch = tasks.sample(0, 0, torch.arange(args.meta_batch, device=device))
-    truncate = min(args.truncate, args.k) if args.mode == "truncated" else None
-
-    def iteration(inner_steps: int = args.k, task_batch=batch) -> None:
-        meta_gradient(model, params, task_batch, args.inner_lr, inner_steps, args.mode,
-                      None if truncate is None else min(truncate, inner_steps), checkpoint=args.checkpoint,
-                      implicit=IMPLICIT if args.mode == "implicit" else None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    # A one-task, one-step iteration loads torch.func's lazily initialised machinery (and starts
-    # the thread pool) before the baseline, so that it is not counted as memory of the unroll.
-    iteration(min(args.k, 1), tasks.sample(0, 0, torch.arange(1, device=device)))
-
-    if device.type == "cuda":
+    config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
+    torch.set_num_threads(1)
+    step, learner = meta_step(config, device)
+    weights = sum(p.numel() * p.element_size() for p in learner.theta.values())
+    step(0)  # creates gradients, Adam's state and one-time caches; the next iteration is measured
+    if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
+        before = torch.cuda.memory_allocated()
     else:
-        peak_was_reset = reset_peak_resident()
-        baseline = resident_mib()
-    start = time.perf_counter()
-    iteration()
-    first_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+        before = _status_bytes("VmRSS")
+    started = time.perf_counter()
+    step(1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = peak_resident_mib()
-
-    seconds, cpu_seconds = [], []
-    for _ in range(args.repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        iteration()
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - start_cpu)
-    return {"k": args.k, "mode": args.mode, "checkpoint": args.checkpoint, "truncate": truncate,
-            "baseline_mib": baseline, "peak_mib": peak, "delta_mib": peak - baseline,
-            "seconds": statistics.median(seconds) if seconds else first_seconds,
-            "cpu_seconds": statistics.median(cpu_seconds) if cpu_seconds else None,
-            "peak_reset": device.type == "cuda" or peak_was_reset}
+        peak = _status_bytes("VmHWM") - before
+    seconds = time.perf_counter() - started
+    shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch, device="meta"))
+    found = memory.estimate(learner.model, learner.theta, shapes, config,
+                            lambda model, theta, batch, probed: compute_meta_gradient(
+                                model, theta, batch, build_inner(probed, learner.family.loss)))
+    measured = peak + 4 * weights
+    return {**{k: v for k, v in case.items() if k != "base"}, "device": device, "measured_mib": measured / 2 ** 20,
+            "estimate_mib": found.peak_bytes / 2 ** 20, "estimate_over_measured": found.peak_bytes / measured,
+            "seconds_per_iteration": seconds}
 
 
-def table(rows: list[dict], device: str) -> str:
-    """Markdown table; checkpointed rows also give memory and time relative to checkpoint=none."""
-    unchecked = {row["k"]: row for row in rows if row["mode"] == "second_order" and row["checkpoint"] == "none"}
-    on_cpu = not device.startswith("cuda")
-    what = "RSS" if on_cpu else "allocated"
-    time_columns = ["wall s / iter", "CPU s / iter"] if on_cpu else ["s / iter"]
-    header = ["K", "mode", "checkpoint", f"peak - baseline {what} (MiB)", f"peak {what} (MiB)", *time_columns,
-              "memory vs none", "time vs none"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---"
-                                                        for i in range(len(header))) + "|"]
-    for row in rows:
-        mode = f"truncated (T={row['truncate']})" if row["mode"] == "truncated" else row["mode"]
-        # Compare CPU time where there is one: it is what contention for the cores disturbs least.
-        cost = "cpu_seconds" if on_cpu and row.get("cpu_seconds") is not None else "seconds"
-        ratios = ["", ""]
-        reference = unchecked.get(row["k"])
-        if row["mode"] == "second_order" and row["checkpoint"] != "none" and reference:
-            ratios = [f"{row['delta_mib'] / reference['delta_mib']:.2f}", f"{row[cost] / reference[cost]:.2f}"]
-        times = [f"{row['seconds']:.3f}"] + ([f"{row['cpu_seconds']:.3f}" if row.get("cpu_seconds") else ""]
-                                             if on_cpu else [])
-        cells = [str(row["k"]), mode, row["checkpoint"], f"{row['delta_mib']:.0f}", f"{row['peak_mib']:.0f}",
-                 *times, *ratios]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (kB there) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100], help="inner steps K")
-    parser.add_argument("--truncate", type=int, default=10, help="truncated mode: differentiated steps T")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--meta-batch", type=int, default=25)
-    parser.add_argument("--points", type=int, default=100, help="support and query points per task")
-    parser.add_argument("--inner-lr", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=2, help="timed meta-iterations after the first")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads per run (default: torch's choice); 1 avoids OpenMP stalls on a busy machine")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="CPU: keep glibc's adaptive mmap threshold (RSS then includes heap fragmentation)")
-    parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--modes", nargs="+", default=sorted({mode for mode, _ in SETTINGS}),
-                        help="only these modes (second_order, truncated, first_order, implicit)")
-    # One configuration in this process (what the parent runs in each subprocess).
-    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", nargs="+", help="groups: sine conv4 resnet12")
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    parser.add_argument("--tiny", action="store_true", help="two small cases (the tests')")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/memory_<device>.json)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # the fresh process's side
     args = parser.parse_args(argv)
-
-    if args.k is not None:
-        print(json.dumps(measure(args)))
-        return
-    common = ["--device", args.device, "--dtype", args.dtype, "--truncate", str(args.truncate),
-              "--hidden", str(args.hidden), "--meta-batch", str(args.meta_batch), "--points", str(args.points),
-              "--inner-lr", str(args.inner_lr), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    environment = dict(os.environ)
-    if not args.system_malloc:
-        environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    rows = []
-    for k in args.steps:
-        for mode, checkpoint in [s for s in SETTINGS if s[0] in args.modes]:
-            command = [sys.executable, __file__, *common, "--k", str(k), "--mode", mode,
-                       "--checkpoint", checkpoint]
-            result = subprocess.run(command, capture_output=True, text=True, env=environment)
-            if result.returncode != 0:
-                sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(f"K={k} {mode} checkpoint={checkpoint}: +{rows[-1]['delta_mib']:.0f} MiB, "
-                  f"{rows[-1]['seconds']:.3f} s", file=sys.stderr, flush=True)
-    if not all(row["peak_reset"] for row in rows):
-        print("note: the peak RSS could not be reset; peaks include everything before the iteration",
-              file=sys.stderr)
-    threads = f", {args.threads} CPU thread(s)" if args.threads and args.device == "cpu" else ""
-    if args.device == "cpu":
-        threads += ", system malloc" if args.system_malloc else ", MALLOC_MMAP_THRESHOLD_=65536"
-    print(f"device {args.device}{threads}, {args.dtype}, MLP 1-{args.hidden}-{args.hidden}-1, "
-          f"meta-batch {args.meta_batch}, {args.points} support + {args.points} query points, "
-          f"truncate T={args.truncate}\n")
-    print(table(rows, args.device))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
+    if args.case:
+        print(json.dumps(measure(json.loads(args.case), args.device)))
+        return {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    rows, started = [], time.time()
+    for case in cases(args.quick, args.tiny):
+        if args.only and case["group"] not in args.only:
+            continue
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--case",
+                               json.dumps(case)], capture_output=True, text=True, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"case {case['setting']} K={case['inner_steps']} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = rows[-1]
+        print(f"{row['group']:>9} K={row['inner_steps']:<4} {row['setting']:<40} measured {row['measured_mib']:9.1f} "
+              f"MiB  estimate {row['estimate_mib']:9.1f} MiB  ({row['estimate_over_measured']:.2f}x)  "
+              f"{row['seconds_per_iteration']:.2f} s", flush=True)
+    result = {"benchmark": "memory", "command": " ".join(["python -m benchmarks.memory", *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device(args.device)), "wall_seconds": time.time() - started, "rows": rows}
+    out = write(result, args.out or RESULTS / f"memory_{args.device}.json")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def build(config: Config, device: torch.device | str = "cpu") -> Learner:
     from distmaml.tasks import build_task_family
 
     dtype = DTYPES[config.engine.dtype][0]
-    model = build_model(config).to(device, dtype)
     family = build_task_family(config, device, dtype)
+    # Sized from the family: any model fits any family whose inputs and outputs it takes.
+    model = build_model(config, family.input_shape, family.num_outputs).to(device, dtype)
     inner = build_inner(config, family.loss)
     weights = dict(model.named_parameters())
     adapted, _, _ = split(weights, inner.adapt)
@@ -75,11 +76,11 @@ class Trained(NamedTuple):
     checkpoint: Path
 
 
-def load_trained(path: str | Path, device: str = "cpu", overrides: dict[str, object] | None = None) -> Trained:
+def load_trained(path: str | Path, device: str = "cpu", changes: dict[str, tuple[Any, str]] | None = None) -> Trained:
     """A checkpoint file, or a run directory's newest complete checkpoint, rebuilt as it was trained.
 
-    `overrides` ({"data.root": ...}) replace settings of the saved config before building, e.g.
-    where the data set has moved since training.
+    `changes` ({"data.root": (value, "--data-root")}) replace settings of the saved config before it
+    is validated and built (errors name the source given), e.g. where the data set has moved.
     """
     path = Path(path)
     if path.is_dir():
@@ -88,11 +89,7 @@ def load_trained(path: str | Path, device: str = "cpu", overrides: dict[str, obj
             raise CheckpointError(f"{path}: no checkpoint in this run directory")
         path = found
     state = load_checkpoint(path)
-    saved = state["config"]
-    for key, value in (overrides or {}).items():
-        section, name = key.split(".")
-        saved = {**saved, section: {**saved.get(section, {}), name: value}}
-    config = from_dict(saved, str(path))
+    config = from_dict(state["config"], str(path), {k: v for k, v in (changes or {}).items() if v[0] is not None})
     learner = build(config, device)
     restore(learner, state, path)
     return Trained(config, learner, path)

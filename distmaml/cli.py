@@ -128,10 +128,11 @@ def _eval(args) -> int:
     from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, format_table
     from distmaml.log import write_json
 
-    trained = load_trained(args.checkpoint, args.device, {"data.root": args.data_root} if args.data_root else None)
-    config = _with_flags(trained.config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks"),
-                                          "eval.shots": (args.shots, "--shots"), "eval.query": (args.query, "--query")})
-    learner = trained.learner
+    trained = load_trained(args.checkpoint, args.device, {
+        "data.root": (args.data_root, "--data-root"), "eval.steps": (args.steps, "--steps"),
+        "eval.tasks": (args.tasks, "--tasks"), "eval.shots": (args.shots, "--shots"),
+        "eval.query": (args.query, "--query")})
+    config, learner = trained.config, trained.learner
     result = evaluate(learner.model, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
     print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
           f"{config.inner.rule} (lr {config.inner.lr})")
@@ -148,12 +149,12 @@ def _plot(args) -> int:
     from distmaml.build import load_trained
     from distmaml.plots import plot_sine_adaptation
 
-    trained = load_trained(args.checkpoint, overrides={"data.root": args.data_root} if args.data_root else None)
-    learner = trained.learner
+    trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
+                                                     "eval.shots": (args.shots, "--shots")})
+    config, learner = trained.config, trained.learner
     if learner.family.is_classification:
         raise ConfigError(f"{trained.checkpoint}: distmaml plot draws regression tasks (the sine family); this run "
                           f"is {trained.config.task.family} classification")
-    config = _with_flags(trained.config, {"eval.shots": (args.shots, "--shots")})
     plot_sine_adaptation(learner.model, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
                          shots=config.eval.shots)
     print(f"wrote {args.out}")

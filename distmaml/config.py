@@ -20,17 +20,15 @@ from typing import Any, Optional
 
 import yaml
 
+from distmaml.config_checks import check_values
 from distmaml.errors import ConfigError  # re-exported: distmaml.config.ConfigError
-
-
-OMNIGLOT_DRAWINGS = 20  # drawings of each Omniglot character
 
 
 def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its one-line description (and allowed values, for strings)."""
     meta = {"doc": doc, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -44,20 +42,30 @@ class RunConfig:
 
 @dataclass
 class TaskConfig:
-    family: str = _opt("sine", "task family", ("sine", "omniglot"))
+    family: str = _opt("sine", "task family: sine, omniglot, image_folder, or your own as an import path "
+                       "'package.module:Name' or 'path/to/file.py:Name' (see distmaml.tasks.TaskFamily)")
+    args: dict = _opt({}, "keyword arguments for your own family's from_config (task.args.<name>=value)")
     support: int = _opt(10, "support examples per task (per class for classification): the K in K-shot")
     query: int = _opt(10, "query examples per task (per class for classification)")
     ways: int = _opt(5, "classes per task (classification only): the N in N-way")
     amplitude: list[float] = _opt([0.1, 5.0], "sine: amplitude range [low, high)")
     phase: list[float] = _opt([0.0, math.pi], "sine: phase range [low, high)")
     x_range: list[float] = _opt([-5.0, 5.0], "sine: input range [low, high)")
+    image_size: int = _opt(84, "image_folder: images are resized to image_size x image_size")
+    channels: int = _opt(3, "image_folder: 3 (RGB) or 1 (grey)")
+    invert: bool = _opt(False, "image_folder: 255 - pixel (dark strokes on white paper become bright on 0)")
 
 
 @dataclass
 class ModelConfig:
-    kind: str = _opt("mlp", "network", ("mlp", "conv4"))
+    kind: str = _opt("mlp", "network: mlp, conv4, resnet12, or your own builder as an import path "
+                     "'package.module:build' called as build(input_shape=..., num_outputs=..., **model.args)")
+    args: dict = _opt({}, "keyword arguments for your own model builder (model.args.<name>=value)")
     hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths")
     channels: int = _opt(64, "conv4: filters per convolution")
+    pool: str = _opt("stride", "conv4: halve the resolution with stride-2 convolutions (the MAML paper's "
+                     "Omniglot network) or 2x2 max-pooling (its mini-ImageNet network)", ("stride", "max"))
+    widths: list[int] = _opt([64, 160, 320, 640], "resnet12: channels of its four residual stages")
     init: str = _opt("pytorch", "initial weights: PyTorch's layer defaults, or the MAML reference code's "
                      "truncated normal (std model.init_std, cut at 2 std) for weights with zero biases",
                      ("pytorch", "truncated_normal"))
@@ -167,10 +175,15 @@ class LoggingConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/omniglot", "folder with the data set (Omniglot: the two zips or their folders)")
+    root: str = _opt("data/omniglot", "folder with the data set (Omniglot: the two zips or their folders; "
+                     "image_folder: train/val/test class folders or mini-ImageNet's csv files and images/)")
     cache_dir: Optional[str] = _opt(None, "where the preprocessed array is cached (default: user cache)")
-    split: str = _opt("paper", "class split: paper (1200 train characters + rotations) or background",
+    split: str = _opt("paper", "omniglot class split: paper (1200 train characters + rotations) or background",
                       ("paper", "background"))
+    eval_split: str = _opt("test", "image_folder: the split evaluation draws its classes from", ("test", "val"))
+    storage: str = _opt("auto", "image_folder: keep the images on the training device, in pinned host memory "
+                        "(copied per episode), or auto: the device unless they take over half its free memory",
+                        ("auto", "device", "host"))
 
 
 @dataclass
@@ -276,8 +289,14 @@ def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Con
     config = Config()
     known = {f"{section.name}.{spec.name}": (section.name, spec) for section in dataclasses.fields(Config)
              for spec in dataclasses.fields(_section_type(section.name))}
+    nested: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         where = sources.get(key, "config")
+        parent = key.rsplit(".", 1)[0]
+        if key not in known and parent in known and _field_type(*parent.split(".")) is dict:
+            # task.args.degree: one entry of a free-form section, passed to user code as is
+            nested.setdefault(parent, {})[key.rsplit(".", 1)[1]] = value
+            continue
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -288,7 +307,10 @@ def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Con
         if choices and value not in choices:
             raise ConfigError(f"{where}: {key} = {value!r}: must be one of {', '.join(choices)}")
         setattr(getattr(config, section), spec.name, value)
-    _check_values(config, lambda key: sources.get(key, "default"))
+    for key, entries in nested.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, {**getattr(getattr(config, section), name), **entries})
+    check_values(config, lambda key: sources.get(key, "default"))
     return config
 
 
@@ -297,15 +319,19 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(config)
 
 
-def from_dict(tree: dict[str, Any], source: str) -> Config:
-    """Build a validated Config from nested data (a checkpoint's config); errors name `source`."""
+def from_dict(tree: dict[str, Any], source: str, changes: dict[str, tuple[Any, str]] | None = None) -> Config:
+    """Build a validated Config from nested data (a checkpoint's config); errors name `source`, or
+    for a key in `changes` ({"eval.shots": (5, "--shots")}) the value and source given there."""
     raw = dict(_flatten(tree))
-    return from_flat(raw, {key: source for key in raw})
+    sources = {key: source for key in raw}
+    for key, (value, where) in (changes or {}).items():
+        raw[key], sources[key] = value, where
+    return from_flat(raw, sources)
 
 
 def flatten(config: Config) -> dict[str, Any]:
-    """{'section.key': value} for every field."""
-    return dict(_flatten(to_dict(config)))
+    """{'section.key': value} for every field (a dict-valued field, like task.args, as one value)."""
+    return {f"{section}.{name}": value for section, fields in to_dict(config).items() for name, value in fields.items()}
 
 
 def describe() -> str:
@@ -323,9 +349,9 @@ def describe() -> str:
 def _flatten(tree: dict, prefix: str = ""):
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             yield from _flatten(value, name + ".")
-        else:
+        elif not isinstance(value, dict) or prefix:  # an empty section is no setting; an empty args dict is one
             yield name, value
 
 
@@ -376,6 +402,9 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif isinstance(value, kind):
         return value
     raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(kind)}")
@@ -385,129 +414,3 @@ def _type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
         return f"a list of {_type_name(typing.get_args(kind)[0])}"
     return "null" if kind is type(None) else kind.__name__
-
-
-def _check_inner(config: Config, fail, at_least, positive) -> None:
-    """The inner rule's settings and the combinations of rule and mode that cannot work."""
-    inner = config.inner
-    if inner.rule == "momentum" and inner.momentum is None:
-        fail("inner.momentum", "inner.rule = momentum needs inner.momentum (a coefficient in [0, 1), e.g. 0.9)",
-             cause="inner.rule")
-    if inner.momentum is not None and not 0 <= inner.momentum < 1:
-        fail("inner.momentum", "must be in [0, 1)")
-    if len(inner.betas) != 2 or not all(0 <= beta < 1 for beta in inner.betas):
-        fail("inner.betas", "must be two numbers in [0, 1)")
-    positive("inner.eps")
-    if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
-        fail("inner.adapt", "must list non-empty name prefixes")
-    at_least("inner.multi_step_anneal", 1)
-    at_least("inner.first_order_iterations", 0)
-    if inner.mode == "implicit" and inner.rule != "sgd":
-        fail("inner.rule", "implicit mode takes plain SGD steps: its gradient formula assumes the solution of the "
-             "regularised inner problem, not the path of another rule", cause="inner.mode")
-    if inner.mode == "implicit" and inner.adapt:
-        fail("inner.adapt", "implicit mode adapts every weight (its gradient formula has no term for weights "
-             "the inner loop holds fixed)", cause="inner.mode")
-    if inner.mode == "reptile" and inner.rule in ("meta_sgd", "lslr"):
-        fail("inner.rule", "Reptile's meta-gradient theta - phi_K gives learned step sizes no gradient",
-             cause="inner.mode")
-    if inner.multi_step_loss and inner.mode in ("implicit", "reptile"):
-        fail("inner.multi_step_loss", f"needs a mode that differentiates the unroll, not {inner.mode}",
-             cause="inner.mode")
-    if inner.first_order_iterations and inner.mode not in ("second_order", "truncated"):
-        fail("inner.first_order_iterations", "anneals from first order to second_order or truncated mode, not "
-             f"{inner.mode}", cause="inner.mode")
-
-
-def _check_values(config: Config, source) -> None:
-    """Impossible values and contradictions, each reported against the key that caused it."""
-
-    def fail(key: str, message: str, cause: str | None = None) -> typing.NoReturn:
-        # A value that is missing (still the default) is blamed on the setting that needs it.
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        where = source(key) if cause is None or source(key) != "default" else source(cause)
-        raise ConfigError(f"{where}: {key} = {value!r}: {message}")
-
-    def at_least(key: str, low: float) -> None:
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) < low:
-            fail(key, f"must be >= {low}")
-
-    def positive(key: str) -> None:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if not (value > 0 and math.isfinite(value)):
-            fail(key, "must be > 0")
-
-    def interval(key: str) -> None:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if len(value) != 2 or not value[0] <= value[1]:
-            fail(key, "must be [low, high] with low <= high")
-
-    inner, train, task = config.inner, config.train, config.task
-    at_least("inner.steps", 0)
-    positive("inner.lr")
-    _check_inner(config, fail, at_least, positive)
-    if inner.mode == "truncated" and not 0 <= inner.truncate <= inner.steps:
-        fail("inner.truncate", f"must be between 0 and inner.steps ({inner.steps})", cause="inner.steps")
-    if inner.checkpoint == "segments" and inner.checkpoint_segment is None:
-        fail("inner.checkpoint_segment", "inner.checkpoint=segments needs a segment length",
-             cause="inner.checkpoint")
-    if inner.checkpoint_segment is not None and inner.checkpoint_segment < 1:
-        fail("inner.checkpoint_segment", "must be >= 1")
-    positive("implicit.lam")
-    at_least("implicit.cg_steps", 1)
-    at_least("implicit.cg_damping", 0)
-    at_least("implicit.cg_tol", 0)
-    at_least("train.iterations", 0)
-    at_least("train.meta_batch", 1)
-    positive("train.lr")
-    at_least("train.lr_min", 0)
-    if train.lr_min > train.lr:
-        fail("train.lr_min", f"must be <= train.lr ({train.lr})", cause="train.lr")
-    at_least("train.grad_clip", 0)
-    at_least("train.log_every", 1)
-    at_least("train.checkpoint_every", 0)
-    at_least("train.keep_checkpoints", 1)
-    at_least("train.check_every", 0)
-    at_least("train.time_limit", 0)
-    at_least("train.max_meta_loss", 0)
-    positive("dist.timeout")
-    positive("logging.wandb_timeout")
-    at_least("task.support", 1)
-    at_least("task.query", 1)
-    at_least("task.ways", 2)
-    if task.family == "omniglot":
-        # Support and query images of a class are distinct drawings of its character.
-        if task.support + task.query > OMNIGLOT_DRAWINGS:
-            fail("task.query", f"task.support + task.query must be <= {OMNIGLOT_DRAWINGS}, the drawings of "
-                 f"each Omniglot character (task.support = {task.support})", cause="task.support")
-        eval_shots = task.support if config.eval.shots is None else config.eval.shots
-        eval_query = task.query if config.eval.query is None else config.eval.query
-        if eval_shots + eval_query > OMNIGLOT_DRAWINGS:
-            fail("eval.shots" if config.eval.shots is not None else "eval.query",
-                 f"eval shots + query ({eval_shots} + {eval_query}) must be <= {OMNIGLOT_DRAWINGS}, the "
-                 "drawings of each Omniglot character")
-        if config.model.kind != "conv4":
-            fail("model.kind", "task.family = omniglot needs model.kind = conv4", cause="task.family")
-    for key in ("task.amplitude", "task.phase", "task.x_range"):
-        interval(key)
-    if any(width < 1 for width in config.model.hidden):
-        fail("model.hidden", "every width must be >= 1")
-    at_least("model.channels", 1)
-    positive("model.init_std")
-    at_least("engine.threads", 0)
-    at_least("engine.memory_budget", 0)
-    at_least("eval.diverged_factor", 1)
-    at_least("eval.tasks", 2)
-    at_least("eval.steps", 0)
-    if config.eval.shots is not None and config.eval.shots < 1:
-        fail("eval.shots", "must be >= 1")
-    if config.eval.query is not None and config.eval.query < 1:
-        fail("eval.query", "must be >= 1")
-    if config.engine.device not in ("auto", "cpu", "cuda") and not config.engine.device.startswith("cuda:"):
-        fail("engine.device", "must be auto, cpu, cuda or cuda:N")
-    if isinstance(config.run.resume, str) and config.run.resume.lower() in ("true", "false"):
-        config.run.resume = config.run.resume.lower() == "true"

@@ -79,8 +79,8 @@ def launch_env(**extra):
 COMMON = ["configs/sine_debug.yaml", "train.meta_batch=5", "inner.steps=1", "eval.at_end=false",
           "logging.progress=false", "train.log_every=10", "train.check_every=10", "train.keep_checkpoints=20"]
 ITERATIONS = 120  # the 2-process runs; the reference checkpoints every 20
-# One process against two: float32 rounding differences grow with iterations (about 1e-6 by 300),
-# so that comparison stops early. The learning rate is constant, so the first COMPARED iterations
+# One process against two: float32 rounding differences grow with iterations, so that comparison
+# stops early. The learning rate is constant, so the first COMPARED iterations
 # of a longer run are a COMPARED-iteration run.
 COMPARED = 20
 
@@ -412,3 +412,13 @@ def test_distributed_runs_exit_normally_every_time(tmp_path):
             out = proc.communicate(timeout=120)[0]
             assert proc.returncode == 0, out
             assert "terminate called" not in out and "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_a_user_family_and_model_by_import_path_give_one_process_s_weights_on_two(tmp_path):
+    """World-size invariance comes with the protocol: examples/polynomials.py knows nothing of processes."""
+    example = ["examples/polynomials.yaml", "train.meta_batch=5", f"train.iterations={COMPARED}",
+               "train.checkpoint_every=0", "eval.at_end=false", "logging.progress=false", "train.log_every=10"]
+    run([sys.executable, "-m", "distmaml", "train", *example, f"run.dir={tmp_path / 'one'}"])
+    run(["bash", str(REPO / "launch/torchrun.sh"), *example, f"run.dir={tmp_path / 'two'}"], NPROC="2")
+    assert max_abs_diff(weights(tmp_path / "one", COMPARED), weights(tmp_path / "two", COMPARED)) <= 1e-6

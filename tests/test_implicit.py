@@ -239,9 +239,9 @@ def test_implicit_inner_loop_keeps_no_graph_and_starts_at_theta():
 def test_training_with_implicit_gradients_lowers_post_adaptation_loss():
     # configs/sine_imaml.yaml's inner and solver settings, in float32 (this test is about learning,
     # not digits). The damping keeps (1 + d) I + H/lam positive definite on this ReLU MLP, whose
-    # support Hessian has eigenvalues near -20; lam = 2 undamped let CG diverge (residual > 1) and
-    # moved the loss only 4.05 -> 3.90. With these settings 200 iterations give 0.44-0.49x on the
-    # seeds tried, so 0.75x leaves room for a change of the task stream.
+    # support Hessian is indefinite; undamped, CG diverges and the loss hardly moves. With these
+    # settings 200 iterations halve the loss, so asking for 0.75x leaves room for a change of the
+    # task stream.
     torch.manual_seed(0)
     model = MLP(1, (40, 40), 1)
     params = {name: value.detach().requires_grad_() for name, value in model.named_parameters()}

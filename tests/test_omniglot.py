@@ -296,22 +296,23 @@ def test_conv4_checkpointed_unroll_is_exact(real_data):
 
 
 def test_config_checks_and_builders(real_data, real_cache):
-    omniglot = ["task.family=omniglot", "model.kind=conv4"]
-    with pytest.raises(ConfigError, match=r"^command line: task.query = 16: task.support \+ task.query must be <= 20"):
-        load_config(None, [*omniglot, "task.support=5", "task.query=16"])
-    with pytest.raises(ConfigError, match=r"^command line: eval.shots = 10: eval shots \+ query \(10 \+ 15\)"):
-        load_config(None, [*omniglot, "task.support=1", "task.query=15", "eval.shots=10"])
-    with pytest.raises(ConfigError, match=r"^command line: model.kind = 'mlp': task.family = omniglot needs model.kind = conv4$"):
-        load_config(None, ["task.family=omniglot"])
+    omniglot = ["task.family=omniglot", "model.kind=conv4", f"data.root={REAL_ROOT}", f"data.cache_dir={real_cache}"]
+    with pytest.raises(ConfigError, match=r"^task.support \+ task.query = 5 \+ 16: must be <= 20, the drawings"):
+        build_task_family(load_config(None, [*omniglot, "task.support=5", "task.query=16"]), "cpu")
+    with pytest.raises(ConfigError, match=r"^eval shots \+ query = 10 \+ 15: must be <= 20"):
+        build_task_family(load_config(None, [*omniglot, "task.support=1", "task.query=15", "eval.shots=10"]), "cpu")
     with pytest.raises(ConfigError, match=r"task.ways = 1: must be >= 2"):
         load_config(None, [*omniglot, "task.ways=1"])
     config = load_config(REPO / "configs/omniglot_20w1s.yaml",
                          [f"data.root={REAL_ROOT}", f"data.cache_dir={real_cache}", "model.channels=4"])
     family = build_task_family(config, "cpu")
-    model = build_model(config)
+    model = build_model(config, family.input_shape, family.num_outputs)
     batch = family.sample(STREAM_TRAIN, 0, torch.arange(2))
     logits = torch.func.vmap(model)(batch.support_x)
     assert logits.shape == (2, 20, 20)
+    # An MLP on flattened drawings fits the family as well: no pairing rules, only shapes.
+    flat = build_model(load_config(None, [*omniglot, "model.kind=mlp", "task.ways=20"]), family.input_shape, 20)
+    assert torch.func.vmap(flat)(batch.support_x).shape == (2, 20, 20)
 
 
 @pytest.mark.parametrize("name", ["omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s", "omniglot_debug"])
@@ -375,7 +376,22 @@ def test_eval_of_a_run_whose_data_moved_and_plot_of_a_classification_run(tmp_pat
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli(["eval", str(run), "--tasks", "4", "--data-root", str(moved)])
     assert "4 fresh tasks, 1-shot" in proc.stdout
+    proc = run_cli(["eval", str(run), "--shots", "3", "--query", "18", "--data-root", str(moved)], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "distmaml eval: error: eval shots + query = 3 + 18: must be <= 20, the drawings of " \
+        "each Omniglot character"
+    proc = run_cli(["eval", str(run), "--shots", "3", "--query", "4", "--data-root", str(moved)], check=False)
+    assert proc.returncode == 2 and "its characters have 6 drawings, fewer than support + query = 7" in proc.stderr
     proc = run_cli(["plot", str(run), str(tmp_path / "fig.png"), "--data-root", str(moved)], check=False)
     assert proc.returncode == 2 and "distmaml plot draws regression tasks (the sine family); this run is omniglot " \
         "classification" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_omniglot_follows_the_task_family_protocol(tmp_path):
+    from distmaml.tasks import check_family
+
+    data = load_omniglot(_write_fake(tmp_path / "data", as_zip=True), tmp_path / "cache")
+    check_family(OmniglotTasks(data, split="background", ways=3, support=1, query=2, seed=5))
+    with pytest.raises(ConfigError, match=r"^task.ways = 3: the Omniglot test split has only 0 classes$"):
+        OmniglotTasks(data, split="paper", ways=3, query=2)  # 9 characters, all of them in the paper split's training part

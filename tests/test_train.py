@@ -184,14 +184,14 @@ def test_truncated_normal_init_is_the_maml_reference_codes():
 
     torch.manual_seed(0)
     model = build_model(load_config(None, ["model.init=truncated_normal", "model.init_std=0.01",
-                                           "model.hidden=[400, 400]"]))
+                                           "model.hidden=[400, 400]"]), (1,), 1)
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)
     middle = weights[1].detach()
     assert middle.abs().max() <= 0.02 and 0.007 < middle.std() < 0.0095  # cut at 2 std: std 0.88 * 0.01
     torch.manual_seed(0)
-    default = build_model(load_config(None, ["model.hidden=[400, 400]"]))
+    default = build_model(load_config(None, ["model.hidden=[400, 400]"]), (1,), 1)
     assert default.net[2].weight.abs().max() > 0.04  # PyTorch's Kaiming-uniform, bound 1/sqrt(400)
 
 

@@ -109,7 +109,8 @@ def adapt(model: nn.Module, theta: Params, support_x: torch.Tensor, support_y: t
     if any(checkpointed for _, _, checkpointed in plan):
         check_recomputable(model)
     adapted, fixed, learned = split(theta, inner.adapt)
-    learned_at, fixed_at = _per_step(learned, steps), _per_step(fixed, steps)
+    learned_at = _per_step(learned, steps, along_steps=inner.rule.per_step)
+    fixed_at = _per_step(fixed, steps)
     state = inner.rule.init(adapted)
     batched, visited = False, []
     for start, end, checkpointed in plan:
@@ -134,7 +135,7 @@ def adapt(model: nn.Module, theta: Params, support_x: torch.Tensor, support_y: t
     return Adapted(adapted, fixed, batched, visited)
 
 
-def _per_step(params: Params, steps: int) -> list[Params]:
+def _per_step(params: Params, steps: int, along_steps: bool = False) -> list[Params]:
     """One view of `params` for each inner step.
 
     A tensor every step reads (a learned step size, a weight ANIL holds fixed) gets one gradient
@@ -142,7 +143,12 @@ def _per_step(params: Params, steps: int) -> list[Params]:
     would depend on how the unroll is split into recomputed segments. Each step reads its own view
     of expand(K).unbind instead: its contribution lands in its own slot, exactly, and the K slots
     are reduced by one sum, the same for any segmentation (checkpointed = stored, bit for bit).
+    With `along_steps` the tensors already hold one entry per step (LSLR): step k reads entry k
+    (the last one past the end, as when a test adapts for longer than training did).
     """
+    if along_steps:
+        slices = {name: value.unbind(0) for name, value in params.items()}
+        return [{name: slices[name][min(step, len(slices[name]) - 1)] for name in params} for step in range(steps)]
     slices = {name: value.expand(steps, *value.shape).unbind(0) for name, value in params.items()}
     return [{name: slices[name][step] for name in params} for step in range(steps)]
 

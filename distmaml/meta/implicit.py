@@ -14,7 +14,7 @@ which conjugate gradient solves from Hessian-vector products alone. `cg_damping`
 diagonal, ((1 + damping) I + H / lam) g = grad L_query, for stability when H is far from PSD.
 
 The implicit gradient ignores the inner path, so nothing in it stops theta sharpening the support
-loss (on sine the top Hessian eigenvalue at theta climbs 54 -> 1000-2000 over 5000 iterations) until
+loss (README.md, "Implicit MAML", has the measurements on sine) until
 a fixed inner step overshoots, inner_lr (lam + mu_max) > 2, and phi goes NaN. `inner_safeguard`
 caps each task's step at its Cauchy step (`safeguarded_step_sizes`): the inner problem, its
 solution and the meta-gradient formula at phi_K stay exactly as above; only the path to phi_K is
@@ -24,7 +24,7 @@ The batched engine adapts every task at once (one vmap per inner step) and runs 
 tensors outside vmap; its Hessian-vector products differentiate once more through one retained
 double-backward graph of the batched support gradient (reverse over reverse). Forward over reverse,
 vmap(jvp(grad)), is kept as hvp="jvp" for comparison only: it rebuilds the gradient at every CG
-step (about 2x slower on the widened sine MLP, benchmarks/implicit_memory.py) and fails on
+step (slower: it rebuilds the gradient for every product) and fails on
 F.mse_loss, the sine family's loss ("ZeroTensors are immutable", pytorch/pytorch#123996).
 `implicit_meta_gradient_loop` is the per-task textbook version, plain autograd, the reference.
 """
@@ -77,8 +77,8 @@ def safeguarded_step_sizes(model: nn.Module, phi: Params, theta: Params, support
     """(regularised inner gradients g_i, step sizes [n]) for one safeguarded inner step of every task.
 
     Why: a fixed step diverges once inner_lr (lam + mu_max) > 2, and nothing in the implicit
-    meta-gradient stops theta sharpening the support loss until it does (mu_max 54 -> 850 in 600
-    sine iterations, then NaN). The step is min(inner_lr, alpha_i) with alpha_i = g.g / g.(H + lam I)g
+    meta-gradient stops theta sharpening the support loss until it does (on sine within the first
+    thousand iterations; README.md, "Implicit MAML"). The step is min(inner_lr, alpha_i) with alpha_i = g.g / g.(H + lam I)g
     the exact line minimiser of the local quadratic model along -g (the Cauchy step; one
     Hessian-vector product per task). alpha_i >= 1 / (lam + mu_max), so the cap is inactive
     wherever the fixed step is already safe (inner_lr (lam + mu_max) <= 1) and on a quadratic every

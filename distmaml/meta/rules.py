@@ -42,6 +42,9 @@ def learned_names(theta: Params) -> list[str]:
 class Rule(Protocol):
     name: str
     lr: float
+    # True when each learned parameter has one entry per inner step (dimension 0): the adaptation
+    # routine then hands step k its own entry, as `learned[name]` of shape [...] without that dimension.
+    per_step: bool
 
     def parameters(self, weights: Params) -> Params: ...
 
@@ -57,6 +60,7 @@ class SGD:
 
     lr: float
     name: str = "sgd"
+    per_step = False
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -74,6 +78,7 @@ class MetaSGD:
 
     lr: float
     name: str = "meta_sgd"
+    per_step = False
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full_like(value, self.lr) for name, value in weights.items()}
@@ -95,6 +100,7 @@ class LSLR:
     lr: float
     steps: int
     name: str = "lslr"
+    per_step = True  # learned[name] arrives as this step's size, a scalar
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full((max(self.steps, 1),), self.lr, dtype=value.dtype, device=value.device)
@@ -104,8 +110,7 @@ class LSLR:
         return {}
 
     def step(self, weights, grads, state, learned, step):
-        at = min(step, max(self.steps, 1) - 1)
-        return {name: value - learned[LEARNED + name][at] * grads[name] for name, value in weights.items()}, state
+        return {name: value - learned[LEARNED + name] * grads[name] for name, value in weights.items()}, state
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class Momentum:
     lr: float
     momentum: float
     name: str = "momentum"
+    per_step = False
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -136,15 +142,17 @@ class Adam:
     w - lr * m_hat / (sqrt(v_hat) + eps). Where v = 0 exactly (a weight whose inner gradients were all
     exactly zero: a dead ReLU unit, an unused class), the square root's derivative 1 / (2 sqrt(v)) is
     infinite and the chain rule's 0 * inf would make the whole meta-gradient NaN. The root is
-    therefore taken of where(v > 0, v, 1) and masked back to 0, so that its derivative there is 0,
-    the value the chain rule has in the limit (v depends on g^2 and g = 0); the forward value is
-    unchanged. This is the masking higher applies, with no hook.
+    therefore taken of v + tiny (the smallest normal number of the dtype): its derivative there is
+    large but finite, and multiplies dv/dg = 2 (1 - beta2) g = 0, giving 0 -- the limit the chain
+    rule has (higher masks the same gradient to 0 with a hook). The forward value moves by at most
+    sqrt(tiny) / eps relative (1e-11 in float32), below the dtype's resolution.
     """
 
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     name: str = "adam"
+    per_step = False
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -158,11 +166,10 @@ class Adam:
         correction1, correction2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
         m = {name: beta1 * state["m"][name] + (1 - beta1) * grads[name] for name in weights}
         v = {name: beta2 * state["v"][name] + (1 - beta2) * grads[name] * grads[name] for name in weights}
-        new = {}
-        for name, value in weights.items():
-            positive = v[name] > 0
-            root = torch.where(positive, torch.sqrt(torch.where(positive, v[name], torch.ones_like(v[name]))), 0.0)
-            new[name] = value - (self.lr / correction1) * m[name] / (root / correction2 ** 0.5 + self.eps)
+        step_size, root_scale = self.lr / correction1, correction2 ** -0.5
+        new = {name: value - step_size * m[name] / (torch.sqrt(v[name] + torch.finfo(v[name].dtype).tiny) * root_scale
+                                                     + self.eps)
+               for name, value in weights.items()}
         return new, {"m": m, "v": v}
 
 

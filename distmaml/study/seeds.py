@@ -41,8 +41,13 @@ def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[in
                               f"run.dir={run_dirs[seed, count]}", "logging.progress=false", "eval.at_end=false"]
                              for seed, count in runs], jobs=jobs, log_dir=out_dir / "logs")
     results = [evaluate_run(run_dirs[run], run[0], run[1], shots, steps, tasks) for run in runs]
-    report = {"config": str(config_path), "overrides": overrides or [], "shots": shots, "steps": steps,
-              "tasks": tasks, "runs": results, "over_runs": over_runs(results, shots, steps)}
+    metric = "accuracy" if "accuracy" in results[0]["eval"][str(shots[0])]["steps"][0] else "loss"
+    command = " ".join(["distmaml study seeds", str(config_path), *(overrides or []), "--seeds", *map(str, seeds),
+                        "--threads", *map(str, threads), "--shots", *map(str, shots), "--steps", str(steps),
+                        "--tasks", str(tasks)])
+    report = {"command": command, "config": str(config_path), "overrides": overrides or [], "shots": shots,
+              "steps": steps, "tasks": tasks, "metric": metric, "runs": results,
+              "over_runs": over_runs(results, shots, steps, metric)}
     (out_dir / "seeds.json").write_text(strict_json(report))
     (out_dir / "seeds.md").write_text(format_report(report) + "\n")
     plot_sharpness(results, out_dir / "seeds.png")
@@ -69,20 +74,21 @@ def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int], steps
             "eval": evaluations}
 
 
-def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int) -> dict[str, list[dict[str, Any]]]:
+def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int,
+              metric: str = "loss") -> dict[str, list[dict[str, Any]]]:
     """Per number of shots and inner steps: mean and standard deviation over runs of each run's mean
-    query loss (NaN where any run diverged), the runs' median losses, and diverged tasks in all."""
+    query loss (or accuracy; NaN where any run diverged), the runs' medians, and diverged tasks in all."""
     table: dict[str, list[dict[str, Any]]] = {}
     for count in map(str, shots):
         rows = []
         for step in range(steps + 1):
             per_run = [result["eval"][count]["steps"][step] for result in results]
-            means = [row["loss"] for row in per_run]
+            means = [row[metric] for row in per_run]
             clean = all(math.isfinite(m) for m in means) and not any(row["diverged"] for row in per_run)
             rows.append({"step": step,
                          "mean": statistics.fmean(means) if clean else math.nan,
                          "std": statistics.stdev(means) if clean and len(means) > 1 else (0.0 if clean else math.nan),
-                         "median_of_medians": statistics.median(row["loss_median"] for row in per_run),
+                         "median_of_medians": statistics.median(row[f"{metric}_median"] for row in per_run),
                          "diverged_tasks": sum(row["diverged"] for row in per_run),
                          "runs_with_divergence": sum(1 for row in per_run if row["diverged"])})
         table[count] = rows
@@ -94,11 +100,12 @@ def _cell(value: float, digits: int = 3) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    runs, steps = report["runs"], report["steps"]
+    runs, steps, metric = report["runs"], report["steps"], report.get("metric", "loss")
+    what = "query accuracy" if metric == "accuracy" else "query loss"
     shown = [step for step in (0, *REPORTED_STEPS) if step <= steps]
     lines = [f"{len(runs)} runs of {report['config']} {' '.join(report['overrides'])}".rstrip() + "; "
-             f"evaluated on the same {report['tasks']} fresh tasks (eval.seed), query MSE.", "",
-             "Over runs: mean ± std of the runs' mean query loss (diverged where any task of any run diverged); "
+             f"evaluated on the same {report['tasks']} fresh tasks (eval.seed), {what}.", "",
+             f"Over runs: mean ± std of the runs' mean {what} (diverged where any task of any run diverged); "
              "diverged tasks in all runs.", "",
              "| shots | " + " | ".join(f"{s} steps" for s in shown) + " | diverged tasks (runs) at each step |",
              "|---|" + "---|" * (len(shown) + 1)]
@@ -107,9 +114,9 @@ def format_report(report: dict[str, Any]) -> str:
                  else f"diverged (median {_cell(rows[s]['median_of_medians'])})" for s in shown]
         counts = ", ".join(f"{rows[s]['diverged_tasks']} ({rows[s]['runs_with_divergence']})" for s in shown)
         lines.append(f"| {count} | " + " | ".join(cells) + f" | {counts} |")
-    lines += ["", "Per run (query MSE mean, or the number of diverged tasks; sharpness = top Hessian eigenvalue of "
+    lines += ["", f"Per run ({what} mean, or the number of diverged tasks; sharpness = top Hessian eigenvalue of "
               "the support loss at theta, mean over the meta-batch, at the last log step and the largest seen; "
-              "inner steps at inner.lr are unstable above 2 / inner.lr):", ""]
+              "inner SGD steps at inner.lr are unstable above 2 / inner.lr):", ""]
     header = ["seed", "threads"] + [f"{c}-shot, {s} steps" for c in report["shots"] for s in REPORTED_STEPS
                                     if s <= steps]
     header += ["sharpness (last / max)", "2 / inner.lr", "meta-loss first → last window", "s / iteration"]
@@ -119,7 +126,7 @@ def format_report(report: dict[str, Any]) -> str:
         for count in map(str, report["shots"]):
             for step in (s for s in REPORTED_STEPS if s <= steps):
                 row = run["eval"][count]["steps"][step]
-                cells.append(_cell(row["loss"]) if not row["diverged"] else f"{row['diverged']} diverged")
+                cells.append(_cell(row[metric]) if not row["diverged"] else f"{row['diverged']} diverged")
         values = [value for _, value in run["sharpness"] if math.isfinite(value)]
         cells.append(f"{values[-1]:.0f} / {max(values):.0f}" if values else "not logged")
         cells += [f"{2 / run['inner_lr']:.0f}", f"{run['meta_loss_first']:.3f} → {run['meta_loss_last']:.3f}",

@@ -16,10 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from distmaml.errors import DataError
+from distmaml.tasks.array_cache import load_or_build
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,6 @@ class SplitData:
     class_names: list[str]
     class_start: np.ndarray  # [classes] index of each class's first image
     class_count: np.ndarray  # [classes] images of each class
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/distmaml, else ~/.cache/distmaml: never next to the data, which may be read-only."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "distmaml"
 
 
 def list_split(root: Path, split: str) -> list[tuple[str, list[Path]]]:
@@ -84,26 +77,21 @@ def load_split(root: str | Path, split: str, image_size: int, channels: int = 3,
     """One split of the data set under `root`, from the cache when its sources are unchanged."""
     root = Path(root)
     classes = list_split(root, split)
+
+    def decode() -> tuple[np.ndarray, dict]:
+        files = [path for _, paths in classes for path in paths]
+        log.info("decoding %d images of %s/%s to %dx%d (once; then cached)", len(files), root, split, image_size,
+                 image_size)
+        return _decode(files, image_size, channels, invert), {
+            "class_names": [name for name, _ in classes], "class_count": [len(paths) for _, paths in classes]}
+
     key = _cache_key(root, split, classes, image_size, channels, invert)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    array_path = cache / f"images-{split}-{image_size}-{key}.npy"
-    index_path = cache / f"images-{split}-{image_size}-{key}.json"
-    if array_path.exists() and index_path.exists():
-        cached = _read_cache(array_path, index_path)
-        if cached is not None:
-            return cached
-    files = [path for _, paths in classes for path in paths]
-    log.info("decoding %d images of %s/%s to %dx%d (once; cached in %s)", len(files), root, split, image_size,
-             image_size, cache)
-    images = _decode(files, image_size, channels, invert)
-    counts = np.array([len(paths) for _, paths in classes], dtype=np.int64)
-    data = SplitData(images, [name for name, _ in classes], np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    cache.mkdir(parents=True, exist_ok=True)
-    # The array first and the index (with the array's checksum) last: a reader finds both or neither.
-    _write_atomically(array_path, lambda f: np.save(f, images))
-    index = {"class_names": data.class_names, "class_count": counts.tolist(), "sha256": _checksum(images)}
-    _write_atomically(index_path, lambda f: f.write(json.dumps(index).encode()))
-    return data
+    images, index = load_or_build(cache_dir, f"images-{split}-{image_size}-{key}", decode)
+    counts = np.array(index["class_count"], dtype=np.int64)
+    if images.shape[0] != counts.sum():
+        raise DataError(f"the image cache for {root}/{split} holds {images.shape[0]} images but lists {counts.sum()}; "
+                        "delete it to rebuild it")
+    return SplitData(images, index["class_names"], np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
 
 
 def to_array(data: bytes, image_size: int, channels: int, invert: bool, where: str) -> np.ndarray:
@@ -145,34 +133,3 @@ def _cache_key(root: Path, split: str, classes, image_size: int, channels: int, 
             stat = path.stat()
             digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
-
-
-def _checksum(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-
-
-def _read_cache(array_path: Path, index_path: Path) -> SplitData | None:
-    """The cached split if it is intact, else None (with a warning) so that it is rebuilt."""
-    try:
-        index = json.loads(index_path.read_text())
-        images = np.load(array_path)
-        counts = np.array(index["class_count"], dtype=np.int64)
-        intact = images.shape[0] == counts.sum() and _checksum(images) == index["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
-        intact = False
-    if not intact:
-        log.warning("%s: the cached images are damaged (their checksum does not match); rebuilding them", array_path)
-        return None
-    return SplitData(images, index["class_names"], np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

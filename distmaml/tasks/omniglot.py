@@ -11,6 +11,7 @@ Class splits (config data.split):
               their own (4800 training classes). Test classes are not rotated.
   background  Lake et al.'s split: the 964 characters of images_background for training, the 659 of
               images_evaluation for testing, no rotations.
+Episodes come from distmaml.tasks.episodes (image folders use the same sampler).
 The paper split's 1200 characters are the same for every seed and machine: the 1200 whose
 hash_u32(_SPLIT_SALT, i) is smallest, i the character's index in (split, alphabet, character)
 order, which mixes all 50 alphabets into both sides as the MAML reference code's shuffle did.
@@ -23,14 +24,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from distmaml.tasks import TaskBatch
+from distmaml.errors import ConfigError
+from distmaml.meta.functional import TaskBatch
+from distmaml.tasks.episodes import choose_classes, choose_examples, labels
 from distmaml.tasks.omniglot_data import IMAGE_SIZE, OmniglotData, load_omniglot
-from distmaml.tasks.rng import STREAM_TRAIN, hash_u32, seed_words
+from distmaml.tasks.rng import STREAM_TRAIN, hash_u32
 
 PAPER_TRAIN_CHARACTERS = 1200
+DRAWINGS = 20  # drawings of each Omniglot character
 _SPLIT_SALT = 0x0D1A6107
-# Lanes keep the draws of a task apart: its classes, and its drawings of each class.
-_LANE_CLASSES, _LANE_DRAWINGS = range(2)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,14 +62,16 @@ class OmniglotTasks:
     loss = staticmethod(cross_entropy)
     accuracy = staticmethod(accuracy)
     is_classification = True
+    input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __init__(self, data: OmniglotData, split: str = "paper", ways: int = 5, support: int = 1,
                  query: int = 15, seed: int = 0, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         num_characters, drawings = data.images.shape[:2]
         if support + query > drawings:
-            raise ValueError(f"support + query = {support + query} exceeds the {drawings} drawings per class")
+            raise ConfigError(f"support + query = {support + query}: more than the {drawings} drawings of each class")
         self.ways, self.support, self.query, self.seed = ways, support, query, seed
+        self.num_outputs = ways
         self.device, self.dtype = torch.device(device), dtype
         self.drawings = drawings
         self.images = torch.as_tensor(data.images).reshape(num_characters, drawings, -1).to(self.device)
@@ -88,15 +92,28 @@ class OmniglotTasks:
         self._classes = {"train": (train.to(self.device), train_rotations), "test": (test.to(self.device), 1)}
         for name, (characters, rotations) in self._classes.items():
             if len(characters) * rotations < ways:
-                raise ValueError(f"the {name} split has {len(characters) * rotations} classes, fewer than {ways} ways")
+                raise ConfigError(f"task.ways = {ways}: the Omniglot {name} split has only {len(characters) * rotations} "
+                                  "classes")
         # pixel p of an image turned k quarter turns is pixel _rotation[k, p] of the original.
         grid = torch.arange(IMAGE_SIZE * IMAGE_SIZE).reshape(IMAGE_SIZE, IMAGE_SIZE)
         self._rotation = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)]).to(self.device)
 
     @classmethod
     def from_config(cls, config, device, dtype=torch.float32) -> "OmniglotTasks":
+        task, evaluation = config.task, config.eval
+        # Support and query images of a class are distinct drawings of its character (20 in Omniglot).
+        drawings = DRAWINGS
+        shots = task.support if evaluation.shots is None else evaluation.shots
+        query = task.query if evaluation.query is None else evaluation.query
+        for what, count in (("task.support + task.query", (task.support, task.query)),
+                            ("eval shots + query", (shots, query))):
+            if sum(count) > drawings:
+                raise ConfigError(f"{what} = {count[0]} + {count[1]}: must be <= {drawings}, the drawings of each "
+                                  "Omniglot character")
         data = load_omniglot(config.data.root, config.data.cache_dir)
-        task = config.task
+        if data.images.shape[1] < max(task.support + task.query, shots + query):
+            raise ConfigError(f"data.root = {config.data.root}: its characters have {data.images.shape[1]} drawings, "
+                              f"fewer than support + query = {max(task.support + task.query, shots + query)}")
         return cls(data, split=config.data.split, ways=task.ways, support=task.support, query=task.query,
                    seed=config.train.seed, device=device, dtype=dtype)
 
@@ -134,38 +151,22 @@ class OmniglotTasks:
         classes = self.classes(stream, iteration, task)
         characters, rotations = self.split_classes(stream)
         character, turns = characters[classes // rotations], classes % rotations
-
-        # A random order of each class's drawings: support from its front, query from its back,
-        # so they never share a drawing and a different K at test time keeps the same query set.
-        drawing = torch.arange(self.drawings, device=self.device)
-        drawing_hash = hash_u32(*seed_words(self.seed), stream, iteration, task[:, None, None], _LANE_DRAWINGS,
-                                classes[..., None], drawing, device=self.device)
-        order = torch.argsort(drawing_hash * self.drawings + drawing, dim=-1)  # [n, N, drawings]
-        labels = torch.arange(self.ways, device=self.device)
-        return TaskBatch(*self._points(character, turns, order[..., :support], labels),
-                         *self._points(character, turns, order[..., self.drawings - query:], labels))
+        support_at, query_at = choose_examples(self.seed, stream, iteration, task, classes, self.drawings,
+                                               self.drawings, support, query)
+        return TaskBatch(*self._points(character, turns, support_at), *self._points(character, turns, query_at))
 
     def classes(self, stream: int, iteration: int | torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """[n, N] class of each label of tasks `indices` (an index into the stream's class list).
-
-        The N classes with the smallest hashes, in hash order: a uniformly random set in a
-        uniformly random order, so label j is the class ranked j. Adding the class index to the
-        scaled hash breaks ties, so the choice is the same on every device.
-        """
+        """[n, N] class of each label of tasks `indices` (an index into the stream's class list)."""
         task = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
-        every_class = torch.arange(self.num_classes(stream), device=self.device)
-        keys = hash_u32(*seed_words(self.seed), stream, iteration, task[:, None], _LANE_CLASSES, every_class,
-                        device=self.device)
-        return torch.topk(keys * len(every_class) + every_class, self.ways, dim=-1, largest=False).indices
+        return choose_classes(self.seed, stream, iteration, task, self.num_classes(stream), self.ways)
 
-    def _points(self, character, turns, drawings, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def _points(self, character, turns, drawings) -> tuple[torch.Tensor, torch.Tensor]:
         n, ways, count = drawings.shape
         pixels = self.images[character[..., None], drawings]  # [n, N, count, 784]
         pixel_order = self._rotation[turns][:, :, None, :].expand(-1, -1, count, -1)
         pixels = pixels.gather(-1, pixel_order)
         x = pixels.reshape(n, ways * count, 1, IMAGE_SIZE, IMAGE_SIZE).to(self.dtype) / 255
-        y = labels.repeat_interleave(count).expand(n, -1)
-        return x, y.contiguous()
+        return x, labels(ways, count, n, self.device)
 
     def split_classes(self, stream: int) -> tuple[torch.Tensor, int]:
         """(characters, rotations) of the stream's split: class c is character characters[c // rotations]

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -26,8 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from distmaml.errors import DataError
-
-log = logging.getLogger(__name__)
+from distmaml.tasks.array_cache import default_cache_dir, load_or_build  # noqa: F401 (default_cache_dir: API)
 
 SPLITS = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
@@ -55,51 +51,20 @@ class OmniglotData:
         return np.array([i for i, c in enumerate(self.characters) if c.split == split], dtype=np.int64)
 
 
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/distmaml, else ~/.cache/distmaml: never next to the data, which may be read-only."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "distmaml"
-
-
 def load_omniglot(root: str | Path, cache_dir: str | Path | None = None) -> OmniglotData:
     """All 1623 characters of Omniglot under `root`, from the cache when the sources are unchanged."""
     root = Path(root)
     sources = find_sources(root)
-    key = _cache_key(sources)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    array_path = cache / f"omniglot{IMAGE_SIZE}-{key}.npy"
-    index_path = cache / f"omniglot{IMAGE_SIZE}-{key}.json"
-    if array_path.exists() and index_path.exists():
-        cached = _read_cache(array_path, index_path)
-        if cached is not None:
-            return cached
-    images, characters = _decode_all(root, sources)
-    cache.mkdir(parents=True, exist_ok=True)
-    # The array goes first and the index, with the array's checksum, last: a reader finds both or
-    # neither complete, and notices an array that changed on disk since.
-    _write_atomically(array_path, lambda f: np.save(f, images))
-    index = {"characters": characters, "sha256": _checksum(images)}
-    _write_atomically(index_path, lambda f: f.write(json.dumps(index).encode()))
-    return OmniglotData(images, characters)
 
+    def decode() -> tuple[np.ndarray, dict]:
+        images, characters = _decode_all(root, sources)
+        return images, {"characters": characters}
 
-def _checksum(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-
-
-def _read_cache(array_path: Path, index_path: Path) -> OmniglotData | None:
-    """The cached data if it is intact, else None (with a warning) so that it is rebuilt: altered
-    pixels must never be trained on silently."""
-    try:
-        index = json.loads(index_path.read_text())
-        images = np.load(array_path)
-        characters = [Character(*c) for c in index["characters"]]
-        intact = images.shape[0] == len(characters) and _checksum(images) == index["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
-        intact = False
-    if not intact:
-        log.warning("%s: the cached Omniglot array is damaged (its checksum does not match); rebuilding it", array_path)
-        return None
+    images, index = load_or_build(cache_dir, f"omniglot{IMAGE_SIZE}-{_cache_key(sources)}", decode)
+    characters = [Character(*c) for c in index["characters"]]
+    if images.shape[0] != len(characters):
+        raise OmniglotDataError(f"the Omniglot cache for {root} holds {images.shape[0]} characters but lists "
+                                f"{len(characters)}; delete it to rebuild it")
     return OmniglotData(images, characters)
 
 
@@ -210,15 +175,3 @@ def _to_array(png: bytes, where: str) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise OmniglotDataError(f"{where}: not a readable PNG image ({err})") from None
     return 255 - np.asarray(grey, dtype=np.uint8)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

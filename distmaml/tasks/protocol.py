@@ -60,8 +60,8 @@ class TaskFamily(Protocol):
         """The same family sampling on `device` ("meta": shapes only, for the memory estimate)."""
 
 
-REQUIRED = ("seed", "support", "query", "is_classification", "input_shape", "num_outputs", "from_config", "sample",
-            "loss", "with_seed", "to")
+METHODS = ("from_config", "sample", "loss", "with_seed", "to")
+REQUIRED = ("seed", "support", "query", "is_classification", "input_shape", "num_outputs", *METHODS)
 
 
 class FamilyError(ConfigError):
@@ -69,8 +69,11 @@ class FamilyError(ConfigError):
 
 
 def missing_members(family: Any) -> list[str]:
-    """The members of TaskFamily that `family` (a class or an instance) lacks."""
-    required = [*REQUIRED, "accuracy"] if getattr(family, "is_classification", False) else REQUIRED
+    """The members of TaskFamily that `family` lacks: all of them for an instance; for a class, its
+    methods (attributes such as `seed` may be set by __init__)."""
+    required = METHODS if isinstance(family, type) else REQUIRED
+    if getattr(family, "is_classification", False):
+        required = (*required, "accuracy")
     return [name for name in required if not hasattr(family, name)]
 
 

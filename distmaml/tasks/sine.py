@@ -8,19 +8,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from distmaml.tasks import TaskBatch
+from distmaml.meta.functional import TaskBatch, mse
 from distmaml.tasks.rng import seed_words, uniform
 
 # Each random quantity of a task draws from its own lane, so changing the number of support
 # points at test time leaves the task's amplitude, phase and query points unchanged.
 _LANE_AMPLITUDE, _LANE_PHASE, _LANE_SUPPORT, _LANE_QUERY = range(4)
-
-
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of one task."""
-    return F.mse_loss(prediction, target)
 
 
 @dataclass(frozen=True)
@@ -38,6 +32,8 @@ class SineTasks:
 
     loss = staticmethod(mse)
     is_classification = False
+    input_shape = (1,)
+    num_outputs = 1
 
     @classmethod
     def from_config(cls, config, device, dtype=torch.float32) -> "SineTasks":

@@ -1,0 +1,241 @@
+"""distmaml against the MAML libraries people use, side by side in one process: learn2learn's
+MAML.clone()/adapt(), higher's innerloop_ctx, TorchOpt's MetaSGD.
+
+    pip install -e ".[peers]"                      # higher and torchopt; learn2learn: README.md
+    python -m benchmarks.peers                     # this CPU, one thread: the README's peers table
+
+Every library gets the same initial weights, the same task batches (distmaml's families) and the
+same network (the sine MLP; Conv-4 on Omniglot-shaped tasks). Before anything is timed, each
+library's meta-gradient is computed in float64 for one batch and must equal distmaml's to a
+relative error of 1e-10: the comparison is of the same computation. Then one meta-iteration
+(sample the batch, the meta-gradient, an Adam step) is timed in float32 for each, the peers in
+the per-task loop their documentation shows. A library that cannot be imported is reported absent.
+Differentiable Adam inner steps are compared with higher's DifferentiableAdam the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import sys
+import time
+import types
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, write
+from distmaml.build import build
+from distmaml.meta import Inner, make_rule, meta_gradient
+from distmaml.tasks.rng import STREAM_TRAIN
+
+SINE = REPO / "configs/sine_maml.yaml"
+TOLERANCE = 1e-10
+
+
+# ------------------------------------------------------------------------------------ the peers
+
+
+def load_learn2learn():
+    """learn2learn's MAML class. Its package __init__ imports torchvision and gym, which MAML never
+    uses (and which may be missing); if that import fails, the algorithm's own modules are loaded
+    alone -- still learn2learn's code, unchanged."""
+    try:
+        import learn2learn
+        return learn2learn.algorithms.MAML, "import learn2learn"
+    except ImportError:
+        spec = importlib.util.find_spec("learn2learn")
+        if spec is None:
+            raise
+    for name in ("learn2learn", "learn2learn.algorithms"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(spec.submodule_search_locations[0]) + ("/algorithms" if "." in name else "")]
+        sys.modules[name] = package
+    maml = importlib.import_module("learn2learn.algorithms.maml")
+    return maml.MAML, "learn2learn.algorithms.maml alone (its package __init__ needs torchvision)"
+
+
+def learn2learn_step(MAML) -> Callable:
+    def meta_grads(model, batch, loss_fn, lr, steps, first_order, _):
+        maml = MAML(model, lr=lr, first_order=first_order)
+        for i in range(batch.num_tasks):
+            learner = maml.clone()
+            for _ in range(steps):
+                learner.adapt(loss_fn(learner(batch.support_x[i]), batch.support_y[i]))
+            loss_fn(learner(batch.query_x[i]), batch.query_y[i]).backward()
+
+    return meta_grads
+
+
+def higher_step(higher) -> Callable:
+    def meta_grads(model, batch, loss_fn, lr, steps, first_order, inner_optimizer):
+        optimizer = inner_optimizer(model.parameters(), lr)
+        for i in range(batch.num_tasks):
+            with higher.innerloop_ctx(model, optimizer, copy_initial_weights=False,
+                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(loss_fn(fmodel(batch.support_x[i]), batch.support_y[i]))
+                loss = loss_fn(fmodel(batch.query_x[i]), batch.query_y[i])
+                if first_order:  # higher's untracked unroll: the query gradient at the adapted weights
+                    grads = torch.autograd.grad(loss, list(fmodel.parameters()))
+                    for param, grad in zip(model.parameters(), grads):
+                        param.grad = grad if param.grad is None else param.grad + grad
+                else:
+                    loss.backward()
+
+    return meta_grads
+
+
+def torchopt_step(torchopt) -> Callable:
+    def meta_grads(model, batch, loss_fn, lr, steps, first_order, _):
+        inner = torchopt.MetaSGD(model, lr=lr)
+        model_state = torchopt.extract_state_dict(model)
+        optimizer_state = torchopt.extract_state_dict(inner)
+        originals = list(model.parameters())
+        for i in range(batch.num_tasks):
+            for _ in range(steps):
+                inner.step(loss_fn(model(batch.support_x[i]), batch.support_y[i]))
+            loss = loss_fn(model(batch.query_x[i]), batch.query_y[i])
+            if first_order:  # the query gradient at the adapted weights (TorchOpt's unroll keeps its graph)
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                for param, grad in zip(originals, grads):
+                    param.grad = grad if param.grad is None else param.grad + grad
+            else:
+                loss.backward()
+            torchopt.recover_state_dict(model, model_state)
+            torchopt.recover_state_dict(inner, optimizer_state)
+
+    return meta_grads
+
+
+def peers() -> dict[str, tuple[Callable | None, str]]:
+    """{name: (meta-gradient function or None, how it was loaded or why it is absent)}."""
+    found: dict[str, tuple[Callable | None, str]] = {}
+    try:
+        MAML, how = load_learn2learn()
+        found["learn2learn"] = (learn2learn_step(MAML), how)
+    except Exception as err:  # noqa: BLE001 - an absent or broken peer is a row, not a failure
+        found["learn2learn"] = (None, f"absent ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
+    for name, wrap in (("higher", higher_step), ("torchopt", torchopt_step)):
+        try:
+            module = importlib.import_module(name)
+            found[name] = (wrap(module), f"import {name} {getattr(module, '__version__', '')}".strip())
+        except Exception as err:  # noqa: BLE001
+            found[name] = (None, f"absent ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
+    return found
+
+
+# --------------------------------------------------------------------------------------- cases
+
+
+def problem(kind: str, dtype: torch.dtype):
+    """(model, family, config) of a benchmark task, the model's weights the same for every library."""
+    overrides = ["train.meta_batch=25"] if kind == "sine" else [*OMNIGLOT_SHAPED, "train.meta_batch=8"]
+    config = config_for(SINE, [*overrides, "engine.dtype=" + ("float64" if dtype == torch.float64 else "float32")])
+    torch.manual_seed(0)
+    learner = build(config)
+    return learner.model, learner.family, config
+
+
+def distmaml_grads(model, batch, loss_fn, lr, steps, first_order, rule="sgd", **settings):
+    theta = dict(model.named_parameters())
+    inner = Inner(make_rule(rule, lr, steps, **settings), steps, loss_fn, "first_order" if first_order else
+                  "second_order")
+    for param, grad in zip(theta.values(), meta_gradient(model, theta, batch, inner).grad_sum.values()):
+        param.grad = grad
+
+
+def gradient_of(fn, model, batch, loss_fn, lr, steps, first_order, extra) -> torch.Tensor:
+    for param in model.parameters():
+        param.grad = None
+    fn(model, batch, loss_fn, lr, steps, first_order, extra)
+    return torch.cat([param.grad.reshape(-1) for param in model.parameters()])
+
+
+def compare_and_time(kind: str, steps: int, first_order: bool, libraries, windows: int, seconds: float,
+                     rule: str = "sgd") -> list[dict[str, Any]]:
+    lr = 0.01 if kind == "sine" else 0.4
+    settings = {}
+    if rule == "adam":
+        # higher 0.2.1 scales the step by sqrt(1 - beta2^t) and adds epsilon to sqrt(v) (the Adam paper's
+        # epsilon-hat form); torch.optim.Adam and distmaml add it to sqrt(v / (1 - beta2^t)). With a
+        # negligible epsilon both are the same function, so their meta-gradients can be compared.
+        lr, settings = 0.001, {"eps": 1e-30}
+    inner_optimizer = (lambda params, lr: torch.optim.Adam(params, lr=lr, **settings)) if rule == "adam" else (
+        lambda params, lr: torch.optim.SGD(params, lr=lr))
+    exact_model, family64, config = problem(kind, torch.float64)
+    batch64 = family64.sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch))
+    loss_fn = family64.loss
+    reference = gradient_of(lambda *a: distmaml_grads(*a[:6], rule=rule, **settings), exact_model, batch64, loss_fn,
+                            lr, steps, first_order, None)
+    rows = []
+    for name, (fn, how) in {"distmaml": (None, "distmaml.meta.meta_gradient (batched)"), **libraries}.items():
+        row = {"kind": kind, "inner_steps": steps, "order": "first" if first_order else "second", "rule": rule,
+               "library": name, "loaded": how, "meta_batch": config.train.meta_batch, "inner_settings": settings}
+        if name != "distmaml" and fn is None:
+            rows.append({**row, "status": "absent"})
+            continue
+        compute = (lambda *a: distmaml_grads(*a[:6], rule=rule, **settings)) if name == "distmaml" else fn
+        got = gradient_of(compute, copy.deepcopy(exact_model), batch64, loss_fn, lr, steps, first_order,
+                          inner_optimizer)
+        error = float((got - reference).norm() / reference.norm())
+        row.update(relative_error=error, status="equal" if error <= TOLERANCE else "DIFFERS")
+        if error > TOLERANCE:  # not the same computation: its time would mean nothing
+            rows.append(row)
+            continue
+        model, family, config32 = problem(kind, torch.float32)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        counter = iter(range(10 ** 9))
+
+        def iteration():
+            batch = family.sample(STREAM_TRAIN, next(counter), torch.arange(config32.train.meta_batch))
+            for param in model.parameters():
+                param.grad = None
+            compute(model, batch, family.loss, lr, steps, first_order, inner_optimizer)
+            optimizer.step()
+
+        iteration()
+        row["ms_per_iteration"] = 1e3 * median_seconds(iteration, windows, seconds)
+        rows.append(row)
+        print(f"{kind:>8} K={steps:<3} {row['order']:>6} {rule:>5} {name:>12}: rel. error {error:.1e}, "
+              f"{row['ms_per_iteration']:9.2f} ms", flush=True)
+    base = next(r for r in rows if r["library"] == "distmaml")["ms_per_iteration"]
+    for row in rows:
+        if "ms_per_iteration" in row:
+            row["distmaml_speedup"] = row["ms_per_iteration"] / base
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--kinds", nargs="+", default=["sine", "conv4"])
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/peers_cpu.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    libraries, rows, started = peers(), [], time.time()
+    for name, (_, how) in libraries.items():
+        print(f"{name}: {how}", flush=True)
+    for kind in args.kinds:
+        for first_order in (False, True):
+            for steps in args.steps:
+                rows += compare_and_time(kind, steps, first_order, libraries, args.windows, args.seconds)
+    # Differentiable Adam inner steps: higher's DifferentiableAdam is the one peer that has them.
+    adam_peers = {"higher": libraries["higher"]}
+    rows += compare_and_time("sine", 5, False, adam_peers, args.windows, args.seconds, rule="adam")
+    result = {"benchmark": "peers", "command": " ".join(["python -m benchmarks.peers", *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE,
+              "libraries": {name: how for name, (_, how) in libraries.items()}, "wall_seconds": time.time() - started,
+              "rows": rows}
+    out = write(result, args.out or RESULTS / "peers_cpu.json")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

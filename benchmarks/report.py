@@ -1,0 +1,238 @@
+"""Write the README's result tables from the JSON the benchmarks and studies wrote: no number is typed by hand.
+
+    python -m benchmarks.report              # rewrite every generated table in README.md
+    python -m benchmarks.report --check      # exit 1 if README.md differs from what the results say
+
+A table sits between `<!-- table: NAME -->` and `<!-- /table -->` in README.md; NAME picks the
+renderer below and, through it, the result file (benchmarks/results/*.json). Each table ends with
+the command that produced its numbers and the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import common
+from benchmarks.common import REPO, read
+
+README = REPO / "README.md"
+_SECTION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _ms(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _source(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    return (f"\n`{result['command'].strip()}` — {where}, torch {m['torch']}, {m['threads']} CPU thread(s); "
+            f"medians, see the benchmark's docstring.\n")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _rows(result, group):
+    return [row for row in result["rows"] if row.get("group") == group]
+
+
+def speed_sine(device: str) -> str:
+    result = read(common.RESULTS / f"speed_{device}.json")
+    engines = [e for e in ("loop", "batched", "graph", "graph-bf16") if any(r["engine"] == e for r in
+                                                                              _rows(result, "sine"))]
+    table = {}
+    for row in _rows(result, "sine"):
+        table.setdefault((row["mode"], row["inner_steps"], row["meta_batch"]), {})[row["engine"]] = row
+    rows = []
+    for (mode, k, batch), cells in table.items():
+        best = "graph" if "graph" in cells else "batched"
+        speedup = (f"{cells['loop']['ms_per_iteration'] / cells[best]['ms_per_iteration']:.1f}×"
+                   if "loop" in cells else "")
+        rows.append([mode.replace("_", " "), str(k), str(batch),
+                     *[_ms(cells.get(e, {}).get("ms_per_iteration")) for e in engines], speedup])
+    return _table(["mode", "K", "meta-batch", *[f"{e} (ms)" for e in engines], "loop / fastest"], rows) + _source(result)
+
+
+def speed_rules(device: str) -> str:
+    result = read(common.RESULTS / f"speed_{device}.json")
+    rows = [r for r in _rows(result, "rules") if r["engine"] == "batched"]
+    sgd = next(r for r in rows if r["rule"] == "sgd")["ms_per_iteration"]
+    modes = [r for r in _rows(result, "modes") if r["engine"] == "batched"]
+    table = [[f"rule {r['rule']}", _ms(r["ms_per_iteration"]), f"{r['ms_per_iteration'] / sgd:.2f}×"] for r in rows]
+    table += [[f"mode {r['mode']}", _ms(r["ms_per_iteration"]), f"{r['ms_per_iteration'] / sgd:.2f}×"] for r in modes]
+    return _table(["inner rule or mode (sine, meta-batch 25, K = 5)", "ms / iteration", "vs sgd, second order"],
+                  table) + _source(result)
+
+
+def speed_images(device: str) -> str:
+    result = read(common.RESULTS / f"speed_{device}.json")
+    rows = []
+    for group in ("omniglot", "miniimagenet"):
+        for row in _rows(result, group):
+            name = row["task"] + (", ANIL (head only)" if row["adapt"] else "")
+            rows.append([name, f"{row['meta_batch']}", str(row["inner_steps"]), row["engine"],
+                         _ms(row["ms_per_iteration"]), f"{row['tasks_per_s']:.1f}"])
+    return _table(["task (generated images)", "meta-batch", "K", "engine", "ms / iteration", "tasks / s"],
+                  rows) + _source(result)
+
+
+def episodes(device: str) -> str:
+    result = read(common.RESULTS / f"speed_{device}.json")
+    rows = [[row["source"], f"{row['images_per_s']:,.0f}"] for row in _rows(result, "episodes")]
+    return _table(["mini-ImageNet-shaped episodes (84x84 RGB, 5-way 1-shot, 15 query, meta-batch 4)",
+                   "images / s"], rows) + _source(result)
+
+
+def memory_sine(device: str) -> str:
+    result = read(common.RESULTS / f"memory_{device}.json")
+    settings = list(dict.fromkeys(row["setting"] for row in _rows(result, "sine")))
+    table: dict[int, dict[str, float]] = {}
+    for row in _rows(result, "sine"):
+        table.setdefault(row["inner_steps"], {})[row["setting"]] = row["measured_mib"]
+    rows = [[str(k), *[f"{cells[s]:.0f}" if s in cells else "–" for s in settings]] for k, cells in table.items()]
+    return _table(["K", *[f"{s} (MiB)" for s in settings]], rows) + _source(result)
+
+
+def memory_estimate(device: str) -> str:
+    result = read(common.RESULTS / f"memory_{device}.json")
+    rows = [[row["model"], row["setting"], str(row["inner_steps"]), f"{row['measured_mib']:.0f}",
+             f"{row['estimate_mib']:.0f}", f"{row['estimate_over_measured']:.2f}", f"{row['seconds_per_iteration']:.2f}"]
+            for row in result["rows"]]
+    return _table(["model", "setting", "K", "measured peak (MiB)", "estimate (MiB)", "estimate / measured",
+                   "s / iteration"], rows) + _source(result)
+
+
+def distributed() -> str:
+    result = read(common.RESULTS / "distributed_cpu.json")
+    rows = [[str(r["world"]), str(r["tasks_per_rank"]), _ms(r["compute_ms"]), _ms(r["wait_ms"]),
+             f"{r['all_reduce_ms']:.3f}", _ms(r["step_ms"]), f"{100 * r['all_reduce_share']:.1f} %"]
+            for r in result["rows"]]
+    sizes = [[r["model"], f"{r['parameters']:,}", f"{r['bytes']:,}"] for r in result["all_reduce_bytes"]]
+    return (_table(["processes", "tasks / rank", "compute (ms)", "wait (ms)", "all-reduce (ms)", "step (ms)",
+                    "all-reduce share"], rows) + "\n" +
+            _table(["model (meta-parameters, float32, + 4 scalars)", "parameters", "bytes per all-reduce"], sizes) +
+            _source(result).replace("medians", f"meta-batch {result['meta_batch']}, K = {result['inner_steps']}; "
+                                    "medians"))
+
+
+def peers() -> str:
+    result = read(common.RESULTS / "peers_cpu.json")
+    libraries = ["distmaml", *result["libraries"]]
+    table: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        table.setdefault((row["kind"], row["rule"], row["order"], row["inner_steps"], row["meta_batch"]),
+                         {})[row["library"]] = row
+    rows = []
+    for (kind, rule, order, k, batch), cells in table.items():
+        line = [("sine MLP" if kind == "sine" else "Conv-4, Omniglot-shaped") + (f", {rule} inner steps"
+                                                                                 if rule != "sgd" else ""),
+                f"{order} order", str(k), str(batch)]
+        for name in libraries:
+            cell = cells.get(name)
+            if cell is None:
+                line.append("")
+            elif cell["status"] == "absent":
+                line.append("absent")
+            elif cell["status"] != "equal":
+                line.append(f"differs ({cell['relative_error']:.0e})")
+            elif name == "distmaml":
+                line.append(_ms(cell["ms_per_iteration"]))
+            else:
+                line.append(f"{_ms(cell['ms_per_iteration'])} ({cell['distmaml_speedup']:.1f}×)")
+        rows.append(line)
+    loaded = "; ".join(f"{name}: {how}" for name, how in result["libraries"].items())
+    return (_table(["model", "meta-gradient", "K", "meta-batch", *[f"{n} ms (× distmaml)" for n in libraries]], rows)
+            + f"\nLibraries: {loaded}. Every peer's meta-gradient equals distmaml's (float64, relative error "
+            f"≤ {result['tolerance']:g}) before it is timed." + _source(result))
+
+
+def seeds(name: str) -> str:
+    """A seeds study (distmaml study seeds), copied to benchmarks/results/seeds_<name>.json."""
+    from distmaml.study.seeds import format_report
+
+    report = read(common.RESULTS / f"seeds_{name}.json")
+    return format_report(report) + f"\n\n`{report.get('command', 'distmaml study seeds')}`\n"
+
+
+def previous(part: str) -> str:
+    """Figures the previous version measured (benchmarks/results/previous_version.json), with their commands."""
+    result = read(common.RESULTS / "previous_version.json")
+    section = result[part]
+    if part == "gpu":
+        rows = [[r["task"], str(r["meta_batch"]), str(r["K"]), _ms(r["loop"]), _ms(r["eager"]), f"**{_ms(r['graph'])}**",
+                 _ms(r["graph_bf16"]), f"{r['loop'] / r['graph']:.0f}×" if r["loop"] else ""] for r in section["rows"]]
+        table = _table(["task", "meta-batch", "K", "per-task loop", "batched, eager", "batched, CUDA graph",
+                        "graph, bf16", "graph vs loop"], rows) + f"\n{section['omniglot_5w1s']}.\n"
+    elif part == "imaml":
+        rows = [[r["run"], f"{r['iterations']:,}", *[f"{r['steps'][s]:.3f}" for s in ("0", "1", "2", "5")],
+                 f"{r['steps']['10']:.3f} ± {r['ci95_10']:.3f}"] for r in section["rows"]]
+        table = _table(["run", "iterations", "0 steps", "1 step", "2 steps", "5 steps", "10 steps"], rows)
+    else:
+        rows = [[r[0], str(r[1]), r[2], f"{r[3]:.3f}", f"{r[4]:.4f}", str(r[5])] for r in section["rows"]]
+        table = _table(["mode", "K", "query MSE after K steps (95% CI)", "support MSE after K steps",
+                        "s / iteration", "peak memory (MB)"], rows)
+    machine = section["machine"]
+    where = machine.get("gpu") or machine.get("cpu")
+    return table + f"\n`{section['command']}` — {where}, torch {machine['torch']}. {result['note'][0].upper() + result['note'][1:]}.\n"
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "speed-sine-cpu": lambda: speed_sine("cpu"), "speed-rules-cpu": lambda: speed_rules("cpu"),
+    "speed-images-cpu": lambda: speed_images("cpu"), "episodes-cpu": lambda: episodes("cpu"),
+    "memory-sine-cpu": lambda: memory_sine("cpu"), "memory-estimate-cpu": lambda: memory_estimate("cpu"),
+    "speed-sine-cuda": lambda: speed_sine("cuda"), "speed-images-cuda": lambda: speed_images("cuda"),
+    "distributed-cpu": distributed, "peers-cpu": peers,
+    "seeds-paper": lambda: seeds("sine_maml_paper"), "seeds-default": lambda: seeds("sine_maml"),
+    "seeds-check": lambda: seeds("seed_check"),
+    "gpu-previous": lambda: previous("gpu"), "imaml-previous": lambda: previous("imaml"),
+    "inner-steps-previous": lambda: previous("inner_steps"),
+}
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """`text` with every table section rewritten; and the sections whose results are missing."""
+    missing = []
+
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        try:
+            body = RENDERERS[name]()
+        except FileNotFoundError:
+            missing.append(name)
+            return match.group(0)
+        return match.group(1) + body + match.group(4)
+
+    return _SECTION.sub(replace, text), missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md is not what the results say")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    before = args.readme.read_text()
+    after, missing = render(before)
+    for name in missing:
+        print(f"no results yet for table {name}; left as it is", file=sys.stderr)
+    if args.check:
+        if after != before:
+            print(f"{args.readme} differs from the results: run python -m benchmarks.report", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(after)
+    print(f"wrote {len(_SECTION.findall(after))} table(s) in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

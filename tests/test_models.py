@@ -1,0 +1,95 @@
+"""The built-in networks under the batched engine, and networks sized from their task family."""
+
+import pytest
+import torch
+
+from distmaml.config import load_config
+from distmaml.errors import ConfigError
+from distmaml.meta import Inner, TaskBatch, make_rule, meta_gradient, meta_gradient_loop
+from distmaml.models import Conv4, ResNet12, build_model
+from distmaml.tasks.omniglot import cross_entropy
+from conftest import REPO, run_cli
+
+
+def image_tasks(tasks=2, ways=3, support=1, query=2, channels=3, size=16):
+    generator = torch.Generator().manual_seed(0)
+
+    def points(count):
+        x = torch.rand(tasks, ways * count, channels, size, size, generator=generator, dtype=torch.float64)
+        y = torch.arange(ways).repeat_interleave(count).expand(tasks, -1).contiguous()
+        return x, y
+
+    return TaskBatch(*points(support), *points(query))
+
+
+def problem(model):
+    torch.manual_seed(0)
+    model = model.double()
+    return model, {name: value.detach().clone().requires_grad_() for name, value in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name, network", [("resnet12", lambda: ResNet12(3, (4, 6, 8, 8))),
+                                           ("conv4 max-pool", lambda: Conv4(3, 4, in_channels=3, image_size=16,
+                                                                            pool="max"))])
+@pytest.mark.parametrize("mode", ["second_order", "first_order"])
+def test_batched_engine_equals_the_per_task_loop(name, network, mode):
+    model, params = problem(network())
+    batch = image_tasks()
+    spec = Inner(make_rule("sgd", 0.3), 2, cross_entropy, mode)
+    batched = meta_gradient(model, params, batch, spec)
+    looped = meta_gradient_loop(model, params, batch, spec)
+    for key, value in looped.grad_sum.items():
+        error = (batched.grad_sum[key] - value).norm() / value.norm().clamp_min(1e-30)
+        assert error < 1e-10, (key, float(error))
+    assert looped.grad_sum["features.0.body.0.weight" if name == "resnet12" else "features.0.weight"].norm() > 0
+
+
+def test_resnet12_checkpointed_unroll_is_bit_exact():
+    model, params = problem(ResNet12(3, (4, 4, 6, 6)))
+    batch = image_tasks()
+    stored = meta_gradient(model, params, batch, Inner(make_rule("sgd", 0.3), 3, cross_entropy))
+    for checkpoint in ("every_step", "auto"):
+        recomputed = meta_gradient(model, params, batch, Inner(make_rule("sgd", 0.3), 3, cross_entropy,
+                                                               checkpoint=checkpoint))
+        for key, value in stored.grad_sum.items():
+            assert torch.equal(recomputed.grad_sum[key], value), (checkpoint, key)
+
+
+def test_resnet12_has_the_standard_widths_and_maps_84_pixels_to_ways():
+    model = ResNet12(5)
+    assert [block.body[0].out_channels for block in model.features[:4]] == [64, 160, 320, 640]
+    assert model(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
+    # Per stage: three 3x3 convolutions, a 1x1 projection, four normalisations (scale and shift).
+    widths, expected = [3, 64, 160, 320, 640], 640 * 5 + 5
+    for w_in, w_out in zip(widths, widths[1:]):
+        expected += 9 * w_in * w_out + 2 * 9 * w_out * w_out + w_in * w_out + 4 * 2 * w_out
+    assert sum(p.numel() for p in model.parameters()) == expected == 12_427_525
+
+
+@pytest.mark.parametrize("overrides, shape, outputs, expected", [
+    (["model.kind=conv4"], (1,), 1, "model.kind = conv4 takes square images (channels, height, width); the task "
+                                    "family's inputs have shape (1,)"),
+    (["model.kind=resnet12"], (3, 8, 8), 5, "model.kind = resnet12: 8x8 images are too small"),
+    (["model.kind=examples.polynomials:build_model"], (3, 32, 32), 5, "model.kind = "
+     "'examples.polynomials:build_model' cannot take the task family's inputs of shape (3, 32, 32)"),
+    (["model.kind=examples.polynomials:build_model", "model.args.colour=1"], (1,), 1,
+     "model.kind = 'examples.polynomials:build_model': its builder does not take these arguments"),
+])
+def test_a_model_that_does_not_fit_its_family_is_one_line(overrides, shape, outputs, expected):
+    with pytest.raises(ConfigError) as refused:
+        build_model(load_config(None, overrides), shape, outputs)
+    assert str(refused.value).startswith(expected) and "\n" not in str(refused.value)
+
+
+def test_any_built_in_model_fits_any_family_whose_shapes_it_takes():
+    assert build_model(load_config(None, ["model.kind=mlp", "model.hidden=[8]"]), (1, 28, 28), 5)(
+        torch.zeros(3, 1, 28, 28)).shape == (3, 5)
+    assert build_model(load_config(None, ["model.kind=conv4", "model.pool=max", "model.channels=8"]), (3, 84, 84),
+                       5)(torch.zeros(2, 3, 84, 84)).shape == (2, 5)
+
+
+def test_the_example_family_and_model_train_from_their_config(tmp_path):
+    proc = run_cli(["train", "examples/polynomials.yaml", f"run.dir={tmp_path}", "train.iterations=200",
+                    "eval.tasks=50", "logging.progress=false"])
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("| 5 | ") and (tmp_path / "summary.json").exists()
