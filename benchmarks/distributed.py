@@ -35,6 +35,7 @@ def worker(args) -> None:
     from distmaml import dist, engine
     from distmaml.build import build
     from distmaml.engine import MetaStep, make_optimizer
+    from distmaml.train import STOP_REASONS
 
     torch.set_num_threads(1)
     config = config_for(SINE, [f"train.meta_batch={args.meta_batch}", f"inner.steps={args.inner_steps}",
@@ -55,7 +56,7 @@ def worker(args) -> None:
         torch.manual_seed(0)
         learner = build(config, ctx.device)
         optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
-        step = MetaStep(learner, optimizer, config, ctx)
+        step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))  # as training sends
         engine.dist.all_reduce_sum = timed_all_reduce  # the engine's own collective, timed where it runs
         rows = []
         for iteration in range(args.warmup + args.iterations):
@@ -77,7 +78,10 @@ def worker(args) -> None:
 
 
 def all_reduce_bytes() -> list[dict[str, Any]]:
-    """What one all-reduce carries: every meta-parameter (float32) and the four scalars that ride along."""
+    """What one all-reduce carries: every meta-parameter (float32), and the stop flags (one per stop
+    reason) and the meta-loss that ride along."""
+    from distmaml.train import STOP_REASONS
+
     from distmaml.build import build
 
     few = ["task.args.classes=8"]  # generated images: only the model's size matters here
@@ -91,7 +95,7 @@ def all_reduce_bytes() -> list[dict[str, Any]]:
     for name, overrides in models:
         learner = build(config_for(SINE, overrides))
         parameters = sum(p.numel() for p in learner.theta.values())
-        out.append({"model": name, "parameters": parameters, "bytes": 4 * (parameters + 4)})
+        out.append({"model": name, "parameters": parameters, "bytes": 4 * (parameters + len(STOP_REASONS) + 1)})
     return out
 
 

@@ -32,6 +32,8 @@ import torch
 from benchmarks.common import OMNIGLOT_SHAPED, MINIIMAGENET_SHAPED, REPO, RESULTS, config_for, machine, meta_step, write
 
 SINE = REPO / "configs/sine_maml.yaml"
+OMNIGLOT = REPO / "configs/omniglot_5w1s.yaml"
+MINIIMAGENET = REPO / "configs/miniimagenet_5w1s.yaml"
 WIDE_SINE = ["model.hidden=[256, 256]", "task.support=100", "task.query=100", "train.meta_batch=25"]
 MODES = {"second order": ["inner.mode=second_order"],
          "second order, checkpoint=every_step": ["inner.mode=second_order", "inner.checkpoint=every_step"],
@@ -55,13 +57,14 @@ def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:
     conv = [*OMNIGLOT_SHAPED, "model.channels=32", "train.meta_batch=4"]
     for k in ((1, 10) if quick else (1, 10, 100)):
         for name in ("second order", "second order, checkpoint=auto"):
-            out.append(dict(group="conv4", model="Conv-4 (32 filters), Omniglot-shaped 5-way 1-shot", base=str(SINE),
-                            setting=name, inner_steps=k, overrides=[*conv, *MODES[name], f"inner.steps={k}"]))
+            out.append(dict(group="conv4", model="Conv-4 (32 filters), Omniglot-shaped 5-way 1-shot, 15 query",
+                            base=str(OMNIGLOT), setting=name, inner_steps=k,
+                            overrides=[*conv, *MODES[name], f"inner.steps={k}"]))
     if not quick:
         resnet = [*MINIIMAGENET_SHAPED, "model.kind=resnet12", "train.meta_batch=2", "inner.steps=5"]
         for name in ("second order", "second order, checkpoint=auto"):
-            out.append(dict(group="resnet12", model="ResNet-12, 84x84, 5-way 1-shot, 15 query", base=str(SINE),
-                            setting=name, inner_steps=5, overrides=[*resnet, *MODES[name]]))
+            out.append(dict(group="resnet12", model="ResNet-12, 84x84, 5-way 1-shot, 15 query",
+                            base=str(MINIIMAGENET), setting=name, inner_steps=5, overrides=[*resnet, *MODES[name]]))
     return out
 
 
@@ -71,6 +74,7 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     from distmaml.build import build_inner
     from distmaml.engine import compute_meta_gradient
     from distmaml.tasks.rng import STREAM_TRAIN
+    from distmaml.train import probe_step_weights
 
     config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
     torch.set_num_threads(1)
@@ -95,7 +99,8 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch, device="meta"))
     found = memory.estimate(learner.model, learner.theta, shapes, config,
                             lambda model, theta, batch, probed: compute_meta_gradient(
-                                model, theta, batch, build_inner(probed, learner.family.loss)))
+                                model, theta, batch, build_inner(probed, learner.family.loss),
+                                step_weights=probe_step_weights(probed)))
     measured = peak + 4 * weights
     return {**{k: v for k, v in case.items() if k != "base"}, "device": device, "measured_mib": measured / 2 ** 20,
             "estimate_mib": found.peak_bytes / 2 ** 20, "estimate_over_measured": found.peak_bytes / measured,

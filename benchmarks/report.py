@@ -120,7 +120,7 @@ def distributed() -> str:
     sizes = [[r["model"], f"{r['parameters']:,}", f"{r['bytes']:,}"] for r in result["all_reduce_bytes"]]
     return (_table(["processes", "tasks / rank", "compute (ms)", "wait (ms)", "all-reduce (ms)", "step (ms)",
                     "all-reduce share"], rows) + "\n" +
-            _table(["model (meta-parameters, float32, + 4 scalars)", "parameters", "bytes per all-reduce"], sizes) +
+            _table(["model (meta-parameters, float32, + stop flags and loss)", "parameters", "bytes per all-reduce"], sizes) +
             _source(result).replace("medians", f"meta-batch {result['meta_batch']}, K = {result['inner_steps']}; "
                                     "medians"))
 

@@ -8,7 +8,7 @@ one, never a torn file under a checkpoint's name.
 
 from __future__ import annotations
 
-import errno
+import io
 import logging
 import os
 import pickle
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from distmaml.errors import CheckpointError  # re-exported: distmaml.checkpoint.CheckpointError
+from distmaml.files import atomic_write, stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -30,61 +31,8 @@ _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _REQUIRED = ("format_version", "iteration", "model", "optimizer", "config", "rng")
 
 
-
-
 def checkpoint_path(directory: str | Path, iteration: int) -> Path:
     return Path(directory) / f"ckpt_{iteration:08d}.pt"
-
-
-def _open_for_writing(path: Path):
-    return open(path, "wb")
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(file_object) on a temporary file beside `path`, then rename it into place.
-
-    A failed write leaves `path` (and everything else) as it was; a full disk is reported as such,
-    not as the writer's own symptom (torch.save says "unexpected pos 19712 vs 19600").
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with _open_for_writing(temporary) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except Exception as err:
-        if _disk_full(err):
-            free = _free_mb(path.parent)
-            raise CheckpointError(f"{path}: no space left on device ({free} MB free in {path.parent}); nothing "
-                                  "was overwritten: the files already there are as they were") from None
-        raise
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-def _disk_full(err: BaseException | None) -> bool:
-    """Whether a failure came from a full disk or quota, looking through the chain of exceptions."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _free_mb(directory: Path) -> str:
-    try:
-        stat = os.statvfs(directory)
-    except OSError:
-        return "?"
-    return f"{stat.f_bavail * stat.f_frsize / 2 ** 20:.1f}"
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | None = None) -> Path:
@@ -102,7 +50,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | No
             old.unlink(missing_ok=True)
     # Only the main process writes here, so a temporary file still lying around is from a writer
     # that was killed mid-save.
-    for stale in Path(directory).glob(".ckpt_*.pt.tmp-*"):
+    for stale in stale_temporaries(directory, "ckpt_*.pt"):
         stale.unlink(missing_ok=True)
     return path
 
@@ -113,26 +61,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Read first, then parse: an OSError is then the file system's (retry later, the file may be
+        # fine), and anything torch raises is the content's (a truncated zip surfaces as EINVAL).
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own message advises loading with weights_only=False, which would run that code.
         found = re.search(r"GLOBAL ([\w.]+)", str(err), re.IGNORECASE)
         if not found:
-            raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)") from None
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)",
+                                  damaged=True) from None
         raise CheckpointError(f"{path}: not a distmaml checkpoint: it holds Python objects ({found.group(1)}) beyond "
-                              "tensors and plain data, and loading them could run code; refused") from None
-    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable; say which
+                              "tensors and plain data, and loading them could run code; refused", damaged=True) from None
+    except Exception as err:  # noqa: BLE001 - the content is unusable; say how
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})", damaged=True) from None
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
-        raise CheckpointError(f"{path}: not a distmaml checkpoint (needs keys {', '.join(_REQUIRED)})")
+        raise CheckpointError(f"{path}: not a distmaml checkpoint (needs keys {', '.join(_REQUIRED)})", damaged=True)
     if state["format_version"] not in _READABLE:
-        raise CheckpointError(f"{path}: checkpoint format {state['format_version']}, "
-                              f"this distmaml reads {' and '.join(map(str, _READABLE))}")
+        raise CheckpointError(f"{path}: written by a newer distmaml (checkpoint format {state['format_version']}; "
+                              f"this one reads {' and '.join(map(str, _READABLE))}): resume it with that version, or "
+                              "move it away to resume from the checkpoints before it")
     state.setdefault("rule", {})
     problem = _type_problem(state)
     if problem:
-        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}", damaged=True)
     return state
 
 
@@ -179,14 +135,20 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path | None:
-    """The newest checkpoint that loads. A newer unusable one is skipped with a warning; with
-    `move_aside` (the trainer's main process) it is also renamed <name>.unusable, so that no later
-    listing sees it, and the warning says so."""
+    """The newest checkpoint that loads.
+
+    A newer damaged one is skipped with a warning; with `move_aside` (the trainer's main process)
+    it is also renamed <name>.unusable, so that no later listing sees it, and the warning says so.
+    One that cannot be read right now, or was written by a newer distmaml, is not passed over: its
+    error is raised, rather than a run silently resuming from an older checkpoint.
+    """
     for path in reversed(list_checkpoints(directory)):
         try:
             load_checkpoint(path)
             return path
         except CheckpointError as err:
+            if not err.damaged:
+                raise
             if not move_aside:
                 log.warning("skipping %s", err)
                 continue

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistmamlError as err:
         print(f"distmaml {args.command}: error: {err}", file=sys.stderr)
         code = 1 if isinstance(err, TrainingError) else 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+    except KeyboardInterrupt:  # Ctrl-C outside training (eval, plot, study, config)
         print(f"distmaml {args.command}: interrupted", file=sys.stderr)
         code = 128 + signal.SIGINT
     _leave_if_process_group_left_behind(code)
@@ -152,9 +152,10 @@ def _plot(args) -> int:
     trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
-    if learner.family.is_classification:
-        raise ConfigError(f"{trained.checkpoint}: distmaml plot draws regression tasks (the sine family); this run "
-                          f"is {trained.config.task.family} classification")
+    if learner.family.is_classification or not all(hasattr(learner.family, name) for name in ("x_range", "curve")):
+        kind = "classification" if learner.family.is_classification else "regression without a true curve to draw"
+        raise ConfigError(f"{trained.checkpoint}: distmaml plot draws one-dimensional regression tasks with their "
+                          f"true curve (the sine family); this run is {trained.config.task.family} {kind}")
     plot_sine_adaptation(learner.model, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
                          shots=config.eval.shots)
     print(f"wrote {args.out}")

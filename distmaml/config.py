@@ -92,7 +92,7 @@ class InnerConfig:
     multi_step_loss: bool = _opt(False, "MAML++'s multi-step loss: the meta-objective weights the query loss after "
                                  "every inner step, annealed towards the last over inner.multi_step_anneal iterations")
     multi_step_anneal: int = _opt(10000, "inner.multi_step_loss: iterations until the earlier steps' weights reach "
-                                  "their floor (0.03 / K)")
+                                  "their floor (0.03 / K); 0 keeps every step's weight 1 / K")
     first_order_iterations: int = _opt(0, "derivative-order annealing (MAML++): first-order meta-gradients for this "
                                        "many iterations, then inner.mode")
 
@@ -136,7 +136,7 @@ class EvalConfig:
     seed: int = _opt(0, "seed of the evaluation tasks: the same for every train.seed, so runs are compared "
                      "on the same tasks")
     diverged_factor: float = _opt(10.0, "a task counts as diverged once its query loss is non-finite or above "
-                                  "this many times its loss before adaptation")
+                                  "this many times its loss before adaptation (or the median task's, if larger)")
 
 
 @dataclass

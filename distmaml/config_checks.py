@@ -26,7 +26,7 @@ def _check_inner(config, fail, at_least, positive) -> None:
     positive("inner.eps")
     if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
         fail("inner.adapt", "must list non-empty name prefixes")
-    at_least("inner.multi_step_anneal", 1)
+    at_least("inner.multi_step_anneal", 0)
     at_least("inner.first_order_iterations", 0)
     if inner.mode == "implicit" and inner.rule != "sgd":
         fail("inner.rule", "implicit mode takes plain SGD steps: its gradient formula assumes the solution of the "

@@ -173,10 +173,23 @@ def on_every_rank(ctx: Context, action: Callable[[], T]) -> T:
     return result
 
 
+def same_on_every_rank(value: int, ctx: Context, what: str, hint: str = "") -> None:
+    """Raise on every rank unless every rank holds the same integer `value`."""
+    if not ctx.distributed:
+        return
+    local = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    torch_dist.all_gather(gathered, local)
+    values = [int(v) for v in gathered]
+    if len(set(values)) > 1:
+        raise TrainingError(f"the ranks disagree on {what} ({', '.join(f'rank {r}: {v}' for r, v in enumerate(values))})"
+                            + (f"; {hint}" if hint else ""))
+
+
 def collective_error(err: BaseException, ctx: Context, timeout_s: float) -> DistmamlError | None:
     """A one-line error for a collective that failed because a peer died, stopped or timed out."""
     backend_error = getattr(torch_dist, "DistBackendError", RuntimeError)
-    if not ctx.distributed or not isinstance(err, (backend_error, RuntimeError)):
+    if not ctx.distributed or isinstance(err, DistmamlError) or not isinstance(err, (backend_error, RuntimeError)):
         return None
     text = str(err)
     if not any(word in text.lower() for word in ("timed out", "timeout", "connection", "closed", "peer", "gloo",

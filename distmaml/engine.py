@@ -45,6 +45,21 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr)
 
 
+def fit_optimizer_to(optimizer: torch.optim.Adam, device: torch.device) -> None:
+    """Make a restored Adam state fit this run's device: a state dict brings the saving run's
+    `capturable` setting and step counters, which a checkpoint from a GPU resumed on a CPU (or the
+    reverse, under a CUDA graph) cannot use."""
+    capturable = device.type == "cuda"
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                step = float(state["step"])
+                state["step"] = (torch.tensor(step, dtype=torch.float32, device=param.device) if capturable
+                                 else torch.tensor(step))
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         if not group.get("capturable"):
@@ -62,11 +77,12 @@ def multi_step_weights(steps: int, iteration: int, anneal: int) -> list[float]:
 
     All 1/K at first; the earlier steps' weights fall linearly to their floor 0.03/K over `anneal`
     iterations while the last step's rises, so the weights always sum to 1 and the objective ends
-    (almost) at MAML's, the loss after the last step (Antoniou et al. 2019, section 4).
+    (almost) at MAML's, the loss after the last step (Antoniou et al. 2019, section 4). anneal = 0
+    keeps them all 1/K: the objective stays the mean of the query losses after steps 1..K.
     """
     if steps <= 1:
         return [1.0] * steps
-    progress = min(iteration / anneal, 1.0)
+    progress = min(iteration / anneal, 1.0) if anneal else 0.0
     earlier = max((1 - progress) / steps, MULTI_STEP_FLOOR / steps)
     return [earlier] * (steps - 1) + [1 - earlier * (steps - 1)]
 

@@ -1,7 +1,8 @@
 """The errors a user can cause and fix: each is phrased as one line that names the file, key or value.
 
-The CLI prints any of them as `distmaml <command>: error: <message>` and exits 2; anything else
-reaching the top is a bug in distmaml and keeps its traceback.
+The CLI prints any of them as `distmaml <command>: error: <message>` and exits 2 (1 for a
+TrainingError: the run itself failed); anything else reaching the top is a bug in distmaml and
+keeps its traceback.
 """
 
 
@@ -14,7 +15,12 @@ class ConfigError(DistmamlError, ValueError):
 
 
 class CheckpointError(DistmamlError, RuntimeError):
-    """A checkpoint or run directory that cannot be used."""
+    """A checkpoint or run directory that cannot be used. `damaged` is True when the file's content
+    is broken (not when it could not be read right now, or was written by a newer distmaml)."""
+
+    def __init__(self, message: str, damaged: bool = False):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 class DataError(DistmamlError, FileNotFoundError):
@@ -23,3 +29,7 @@ class DataError(DistmamlError, FileNotFoundError):
 
 class TrainingError(DistmamlError, RuntimeError):
     """Training that cannot go on: it diverged, or another rank failed."""
+
+
+class DiskFullError(DistmamlError, OSError):
+    """A file that could not be written because its disk (or quota) is full; nothing was overwritten."""

@@ -95,13 +95,19 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 
 def diverged_tasks(losses: torch.Tensor, factor: float) -> torch.Tensor:
-    """[steps + 1, n] -> [steps + 1, n] bool: each task's query loss is non-finite, or above `factor`
-    times the same task's loss before adaptation (row 0).
+    """[steps + 1, n] -> [steps + 1, n] bool: each task's query loss is non-finite, or has risen from
+    its value before adaptation (row 0) by more than (factor - 1) times its scale: the larger of that
+    value's magnitude and the median magnitude over the n tasks.
 
-    Relative to the task's own starting loss, so one threshold serves sine MSEs of 0.01 to 10 and
-    cross entropies alike: adaptation that makes a task 10x worse than not adapting has failed.
+    Relative, so one threshold serves sine MSEs and cross entropies alike: adaptation that leaves a
+    task 10x worse than an unadapted model typically is has blown up. The median floor keeps a task
+    that starts near zero (a flat sine) from being called diverged for a bounded rise to an
+    ordinary loss, which would withhold a mean that nothing blew up. Magnitudes, so that a loss that
+    can be negative (a log-likelihood) is measured the same way.
     """
-    return ~torch.isfinite(losses) | (losses > factor * losses[:1])
+    start = losses[:1].abs()
+    scale = torch.maximum(start, start.median())
+    return ~torch.isfinite(losses) | (losses - losses[:1] > (factor - 1) * scale)
 
 
 def distribution(values: torch.Tensor) -> dict[str, float]:
@@ -202,7 +208,7 @@ def divergence_warning(result: dict[str, Any]) -> str | None:
     worst = max(row["diverged"] for row in bad)
     return (f"{worst} of {result['tasks']} tasks diverged within {result['steps'][-1]['step']} step(s), the first "
             f"at step {bad[0]['step']} (query loss non-finite or above {result['diverged_factor']:g}x its value "
-            "before adaptation); means are not reported for those steps, medians are")
+            "before adaptation, or the median task's if larger); means are not reported for those steps, medians are")
 
 
 def final_line(result: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Bring your own: task families and models named in a config by import path.
 
     task.family: my_package.tasks:PolynomialTasks      # a module on the Python path, or
-    model.kind: examples/polynomial.py:build_model      # a file, relative to the current directory
+    model.kind: examples/polynomials.py:build_model     # a file, relative to the current directory
 
 A built-in name (sine, omniglot, mlp, ...) maps to its own import path, so built-ins and user code
 load the same way, and nothing branches on which family or model a run uses.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from distmaml.errors import ConfigError
+from distmaml.errors import ConfigError, DistmamlError
 
 
 def resolve(spec: str, builtins: dict[str, str], key: str) -> Any:
@@ -35,6 +37,28 @@ def resolve(spec: str, builtins: dict[str, str], key: str) -> Any:
             raise ConfigError(f"{key} = {spec!r}: {module_name} has no attribute {attribute!r}")
         target = getattr(target, part)
     return target
+
+
+def call_user(function, where: str, error: type[ConfigError] = ConfigError, /, *args, **kwargs) -> Any:
+    """function(*args, **kwargs) for a function the config named, every failure one line.
+
+    Arguments it does not take (task.args, model.args) are told apart from a TypeError raised inside
+    it, and a failure inside names the file and line it came from. `where` begins the message.
+    """
+    try:
+        inspect.signature(function).bind(*args, **kwargs)
+    except TypeError as err:
+        raise error(f"{where} does not take these arguments ({err})") from None
+    except ValueError:  # no signature to check (a builtin): the call below says what is wrong
+        pass
+    try:
+        return function(*args, **kwargs)
+    except DistmamlError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code failed: one line, with where it failed
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise error(f"{where} failed: {type(err).__name__}: {message} ({frame.filename}:{frame.lineno})") from None
 
 
 def _import(module_name: str, spec: str, key: str):

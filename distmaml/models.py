@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from distmaml.errors import ConfigError
-from distmaml.imports import resolve
+from distmaml.imports import call_user, resolve
 
 OMNIGLOT_IMAGE_SIZE = 28
 
@@ -186,15 +186,9 @@ def build_model(config, input_shape: tuple[int, ...], num_outputs: int) -> nn.Mo
     kind = config.model.kind
     builder = resolve(kind, MODELS, "model.kind")
     options = {name: getattr(config.model, name) for name in BUILT_IN_OPTIONS.get(kind, ())}
-    try:
-        model = builder(input_shape=tuple(input_shape), num_outputs=num_outputs, **options, **config.model.args)
-    except ConfigError:
-        raise
-    except TypeError as err:
-        raise ConfigError(f"model.kind = {kind!r}: its builder does not take these arguments ({err})") from None
-    except Exception as err:  # noqa: BLE001 - the user's builder refused these shapes: say so in one line
-        raise ConfigError(f"model.kind = {kind!r} cannot take the task family's inputs of shape {tuple(input_shape)} "
-                          f"and {num_outputs} outputs ({type(err).__name__}: {str(err).splitlines()[0][:150]})") from None
+    model = call_user(builder, f"model.kind = {kind!r}: its builder, for inputs of shape {tuple(input_shape)} and "
+                               f"{num_outputs} outputs,", ConfigError,
+                      input_shape=tuple(input_shape), num_outputs=num_outputs, **options, **config.model.args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.kind = {kind!r}: the builder returned {type(model).__name__}, not an nn.Module")
     try:

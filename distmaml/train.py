@@ -30,11 +30,13 @@ from distmaml.build import Learner, build, build_inner, restore
 from distmaml.checkpoint import PreemptionWatch, RunLock
 from distmaml.config import Config, ConfigError, flatten, to_dict
 from distmaml.errors import TrainingError
-from distmaml.engine import MetaStep, StepOutput, compute_meta_gradient, make_optimizer, set_learning_rate
+from distmaml.engine import (MetaStep, StepOutput, compute_meta_gradient, fit_optimizer_to, make_optimizer,
+                             set_learning_rate)
 from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, final_line, query_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import detached
 from distmaml.meta.hessian import top_eigenvalue
+from distmaml.meta.implicit import IMPLICIT_STATS
 from distmaml.tasks.rng import STREAM_TRAIN
 
 log = logging.getLogger("distmaml.train")
@@ -48,7 +50,11 @@ STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
                      "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
-                     "dist.", "data.root", "data.cache_dir")
+                     "engine.memory_check", "engine.memory_budget", "dist.", "data.root", "data.cache_dir",
+                     "data.storage")
+# Settings a user changes to go on from the last good checkpoint of a run that diverged: allowed, and
+# said in one line, since they change how the run continues.
+RECOVERY_CHANGES = ("train.lr", "train.lr_min", "train.grad_clip")
 
 
 def learning_rate(config: Config, iteration: int, iterations: int | None = None) -> float:
@@ -84,6 +90,11 @@ def train(config: Config) -> dict[str, Any]:
 def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         start, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
+        # Every rank restored on its own: they must have found the same checkpoint (run.dir on a
+        # file system all ranks share), or their weights would part silently.
+        dist.same_on_every_rank(start, ctx, "the iteration it resumes from", hint="every rank must see the same "
+                                "run.dir (a file system shared by all nodes)")
+        dist.check_replicas(list(learner.theta.values()), ctx, start)
         step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))
         logger = stack.enter_context(contextlib.closing(_make_logger(config, ctx)))
         logger.start(start, config.train.iterations)
@@ -109,11 +120,18 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
         def probe(model, theta, batch, probed: Config):
-            return compute_meta_gradient(model, theta, batch, build_inner(probed, learner.family.loss))
+            return compute_meta_gradient(model, theta, batch, build_inner(probed, learner.family.loss),
+                                         step_weights=probe_step_weights(probed))
 
         found = memory.check_fits(learner.model, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
         log.info("estimated peak memory of one meta-iteration: %s on this process", memory.describe_size(found.peak_bytes))
     return start, learner, optimizer
+
+
+def probe_step_weights(config: Config) -> torch.Tensor | None:
+    """The multi-step loss's weights for a memory probe: K of them keep K query graphs alive."""
+    steps = config.inner.steps
+    return torch.full((steps,), 1 / steps, device="meta") if config.inner.multi_step_loss and steps else None
 
 
 def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: MetaStep, logger,
@@ -220,8 +238,8 @@ def _divergence(config: Config, ckpt_dir: Path, diverged_at: int) -> dict[str, A
              else "no checkpoint was written before it")
     bound = f" or above train.max_meta_loss = {config.train.max_meta_loss:g}" if config.train.max_meta_loss else ""
     error = (f"training diverged at iteration {diverged_at + 1}: the meta-loss or meta-gradient was not "
-             f"finite{bound}; stopped without writing a checkpoint; {where} (try a smaller train.lr or "
-             "inner.lr, or train.grad_clip)")
+             f"finite{bound}; stopped without writing a checkpoint; {where} (starting again resumes from it: "
+             "with a smaller train.lr, or train.grad_clip)")
     return {"diverged_at": diverged_at + 1, "last_good_checkpoint": str(good) if good else None, "error": error}
 
 
@@ -258,6 +276,7 @@ def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> 
     _check_compatible(config, state["config"], path, state["iteration"])
     restore(learner, state, path)
     checkpoint.load_weights(optimizer, state["optimizer"], path)
+    fit_optimizer_to(optimizer, ctx.device)
     checkpoint.set_rng_state(state["rng"])
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return int(state["iteration"])
@@ -268,9 +287,13 @@ def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -
     for key, value in flatten(Config()).items():
         section, name = key.split(".")
         before = saved.get(section, {}).get(name, value)
-        if now[key] != before and not key.startswith(RESUMABLE_CHANGES):
-            raise ConfigError(f"run.resume: {path} was trained with {key} = {before!r}, the config says "
-                              f"{now[key]!r}; choose another run.dir or set {key}={before!r}")
+        if now[key] == before or key.startswith(RESUMABLE_CHANGES):
+            continue
+        if key in RECOVERY_CHANGES:
+            log.warning("run.resume: %s was trained with %s = %r; it continues with %r", path, key, before, now[key])
+            continue
+        raise ConfigError(f"run.resume: {path} was trained with {key} = {before!r}, the config says "
+                          f"{now[key]!r}; choose another run.dir or set {key}={before!r}")
     before = saved.get("train", {}).get("iterations", config.train.iterations)
     if config.train.lr_schedule == "cosine" and before != config.train.iterations:
         # The cosine schedule is a function of train.iterations: stretching the run moves it.
@@ -289,27 +312,36 @@ def _make_logger(config: Config, ctx: dist.Context):
                      wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode, wandb_timeout=lg.wandb_timeout)
 
 
+def _metric_names(config: Config, family) -> list[str]:
+    """What the log step reduces: decided by the config alone, so that every rank -- one without
+    tasks too -- sends the same buffer through the all-reduce."""
+    names = ["query_loss_before", "query_loss_after"]
+    if family.is_classification:
+        # The per-task loop (engine.batched=false) keeps no adapted weights to score.
+        names += ["query_accuracy_before"] + (["query_accuracy_after"] if config.engine.batched else [])
+    if config.inner.mode == "implicit":
+        names += list(IMPLICIT_STATS)
+    return names + (["sharpness"] if config.logging.sharpness else [])
+
+
 def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, window_loss: torch.Tensor,
              window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
     model, family, (batch, result) = learner.model, learner.family, out[:2]
-    weights = detached(dict(model.named_parameters()))
-    before = query_metrics(model, weights, False, batch.query_x, batch.query_y, family)
-    if result.adapted is not None:
-        after = query_metrics(model, result.adapted, True, batch.query_x, batch.query_y, family)
-    else:
-        after = {"loss": result.task_losses}
-    sums = {"query_loss_before": before["loss"].sum(), "query_loss_after": after["loss"].sum()}
-    if family.is_classification:
-        sums["query_accuracy_before"] = before["accuracy"].sum()
-        if "accuracy" in after:
-            sums["query_accuracy_after"] = after["accuracy"].sum()
-    for name, value in result.stats.items():
-        sums[name] = value.sum()
-    if config.logging.sharpness:
-        sums["sharpness"] = (top_eigenvalue(model, weights, batch.support_x, batch.support_y, family.loss)
-                             .sum() if batch.num_tasks else batch.support_x.new_zeros(()))
-    reduced = dist.all_reduce_sum([v.to(torch.float64).reshape(()) for v in sums.values()], ctx)
+    names = _metric_names(config, family)
+    sums = {name: batch.support_x.new_zeros((), dtype=torch.float64) for name in names}
+    if batch.num_tasks:
+        weights = detached(dict(model.named_parameters()))
+        before = query_metrics(model, weights, False, batch.query_x, batch.query_y, family)
+        after = (query_metrics(model, result.adapted, True, batch.query_x, batch.query_y, family)
+                 if result.adapted is not None else {"loss": result.task_losses})
+        found = {"query_loss_before": before["loss"], "query_loss_after": after["loss"],
+                 "query_accuracy_before": before.get("accuracy"), "query_accuracy_after": after.get("accuracy"),
+                 **result.stats}
+        if config.logging.sharpness:
+            found["sharpness"] = top_eigenvalue(model, weights, batch.support_x, batch.support_y, family.loss)
+        sums.update({name: found[name].sum().to(torch.float64) for name in names})
+    reduced = dist.all_reduce_sum([value.reshape(()) for value in sums.values()], ctx)
     metrics = {"meta_loss": (window_loss / max(window_iterations, 1)).item()}  # already over all ranks
     metrics.update({name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)})
     metrics["grad_norm"] = out.grad_norm.item()

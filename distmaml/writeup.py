@@ -54,10 +54,13 @@ def _train_sine(mode: str, iterations: int, tasks: int, inner_lr: float, outer_l
                 run_dir: str, overrides: tuple[str, ...]) -> nn.Module:
     from distmaml.build import load_trained
     from distmaml.config import load_config
+    from distmaml.errors import TrainingError
     from distmaml.train import train
 
     config = load_config(None, [f"inner.mode={mode}", f"train.iterations={iterations}", f"train.meta_batch={tasks}",
                                 f"inner.lr={inner_lr}", f"train.lr={outer_lr}", f"inner.steps={inner_steps}",
                                 f"run.dir={run_dir}", "logging.progress=false", *overrides])
-    train(config)
+    summary = train(config)
+    if summary["status"] not in ("complete", "time_limit"):  # never hand back an older checkpoint's model
+        raise TrainingError(summary.get("error") or f"training stopped early ({summary['status']})")
     return load_trained(run_dir).learner.model

@@ -19,6 +19,40 @@ def _deterministic_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def disk_full_after(monkeypatch):
+    """disk_full_after(n): from now on, every file distmaml writes fails as a full disk after n bytes."""
+    import errno
+    import io
+
+    from distmaml import files
+
+    def install(limit: int) -> None:
+        class FullDisk(io.RawIOBase):
+            def __init__(self, path):
+                self.file, self.written = open(path, "wb"), 0
+
+            def writable(self):
+                return True
+
+            def write(self, data):
+                if self.written + len(data) > limit:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self.written += len(data)
+                return self.file.write(data)
+
+            def fileno(self):
+                return self.file.fileno()
+
+            def close(self):
+                self.file.close()
+                super().close()
+
+        monkeypatch.setattr(files, "_open_for_writing", FullDisk)
+
+    return install
+
+
 def run_cli(args, cwd=None, env=None, timeout=300, check=True):
     """Run `python -m distmaml ...` in a fresh process; return the CompletedProcess."""
     import subprocess

@@ -107,6 +107,19 @@ def test_evaluation_counts_a_diverged_task_and_never_reports_its_mean(setup, mon
     assert "e+" not in line and "nan" not in line
 
 
+def test_diverged_means_non_finite_or_a_rise_beyond_the_task_s_or_the_median_task_s_scale():
+    #                        task:  small start     ordinary    large start   non-finite   negative
+    losses = torch.tensor([[0.1, 2.0, 20.0, 2.0, -3.0],
+                           [9.0, 19.0, 150.0, math.nan, -2.0],   # rises of 8.9 / 17 / 130: none above 9x scale
+                           [19.0, 19.5, 201.0, 1.0, 23.0]], dtype=torch.float64)
+    # scale: max(|start|, median |start| = 2): 2, 2, 20, 2, 3; diverged once the rise exceeds 9x that
+    assert ev.diverged_tasks(losses, 10.0).tolist() == [[False] * 5,
+                                                         [False, False, False, True, False],
+                                                         [True, False, True, False, False]]
+    # Evaluated alone, the first task is its own median: its rise to 9 is then 90x its scale.
+    assert ev.diverged_tasks(losses[:, :1], 10.0)[:, 0].tolist() == [False, True, True]
+
+
 def test_distribution_of_values_with_non_finite_tasks():
     stats = ev.distribution(torch.tensor([1.0, 2.0, 3.0, float("nan")]))
     assert math.isnan(stats[""]) and math.isnan(stats["_ci95"]) and math.isnan(stats["_max"])

@@ -113,6 +113,16 @@ def test_a_damaged_cache_is_rebuilt(folders, tmp_path, caplog):
     assert np.array_equal(again.images, first.images) and "damaged (its checksum does not match); rebuilding it" in caplog.text
 
 
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(folders, tmp_path, caplog, disk_full_after):
+    expected = load_split(folders, "val", image_size=12, cache_dir=tmp_path / "roomy")
+    disk_full_after(100)
+    with caplog.at_level("WARNING"):
+        loaded = load_split(folders, "val", image_size=12, cache_dir=tmp_path / "full")
+    assert np.array_equal(loaded.images, expected.images)
+    assert "could not cache the decoded data in" in caplog.text and "no space left on device" in caplog.text
+    assert list((tmp_path / "full").iterdir()) == []  # no half-written array, no index without its array
+
+
 def test_episodes_are_deterministic_slices_with_distinct_classes_and_disjoint_sets(folders, tmp_path):
     tasks = family(folders, tmp_path, ways=3, support=2, query=3, seed=5)
     check_family(tasks)

@@ -246,6 +246,7 @@ def test_multi_step_weights_anneal_towards_the_last_step():
     end = multi_step_weights(4, 10_000, 100)
     assert end[:3] == [0.0075] * 3 and sum(end) == pytest.approx(1)
     assert multi_step_weights(1, 5, 100) == [1.0]
+    assert multi_step_weights(2, 10 ** 6, 0) == [0.5, 0.5]  # anneal 0: the mean of the steps' losses, always
 
 
 def test_mode_errors():

@@ -71,9 +71,11 @@ def test_resnet12_has_the_standard_widths_and_maps_84_pixels_to_ways():
                                     "family's inputs have shape (1,)"),
     (["model.kind=resnet12"], (3, 8, 8), 5, "model.kind = resnet12: 8x8 images are too small"),
     (["model.kind=examples.polynomials:build_model"], (3, 32, 32), 5, "model.kind = "
-     "'examples.polynomials:build_model' cannot take the task family's inputs of shape (3, 32, 32)"),
+     "'examples.polynomials:build_model': its builder, for inputs of shape (3, 32, 32) and 5 outputs, failed: "
+     "ValueError: too many values to unpack (expected 1) ("),
     (["model.kind=examples.polynomials:build_model", "model.args.colour=1"], (1,), 1,
-     "model.kind = 'examples.polynomials:build_model': its builder does not take these arguments"),
+     "model.kind = 'examples.polynomials:build_model': its builder, for inputs of shape (1,) and 1 outputs, does "
+     "not take these arguments (got an unexpected keyword argument 'colour')"),
 ])
 def test_a_model_that_does_not_fit_its_family_is_one_line(overrides, shape, outputs, expected):
     with pytest.raises(ConfigError) as refused:

@@ -383,8 +383,8 @@ def test_eval_of_a_run_whose_data_moved_and_plot_of_a_classification_run(tmp_pat
     proc = run_cli(["eval", str(run), "--shots", "3", "--query", "4", "--data-root", str(moved)], check=False)
     assert proc.returncode == 2 and "its characters have 6 drawings, fewer than support + query = 7" in proc.stderr
     proc = run_cli(["plot", str(run), str(tmp_path / "fig.png"), "--data-root", str(moved)], check=False)
-    assert proc.returncode == 2 and "distmaml plot draws regression tasks (the sine family); this run is omniglot " \
-        "classification" in proc.stderr
+    assert proc.returncode == 2 and "distmaml plot draws one-dimensional regression tasks with their true curve " \
+        "(the sine family); this run is omniglot classification" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

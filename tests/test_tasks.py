@@ -82,3 +82,17 @@ def test_a_file_path_and_args_from_the_config_reach_the_family():
     assert family.degree == 1 and type(family).__name__ == "PolynomialTasks"
     with pytest.raises(FamilyError, match=r"from_config does not take these arguments .*'colour'"):
         build_task_family(load_config(REPO / "examples/polynomials.yaml", ["task.args.colour=red"]), "cpu")
+
+
+def test_a_failure_inside_a_user_family_is_one_line_naming_where_not_blamed_on_the_arguments(tmp_path):
+    source = tmp_path / "broken_family.py"
+    source.write_text("from examples.polynomials import PolynomialTasks\n\n\n"
+                      "class BrokenTasks(PolynomialTasks):\n"
+                      "    @classmethod\n"
+                      "    def from_config(cls, config, device, dtype=None, degree=3):\n"
+                      "        return cls(seed=config.train.seed, support=None + 1)\n")
+    config = load_config(REPO / "examples/polynomials.yaml", [f"task.family={source}:BrokenTasks"])
+    with pytest.raises(FamilyError) as refused:
+        build_task_family(config, "cpu")
+    assert str(refused.value) == (f"task.family = '{source}:BrokenTasks': from_config failed: TypeError: unsupported "
+                                  f"operand type(s) for +: 'NoneType' and 'int' ({source}:7)")

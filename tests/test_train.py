@@ -76,7 +76,7 @@ def test_cosine_schedule_ends_at_lr_min():
     assert learning_rate(config, 100) == pytest.approx(0.001)
 
 
-def test_a_diverging_run_stops_at_once_names_the_last_good_checkpoint_and_writes_strict_json(tmp_path):
+def test_a_diverging_run_stops_at_once_names_the_last_good_checkpoint_and_writes_strict_json(tmp_path, capfd):
     common = ["train.log_every=50", "train.checkpoint_every=5", "eval.at_end=false"]
     train(debug_config(tmp_path, "train.iterations=10", *common))
     # The same run continued with a loss bound it cannot meet: it stops after its first iteration.
@@ -89,6 +89,14 @@ def test_a_diverging_run_stops_at_once_names_the_last_good_checkpoint_and_writes
                                        f"checkpoint; the last good checkpoint is {good} (iteration 10)")
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    # As the message says: starting again with a smaller train.lr and a clip resumes from iteration 10.
+    capfd.readouterr()
+    summary = train(debug_config(tmp_path, "train.iterations=20", "train.lr=0.0001", "train.grad_clip=1.0", *common))
+    assert summary["status"] == "complete" and summary["iteration"] == 20
+    logged = capfd.readouterr().err
+    assert "trained with train.lr = 0.003; it continues with 0.0001" in logged
+    assert "trained with train.grad_clip = 0.0; it continues with 1.0" in logged
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "ckpt_00000020.pt"
 
 
 def test_a_run_gone_to_nan_exits_1_with_one_line_and_no_checkpoint(tmp_path):

@@ -152,6 +152,9 @@ def _jvp_hvp(model: nn.Module, phi: Params, support_x: torch.Tensor, support_y: 
     return grads, lambda p: vmap(task_hvp)(phi, p, support_x, support_y)
 
 
+# The diagnostics implicit_meta_gradient returns in MetaGradient.stats, one value per task.
+IMPLICIT_STATS = ("cg_residual", "cg_steps", "inner_grad_norm")
+
 HESSIAN_VECTOR_PRODUCTS = {"double_backward": support_hvp, "jvp": _jvp_hvp}
 
 

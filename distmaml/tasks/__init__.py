@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from distmaml.imports import resolve
+from distmaml.imports import call_user, resolve
 from distmaml.meta.functional import TaskBatch  # re-exported: the families build these
 from distmaml.tasks.protocol import FamilyError, TaskFamily, check_family, missing_members
 
@@ -27,11 +27,8 @@ def build_task_family(config, device: torch.device | str, dtype: torch.dtype = t
     if missing := missing_members(family_class):
         raise FamilyError(f"task.family = {config.task.family!r}: {getattr(family_class, '__name__', family_class)} "
                           f"lacks {', '.join(missing)} (see distmaml.tasks.TaskFamily)")
-    try:
-        family = family_class.from_config(config, device=device, dtype=dtype, **config.task.args)
-    except TypeError as err:
-        raise FamilyError(f"task.family = {config.task.family!r}: from_config does not take these arguments "
-                          f"({err})") from None
+    family = call_user(family_class.from_config, f"task.family = {config.task.family!r}: from_config", FamilyError,
+                       config, device=device, dtype=dtype, **config.task.args)
     if missing := missing_members(family):
         raise FamilyError(f"task.family = {config.task.family!r}: the family built lacks {', '.join(missing)}")
     return family

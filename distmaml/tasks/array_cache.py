@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from distmaml.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ def load_or_build(cache_dir: str | Path | None, name: str,
         if cached is not None:
             return cached
     array, index = build()
-    cache.mkdir(parents=True, exist_ok=True)
-    _write_atomically(array_path, lambda f: np.save(f, array))
-    _write_atomically(index_path, lambda f: f.write(json.dumps({**index, "sha256": checksum(array)}).encode()))
+    try:
+        atomic_write(array_path, lambda f: np.save(f, array))
+        atomic_write(index_path, lambda f: f.write(json.dumps({**index, "sha256": checksum(array)}).encode()))
+    except OSError as err:  # a full disk or a read-only cache folder costs the next run a decode, nothing more
+        log.warning("could not cache the decoded data in %s (%s); going on without the cache", cache, err)
     return array, index
 
 
@@ -60,15 +63,3 @@ def _read(array_path: Path, index_path: Path) -> tuple[np.ndarray, dict[str, Any
         log.warning("%s: the cached data is damaged (its checksum does not match); rebuilding it", array_path)
         return None
     return array, index
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

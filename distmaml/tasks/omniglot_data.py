@@ -12,7 +12,6 @@ order is the character index everywhere else. Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import zipfile
 import zlib
@@ -24,6 +23,7 @@ import numpy as np
 
 from distmaml.errors import DataError
 from distmaml.tasks.array_cache import default_cache_dir, load_or_build  # noqa: F401 (default_cache_dir: API)
+from distmaml.tasks.image_folder_data import to_array
 
 SPLITS = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
@@ -167,11 +167,4 @@ def _to_array(png: bytes, where: str) -> np.ndarray:
     dropping them, and keeps more stroke detail than BILINEAR. Inverting makes the background 0,
     so that zero padding in the convolutions looks like empty paper.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(png)) as image:
-            grey = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.LANCZOS)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise OmniglotDataError(f"{where}: not a readable PNG image ({err})") from None
-    return 255 - np.asarray(grey, dtype=np.uint8)
+    return to_array(png, IMAGE_SIZE, 1, True, where)[0]
