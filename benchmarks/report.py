@@ -164,6 +164,27 @@ def seeds(name: str) -> str:
     return format_report(report) + f"\n\n`{report.get('command', 'distmaml study seeds')}`\n"
 
 
+def seeds_side_by_side(entries: list[tuple[str, str]], step: int) -> str:
+    """Several seeds studies (benchmarks/results/seeds_<name>.json) in one table: each variant's mean ± std
+    over training seeds after `step` inner steps at every number of shots, and its diverged tasks."""
+    reports = [(label, read(common.RESULTS / f"seeds_{name}.json")) for label, name in entries]
+    shots = reports[0][1]["shots"]
+    metric = reports[0][1].get("metric", "loss")
+    scale, digits, what = (100, 1, "accuracy %") if metric == "accuracy" else (1, 3, "query MSE")
+    rows, commands = [], []
+    for label, report in reports:
+        cells = [label, str(len(report["runs"]))]
+        for count in map(str, shots):
+            row = report["over_runs"][count][step]
+            cells.append(f"{row['mean'] * scale:.{digits}f} ± {row['std'] * scale:.{digits}f}"
+                         if math.isfinite(row["mean"]) else f"diverged ({row['diverged_tasks']} tasks)")
+        rows.append(cells)
+        commands.append(f"`{report['command']}`")
+    header = ["variant", "seeds", *[f"{count}-shot {what}, {step} step(s)" for count in shots]]
+    return (_table(header, rows) + f"\nMean ± std over training seeds, each seed evaluated on the same "
+            f"{reports[0][1]['tasks']} fresh tasks. Commands: " + "; ".join(commands) + ".\n")
+
+
 def previous(part: str) -> str:
     """Figures the previous version measured (benchmarks/results/previous_version.json), with their commands."""
     result = read(common.RESULTS / "previous_version.json")
@@ -194,6 +215,14 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "distributed-cpu": distributed, "peers-cpu": peers,
     "seeds-paper": lambda: seeds("sine_maml_paper"), "seeds-default": lambda: seeds("sine_maml"),
     "seeds-check": lambda: seeds("seed_check"),
+    "seeds-threads2": lambda: seeds_side_by_side([("default, α = 0.001, seed 0, 2 threads", "sine_maml_threads2"),
+                                                  ("paper, α = 0.01, seed 0, 2 threads", "sine_maml_paper_threads2")],
+                                                 step=10),
+    "rules-sine": lambda: seeds_side_by_side([("MAML (sgd), sine_maml_paper.yaml", "sine_maml_paper"),
+                                              ("Meta-SGD, sine_metasgd.yaml", "sine_metasgd")], step=1),
+    "rules-omniglot": lambda: seeds_side_by_side([("MAML", "omniglot_maml"), ("Meta-SGD", "omniglot_metasgd"),
+                                                  ("LSLR (MAML++)", "omniglot_lslr"), ("ANIL", "omniglot_anil")],
+                                                 step=3),
     "gpu-previous": lambda: previous("gpu"), "imaml-previous": lambda: previous("imaml"),
     "inner-steps-previous": lambda: previous("inner_steps"),
 }

@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from distmaml.errors import TrainingError
+
 
 def train_runs(config_path: str | Path, runs: list[list[str]], jobs: int = 1, log_dir: Path | None = None) -> None:
     """Train `config_path` once per entry of `runs` (each a list of key=value overrides), at most
     `jobs` at once. A run's output goes to log_dir/<n>.log (or nowhere); a failed run stops the
-    study with that run's command and the end of its output."""
+    others and the study, in one line (a TrainingError) with that run's command, log and last line."""
     pending = list(enumerate(runs))
     running: list[tuple[int, subprocess.Popen, Path | None]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -39,5 +41,5 @@ def train_runs(config_path: str | Path, runs: list[list[str]], jobs: int = 1, lo
                 for _, other, _ in running:
                     other.terminate()
                 tail = log.read_text().strip().splitlines()[-1:] if log else []
-                raise RuntimeError(f"study run {' '.join(map(str, proc.args[3:]))} exited {proc.returncode}"
-                                   + (f": {tail[0]}" if tail else ""))
+                raise TrainingError(f"study run `distmaml {' '.join(map(str, proc.args[3:]))}` exited "
+                                    f"{proc.returncode}" + (f" ({log})" if log else "") + (f": {tail[0]}" if tail else ""))

@@ -25,6 +25,11 @@ from distmaml.study.runs import train_runs
 REPORTED_STEPS = (1, 5, 10)  # the MAML paper's sine protocol reports these
 
 
+def reported_steps(steps: int) -> list[int]:
+    """The paper's reported steps up to `steps`, and `steps` itself (a 3-step Omniglot study shows step 3)."""
+    return sorted({s for s in REPORTED_STEPS if s <= steps} | {steps} - {0})
+
+
 def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[int], threads: list[int],
                     shots: list[int], steps: int = 10, tasks: int = 600, jobs: int = 1,
                     overrides: list[str] | None = None) -> dict[str, Any]:
@@ -102,7 +107,7 @@ def _cell(value: float, digits: int = 3) -> str:
 def format_report(report: dict[str, Any]) -> str:
     runs, steps, metric = report["runs"], report["steps"], report.get("metric", "loss")
     what = "query accuracy" if metric == "accuracy" else "query loss"
-    shown = [step for step in (0, *REPORTED_STEPS) if step <= steps]
+    shown = [0, *reported_steps(steps)]
     lines = [f"{len(runs)} runs of {report['config']} {' '.join(report['overrides'])}".rstrip() + "; "
              f"evaluated on the same {report['tasks']} fresh tasks (eval.seed), {what}.", "",
              f"Over runs: mean ± std of the runs' mean {what} (diverged where any task of any run diverged); "
@@ -117,14 +122,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", f"Per run ({what} mean, or the number of diverged tasks; sharpness = top Hessian eigenvalue of "
               "the support loss at theta, mean over the meta-batch, at the last log step and the largest seen; "
               "inner SGD steps at inner.lr are unstable above 2 / inner.lr):", ""]
-    header = ["seed", "threads"] + [f"{c}-shot, {s} steps" for c in report["shots"] for s in REPORTED_STEPS
-                                    if s <= steps]
+    header = ["seed", "threads"] + [f"{c}-shot, {s} steps" for c in report["shots"] for s in reported_steps(steps)]
     header += ["sharpness (last / max)", "2 / inner.lr", "meta-loss first → last window", "s / iteration"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run["seed"]), str(run["threads"])]
         for count in map(str, report["shots"]):
-            for step in (s for s in REPORTED_STEPS if s <= steps):
+            for step in reported_steps(steps):
                 row = run["eval"][count]["steps"][step]
                 cells.append(_cell(row[metric]) if not row["diverged"] else f"{row['diverged']} diverged")
         values = [value for _, value in run["sharpness"] if math.isfinite(value)]
