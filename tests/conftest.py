@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -63,3 +64,21 @@ def run_cli(args, cwd=None, env=None, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"distmaml {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def run_dir_held_by_another_process(run_dir):
+    """A child process holding `run_dir`'s trainer lock (distmaml's own RunLock) until the block ends,
+    then killed with -9, as a crashed trainer would be; yields the child."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distmaml.checkpoint import RunLock\n"
+                               "lock = RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(60)",
+                               str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock with the process
+        holder.wait()

@@ -10,7 +10,7 @@ import torch
 from distmaml import checkpoint
 from distmaml.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from distmaml.errors import DiskFullError
-from conftest import REPO
+from conftest import REPO, run_dir_held_by_another_process
 
 
 def state(iteration, size=10):
@@ -232,28 +232,13 @@ def test_weights_that_do_not_fit_their_config_are_refused_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-LOCK_HOLDER = """
-import sys, time
-from distmaml.checkpoint import RunLock
-lock = RunLock(sys.argv[1]).acquire()
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
 def test_a_second_trainer_in_one_run_dir_is_refused_naming_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with run_dir_held_by_another_process(tmp_path) as holder:
         with pytest.raises(CheckpointError) as refused:
             short_run(tmp_path, "train.iterations=5")
         assert str(refused.value) == (f"run.dir = {tmp_path}: in use by another trainer (PID {holder.pid}); wait "
                                       "for it to finish or choose another run.dir")
         assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
-    finally:
-        holder.kill()  # kill -9: the kernel releases the lock with the process
-        holder.wait()
     assert short_run(tmp_path, "train.iterations=5")["status"] == "complete"
 
 

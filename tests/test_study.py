@@ -1,7 +1,7 @@
 import json
 
 from distmaml.study import run_inner_steps_study
-from conftest import REPO
+from conftest import REPO, run_cli, run_dir_held_by_another_process
 
 
 def test_inner_steps_study_writes_table_json_and_plot(tmp_path):
@@ -44,22 +44,12 @@ def test_seeds_study_trains_each_seed_and_evaluates_all_on_the_same_tasks(tmp_pa
 
 
 def test_a_failed_training_run_stops_the_study_in_one_line(tmp_path):
-    import subprocess
-    import sys
-
     # Another trainer holds the first run's directory: its `distmaml train` is refused, so the study is.
     run_dir = tmp_path / "threads1_seed0"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-                               str(run_dir / "lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        proc = subprocess.run([sys.executable, "-m", "distmaml", "study", "seeds", str(REPO / "configs/sine_debug.yaml"),
-                               "train.iterations=5", "--seeds", "0", "--tasks", "2", "--steps", "1",
-                               "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    finally:
-        holder.kill()
+    with run_dir_held_by_another_process(run_dir):
+        proc = run_cli(["study", "seeds", str(REPO / "configs/sine_debug.yaml"), "train.iterations=5", "--seeds", "0",
+                        "--tasks", "2", "--steps", "1", "--out", str(tmp_path)], check=False)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
