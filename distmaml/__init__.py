@@ -1,29 +1,39 @@
-"""distmaml: exact, batched, distributed MAML.
+"""distmaml: exact, batched, distributed bi-level optimization and meta-learning.
 
-The building blocks, under the names the MAML literature uses:
+The building blocks (distmaml.meta, pure functions; importing them loads nothing of the trainer):
 
-- functional_forward(model, params, x): the model as a function of an explicit parameter dict
-- Inner(rule=make_rule(...), steps=K, mode=...): how each task adapts (rules: sgd, meta_sgd, lslr,
-  momentum, adam; modes: second_order, first_order, truncated, implicit, reptile)
-- adapt(...) / meta_loss(...) / meta_gradient(...): a batch of tasks at once (vmap), in any mode
+- a problem: MAML(model, loss_fn), WeightDecay(...), or your own (distmaml.meta.Problem)
+- Inner(rule=make_rule(...), steps=K, method=...): the inner loop and its hypergradient method
+  (second_order, first_order, truncated, implicit, neumann, finite_difference, reptile)
+- meta_parameters(problem, inner), meta_gradient(problem, phi, tasks, inner): phi and its gradient
 - inner_loop, outer_loop_loss, train_maml, train_fomaml, test_adaptation: the MAML write-up's names
-- train(config): the whole meta-training run that `distmaml train` performs
+- train(config): the whole run that `distmaml train` performs
 """
 
-from distmaml.config import Config, ConfigError, load_config
-from distmaml.meta import (Inner, MetaGradient, TaskBatch, adapt, functional_forward, make_rule, meta_gradient,
-                           meta_gradient_loop, meta_loss)
-from distmaml.models import MLP
-from distmaml.tasks.sine import SineTasks
-# `train` the function takes the place of the submodule's name: `from distmaml.train import ...`
-# still reaches the module.
-from distmaml.train import train  # noqa: E402
-from distmaml.writeup import inner_loop, outer_loop_loss, test_adaptation, train_fomaml, train_maml  # noqa: E402
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "MLP", "Config", "ConfigError", "Inner", "MetaGradient", "SineTasks", "TaskBatch", "adapt", "functional_forward",
-    "inner_loop", "load_config", "make_rule", "meta_gradient", "meta_gradient_loop", "meta_loss", "outer_loop_loss",
-    "test_adaptation", "train", "train_fomaml", "train_maml",
-]
+__version__ = "0.2.0"
+
+_HOMES = {
+    "Config": "distmaml.config", "load_config": "distmaml.config", "ConfigError": "distmaml.errors",
+    "MLP": "distmaml.models", "SineTasks": "distmaml.tasks.sine", "train": "distmaml.train",
+    **{name: "distmaml.writeup" for name in ("inner_loop", "outer_loop_loss", "test_adaptation", "train_fomaml",
+                                             "train_maml")},
+    **{name: "distmaml.meta" for name in ("MAML", "Inner", "MetaGradient", "TaskBatch", "WeightDecay",
+                                          "functional_forward", "make_method", "make_rule", "meta_gradient",
+                                          "meta_gradient_loop", "meta_loss", "meta_parameters", "unroll")},
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that `import distmaml.meta` stays free of the trainer's imports.
+    if name not in _HOMES:
+        raise AttributeError(f"module 'distmaml' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    # `train` the function takes the place of the submodule's name once asked for.
+    globals()[name] = value
+    return value

@@ -1,11 +1,12 @@
-"""Build once: what a config describes, for training, evaluation, plots and studies.
+"""Build once: what a config describes, for training, evaluation, plots, gradcheck and studies.
 
-    learner = build(config, device)              # model, task family, inner loop, meta-parameters
+    learner = build(config, device)              # model, task family, problem, inner loop, phi
     trained = load_trained("runs/sine_maml")     # the same, restored from a run directory or checkpoint
 
-The meta-parameters theta are one dict: the model's weights, then the inner rule's learned
-parameters (Meta-SGD's and LSLR's step sizes, named "inner.lr.<weight>"), so the outer optimizer,
-the gradient all-reduce, checkpoints, the replica check and the CUDA graph carry both alike.
+The meta-parameters phi are one dict: the problem's (MAML: the model's weights; weight_decay: the
+log decays), then the inner rule's learned parameters (Meta-SGD's and LSLR's step sizes, named
+"inner.lr.<weight>"), so the outer optimizer, the gradient all-reduce, checkpoints, the replica
+check and the CUDA graph carry them all alike.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
-from distmaml.config import Config, ConfigError, from_dict
-from distmaml.meta import Inner, LossFn, make_rule, split
+from distmaml.config import Config, from_dict, sourced
+from distmaml.errors import SettingError
+from distmaml.imports import resolve
+from distmaml.meta import Inner, Method, learned_names, make_method, make_rule, meta_parameters
 
 # Weights' dtype, and the autocast dtype of the model's matmuls/convolutions (None: no autocast).
 DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16)}
@@ -27,24 +30,52 @@ DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "b
 class Learner(NamedTuple):
     model: nn.Module
     family: Any
+    problem: Any
     inner: Inner
-    theta: dict[str, torch.Tensor]  # every meta-parameter: the model's weights, then `learned`
+    theta: dict[str, torch.Tensor]  # phi: every meta-parameter, the problem's, then `learned`
     learned: dict[str, torch.Tensor]  # the inner rule's learned parameters (checkpoints keep them as "rule")
 
+    @property
+    def problem_parameters(self) -> dict[str, torch.Tensor]:
+        """phi's entries that are neither the model's weights nor the rule's (checkpoints: "problem")."""
+        own = {id(p) for p in self.model.parameters()}
+        return {name: value for name, value in self.theta.items()
+                if id(value) not in own and name not in self.learned}
 
-def build_inner(config: Config, loss_fn: LossFn) -> Inner:
-    """The inner loop config.inner (and config.implicit) describe, for a family with loss `loss_fn`."""
+
+def build_method(config: Config, mode: str | None = None) -> Method:
+    """The hypergradient method inner.mode (or `mode`) names, with its settings from the config."""
+    mode = config.inner.mode if mode is None else mode
+    implicit = config.implicit
+    settings = dict(truncate=config.inner.truncate, damping=implicit.damping, safeguard=implicit.inner_safeguard,
+                    cg_steps=implicit.cg_steps, cg_tol=implicit.cg_tol, terms=config.neumann.terms,
+                    alpha=config.neumann.alpha, eps=config.finite_difference.eps,
+                    # Stopping CG early needs the host to look at the residual each step; a CUDA graph cannot.
+                    stop_early=not config.engine.cuda_graph)
+    if ":" not in mode:
+        return make_method(mode, **settings)
+    found = resolve(mode, {}, "inner.mode")
+    return found() if isinstance(found, type) else found
+
+
+def build_inner(config: Config, mode: str | None = None) -> Inner:
+    """The inner loop config.inner describes, with the hypergradient method inner.mode (or `mode`) names.
+    A rule or setting the method cannot work with is refused in one line naming where it came from."""
     inner = config.inner
-    rule = make_rule(inner.rule, inner.lr, inner.steps, inner.momentum or 0.0, tuple(inner.betas), inner.eps)
-    implicit = None
-    if inner.mode == "implicit":
-        settings = config.implicit
-        # Stopping CG early needs the host to look at the residual each step; a CUDA graph cannot.
-        implicit = dict(lam=settings.lam, cg_steps=settings.cg_steps, cg_damping=settings.cg_damping,
-                        cg_tol=settings.cg_tol, inner_safeguard=settings.inner_safeguard,
-                        stop_early=not config.engine.cuda_graph)
-    return Inner(rule, inner.steps, loss_fn, inner.mode, inner.truncate, inner.checkpoint, inner.checkpoint_segment,
-                 tuple(inner.adapt), implicit)
+    try:
+        rule = make_rule(inner.rule, inner.lr, inner.steps, inner.momentum or 0.0, tuple(inner.betas), inner.eps)
+        built = Inner(rule, inner.steps, build_method(config, mode), inner.checkpoint, inner.checkpoint_segment)
+        method = built.method
+        if inner.multi_step_loss and not method.trajectory_objective:
+            raise SettingError("inner.multi_step_loss", True, f"needs a method that differentiates the unroll, not "
+                               f"{method.name}")
+        if inner.first_order_iterations and not method.differentiates_steps:
+            raise SettingError("inner.first_order_iterations", inner.first_order_iterations, "anneals from first "
+                               f"order to a method that differentiates inner steps (second_order, truncated), not "
+                               f"{method.name}")
+    except SettingError as err:
+        raise sourced(config, err) from None
+    return built
 
 
 def build(config: Config, device: torch.device | str = "cpu") -> Learner:
@@ -54,20 +85,21 @@ def build(config: Config, device: torch.device | str = "cpu") -> Learner:
     reproducible weights (the trainer seeds it with train.seed).
     """
     from distmaml.models import build_model
+    from distmaml.problems import build_problem
     from distmaml.tasks import build_task_family
 
     dtype = DTYPES[config.engine.dtype][0]
+    inner = build_inner(config)
     family = build_task_family(config, device, dtype)
     # Sized from the family: any model fits any family whose inputs and outputs it takes.
     model = build_model(config, family.input_shape, family.num_outputs).to(device, dtype)
-    inner = build_inner(config, family.loss)
-    weights = dict(model.named_parameters())
-    adapted, _, _ = split(weights, inner.adapt)
-    if inner.adapt and (unmatched := [p for p in inner.adapt if not any(n.startswith(p) for n in weights)]):
-        raise ConfigError(f"inner.adapt = {list(inner.adapt)}: no weight of the model starts with "
-                          f"{', '.join(map(repr, unmatched))} (its weights: {', '.join(weights)})")
-    learned = {name: nn.Parameter(value) for name, value in inner.rule.parameters(adapted).items()}
-    return Learner(model, family, inner, {**weights, **learned}, learned)
+    try:
+        problem = build_problem(config, model, family)
+    except SettingError as err:
+        raise sourced(config, err, cause="problem.name") from None
+    theta = meta_parameters(problem, inner)
+    learned = {name: theta[name] for name in learned_names(theta)}
+    return Learner(model, family, problem, inner, theta, learned)
 
 
 class Trained(NamedTuple):
@@ -95,16 +127,25 @@ def load_trained(path: str | Path, device: str = "cpu", changes: dict[str, tuple
     return Trained(config, learner, path)
 
 
+def checkpoint_state(learner: Learner) -> dict[str, Any]:
+    """What a checkpoint keeps of phi: the model's weights, the rule's and the problem's own parameters."""
+    return {"model": learner.model.state_dict(),
+            "rule": {name: value.detach() for name, value in learner.learned.items()},
+            "problem": {name: value.detach() for name, value in learner.problem_parameters.items()}}
+
+
 def restore(learner: Learner, state: dict[str, Any], path: Path) -> None:
-    """Load a checkpoint's model weights and learned rule parameters into `learner`, in place."""
+    """Load a checkpoint's model weights, learned rule parameters and problem parameters into `learner`."""
     load_weights(learner.model, state["model"], path)
-    saved = state.get("rule", {})
-    if set(saved) != set(learner.learned):
-        raise CheckpointError(f"{path}: its learned inner-rule parameters ({len(saved)}) do not fit the rule its "
-                              f"config describes ({len(learner.learned)})")
-    with torch.no_grad():
-        for name, value in learner.learned.items():
-            if saved[name].shape != value.shape:
-                raise CheckpointError(f"{path}: learned parameter {name} has shape {tuple(saved[name].shape)}, "
-                                      f"the rule needs {tuple(value.shape)}")
-            value.copy_(saved[name])
+    for part, ours, what in (("rule", learner.learned, "learned inner-rule parameters"),
+                             ("problem", learner.problem_parameters, "problem parameters")):
+        saved = state.get(part, {})
+        if set(saved) != set(ours):
+            raise CheckpointError(f"{path}: its {what} ({', '.join(sorted(saved)) or 'none'}) do not fit the ones "
+                                  f"its config describes ({', '.join(sorted(ours)) or 'none'})")
+        with torch.no_grad():
+            for name, value in ours.items():
+                if saved[name].shape != value.shape:
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the config needs "
+                                          f"{tuple(value.shape)}")
+                value.copy_(saved[name])

@@ -4,6 +4,7 @@
     distmaml eval CHECKPOINT [--tasks 600] [--shots N] [--steps S] [--json PATH]
     distmaml plot CHECKPOINT OUT.png
     distmaml study inner-steps CONFIG [--steps 1 5 10 20 50 100] [--iterations N] [--out DIR]
+    distmaml gradcheck CONFIG [key.sub=value ...] [--tasks 4] [--json PATH]
     distmaml config [CONFIG] [key.sub=value ...]      # print the resolved config with every key's doc
 """
 
@@ -23,7 +24,8 @@ from distmaml.errors import DistmamlError, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distmaml", description="Exact, batched, distributed MAML.")
+    parser = argparse.ArgumentParser(prog="distmaml", description="Exact, batched, distributed bi-level optimization "
+                                     "and meta-learning.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_p = commands.add_parser("train", help="meta-train from a YAML config")
@@ -67,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds_p.add_argument("--tasks", type=int, default=600, help="fresh evaluation tasks (the same for every run)")
     seeds_p.add_argument("--jobs", type=int, default=1, help="training runs at once")
     seeds_p.add_argument("--out", type=Path, default=Path("runs/study_seeds"), help="output folder")
+
+    check_p = commands.add_parser("gradcheck", help="every hypergradient method against finite differences and a "
+                                  "dense implicit solve, in float64 on a few tasks")
+    check_p.add_argument("config", help="YAML file, e.g. configs/logistic_weight_decay.yaml")
+    check_p.add_argument("overrides", nargs="*", help="key.sub=value settings that replace the file's")
+    check_p.add_argument("--tasks", type=int, default=4, help="tasks of the first training batch (default 4)")
+    check_p.add_argument("--json", type=Path, help="also write the result here")
 
     config_p = commands.add_parser("config", help="print the resolved config, or every key with its doc")
     config_p.add_argument("config", nargs="?", help="YAML file (omit to list every key with its doc)")
@@ -133,7 +142,7 @@ def _eval(args) -> int:
         "eval.tasks": (args.tasks, "--tasks"), "eval.shots": (args.shots, "--shots"),
         "eval.query": (args.query, "--query")})
     config, learner = trained.config, trained.learner
-    result = evaluate(learner.model, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
+    result = evaluate(learner.problem, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
     print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
           f"{config.inner.rule} (lr {config.inner.lr})")
     print(format_table(result))
@@ -156,7 +165,7 @@ def _plot(args) -> int:
         kind = "classification" if learner.family.is_classification else "regression without a true curve to draw"
         raise ConfigError(f"{trained.checkpoint}: distmaml plot draws one-dimensional regression tasks with their "
                           f"true curve (the sine family); this run is {trained.config.task.family} {kind}")
-    plot_sine_adaptation(learner.model, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
+    plot_sine_adaptation(learner.problem, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
                          shots=config.eval.shots)
     print(f"wrote {args.out}")
     return 0
@@ -188,6 +197,47 @@ def _study(args) -> int:
     return 0
 
 
+def _gradcheck(args) -> int:
+    import torch
+
+    from distmaml.build import build, build_method
+    from distmaml.errors import SettingError
+    from distmaml.log import write_json
+    from distmaml.meta import METHODS, check_problem, task_at
+    from distmaml.meta.gradcheck import format_report, gradcheck
+    from distmaml.rng import STREAM_TRAIN
+
+    config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"])
+    if args.tasks < 1:
+        raise ConfigError(f"--tasks = {args.tasks}: must be >= 1")
+    torch.manual_seed(config.train.seed)
+    learner = build(config)
+    tasks = learner.family.sample(STREAM_TRAIN, 0, torch.arange(args.tasks))
+    check_problem(learner.problem, learner.theta, task_at(tasks, 0), where=f"problem.name = {config.problem.name!r}:")
+    methods, skipped = {}, {}
+    for name in dict.fromkeys([*METHODS, config.inner.mode]):
+        try:
+            methods[name] = build_method(config, name)
+        except SettingError as err:
+            skipped[name] = str(err)
+    report = gradcheck(learner.problem, learner.theta, tasks, learner.inner, methods)
+    print(f"{args.config}: problem {config.problem.name}, {args.tasks} task(s), {config.inner.steps} inner step(s) of "
+          f"{config.inner.rule}, float64")
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, {"methods": {name: {"rel_error": check.rel_error, "reference": check.reference,
+                                                  "exact": check.exact}
+                                           for name, check in report.items() if check.skipped is None},
+                               "skipped": {**skipped, **{name: check.skipped for name, check in report.items()
+                                                         if check.skipped is not None}}})
+    failed = [name for name, check in report.items() if check.failed]
+    if failed:
+        print(f"distmaml gradcheck: error: {', '.join(failed)} should equal the reference and do not",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config(args) -> int:
     if args.config is None:
         print(describe())
@@ -196,4 +246,5 @@ def _config(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "study": _study, "config": _config}
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "study": _study, "gradcheck": _gradcheck,
+             "config": _config}

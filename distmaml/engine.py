@@ -20,8 +20,8 @@ import torch
 
 from distmaml import dist
 from distmaml.build import DTYPES, Learner
-from distmaml.meta import Inner, MetaGradient, TaskBatch, implicit_meta_gradient_loop, meta_gradient, meta_gradient_loop
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
+from distmaml.rng import STREAM_TRAIN
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
 # NCCL communicators) that must not happen while a graph is being captured.
@@ -30,7 +30,7 @@ MULTI_STEP_FLOOR = 0.03  # MAML++: the earlier steps' loss weights never fall be
 
 
 class StepOutput(NamedTuple):
-    batch: TaskBatch
+    batch: Tasks
     result: MetaGradient
     grad_norm: torch.Tensor
     stop_votes: torch.Tensor  # per stop reason, how many ranks asked to stop after this iteration
@@ -87,19 +87,12 @@ def multi_step_weights(steps: int, iteration: int, anneal: int) -> list[float]:
     return [earlier] * (steps - 1) + [1 - earlier * (steps - 1)]
 
 
-def compute_meta_gradient(model, theta, batch: TaskBatch, inner: Inner, batched: bool = True,
+def compute_meta_gradient(problem, theta, tasks: Tasks, inner: Inner, batched: bool = True,
                           step_weights: torch.Tensor | None = None) -> MetaGradient:
-    """This rank's summed meta-gradient, batched or with the per-task reference loop."""
-    if batch.num_tasks == 0:  # more processes than tasks: this rank only joins the all-reduce
-        return MetaGradient({name: torch.zeros_like(p) for name, p in theta.items()}, batch.support_x.new_zeros(0),
-                            {})
-    if batched:
-        return meta_gradient(model, theta, batch, inner, step_weights)
-    if inner.mode == "implicit":
-        settings = {k: v for k, v in (inner.implicit or {}).items() if k != "stop_early"}
-        return implicit_meta_gradient_loop(model, theta, batch, inner.rule.lr, inner.steps, loss_fn=inner.loss_fn,
-                                           **settings)
-    return meta_gradient_loop(model, theta, batch, inner, step_weights)
+    """This rank's summed hypergradient, batched or with the per-task reference loop."""
+    if batched or num_tasks(tasks) == 0:  # no tasks: this rank only joins the all-reduce
+        return meta_gradient(problem, theta, tasks, inner, step_weights)
+    return meta_gradient_loop(problem, theta, tasks, inner, step_weights)
 
 
 class MetaStep:
@@ -113,8 +106,10 @@ class MetaStep:
 
     def __init__(self, learner: Learner, optimizer, config, ctx: dist.Context, static: bool = False,
                  stop_reasons: int = 1):
-        self.model, self.params, self.family = learner.model, learner.theta, learner.family
+        self.problem, self.params, self.family = learner.problem, learner.theta, learner.family
         self.inner, self.optimizer, self.config, self.ctx = learner.inner, optimizer, config, ctx
+        # MAML++'s derivative-order annealing: first order before inner.first_order_iterations.
+        self.first_order_inner = dataclasses.replace(self.inner, method=FirstOrder())
         self.cuda_graph = config.engine.cuda_graph
         self.static = static or self.cuda_graph
         self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
@@ -129,14 +124,12 @@ class MetaStep:
         self.diverged_at = torch.full((), -1, dtype=torch.int64, device=ctx.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
-        self.captured_mode: str | None = None
+        self.captured_inner: Inner | None = None
         self.eager_iterations = 0
 
     def inner_at(self, iteration: int) -> Inner:
         """The inner loop of `iteration`: first order during inner.first_order_iterations (MAML++)."""
-        if iteration < self.config.inner.first_order_iterations:
-            return dataclasses.replace(self.inner, mode="first_order")
-        return self.inner
+        return self.first_order_inner if iteration < self.config.inner.first_order_iterations else self.inner
 
     def __call__(self, iteration: int, stop_requests: tuple[bool, ...] = ()) -> StepOutput:
         """Run iteration `iteration`; stop_requests: which of the stop reasons this rank has seen."""
@@ -151,7 +144,7 @@ class MetaStep:
         self.iteration.fill_(iteration)
         if not self.cuda_graph:
             return self._body(self.iteration, inner)
-        if self.graph is not None and inner.mode != self.captured_mode:
+        if self.graph is not None and inner is not self.captured_inner:
             self.graph, self.eager_iterations = None, 0  # the unroll changed: warm up and capture it anew
         if self.graph is None and self.eager_iterations < WARMUP_ITERATIONS:
             self.eager_iterations += 1
@@ -168,7 +161,7 @@ class MetaStep:
         autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
-            result = compute_meta_gradient(self.model, self.params, batch, inner, self.config.engine.batched,
+            result = compute_meta_gradient(self.problem, self.params, batch, inner, self.config.engine.batched,
                                            self.step_weights)
         # Stop requests and the loss ride along in the gradient's all-reduce, so every rank stops
         # after the same iteration even when a signal reached only some of them or their clocks
@@ -204,4 +197,4 @@ class MetaStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.captured = self._body(self.iteration, inner)
-        self.captured_mode = inner.mode
+        self.captured_inner = inner

@@ -14,6 +14,16 @@ class ConfigError(DistmamlError, ValueError):
     """A configuration problem: an unknown key, a wrong type, an impossible value, a bad flag."""
 
 
+class SettingError(ConfigError):
+    """A setting a component (a hypergradient method, a problem) cannot work with: "key = value: reason".
+
+    The library raises it as it is; the command line prefixes where the value came from."""
+
+    def __init__(self, key: str, value, reason: str):
+        super().__init__(f"{key} = {value!r}: {reason}")
+        self.key, self.value, self.reason = key, value, reason
+
+
 class CheckpointError(DistmamlError, RuntimeError):
     """A checkpoint or run directory that cannot be used. `damaged` is True when the file's content
     is broken (not when it could not be read right now, or was written by a newer distmaml)."""

@@ -1,4 +1,11 @@
-"""Adaptation to fresh tasks: the test-time half of MAML, and the numbers papers report."""
+"""Adaptation to fresh tasks: the test-time half of a bi-level problem, and the numbers papers report.
+
+For MAML the tasks are new few-shot tasks and the report is the query loss (and accuracy) after
+0..S inner steps; for a training-run problem (weight_decay) they are new random initialisations
+trained with the learned phi, reported on the validation and test splits. Both are the same
+computation: adapt fresh tasks of the evaluation stream as the run's method adapts, and measure
+the problem's metrics along the way.
+"""
 
 from __future__ import annotations
 
@@ -7,85 +14,61 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import vmap
 
-from distmaml.meta import Inner, Params, TaskBatch, adapt, detached, functional_forward, split
-from distmaml.meta.implicit import regularised_step
-from distmaml.tasks.rng import STREAM_EVAL
+from distmaml.meta import MAML, Inner, Params, TaskBatch, Tasks, detached, mse, start_weights, task_values
+from distmaml.rng import STREAM_EVAL
+
+CURVE_POINTS = 10  # a long unroll is reported after this many evenly spaced numbers of steps (and 0)
 
 
-def query_metrics(model: nn.Module, weights: Params, batched: bool, x: torch.Tensor, y: torch.Tensor,
-                  family) -> dict[str, torch.Tensor]:
-    """Per-task loss (and accuracy, for classification) of shared or per-task model weights."""
+def report_steps(steps: int) -> list[int]:
+    """The numbers of inner steps an evaluation reports: every one up to 20, else 0 and ten evenly spaced."""
+    if steps <= 2 * CURVE_POINTS:
+        return list(range(steps + 1))
+    return sorted({round(steps * point / CURVE_POINTS) for point in range(CURVE_POINTS + 1)})
 
-    def metrics(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> dict[str, torch.Tensor]:
-        prediction = functional_forward(model, point, task_x)
-        out = {"loss": family.loss(prediction, task_y)}
-        if family.is_classification:
-            out["accuracy"] = family.accuracy(prediction, task_y)
-        return out
 
+def task_metrics(problem, weights: Params, phi: Params, tasks: Tasks) -> dict[str, torch.Tensor]:
+    """The problem's metrics of every task at its weights (task dimension first): {name: [n]}."""
     with torch.no_grad():
-        return vmap(metrics, in_dims=(0 if batched else None, 0, 0))(weights, x, y)
+        return task_values(problem.metrics, weights, detached(phi), tasks)
 
 
-def adaptation_trajectory(model: nn.Module, theta: Params, batch: TaskBatch, inner: Inner, steps: int) -> list[Params]:
-    """Every task's model weights after 0, 1, ..., `steps` inner steps, each with a leading task
-    dimension: the learned rule (and the run's inner.adapt) as training used them, without a graph.
-    Implicit runs adapt as they trained: SGD on L_support + lam/2 |phi - theta|^2 (with the safeguard)."""
-    n = batch.num_tasks
-    weights, _, _ = split(detached(theta))
-    start = {name: value.expand(n, *value.shape) for name, value in weights.items()}
-    if inner.mode == "implicit":
-        settings = inner.implicit or {}
-        trajectory, phi = [start], start
-        for _ in range(steps):
-            phi = regularised_step(model, phi, weights, batch.support_x, batch.support_y, inner.rule.lr,
-                                   settings["lam"], inner.loss_fn, settings.get("inner_safeguard", False))
-            trajectory.append(phi)
-        return trajectory
-    with torch.no_grad():  # torch.func.grad inside still takes the inner gradients
-        result = adapt(model, detached(theta), batch.support_x, batch.support_y, inner, steps=steps, differentiated=0,
-                       trajectory=True)
-    return [start] + [{**start, **point} for point in result.trajectory]
+def adaptation_weights(problem, theta: Params, tasks: Tasks, inner: Inner, steps: list[int]) -> dict[int, Params]:
+    """Every task's inner weights after each number of inner steps in `steps` (0: the start).
+
+    The tasks adapt as the run's method adapts them (the learned rule, the implicit methods'
+    safeguard), without a graph."""
+    counts = sorted({s for s in steps if s})
+    adapted = inner.method.adapt(problem, theta, tasks, inner, max(steps), trajectory=frozenset(counts))
+    with torch.no_grad():
+        by_count = {0: start_weights(problem, detached(theta), tasks)}
+    by_count.update(zip(counts, adapted.trajectory))
+    return by_count
 
 
-def adaptation_curves(model: nn.Module, theta: Params, batch: TaskBatch, inner: Inner, steps: int,
-                      family) -> dict[str, torch.Tensor]:
-    """Query metrics (and the support loss) of every task after 0..`steps` inner steps: {name: [steps + 1, n]}."""
-    curves = []
-    for weights in adaptation_trajectory(model, theta, batch, inner, steps):
-        metrics = query_metrics(model, weights, True, batch.query_x, batch.query_y, family)
-        # The support loss after adaptation shows over-fitting of the support set beside the query loss.
-        metrics["support_loss"] = query_metrics(model, weights, True, batch.support_x, batch.support_y, family)["loss"]
-        curves.append(metrics)
+def adaptation_curves(problem, theta: Params, tasks: Tasks, inner: Inner, steps: list[int]) -> dict[str, torch.Tensor]:
+    """The problem's metrics of every task after each number of inner steps in `steps`: {name: [len(steps), n]}."""
+    by_count = adaptation_weights(problem, theta, tasks, inner, steps)
+    curves = [task_metrics(problem, by_count[count], theta, tasks) for count in steps]
     return {name: torch.stack([c[name] for c in curves]) for name in curves[0]}
 
 
 def test_adaptation(model: nn.Module, new_task: TaskBatch, theta: Params | None = None, inner: Inner | None = None,
-                    steps: int = 10) -> list[float]:
+                    steps: int = 10, loss_fn=mse) -> list[float]:
     """One new task's query loss after 0, 1, ..., `steps` inner steps (the MAML write-up's name).
 
     `new_task` is one task's (support_x, support_y, query_x, query_y) without a task dimension;
-    `theta` defaults to the model's own parameters, `inner` to 10 SGD steps at 0.01 on the MSE.
+    `theta` defaults to the model's own parameters, `inner` to SGD steps at 0.01, the loss to MSE.
     """
     theta = dict(model.named_parameters()) if theta is None else theta
     inner = Inner() if inner is None else inner
     batch = TaskBatch(*(t.unsqueeze(0) for t in new_task))
-    curves = adaptation_curves(model, theta, batch, inner, steps, _LossOnly(inner.loss_fn))
+    curves = adaptation_curves(MAML(model, loss_fn), theta, batch, inner, list(range(steps + 1)))
     return curves["loss"][:, 0].tolist()
 
 
 test_adaptation.__test__ = False  # a public API name, not a pytest test
-
-
-class _LossOnly:
-    """The least a task family offers evaluation: its loss (regression)."""
-
-    is_classification = False
-
-    def __init__(self, loss):
-        self.loss = loss
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -126,39 +109,41 @@ def distribution(values: torch.Tensor) -> dict[str, float]:
     return {key: value if math.isfinite(value) else math.nan for key, value in out.items()}
 
 
-def evaluate(model: nn.Module, theta: Params, family, inner: Inner, steps: int, tasks: int = 600,
+def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
              chunk: int = 200, seed: int | None = None, diverged_factor: float = 10.0) -> dict[str, Any]:
-    """Adapt to `tasks` fresh tasks; each query metric's distribution over tasks after each step.
+    """Adapt `tasks` fresh tasks; each metric's distribution over tasks after each reported step.
 
     `seed` chooses the tasks (default: the family's own seed); a run's evaluation uses eval.seed,
     the same for every training seed, so that runs are compared on the same tasks. Each row gives,
-    per metric, its mean and 95% CI, median and quartiles; for the query loss also the worst task
+    per metric, its mean and 95% CI, median and quartiles; for the outer loss also the worst task
     and how many tasks diverged (`diverged_tasks`). Statistics that are not finite are NaN.
     """
     if seed is not None:
         family = family.with_seed(seed)
     device = next(iter(theta.values())).device
+    counts = report_steps(steps)
     per_chunk = []
     for start in range(0, tasks, chunk):
         indices = torch.arange(start, min(start + chunk, tasks), device=device)
         batch = family.sample(stream, 0, indices, support=shots, query=query)
-        per_chunk.append(adaptation_curves(model, theta, batch, inner, steps, family))
+        per_chunk.append(adaptation_curves(problem, theta, batch, inner, counts))
     curves = {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
     diverged = diverged_tasks(curves["loss"], diverged_factor).sum(1)
     rows = []
-    for step in range(steps + 1):
-        row: dict[str, Any] = {"step": step}
+    for row_index, count in enumerate(counts):
+        row: dict[str, Any] = {"step": count}
         for name, values in curves.items():
-            stats = distribution(values[step])
+            stats = distribution(values[row_index])
             if name != "loss":
                 stats = {key: stats[key] for key in ("", "_ci95", "_median", "_q25", "_q75")}
             row.update({name + key: value for key, value in stats.items()})
-        row["diverged"] = int(diverged[step])
-        row["diverged_fraction"] = int(diverged[step]) / tasks
+        row["diverged"] = int(diverged[row_index])
+        row["diverged_fraction"] = int(diverged[row_index]) / tasks
         rows.append(row)
     return {"tasks": tasks, "shots": shots if shots is not None else family.support, "rule": inner.rule.name,
-            "inner_lr": inner.rule.lr, "diverged_factor": diverged_factor, "steps": rows}
+            "inner_lr": inner.rule.lr, "outer": getattr(problem, "outer_name", "outer"),
+            "diverged_factor": diverged_factor, "steps": rows}
 
 
 def evaluation_settings(config) -> dict[str, Any]:
@@ -179,16 +164,17 @@ def format_table(result: dict[str, Any]) -> str:
     """
     names = [k for k in result["steps"][0] if f"{k}_median" in result["steps"][0]]
     header = ["steps"]
+    outer = result.get("outer", "query")
     for name in names:
-        label = name.replace("_", " ") if "_" in name else f"query {name}"
+        label = name.replace("_", " ") if "_" in name else f"{outer} {name}"
         header += [f"{label} (mean ± 95% CI)", f"{label} (median [IQR])"]
     header.append("diverged tasks")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["steps"]:
         cells = [str(row["step"])]
         for name in names:
-            scale, unit = (100.0, " %") if name == "accuracy" else (1.0, "")
-            blown = name != "accuracy" and row["diverged"] > 0
+            scale, unit = (100.0, " %") if name.endswith("accuracy") else (1.0, "")
+            blown = not name.endswith("accuracy") and row["diverged"] > 0
             if blown or not math.isfinite(row[name]):
                 cells.append(f"diverged ({row['diverged']} tasks)")
             else:
@@ -218,4 +204,5 @@ def final_line(result: dict[str, Any]) -> str:
              if not last["diverged"] else
              f"median {_number(last['loss_median'])} after {last['step']} step(s), with {last['diverged']} of "
              f"{result['tasks']} tasks diverged")
-    return f"eval on {result['tasks']} fresh tasks: query loss {_number(first['loss'])} before adaptation, {after}"
+    outer = result.get("outer", "query")
+    return f"eval on {result['tasks']} fresh tasks: {outer} loss {_number(first['loss'])} before adaptation, {after}"

@@ -127,13 +127,15 @@ class RunLogger(NullLogger):
             handle.write(json.dumps(metrics) + "\n")
         if self._bar is not None:
             self._bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
+        # The outer loss's data: "query" for few-shot tasks, "validation" for training runs.
+        outer = next(key[:-len("_loss_before")] for key in metrics if key.endswith("_loss_before"))
         accuracy = ""
-        if "query_accuracy_after" in metrics:
-            accuracy = (f" | query accuracy before {100 * metrics['query_accuracy_before']:.1f}% "
-                        f"after {100 * metrics['query_accuracy_after']:.1f}%")
-        log.info("iter %d | meta-loss %.4f | query loss before %.4f after %.4f%s | %.0f tasks/s",
-                 metrics["iteration"], metrics["meta_loss"], metrics["query_loss_before"],
-                 metrics["query_loss_after"], accuracy, metrics["tasks_per_s"])
+        if f"{outer}_accuracy_after" in metrics:
+            accuracy = (f" | {outer} accuracy before {100 * metrics[f'{outer}_accuracy_before']:.1f}% "
+                        f"after {100 * metrics[f'{outer}_accuracy_after']:.1f}%")
+        log.info("iter %d | meta-loss %.4f | %s loss before %.4f after %.4f%s | %.0f tasks/s",
+                 metrics["iteration"], metrics["meta_loss"], outer, metrics[f"{outer}_loss_before"],
+                 metrics[f"{outer}_loss_after"], accuracy, metrics["tasks_per_s"])
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"], commit=True)
 

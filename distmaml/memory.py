@@ -29,11 +29,10 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from distmaml.errors import ConfigError
-from distmaml.meta import plan_segments
-from distmaml.tasks import TaskBatch
+from distmaml.meta import Tasks, num_tasks, plan_segments
 
 GIB = 2 ** 30
 RECOMPUTE_NODE = "_RecomputeBackward"  # the autograd node of distmaml.meta.checkpointing's recomputation
@@ -86,16 +85,18 @@ class Estimate(NamedTuple):
     boundary_bytes: int  # what a checkpointed segment boundary keeps (w)
 
 
-def estimate(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable) -> Estimate:
-    """Peak memory of one meta-iteration of `config` on this process's batch (its shapes only: it
-    may be on the `meta` device).
+def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) -> Estimate:
+    """Peak memory of one meta-iteration of `config` on this process's tasks (their shapes only:
+    they may be on the `meta` device).
 
-    `meta_gradient_fn(model, params, batch, config)` is the engine's computation; it runs on
+    `meta_gradient_fn(problem, params, tasks, config)` is the engine's computation; it runs on
     `meta` copies of everything, at small K, and is extrapolated as the module docstring says.
     """
-    meta_model = copy.deepcopy(model).to("meta")
+    from distmaml.build import build_method
+
+    meta_problem = problem.to("meta")
     meta_params = {name: torch.empty_like(value, device="meta").requires_grad_() for name, value in params.items()}
-    meta_batch = TaskBatch(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in batch))
+    meta_tasks = tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), tasks)
 
     def probe(steps: int, mode: str | None = None, checkpoint: str = "none", segment: int | None = None) -> LiveBytes:
         inner = dataclasses.replace(config.inner, steps=steps, mode=mode or config.inner.mode,
@@ -105,11 +106,12 @@ def estimate(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable
         # never syncs (implicit mode then runs all its CG steps: an upper bound).
         engine = dataclasses.replace(config.engine, cuda_graph=True)
         with LiveBytes() as counter:
-            meta_gradient_fn(meta_model, meta_params, meta_batch, dataclasses.replace(config, inner=inner, engine=engine))
+            meta_gradient_fn(meta_problem, meta_params, meta_tasks,
+                             dataclasses.replace(config, inner=inner, engine=engine))
         return counter
 
     inner = config.inner
-    differentiated = {"second_order": inner.steps, "truncated": inner.truncate}.get(inner.mode, 0)
+    differentiated = build_method(config).differentiated(inner.steps)
     plan = plan_segments(inner.steps, differentiated, inner.checkpoint, inner.checkpoint_segment)
     lengths = [end - start for start, end, checkpointed in plan if checkpointed]
     step = boundary = 0
@@ -138,7 +140,7 @@ def estimate(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable
             (j + head) * boundary + length * step for j, length in enumerate(lengths))
         peak = max(before, rebuild)
     state = sum(value.numel() * value.element_size() for value in params.values())
-    data = sum(t.numel() * t.element_size() for t in batch)
+    data = sum(t.numel() * t.element_size() for t in tree_flatten(tasks)[0] if torch.is_tensor(t))
     fixed = 4 * state  # weights, their gradient and Adam's two moments live through the iteration
     return Estimate(peak + fixed + data, fixed, step, boundary)
 
@@ -178,25 +180,28 @@ def _cgroup_headroom() -> int | None:
         return None
 
 
-def check_fits(model, params, batch: TaskBatch, config, meta_gradient_fn: Callable, world_size: int,
+def check_fits(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable, world_size: int,
                device: torch.device) -> Estimate:
     """Estimate one meta-iteration and refuse, in one line, a run whose peak exceeds the memory
     available (or engine.memory_budget), naming what would fit: activation checkpointing, first
     order, the largest meta-batch (the tasks' share of the peak scales with their number)."""
-    found = estimate(model, params, batch, config, meta_gradient_fn)
+    found = estimate(problem, params, tasks, config, meta_gradient_fn)
     if config.engine.memory_budget:
         budget, where = config.engine.memory_budget * GIB, f"engine.memory_budget = {config.engine.memory_budget:g} GiB"
     else:
         budget, where = available_bytes(device)
     if found.peak_bytes <= budget:
         return found
-    inner, tasks_here = config.inner, batch.support_x.shape[0]
+    from distmaml.build import build_method
+
+    inner, tasks_here = config.inner, num_tasks(tasks)
+    differentiated = build_method(config).differentiated(inner.steps)
     alternatives = {}
-    if inner.mode in ("second_order", "truncated") and inner.checkpoint == "none" and inner.steps > 1:
+    if differentiated > 1 and inner.checkpoint == "none":
         alternatives["inner.checkpoint=auto"] = dataclasses.replace(inner, checkpoint="auto")
-    if inner.mode != "first_order":
+    if differentiated > 0:
         alternatives["inner.mode=first_order"] = dataclasses.replace(inner, mode="first_order", checkpoint="none")
-    sizes = {name: estimate(model, params, batch, dataclasses.replace(config, inner=changed), meta_gradient_fn)
+    sizes = {name: estimate(problem, params, tasks, dataclasses.replace(config, inner=changed), meta_gradient_fn)
              for name, changed in alternatives.items()}
     fits = [f"{name} ({describe_size(size.peak_bytes)})" for name, size in sizes.items() if size.peak_bytes <= budget]
     per_task = max(found.peak_bytes - found.fixed_bytes, 1) / max(tasks_here, 1)

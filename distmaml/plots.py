@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from distmaml.evaluate import adaptation_trajectory
-from distmaml.meta import Inner, functional_forward
-from distmaml.tasks.rng import STREAM_PLOT
+from distmaml.evaluate import adaptation_weights
+from distmaml.meta import Inner
+from distmaml.rng import STREAM_PLOT
 
 
-def plot_sine_adaptation(model, theta, family, inner: Inner, out: str | Path, tasks: int = 3,
+def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, tasks: int = 3,
                          shots: int | None = None, steps: tuple[int, ...] = (1, 10)) -> None:
     """The MAML paper's Figure 2: for a few fresh sine tasks, the true function, the K support
     points, the meta-learned prediction before adaptation and after 1 and 10 inner steps (with the
@@ -29,12 +29,12 @@ def plot_sine_adaptation(model, theta, family, inner: Inner, out: str | Path, ta
     grid = torch.linspace(family.x_range[0], family.x_range[1], 200, device=device, dtype=family.dtype)
     truth = family.curve(STREAM_PLOT, 0, indices, grid)
 
-    trajectory = adaptation_trajectory(model, theta, batch, inner, max(steps))
+    trajectory = adaptation_weights(problem, theta, batch, inner, [0, *steps])
     predictions = {}
     with torch.no_grad():
         for k in (0, *steps):
-            predictions[k] = [functional_forward(model, {name: value[i] for name, value in trajectory[k].items()},
-                                                 grid[:, None]) for i in range(tasks)]
+            predictions[k] = [problem.predict({name: value[i] for name, value in trajectory[k].items()}, theta,
+                                              grid[:, None]) for i in range(tasks)]
 
     figure, axes = plt.subplots(1, tasks, figsize=(4.5 * tasks, 3.6), squeeze=False)
     for i, axis in enumerate(axes[0]):

@@ -26,18 +26,17 @@ import torch
 import yaml
 
 from distmaml import checkpoint, dist, memory
-from distmaml.build import Learner, build, build_inner, restore
+from distmaml.build import Learner, build, build_inner, checkpoint_state, restore
 from distmaml.checkpoint import PreemptionWatch, RunLock
-from distmaml.config import Config, ConfigError, flatten, to_dict
-from distmaml.errors import TrainingError
+from distmaml.config import Config, ConfigError, flatten, sourced, to_dict
+from distmaml.errors import SettingError, TrainingError
 from distmaml.engine import (MetaStep, StepOutput, compute_meta_gradient, fit_optimizer_to, make_optimizer,
                              set_learning_rate)
-from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, final_line, query_metrics
+from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, final_line, task_metrics
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
-from distmaml.meta import detached
+from distmaml.meta import check_method, check_problem, num_tasks, start_weights, task_at
 from distmaml.meta.hessian import top_eigenvalue
-from distmaml.meta.implicit import IMPLICIT_STATS
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.rng import STREAM_TRAIN
 
 log = logging.getLogger("distmaml.train")
 
@@ -115,17 +114,29 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
     start = _restore(config, ctx, learner, optimizer)
     tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
+    _check_first_batch(config, learner)
     if config.engine.memory_check and len(tasks):
         # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
-        def probe(model, theta, batch, probed: Config):
-            return compute_meta_gradient(model, theta, batch, build_inner(probed, learner.family.loss),
+        def probe(problem, theta, batch, probed: Config):
+            return compute_meta_gradient(problem, theta, batch, build_inner(probed),
                                          step_weights=probe_step_weights(probed))
 
-        found = memory.check_fits(learner.model, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
+        found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
         log.info("estimated peak memory of one meta-iteration: %s on this process", memory.describe_size(found.peak_bytes))
     return start, learner, optimizer
+
+
+def _check_first_batch(config: Config, learner: Learner) -> None:
+    """Before the first iteration: the problem follows its protocol on a real task, and the method
+    can differentiate it (one line each, naming the setting, instead of a wrong or failing run)."""
+    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=next(iter(learner.theta.values())).device))
+    check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+    try:
+        check_method(learner.problem, learner.theta, batch, learner.inner)
+    except SettingError as err:
+        raise sourced(config, err) from None
 
 
 def probe_step_weights(config: Config) -> torch.Tensor | None:
@@ -146,9 +157,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             raise TrainingError(f"iteration {iteration}: weights are not finite; not writing a checkpoint over "
                                 f"the good ones in {ckpt_dir}")
         if ctx.is_main:
-            state = {"iteration": iteration, "model": learner.model.state_dict(),
-                     "rule": {name: value.detach() for name, value in learner.learned.items()},
-                     "optimizer": optimizer.state_dict(), "config": to_dict(config), "rng": checkpoint.rng_state()}
+            state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
+                     "config": to_dict(config), "rng": checkpoint.rng_state()}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -187,7 +197,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                    time.perf_counter() - window_time)
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
                 logger.log(metrics)
-                sharp = None if warned_sharp else _sharpness_warning(config, metrics)
+                sharp = None if warned_sharp else _sharpness_warning(config, learner, metrics)
                 if sharp:
                     log.warning("%s", sharp)
                     warned_sharp = True
@@ -213,7 +223,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     if status == "diverged":
         summary.update(_divergence(config, ckpt_dir, diverged_at))  # the CLI prints summary["error"]
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
-        summary["eval"] = evaluate(learner.model, params, learner.family, learner.inner, **evaluation_settings(config))
+        summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
+                                   **evaluation_settings(config))
         log.info(final_line(summary["eval"]))
         warning = divergence_warning(summary["eval"])
         if warning:
@@ -243,14 +254,14 @@ def _divergence(config: Config, ckpt_dir: Path, diverged_at: int) -> dict[str, A
     return {"diverged_at": diverged_at + 1, "last_good_checkpoint": str(good) if good else None, "error": error}
 
 
-def _sharpness_warning(config: Config, metrics: dict[str, Any]) -> str | None:
-    """A warning when the support loss at theta is too sharp for plain inner steps of size inner.lr."""
-    sharpness = metrics.get("sharpness")
-    # The limit 2 / lr is plain gradient descent's; other rules scale their steps otherwise.
-    if sharpness is None or config.inner.rule != "sgd" or config.inner.lr * sharpness <= 2:
+def _sharpness_warning(config: Config, learner: Learner, metrics: dict[str, Any]) -> str | None:
+    """A warning when the inner loss at its start is too sharp for the rule's steps (where the rule
+    knows its limit: 2 / lr for plain SGD)."""
+    sharpness, limit = metrics.get("sharpness"), learner.inner.rule.curvature_limit()
+    if sharpness is None or limit is None or sharpness <= limit:
         return None
-    return (f"iteration {metrics['iteration']}: the support loss at theta has curvature {sharpness:.0f} (top "
-            f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {2 / config.inner.lr:.0f}: plain inner "
+    return (f"iteration {metrics['iteration']}: the inner loss at its start has curvature {sharpness:.0f} (top "
+            f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {limit:.0f}: plain inner "
             "steps at inner.lr oscillate along it, and adapting with more steps than training uses can diverge")
 
 
@@ -312,34 +323,38 @@ def _make_logger(config: Config, ctx: dist.Context):
                      wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode, wandb_timeout=lg.wandb_timeout)
 
 
-def _metric_names(config: Config, family) -> list[str]:
-    """What the log step reduces: decided by the config alone, so that every rank -- one without
-    tasks too -- sends the same buffer through the all-reduce."""
-    names = ["query_loss_before", "query_loss_after"]
-    if family.is_classification:
+def _metric_names(config: Config, learner: Learner) -> list[str]:
+    """What the log step reduces: decided by the config and the problem alone, so that every rank --
+    one without tasks too -- sends the same buffer through the all-reduce."""
+    outer = getattr(learner.problem, "outer_name", "outer")
+    names = [f"{outer}_loss_before", f"{outer}_loss_after"]
+    if learner.family.is_classification:
         # The per-task loop (engine.batched=false) keeps no adapted weights to score.
-        names += ["query_accuracy_before"] + (["query_accuracy_after"] if config.engine.batched else [])
-    if config.inner.mode == "implicit":
-        names += list(IMPLICIT_STATS)
+        names += [f"{outer}_accuracy_before"] + ([f"{outer}_accuracy_after"] if config.engine.batched else [])
+    names += list(learner.inner.method.stat_names)
     return names + (["sharpness"] if config.logging.sharpness else [])
 
 
 def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, window_loss: torch.Tensor,
              window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
-    model, family, (batch, result) = learner.model, learner.family, out[:2]
-    names = _metric_names(config, family)
-    sums = {name: batch.support_x.new_zeros((), dtype=torch.float64) for name in names}
-    if batch.num_tasks:
-        weights = detached(dict(model.named_parameters()))
-        before = query_metrics(model, weights, False, batch.query_x, batch.query_y, family)
-        after = (query_metrics(model, result.adapted, True, batch.query_x, batch.query_y, family)
-                 if result.adapted is not None else {"loss": result.task_losses})
-        found = {"query_loss_before": before["loss"], "query_loss_after": after["loss"],
-                 "query_accuracy_before": before.get("accuracy"), "query_accuracy_after": after.get("accuracy"),
-                 **result.stats}
+    problem, (batch, result), theta = learner.problem, out[:2], learner.theta
+    outer = getattr(problem, "outer_name", "outer")
+    names = _metric_names(config, learner)
+    first = next(iter(theta.values()))
+    sums = {name: first.new_zeros((), dtype=torch.float64) for name in names}
+    if num_tasks(batch):
+        found = dict(result.stats)
+        with torch.no_grad():
+            before = task_metrics(problem, start_weights(problem, theta, batch), theta, batch)
+        after = (task_metrics(problem, result.adapted, theta, batch) if result.adapted is not None
+                 else {"loss": result.task_losses})
+        for name, when in (("loss", before), ("accuracy", before)):
+            found[f"{outer}_{name}_before"] = when.get(name)
+        for name in ("loss", "accuracy"):
+            found[f"{outer}_{name}_after"] = after.get(name)
         if config.logging.sharpness:
-            found["sharpness"] = top_eigenvalue(model, weights, batch.support_x, batch.support_y, family.loss)
+            found["sharpness"] = top_eigenvalue(problem, theta, batch)
         sums.update({name: found[name].sum().to(torch.float64) for name in names})
     reduced = dist.all_reduce_sum([value.reshape(()) for value in sums.values()], ctx)
     metrics = {"meta_loss": (window_loss / max(window_iterations, 1)).item()}  # already over all ranks

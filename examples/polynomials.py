@@ -10,7 +10,7 @@ model.kind: examples.polynomials:build_model) and passes its task.args / model.a
 them as keyword arguments. Nothing in distmaml is edited.
 
 World-size invariance comes for free from the protocol (distmaml.tasks.TaskFamily): every number
-of a task is a hash of (seed, stream, iteration, global task index, ...) -- distmaml.tasks.rng's
+of a task is a hash of (seed, stream, iteration, global task index, ...) -- distmaml.rng's
 `uniform` -- never a draw from a random generator's state, so any process can build any shard of
 a meta-batch, and 1 and N processes compute the same meta-gradient. `check_family` tests exactly
 that: run it on your own family before you train with it.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from distmaml.meta import TaskBatch, mse
-from distmaml.tasks.rng import seed_words, uniform
+from distmaml.rng import seed_words, uniform
 
 # Each random quantity draws from its own lane: changing the number of points leaves a task's
 # coefficients (and its other points) as they were.

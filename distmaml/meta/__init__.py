@@ -1,22 +1,35 @@
-"""The mathematics of MAML as pure functions: tensors in, tensors out, no processes, files or logs.
+"""The mathematics of bi-level optimization as pure functions: tensors in, tensors out, no processes,
+files or logs.
 
-    inner = Inner(rule=make_rule("meta_sgd", lr=0.01), steps=5, mode="second_order")
-    result = meta_gradient(model, theta, batch, inner)      # theta: weights and learned step sizes
+    problem = MAML(model, loss_fn)                        # or WeightDecay(...), or your own Problem
+    inner = Inner(rule=make_rule("meta_sgd", lr=0.01), steps=5, method="second_order")
+    phi = meta_parameters(problem, inner)                 # the problem's entries + learned step sizes
+    result = meta_gradient(problem, phi, tasks, inner)    # sum over tasks of d L_out / d phi
+
+Importing distmaml.meta loads torch and nothing of the trainer (no tqdm, yaml or logging set-up).
 """
 
-from distmaml.meta.adapt import Adapted, Inner, adapt, split, task_losses
 from distmaml.meta.checkpointing import CHECKPOINTS, plan_segments
-from distmaml.meta.functional import (MODES, LossFn, MetaGradient, Params, TaskBatch, detached, differentiated_steps,
-                                      functional_forward, mse)
-from distmaml.meta.gradient import meta_gradient, meta_loss, reptile_meta_gradient
-from distmaml.meta.implicit import implicit_meta_gradient, implicit_meta_gradient_loop, regularised_adapt
-from distmaml.meta.reference import inner_loop, meta_gradient_loop, reference_adapt
+from distmaml.meta.functional import (LossFn, MetaGradient, Params, TaskBatch, Tasks, detached, functional_forward,
+                                      mse, num_tasks, task_at, tasks_slice)
+from distmaml.meta.gradient import check_method, meta_gradient, meta_parameters
+from distmaml.meta.inner import Inner
+from distmaml.meta.methods import (METHODS, FiniteDifference, FirstOrder, ImplicitCG, Method, MethodError, Neumann,
+                                   Reptile, SecondOrder, Truncated, make_method, unrolled_objective)
+from distmaml.meta.problem import Problem, ProblemError, check_problem
+from distmaml.meta.problems import MAML, Dataset, TrainingRun, WeightDecay
+from distmaml.meta.reference import inner_loop, meta_gradient_loop, reference_unroll
 from distmaml.meta.rules import LEARNED, RULES, Rule, learned_names, make_rule
+from distmaml.meta.unroll import Unrolled, start_weights, step_views, task_values, unroll
+
+meta_loss = unrolled_objective  # (objective [n], outer loss after the last step [n], weights): MAML's name
 
 __all__ = [
-    "CHECKPOINTS", "LEARNED", "MODES", "RULES", "Adapted", "Inner", "LossFn", "MetaGradient", "Params", "Rule",
-    "TaskBatch", "adapt", "detached", "differentiated_steps", "functional_forward", "implicit_meta_gradient",
-    "implicit_meta_gradient_loop", "inner_loop", "learned_names", "make_rule", "meta_gradient", "meta_gradient_loop",
-    "meta_loss", "mse", "plan_segments", "reference_adapt", "regularised_adapt", "reptile_meta_gradient", "split",
-    "task_losses",
+    "CHECKPOINTS", "LEARNED", "MAML", "METHODS", "RULES", "Dataset", "FiniteDifference", "FirstOrder", "ImplicitCG",
+    "Inner", "LossFn", "Method", "MethodError", "MetaGradient", "Neumann", "Params", "Problem", "ProblemError",
+    "Reptile", "Rule", "SecondOrder", "TaskBatch", "Tasks", "TrainingRun", "Truncated", "Unrolled", "WeightDecay",
+    "check_method", "check_problem", "detached", "functional_forward", "inner_loop", "learned_names", "make_method",
+    "make_rule", "meta_gradient", "meta_gradient_loop", "meta_loss", "meta_parameters", "mse", "num_tasks",
+    "plan_segments", "reference_unroll", "start_weights", "step_views", "task_at", "task_values", "tasks_slice",
+    "unroll", "unrolled_objective",
 ]

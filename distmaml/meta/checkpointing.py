@@ -76,25 +76,27 @@ def check_recomputable(model: nn.Module) -> None:
                              f"track_running_stats=False (batch statistics) or use checkpoint='none'")
 
 
-def recomputed(segment_fn: Callable[..., Any], inputs: Any, *data: torch.Tensor) -> Any:
-    """segment_fn(inputs, *data), keeping only its inputs for the backward pass, which reruns it.
+def recomputed(segment_fn: Callable[..., Any], inputs: Any, data: Any) -> Any:
+    """segment_fn(inputs, data), keeping only its inputs for the backward pass, which reruns it.
 
     `inputs` is any tree (dicts, lists) of tensors: the weights a segment starts from, the rule's
-    state and learned step sizes, weights the inner loop holds fixed. Every tensor the segment
-    reads must be passed here rather than captured, so that its gradient is computed by the
-    recomputation instead of silently dropped; `data` (the support set) likewise. The result is a
+    state, the per-step views of the meta-parameters. Every tensor the segment reads must be
+    passed here rather than captured, so that its gradient is computed by the recomputation
+    instead of silently dropped; `data` (the tasks, any tree of tensors) likewise. The result is a
     tree of new tensors (never one of the inputs).
     """
     leaves, spec = tree_flatten(inputs)
+    data_leaves, data_spec = tree_flatten(data)
     result_spec = []
 
     def flat_fn(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        result = segment_fn(tree_unflatten(list(tensors[:len(leaves)]), spec), *tensors[len(leaves):])
+        result = segment_fn(tree_unflatten(list(tensors[:len(leaves)]), spec),
+                            tree_unflatten(list(tensors[len(leaves):]), data_spec))
         flat, structure = tree_flatten(result)
         result_spec[:] = [structure]
         return tuple(flat)
 
-    outputs = _Recompute.apply(flat_fn, *leaves, *data)
+    outputs = _Recompute.apply(flat_fn, *leaves, *data_leaves)
     return tree_unflatten(list(outputs), result_spec[0])
 
 

@@ -1,22 +1,27 @@
-"""A module as a pure function of an explicit parameter dict, and the vocabulary of the meta-gradient modes."""
+"""The vocabulary of the bi-level core: parameter dicts, tasks as pytrees, a module as a pure function."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-MODES = ("second_order", "first_order", "truncated", "implicit", "reptile")
+# A batch of tasks: any pytree (dict, tuple, NamedTuple) of tensors whose leading dimension is the
+# task. One task is the same pytree without that dimension (what the problem's functions receive).
+Tasks = Any
 
 
 class TaskBatch(NamedTuple):
-    """Support and query sets of n tasks: x is [n, points, *features], y is [n, points, ...]."""
+    """Support and query sets of n tasks: x is [n, points, *features], y is [n, points, ...].
+
+    The task type of few-shot learning (the MAML problem's); other problems take other pytrees.
+    """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
@@ -32,14 +37,32 @@ class TaskBatch(NamedTuple):
         return self.support_x.shape[0]
 
 
+def num_tasks(tasks: Tasks) -> int:
+    """The size of the leading (task) dimension shared by every tensor of `tasks`."""
+    leaves = [leaf for leaf in tree_flatten(tasks)[0] if torch.is_tensor(leaf)]
+    if not leaves:
+        raise ValueError("a batch of tasks must hold at least one tensor")
+    return leaves[0].shape[0]
+
+
+def task_at(tasks: Tasks, i: int) -> Tasks:
+    """The i-th task of a batch, without its task dimension."""
+    return tree_map(lambda leaf: leaf[i] if torch.is_tensor(leaf) else leaf, tasks)
+
+
+def tasks_slice(tasks: Tasks, start: int, stop: int) -> Tasks:
+    """Tasks start..stop-1 of a batch, keeping the task dimension."""
+    return tree_map(lambda leaf: leaf[start:stop] if torch.is_tensor(leaf) else leaf, tasks)
+
+
 def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of one task: the default loss (the sine family's)."""
     return F.mse_loss(prediction, target)
 
 
-def functional_forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """model(x) computed with `params` in place of the module's own parameters."""
-    return functional_call(model, params, (x,))
+def functional_forward(model: nn.Module, params: Params, *inputs: torch.Tensor) -> torch.Tensor:
+    """model(*inputs) computed with `params` in place of the module's own parameters."""
+    return functional_call(model, params, inputs)
 
 
 def detached(params: Params) -> Params:
@@ -47,32 +70,10 @@ def detached(params: Params) -> Params:
     return {name: value.detach() for name, value in params.items()}
 
 
-def differentiated_steps(mode: str, inner_steps: int, truncate: int | None = None) -> int:
-    """How many of the last inner steps the meta-gradient backpropagates through.
-
-    The other, earlier steps still move the weights, but their Jacobian is taken as the identity
-    (their inner gradients are constants): 0 differentiated steps is first-order MAML, all K is
-    full second-order MAML, and truncated mode interpolates between the two. Reptile never
-    differentiates its unroll; implicit mode keeps no unroll at all.
-    """
-    if mode == "second_order":
-        return inner_steps
-    if mode in ("first_order", "reptile"):
-        return 0
-    if mode == "truncated":
-        if truncate is None or not 0 <= truncate <= inner_steps:
-            raise ValueError(f"truncated mode needs 0 <= truncate <= inner_steps ({inner_steps}), got {truncate}")
-        return truncate
-    if mode == "implicit":
-        raise ValueError("mode 'implicit' differentiates no inner steps (its inner loop is regularised towards "
-                         "theta and keeps no graph): see distmaml.meta.implicit")
-    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-
-
 class MetaGradient(NamedTuple):
-    """What one meta-gradient computation returns for a process's tasks."""
+    """What one hypergradient computation returns for a process's tasks."""
 
-    grad_sum: Params  # sum over tasks of d objective_i / d theta, for every meta-parameter, in theta's order
-    task_losses: torch.Tensor  # [n] query loss of each task after its last inner step, detached
-    stats: dict[str, torch.Tensor]  # mode-specific diagnostics (e.g. the CG residual), detached
-    adapted: Params | None = None  # detached adapted weights, every model weight, task dimension first
+    grad_sum: Params  # sum over tasks of d objective_i / d phi, for every meta-parameter, in phi's order
+    task_losses: torch.Tensor  # [n] outer loss of each task after its last inner step, detached
+    stats: dict[str, torch.Tensor]  # the method's diagnostics (e.g. the CG residual), one value per task
+    adapted: Params | None = None  # detached inner weights after the last step, task dimension first

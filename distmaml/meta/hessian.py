@@ -1,24 +1,25 @@
-"""Support-loss Hessians of every task at once: Hessian-vector products and the top eigenvalue.
+"""Inner-loss Hessians of every task at once: Hessian-vector products, mixed products, the top eigenvalue.
 
-Task i's support gradient depends on its own weights alone, so one vector-Jacobian product of the
-stacked (vmapped) gradients with stacked vectors gives every task its own H_i p_i. The implicit
-meta-gradient solves with these products; `top_eigenvalue` measures sharpness with them.
+Task i's inner gradient g_i = grad_w inner_loss(w_i, phi, task_i) depends on its own weights alone,
+so one vector-Jacobian product of the stacked (vmapped) gradients with stacked vectors gives every
+task its own H_i p_i, and one with respect to phi gives sum_i (d_phi g_i)^T v_i: the two products
+implicit differentiation needs. `top_eigenvalue` measures sharpness with them.
 
 Why sharpness matters: plain gradient descent at step size alpha on a quadratic with top Hessian
-eigenvalue mu is stable only while alpha * mu < 2. Meta-training can sharpen the support loss at
-theta past that limit (README, "sine protocol"), and then adaptation with more inner steps than
-training used blows up on some tasks.
+eigenvalue mu is stable only while alpha * mu < 2. Meta-training can sharpen the inner loss at
+its start past that limit (docs/results.md, the sine protocol), and then adaptation with more inner
+steps than training used blows up on some tasks.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
-from torch import nn
 from torch.func import grad, vmap
 
-from distmaml.meta.functional import LossFn, Params, detached, functional_forward
+from distmaml.meta.functional import Params, Tasks, detached
+from distmaml.meta.unroll import start_weights
 
 
 def task_dot(a: Params, b: Params) -> torch.Tensor:
@@ -31,34 +32,40 @@ def per_task(scale: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (value.dim() - 1)))
 
 
-def support_hvp(model: nn.Module, phi: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                loss_fn: LossFn) -> tuple[Params, Callable[[Params], Params]]:
-    """(support gradients, p -> H_i p_i) of every task at its weights phi_i (task dimension first).
+class InnerHessian(NamedTuple):
+    grads: Params  # [n, ...] inner gradients at the weights, detached
+    hvp: Callable[[Params], Params]  # p -> H_i p_i for every task (p batched)
+    mixed: Callable[[Params], Params]  # v -> sum_i (d_phi g_i)^T v_i, shaped like phi
 
-    The products differentiate one retained graph of the batched support gradient (reverse over
-    reverse), so each costs one backward pass, not a rebuild of the gradient.
-    """
-    points = {name: value.detach().requires_grad_() for name, value in phi.items()}
 
-    def support_loss(point: Params, task_x: torch.Tensor, task_y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_forward(model, point, task_x), task_y)
+def inner_hessian(problem: Any, weights: Params, phi: Params, tasks: Tasks, step: int = 0) -> InnerHessian:
+    """The inner gradients of every task at its weights (task dimension first) and products with
+    their derivatives. Both products differentiate one retained graph of the batched gradient
+    (reverse over reverse), so each costs one backward pass, not a rebuild of the gradient."""
+    points = {name: value.detach().requires_grad_() for name, value in weights.items()}
+    meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
+
+    def task_grad(point: Params, at_phi: Params, task: Any) -> Params:
+        return grad(lambda w: problem.inner_loss(w, at_phi, task, step))(point)
 
     with torch.enable_grad():
-        grads = vmap(grad(support_loss))(points, support_x, support_y)
-    names, inputs = list(points), list(points.values())
+        grads = vmap(task_grad, in_dims=(0, None, 0))(points, meta, tasks)
+    names = list(points)
     outputs = [grads[name] for name in names]
+    differentiable = any(output.requires_grad for output in outputs)
 
-    def hvp(p: Params) -> Params:
-        products = torch.autograd.grad(outputs, inputs, grad_outputs=[p[name] for name in names],
-                                       retain_graph=True, allow_unused=True)
-        return {name: torch.zeros_like(p[name]) if h is None else h for name, h in zip(names, products)}
+    def products(wrt: Params, vectors: Params) -> Params:
+        if not differentiable:
+            return {name: torch.zeros_like(value) for name, value in wrt.items()}
+        found = torch.autograd.grad(outputs, list(wrt.values()), grad_outputs=[vectors[name] for name in names],
+                                    retain_graph=True, allow_unused=True)
+        return {name: torch.zeros_like(value) if g is None else g for (name, value), g in zip(wrt.items(), found)}
 
-    return detached(grads), hvp
+    return InnerHessian(detached(grads), lambda p: products(points, p), lambda v: products(meta, v))
 
 
-def top_eigenvalue(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: torch.Tensor,
-                   loss_fn: LossFn, iterations: int = 20, seed: int = 0) -> torch.Tensor:
-    """[n] each task's support-loss Hessian eigenvalue of largest magnitude, at shared weights `params`.
+def top_eigenvalue(problem: Any, phi: Params, tasks: Tasks, iterations: int = 20, seed: int = 0) -> torch.Tensor:
+    """[n] each task's inner-loss Hessian eigenvalue of largest magnitude at its starting weights.
 
     Power iteration on Hessian-vector products from a fixed random start (`seed`), all tasks in
     lock step; the estimate is the Rayleigh quotient v.Hv of the last unit vector. It converges to
@@ -66,13 +73,13 @@ def top_eigenvalue(model: nn.Module, params: Params, support_x: torch.Tensor, su
     starts from the same vector, so a task's estimate does not depend on which tasks share its
     batch (a shard's values are the slice of the whole batch's).
     """
-    num_tasks = support_x.shape[0]
-    phi = {name: value.detach().expand(num_tasks, *value.shape) for name, value in params.items()}
-    _, hvp = support_hvp(model, phi, support_x, support_y, loss_fn)
+    weights = start_weights(problem, detached(phi), tasks)
+    hvp = inner_hessian(problem, weights, phi, tasks).hvp
     generator = torch.Generator(device="cpu").manual_seed(seed)
     vector = {name: torch.randn(value.shape[1:], generator=generator, dtype=value.dtype).to(value.device)
-              .expand_as(value) for name, value in phi.items()}
-    estimate = torch.zeros(num_tasks, dtype=support_x.dtype, device=support_x.device)
+              .expand_as(value) for name, value in weights.items()}
+    first = next(iter(weights.values()))
+    estimate = torch.zeros(first.shape[0], dtype=first.dtype, device=first.device)
     for _ in range(iterations):
         norm = task_dot(vector, vector).sqrt().clamp_min(torch.finfo(estimate.dtype).tiny)
         vector = {name: value / per_task(norm, value) for name, value in vector.items()}

@@ -45,6 +45,14 @@ class Rule(Protocol):
     # True when each learned parameter has one entry per inner step (dimension 0): the adaptation
     # routine then hands step k its own entry, as `learned[name]` of shape [...] without that dimension.
     per_step: bool
+    # True when the rule has meta-learned parameters (step sizes) in phi.
+    learns: bool
+    # True when a step is w - (step sizes) * (the gradient, or a sum with constants): its Jacobian in
+    # the gradient is a fixed diagonal, which the finite-difference method relies on.
+    linear_in_gradient: bool
+
+    def curvature_limit(self) -> float | None:
+        """The largest inner-loss curvature its steps are stable at, where one is known (SGD: 2 / lr)."""
 
     def parameters(self, weights: Params) -> Params: ...
 
@@ -61,6 +69,11 @@ class SGD:
     lr: float
     name: str = "sgd"
     per_step = False
+    learns = False
+    linear_in_gradient = True
+
+    def curvature_limit(self) -> float | None:
+        return 2.0 / self.lr
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -79,6 +92,11 @@ class MetaSGD:
     lr: float
     name: str = "meta_sgd"
     per_step = False
+    learns = True
+    linear_in_gradient = True
+
+    def curvature_limit(self) -> float | None:
+        return None
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full_like(value, self.lr) for name, value in weights.items()}
@@ -101,6 +119,11 @@ class LSLR:
     steps: int
     name: str = "lslr"
     per_step = True  # learned[name] arrives as this step's size, a scalar
+    learns = True
+    linear_in_gradient = True
+
+    def curvature_limit(self) -> float | None:
+        return None
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full((max(self.steps, 1),), self.lr, dtype=value.dtype, device=value.device)
@@ -122,6 +145,11 @@ class Momentum:
     momentum: float
     name: str = "momentum"
     per_step = False
+    learns = False
+    linear_in_gradient = True
+
+    def curvature_limit(self) -> float | None:
+        return None
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -153,6 +181,11 @@ class Adam:
     eps: float = 1e-8
     name: str = "adam"
     per_step = False
+    learns = False
+    linear_in_gradient = False
+
+    def curvature_limit(self) -> float | None:
+        return None
 
     def parameters(self, weights: Params) -> Params:
         return {}

@@ -67,7 +67,7 @@ def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int], steps
     torch.set_num_threads(1)
     config, learner, _ = load_trained(run_dir)
     settings = {**evaluation_settings(config), "steps": steps, "tasks": tasks}
-    evaluations = {str(count): evaluate(learner.model, learner.theta, learner.family, learner.inner,
+    evaluations = {str(count): evaluate(learner.problem, learner.theta, learner.family, learner.inner,
                                         **{**settings, "shots": count}) for count in shots}
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first, last = logged[0], logged[-1]

@@ -17,7 +17,8 @@ from distmaml.tasks.protocol import FamilyError, TaskFamily, check_family, missi
 __all__ = ["FAMILIES", "FamilyError", "TaskBatch", "TaskFamily", "build_task_family", "check_family"]
 
 FAMILIES = {"sine": "distmaml.tasks.sine:SineTasks", "omniglot": "distmaml.tasks.omniglot:OmniglotTasks",
-            "image_folder": "distmaml.tasks.image_folder:ImageFolderTasks"}
+            "image_folder": "distmaml.tasks.image_folder:ImageFolderTasks",
+            "logistic": "distmaml.tasks.logistic:LogisticRuns"}
 
 
 def build_task_family(config, device: torch.device | str, dtype: torch.dtype = torch.float32) -> TaskFamily:

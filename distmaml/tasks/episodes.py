@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distmaml.tasks.rng import hash_u32, seed_words
+from distmaml.rng import hash_u32, seed_words
 
 # Lanes keep a task's draws apart: its classes, and the examples of each class.
 LANE_CLASSES, LANE_EXAMPLES = range(2)

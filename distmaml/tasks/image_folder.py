@@ -22,7 +22,7 @@ from distmaml.meta.functional import TaskBatch
 from distmaml.tasks.episodes import choose_classes, choose_examples, labels
 from distmaml.tasks.image_folder_data import SplitData, load_split
 from distmaml.tasks.omniglot import accuracy, cross_entropy
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.rng import STREAM_TRAIN
 
 
 class _Split:

@@ -28,7 +28,7 @@ from distmaml.errors import ConfigError
 from distmaml.meta.functional import TaskBatch
 from distmaml.tasks.episodes import choose_classes, choose_examples, labels
 from distmaml.tasks.omniglot_data import IMAGE_SIZE, OmniglotData, load_omniglot
-from distmaml.tasks.rng import STREAM_TRAIN, hash_u32
+from distmaml.rng import STREAM_TRAIN, hash_u32
 
 PAPER_TRAIN_CHARACTERS = 1200
 DRAWINGS = 20  # drawings of each Omniglot character

@@ -17,7 +17,7 @@ import torch
 
 from distmaml.errors import ConfigError
 from distmaml.meta.functional import TaskBatch
-from distmaml.tasks.rng import STREAM_EVAL, STREAM_TRAIN
+from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from distmaml.meta.functional import TaskBatch, mse
-from distmaml.tasks.rng import seed_words, uniform
+from distmaml.rng import seed_words, uniform
 
 # Each random quantity of a task draws from its own lane, so changing the number of support
 # points at test time leaves the task's amplitude, phase and query points unchanged.

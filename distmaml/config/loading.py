@@ -1,0 +1,273 @@
+"""Loading a configuration: defaults, then a YAML file, then `key.sub=value` overrides, validated.
+
+    config = load_config("configs/sine_maml.yaml", ["inner.steps=5", "run.dir=runs/k5"])
+
+Every problem (an unknown key, a wrong type, an impossible value) raises ConfigError with one line
+that names the file (or "command line"), the key and the value. `source_of(config, key)` says
+where a value came from, so that a check made later (by a method or a problem, once torch is
+loaded) names it the same way. This module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmaml.config.checks import check_values
+from distmaml.config.schema import Config
+from distmaml.errors import ConfigError, SettingError
+
+# Keys that moved: an old config file is told where they went; an old checkpoint's config is migrated.
+MOVED = {"implicit.lam": "problem.proximal", "implicit.cg_damping": "implicit.damping (now added to the inner "
+         "Hessian itself: lam times the old value)"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides; validated."""
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        for key, value in _flatten(_read_sections(path)):
+            raw[key] = value
+            sources[key] = str(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        raw[key] = value
+        sources[key] = "command line"
+    return from_flat(raw, sources)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+        first_line[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _read_sections(path: Path) -> dict[str, Any]:
+    """The file's {section: {key: value}}, or a one-line ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is None:
+        # Running every default (70,000 iterations into runs/sine_maml) is never what an empty file meant.
+        raise ConfigError(f"{path}: the file holds no settings (empty, or only comments)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    sections = {spec.name for spec in dataclasses.fields(Config)}
+    for name, value in list(loaded.items()):
+        if name in sections and value is None:  # every key of the section commented out
+            del loaded[name]
+        elif name in sections and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of keys, got {value!r}")
+    return loaded
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'inner.steps=5' -> ('inner.steps', 5); values are read as YAML scalars or lists."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command line: {item!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
+    """Build a validated Config from {'section.key': value}; missing keys keep their defaults."""
+    sources = sources or {}
+    config = Config()
+    known = {f"{section.name}.{spec.name}": (section.name, spec) for section in dataclasses.fields(Config)
+             for spec in dataclasses.fields(_section_type(section.name))}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        where = sources.get(key, "config")
+        parent = key.rsplit(".", 1)[0]
+        if key not in known and parent in known and _field_type(*parent.split(".")) is dict:
+            # task.args.degree: one entry of a free-form section, passed to user code as is
+            nested.setdefault(parent, {})[key.rsplit(".", 1)[1]] = value
+            continue
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (moved to {MOVED[key]})" if key in MOVED else f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{suggestion}")
+        section, spec = known[key]
+        value = _coerce(value, _field_type(section, spec.name), key, where)
+        choices = spec.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {key} = {value!r}: must be one of {', '.join(choices)}")
+        setattr(getattr(config, section), spec.name, value)
+    for key, entries in nested.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, {**getattr(getattr(config, section), name), **entries})
+    check_values(config, lambda key: sources.get(key, "default"))
+    object.__setattr__(config, "_sources", dict(sources))
+    return config
+
+
+def source_of(config: Config, key: str) -> str:
+    """Where the value of `key` came from: a file, "command line", "config" or "default"."""
+    return getattr(config, "_sources", {}).get(key, "default")
+
+
+def sourced(config: Config, err: SettingError, cause: str = "inner.mode") -> ConfigError:
+    """A setting's error from a component (a method, a problem), prefixed with where its value came
+    from -- or, for a value left at its default, where the setting that makes it wrong (`cause`) came from."""
+    where = source_of(config, err.key)
+    if where == "default":
+        where = source_of(config, cause)
+    return ConfigError(f"{where}: {err}")
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested data, for config.yaml, checkpoints and wandb."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(tree: dict[str, Any], source: str, changes: dict[str, tuple[Any, str]] | None = None) -> Config:
+    """Build a validated Config from nested data (a checkpoint's config); errors name `source`, or
+    for a key in `changes` ({"eval.shots": (5, "--shots")}) the value and source given there.
+    A config saved by an earlier version is migrated to today's keys first."""
+    raw = _migrated(dict(_flatten(tree)))
+    sources = {key: source for key in raw}
+    for key, (value, where) in (changes or {}).items():
+        raw[key], sources[key] = value, where
+    return from_flat(raw, sources)
+
+
+def _migrated(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 0.1's implicit.lam was iMAML's proximal strength, and implicit.cg_damping was added to
+    I + H / lam: today the proximal term belongs to the maml problem and the damping to H itself."""
+    lam = raw.pop("implicit.lam", None)
+    damping = raw.pop("implicit.cg_damping", None)
+    if lam is not None and raw.get("inner.mode") == "implicit":
+        raw["problem.proximal"] = lam
+        if damping:
+            raw["implicit.damping"] = lam * damping
+    return raw
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """{'section.key': value} for every field (a dict-valued field, like task.args, as one value)."""
+    return {f"{section}.{name}": value for section, fields in to_dict(config).items() for name, value in fields.items()}
+
+
+def describe() -> str:
+    """Every key with its default and its description, one per line (for `--help-config`)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        for spec in dataclasses.fields(_section_type(section.name)):
+            default = getattr(getattr(Config(), section.name), spec.name)
+            choices = spec.metadata.get("choices")
+            allowed = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"{section.name}.{spec.name} = {default!r}{allowed}  # {spec.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, name + ".")
+        elif not isinstance(value, dict) or prefix:  # an empty section is no setting; an empty args dict is one
+            yield name, value
+
+
+def _section_type(name: str) -> type:
+    from distmaml.config import schema
+
+    return typing.get_type_hints(Config, vars(schema))[name]
+
+
+def _field_type(section: str, name: str) -> Any:
+    from distmaml.config import schema
+
+    return typing.get_type_hints(_section_type(section), vars(schema))[name]
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `kind`; ints widen to float, nothing else converts."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError as err:
+                if str(err).endswith("must be a finite number"):  # the right type, an impossible value
+                    raise
+                continue
+        names = " or ".join(_type_name(option) for option in typing.get_args(kind))
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {names}")
+    if kind is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, list):
+            return [_coerce(item, item_kind, key, where) for item in value]
+    elif kind is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        # YAML 1.1 reads 3e-4 (no dot) as a string; take it as the number the user meant.
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = float(value)
+        if number is not None:
+            # No setting means anything as NaN or an infinity (a NaN tolerance once trained nothing
+            # and reported success); checked here once for every float field, present and future.
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {key} = {value!r}: must be a finite number")
+            return number
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(kind)}")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return "null" if kind is type(None) else kind.__name__

@@ -1,0 +1,223 @@
+"""The configuration's schema: one dataclass per section, a one-line doc per field (`distmaml config`).
+
+Loading (YAML, dotted overrides, types) is distmaml.config.loading; impossible values and
+contradictions are distmaml.config.checks. A component that owns settings (a hypergradient method,
+a problem) reads them from its section; nothing here knows torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _opt(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its one-line description (and allowed values, for strings)."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("runs/sine_maml", "run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json")
+    resume: bool | str = _opt(
+        "auto", "auto: continue from the newest complete checkpoint in run.dir if any; true: must "
+        "continue; false: start fresh; or the path of a checkpoint to continue from")
+
+
+@dataclass
+class ProblemConfig:
+    name: str = _opt("maml", "bi-level problem: maml (initial weights that adapt in a few steps: MAML and its family), "
+                     "weight_decay (a learned L2 decay of a network trained from scratch), or your own builder as an "
+                     "import path 'package.module:build' called as build(model=..., family=..., **problem.args)")
+    args: dict = _opt({}, "keyword arguments for your own problem builder (problem.args.<name>=value)")
+    proximal: float = _opt(0.0, "maml: strength lam of the inner loss's pull lam/2 ||w - phi||^2 towards phi (iMAML; "
+                           "implicit modes need it > 0, 0 is plain MAML)")
+    decay_per: str = _opt("weight", "weight_decay: one learned decay per weight element, per input element of each "
+                          "weight (per feature), per tensor, or one for all", ("weight", "input", "tensor", "global"))
+    decay_init: float = _opt(1e-3, "weight_decay: every decay's initial value (phi holds its log)")
+    batch_size: int = _opt(0, "training-run problems (weight_decay): examples per inner step, drawn with replacement "
+                           "from the training split (0: the whole split: gradient descent)")
+
+
+@dataclass
+class TaskConfig:
+    family: str = _opt("sine", "task family: sine, omniglot, image_folder, or your own as an import path "
+                       "'package.module:Name' or 'path/to/file.py:Name' (see distmaml.tasks.TaskFamily)")
+    args: dict = _opt({}, "keyword arguments for your own family's from_config (task.args.<name>=value)")
+    support: int = _opt(10, "support examples per task (per class for classification): the K in K-shot")
+    query: int = _opt(10, "query examples per task (per class for classification)")
+    ways: int = _opt(5, "classes per task (classification only): the N in N-way")
+    amplitude: list[float] = _opt([0.1, 5.0], "sine: amplitude range [low, high)")
+    phase: list[float] = _opt([0.0, math.pi], "sine: phase range [low, high)")
+    x_range: list[float] = _opt([-5.0, 5.0], "sine: input range [low, high)")
+    image_size: int = _opt(84, "image_folder: images are resized to image_size x image_size")
+    channels: int = _opt(3, "image_folder: 3 (RGB) or 1 (grey)")
+    invert: bool = _opt(False, "image_folder: 255 - pixel (dark strokes on white paper become bright on 0)")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _opt("mlp", "network: mlp, conv4, resnet12, or your own builder as an import path "
+                     "'package.module:build' called as build(input_shape=..., num_outputs=..., **model.args)")
+    args: dict = _opt({}, "keyword arguments for your own model builder (model.args.<name>=value)")
+    hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths")
+    channels: int = _opt(64, "conv4: filters per convolution")
+    pool: str = _opt("stride", "conv4: halve the resolution with stride-2 convolutions (the MAML paper's "
+                     "Omniglot network) or 2x2 max-pooling (its mini-ImageNet network)", ("stride", "max"))
+    widths: list[int] = _opt([64, 160, 320, 640], "resnet12: channels of its four residual stages")
+    init: str = _opt("pytorch", "initial weights: PyTorch's layer defaults, or the MAML reference code's "
+                     "truncated normal (std model.init_std, cut at 2 std) for weights with zero biases",
+                     ("pytorch", "truncated_normal"))
+    init_std: float = _opt(0.01, "model.init=truncated_normal: standard deviation of the weights")
+
+
+@dataclass
+class InnerConfig:
+    steps: int = _opt(1, "inner steps per task during meta-training (K)")
+    lr: float = _opt(0.01, "inner step size (alpha); the initial value of learned step sizes (meta_sgd, lslr)")
+    rule: str = _opt("sgd", "inner update: plain SGD, a learned step size per weight (Meta-SGD) or per tensor and "
+                     "step (MAML++'s LSLR), heavy-ball momentum, or Adam; all differentiable",
+                     ("sgd", "meta_sgd", "lslr", "momentum", "adam"))
+    momentum: Optional[float] = _opt(None, "inner.rule=momentum: heavy-ball coefficient in [0, 1), e.g. 0.9")
+    betas: list[float] = _opt([0.9, 0.999], "inner.rule=adam: decay rates of Adam's two moments, each in [0, 1)")
+    eps: float = _opt(1e-8, "inner.rule=adam: added to the root of the second moment")
+    adapt: list[str] = _opt([], "name prefixes of the weights the inner loop adapts (ANIL: the head); [] adapts all")
+    mode: str = _opt("second_order", "hypergradient method: second_order (through every inner step), first_order, "
+                     "truncated (the last inner.truncate steps), implicit (conjugate gradient; implicit.*), neumann "
+                     "(a Neumann series; neumann.*), finite_difference (the last step's second derivatives by central "
+                     "differences; finite_difference.eps), reptile (phi - w_K), or your own as an import path "
+                     "'package.module:Name' (a Method object, or a class called without arguments)")
+    truncate: int = _opt(1, "truncated mode: backpropagate through the last T inner steps only")
+    checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them",
+                           ("none", "every_step", "segments", "auto"))
+    checkpoint_segment: Optional[int] = _opt(None, "checkpoint=segments: inner steps per recomputed segment")
+    multi_step_loss: bool = _opt(False, "MAML++'s multi-step loss: the meta-objective weights the query loss after "
+                                 "every inner step, annealed towards the last over inner.multi_step_anneal iterations")
+    multi_step_anneal: int = _opt(10000, "inner.multi_step_loss: iterations until the earlier steps' weights reach "
+                                  "their floor (0.03 / K); 0 keeps every step's weight 1 / K")
+    first_order_iterations: int = _opt(0, "derivative-order annealing (MAML++): first-order meta-gradients for this "
+                                       "many iterations, then inner.mode")
+
+
+@dataclass
+class ImplicitConfig:
+    cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task")
+    cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this")
+    damping: float = _opt(0.0, "implicit and neumann modes: added to the diagonal of the inner Hessian before "
+                          "solving (stability where it is far from positive definite)")
+    inner_safeguard: bool = _opt(True, "implicit and neumann modes: cap each plain SGD inner step at the exact line "
+                                 "minimiser of the local quadratic model (one Hessian-vector product), so a sharp task "
+                                 "cannot diverge; the inner problem's solution is unchanged")
+
+
+@dataclass
+class NeumannConfig:
+    terms: int = _opt(20, "neumann mode: terms of the series alpha sum_j (I - alpha H)^j b after the first")
+    alpha: float = _opt(0.1, "neumann mode: its step; the series converges while alpha times the inner Hessian's "
+                        "largest eigenvalue stays below 2 (checked before training)")
+
+
+@dataclass
+class FiniteDifferenceConfig:
+    eps: float = _opt(0.01, "finite_difference mode: length of the central difference's step in weight space; its "
+                      "error shrinks like eps^2 until rounding")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = _opt(70000, "meta-iterations (outer Adam steps)")
+    meta_batch: int = _opt(25, "tasks per meta-iteration, over all processes")
+    lr: float = _opt(1e-3, "outer Adam learning rate (beta)")
+    lr_schedule: str = _opt("constant", "outer learning-rate schedule", ("constant", "cosine"))
+    lr_min: float = _opt(0.0, "cosine schedule: learning rate at the last iteration")
+    grad_clip: float = _opt(0.0, "clip the meta-gradient to this global L2 norm (0: off)")
+    seed: int = _opt(0, "seed of the weights and of every task")
+    log_every: int = _opt(100, "iterations between metrics.jsonl lines")
+    checkpoint_every: int = _opt(1000, "iterations between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _opt(3, "newest checkpoints kept in run.dir/checkpoints")
+    check_every: int = _opt(0, "iterations between cross-process weight checksums (0: off)")
+    time_limit: float = _opt(0.0, "stop cleanly (checkpoint, evaluate) after this many seconds of training (0: off)")
+    max_meta_loss: float = _opt(0.0, "stop as diverged once the meta-batch's mean query loss after adaptation "
+                                "exceeds this (0: only a non-finite loss or gradient stops the run)")
+
+
+@dataclass
+class EvalConfig:
+    tasks: int = _opt(600, "fresh tasks to evaluate on")
+    steps: int = _opt(10, "inner steps at test time; losses are reported after 0..steps")
+    shots: Optional[int] = _opt(None, "support examples at test time (default: task.support)")
+    query: Optional[int] = _opt(None, "query examples at test time (default: task.query)")
+    at_end: bool = _opt(True, "evaluate on fresh tasks when training ends and write it to summary.json")
+    seed: int = _opt(0, "seed of the evaluation tasks: the same for every train.seed, so runs are compared "
+                     "on the same tasks")
+    diverged_factor: float = _opt(10.0, "a task counts as diverged once its query loss is non-finite or above "
+                                  "this many times its loss before adaptation (or the median task's, if larger)")
+
+
+@dataclass
+class EngineConfig:
+    device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is present, else cpu; or cpu, cuda")
+    dtype: str = _opt("float32", "weights and data: float32, float64, or bf16 (float32 weights and Adam, "
+                      "bfloat16 autocast of the model's matmuls and convolutions)", ("float32", "float64", "bf16"))
+    batched: bool = _opt(True, "evaluate a process's tasks together with vmap (false: the per-task loop)")
+    cuda_graph: bool = _opt(False, "capture the whole meta-iteration as one CUDA graph (CUDA only)")
+    memory_check: bool = _opt(True, "before the first iteration, estimate its peak memory and refuse a run that "
+                              "would not fit (with what would)")
+    memory_budget: float = _opt(0.0, "GiB one process may use for the memory check (0: the memory available: "
+                                "free device memory, or the machine's or job's available RAM)")
+    threads: int = _opt(1, "CPU threads of this process (0: PyTorch's default, one per core); bitwise-equal "
+                        "results need the same thread count and torch build")
+
+
+@dataclass
+class DistConfig:
+    timeout: float = _opt(600.0, "seconds a collective waits for the other processes before the run fails "
+                          "(rank 0 says so after a minute without progress)")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = _opt(True, "live progress bar on a terminal")
+    sharpness: bool = _opt(True, "at each log step, the top Hessian eigenvalue of the support loss at theta "
+                           "(mean over the meta-batch; inner SGD steps are unstable above 2 / inner.lr)")
+    wandb: bool = _opt(False, "also log metrics to Weights & Biases (main process only)")
+    wandb_project: str = _opt("distmaml", "wandb project")
+    wandb_name: Optional[str] = _opt(None, "wandb run name (default: the run directory's name)")
+    wandb_mode: str = _opt("auto", "auto: online with an API key, else offline",
+                           ("auto", "online", "offline", "disabled"))
+    wandb_timeout: float = _opt(30.0, "seconds wandb may take to reach its server; past that the run logs offline")
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data/omniglot", "folder with the data set (Omniglot: the two zips or their folders; "
+                     "image_folder: train/val/test class folders or mini-ImageNet's csv files and images/)")
+    cache_dir: Optional[str] = _opt(None, "where the preprocessed array is cached (default: user cache)")
+    split: str = _opt("paper", "omniglot class split: paper (1200 train characters + rotations) or background",
+                      ("paper", "background"))
+    eval_split: str = _opt("test", "image_folder: the split evaluation draws its classes from", ("test", "val"))
+    storage: str = _opt("auto", "image_folder: keep the images on the training device, in pinned host memory "
+                        "(copied per episode), or auto: the device unless they take over half its free memory",
+                        ("auto", "device", "host"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
+    neumann: NeumannConfig = field(default_factory=NeumannConfig)
+    finite_difference: FiniteDifferenceConfig = field(default_factory=FiniteDifferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)

@@ -1,0 +1,153 @@
+"""Every hypergradient method against an independent reference, on a few tasks, in float64.
+
+    report = gradcheck(problem, phi, tasks, inner, methods)     # {name: Check}
+
+Two references, neither sharing code with the methods:
+
+- finite_difference: central differences of the unrolled objective
+  f(phi) = sum_tasks L_out(w_K(phi), phi), with w_K from the forward pass alone. For a small phi
+  every coordinate; otherwise `directions` random unit directions, compared as directional
+  derivatives. The exact methods for it are second_order (and truncated with T = K).
+- dense_ift: the implicit function theorem solved densely at the inner weights the method itself
+  reached: v = (H + damping I)^-1 grad_w L_out with H the full inner Hessian (torch.func.jacrev of
+  the inner gradient) and the mixed Jacobian d_phi grad_w L_in formed as a matrix. The implicit
+  methods (CG, Neumann) must match it to their solvers' accuracy. It needs the Hessian to fit:
+  at most `max_dense` inner weights per task, else the implicit methods fall back to finite
+  differences, where they are only approximate.
+
+Approximate methods (first order, truncated T < K, finite difference, Reptile) are reported with
+their error and never fail; an exact method above its reference's tolerance fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import grad, jacrev
+
+from distmaml.errors import SettingError
+from distmaml.meta.functional import Params, Tasks, detached, num_tasks, task_at
+from distmaml.meta.gradient import meta_gradient
+from distmaml.meta.unroll import task_values, unroll
+
+TOLERANCE = {"finite_difference": 1e-6, "dense_ift": 1e-4}
+
+
+class Check(NamedTuple):
+    rel_error: float | None  # None where the method does not apply (then `skipped` says why)
+    reference: str
+    exact: bool
+    skipped: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        error = math.inf if self.rel_error is None or not math.isfinite(self.rel_error) else self.rel_error
+        return self.skipped is None and self.exact and error > TOLERANCE[self.reference]
+
+
+def _flat(params: Params) -> torch.Tensor:
+    return torch.cat([value.reshape(-1) for value in params.values()])
+
+
+def _unflat(vector: torch.Tensor, like: Params) -> Params:
+    out, start = {}, 0
+    for name, value in like.items():
+        out[name] = vector[start:start + value.numel()].reshape(value.shape)
+        start += value.numel()
+    return out
+
+
+def unrolled_value(problem: Any, phi: Params, tasks: Tasks, inner) -> torch.Tensor:
+    """f(phi): the sum over tasks of the outer loss after the inner loop, forward pass only."""
+    with torch.no_grad():
+        weights = unroll(problem, phi, tasks, inner, differentiated=0).weights
+        return task_values(problem.outer_loss, weights, phi, tasks).sum()
+
+
+def finite_difference_directions(problem: Any, phi: Params, tasks: Tasks, inner, directions: torch.Tensor,
+                                 eps: float) -> torch.Tensor:
+    """Central differences of f along each row of `directions` ([D, size of phi])."""
+    base = detached(phi)
+    flat = _flat(base)
+    out = []
+    for direction in directions:
+        plus = unrolled_value(problem, _unflat(flat + eps * direction, base), tasks, inner)
+        minus = unrolled_value(problem, _unflat(flat - eps * direction, base), tasks, inner)
+        out.append((plus - minus) / (2 * eps))
+    return torch.stack(out)
+
+
+def dense_ift(problem: Any, phi: Params, weights: Params, tasks: Tasks, step: int, damping: float) -> Params:
+    """Sum over tasks of grad_phi L_out - (d_phi grad_w L_in)^T (H + damping I)^-1 grad_w L_out, at
+    each task's `weights` (task dimension first), with every matrix formed densely."""
+    base = detached(phi)
+    total = torch.zeros_like(_flat(base))
+    for i in range(num_tasks(tasks)):
+        task = task_at(tasks, i)
+        w = detached({name: value[i] for name, value in weights.items()})
+
+        def inner_grad(w_flat: torch.Tensor, phi_flat: torch.Tensor) -> torch.Tensor:
+            at_phi = _unflat(phi_flat, base)
+            return _flat(grad(lambda point: problem.inner_loss(point, at_phi, task, step))(_unflat(w_flat, w)))
+
+        def outer(w_flat: torch.Tensor, phi_flat: torch.Tensor) -> torch.Tensor:
+            return problem.outer_loss(_unflat(w_flat, w), _unflat(phi_flat, base), task)
+
+        w_flat, phi_flat = _flat(w), _flat(base)
+        hessian, mixed = jacrev(inner_grad, argnums=(0, 1))(w_flat, phi_flat)
+        outer_w, outer_phi = jacrev(outer, argnums=(0, 1))(w_flat, phi_flat)
+        eye = torch.eye(w_flat.numel(), dtype=w_flat.dtype, device=w_flat.device)
+        v = torch.linalg.solve(hessian + damping * eye, outer_w)
+        total = total + outer_phi - mixed.T @ v
+    return _unflat(total, base)
+
+
+def gradcheck(problem: Any, phi: Params, tasks: Tasks, inner, methods: dict[str, Any], eps: float = 1e-6,
+              directions: int = 8, max_dense: int = 2500, coordinates: int = 64, seed: int = 0) -> dict[str, Check]:
+    """Each method's hypergradient (at `inner`'s rule and steps) against its reference; see the module doc."""
+    size = sum(value.numel() for value in phi.values())
+    first = next(iter(phi.values()))
+    if size <= coordinates:
+        basis = torch.eye(size, dtype=first.dtype, device=first.device)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        basis = torch.randn(directions, size, generator=generator, dtype=first.dtype).to(first.device)
+        basis = basis / basis.norm(dim=1, keepdim=True)
+    numeric = finite_difference_directions(problem, phi, tasks, inner, basis, eps)
+    inner_size = sum(value.numel() for value in problem.inner_template().values())
+    report = {}
+    for name, method in methods.items():
+        reference = method.reference if method.reference != "dense_ift" or inner_size <= max_dense \
+            else "finite_difference"
+        try:
+            checked = dataclasses.replace(inner, method=method)
+            result = meta_gradient(problem, phi, tasks, checked)
+        except SettingError as err:
+            report[name] = Check(None, reference, False, str(err))
+            continue
+        got = _flat(detached(result.grad_sum))
+        exact = method.exact(inner.steps) and reference == method.reference
+        if reference == "dense_ift":
+            weights = method.adapt(problem, phi, tasks, checked, inner.steps).weights
+            expected = _flat(dense_ift(problem, phi, weights, tasks, max(inner.steps - 1, 0), method.damping))
+            error = (got - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)
+        else:
+            error = (basis @ got - numeric).norm() / numeric.norm().clamp_min(torch.finfo(numeric.dtype).tiny)
+        report[name] = Check(float(error), reference, exact)
+    return report
+
+
+def format_report(report: dict[str, Check]) -> str:
+    """The report as a Markdown table."""
+    lines = ["| method | reference | relative error | exact | verdict |", "|---|---|---|---|---|"]
+    for name, check in report.items():
+        if check.skipped is not None:
+            lines.append(f"| {name} | - | - | - | n/a: {check.skipped} |")
+            continue
+        verdict = "FAIL" if check.failed else ("ok" if check.exact else "approximate")
+        error = f"{check.rel_error:.2e}" if math.isfinite(check.rel_error) else "not finite"
+        lines.append(f"| {name} | {check.reference} | {error} | {'yes' if check.exact else 'no'} | {verdict} |")
+    return "\n".join(lines)

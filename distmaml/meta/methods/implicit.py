@@ -1,0 +1,270 @@
+"""Implicit hypergradients: differentiate the inner problem's solution, not the path to it.
+
+At a solution w* of the inner problem, grad_w L_in(w*, phi) = 0. The implicit function theorem
+gives dw*/dphi = -A^-1 d_phi grad_w L_in with A = grad^2_w L_in, so
+
+    v = A^-1 grad_w L_out(w*, phi)
+    d L_out(w*(phi), phi) / d phi = grad_phi L_out - (d_phi grad_w L_in)^T v
+
+evaluated at w_K, the end of K inner steps that keep no graph: memory does not grow with K. Both
+products come from one retained double-backward graph of the batched inner gradient
+(distmaml.meta.hessian), so every task gets its own H_i p_i from one backward pass. The linear
+system is solved by conjugate gradient (`ImplicitCG`) or by a truncated Neumann series
+(`Neumann`); `damping` adds to A's diagonal.
+
+iMAML (Rajeswaran et al. 2019) is the MAML problem with a proximal inner loss
+L_support(w) + lam/2 ||w - phi||^2: then A = H + lam I and d_phi grad_w L_in = -lam I, so the
+hypergradient is lam (H + lam I)^-1 grad L_query = (I + H / lam)^-1 grad L_query. Learned
+hyperparameters that enter the inner loss (a weight decay, per-example weights) use the same
+formula unchanged.
+
+What the formula cannot see: anything that acts on the path only (learned step sizes, where the
+inner loop starts): such a rule or problem is refused in one line. `safeguard` caps each plain SGD
+step of the inner solve at its Cauchy step, so a sharp task cannot make the inner loop diverge;
+the solution, and so the hypergradient formula, is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Collection
+
+import torch
+from torch.utils._pytree import tree_map
+
+from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
+from distmaml.meta.hessian import inner_hessian, per_task, task_dot, top_eigenvalue
+from distmaml.meta.methods.base import MethodError, plain_adapt, refuse_step_weights
+from distmaml.meta.rules import LEARNED
+from distmaml.meta.unroll import Unrolled, start_weights, task_values
+
+
+def safeguarded_descent(problem: Any, phi: Params, tasks: Tasks, lr: float, steps: int,
+                        trajectory: bool | Collection[int] = False) -> Unrolled:
+    """K plain SGD steps on every task's inner loss, each capped at the task's Cauchy step.
+
+    Why: a fixed step diverges once lr * (largest curvature) > 2, and nothing in an implicit
+    hypergradient stops meta-training from sharpening the inner loss until it does (on sine within
+    the first thousand iterations: docs/results.md). The step is min(lr, alpha_i) with
+    alpha_i = g.g / g.A g the exact line minimiser of the local quadratic model along -g (one
+    Hessian-vector product per task); alpha_i >= 1 / mu_max, so the cap is inactive wherever the
+    fixed step is already safe (lr * mu_max <= 1), and on a quadratic every step descends. Where the
+    curvature along g is not positive the step is lr. Vectorised over tasks (no host sync).
+    """
+    weights = {name: value.detach().clone() for name, value in start_weights(problem, detached(phi), tasks).items()}
+    visited = []
+    for step in range(steps):
+        grads, hvp, _ = inner_hessian(problem, weights, phi, tasks, step)
+        squared = task_dot(grads, grads)
+        curvature = task_dot(grads, hvp(grads))
+        positive = curvature > 0
+        cauchy = squared / torch.where(positive, curvature, torch.ones_like(curvature))
+        size = torch.where(positive, cauchy.clamp(max=lr), torch.full_like(cauchy, lr)).detach()
+        weights = {name: (weights[name] - per_task(size, weights[name]) * grads[name]).detach() for name in weights}
+        if trajectory is True or (not isinstance(trajectory, bool) and step + 1 in trajectory):
+            visited.append(weights)
+    return Unrolled(weights, {}, visited)
+
+
+def batched_cg(matvec, rhs: Params, cg_steps: int, cg_tol: float,
+               stop_early: bool = True) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """Solve A_i x_i = rhs_i for every task i at once by conjugate gradient from x = 0.
+
+    vmap cannot exit early for one task, so every task runs in lock step and a task's update is
+    masked off once it stops: when its squared residual r.r is at or below `cg_tol`, or when its
+    curvature p.Ap is not positive (A_i is not positive definite along p, so CG's step is
+    meaningless: it keeps its last iterate, as truncated-Newton methods do). With `stop_early` the
+    loop ends as soon as every task has stopped, which costs one host sync per step (pass False
+    under CUDA graph capture). Returns (x, relative residual |r| / |rhs| per task, CG steps taken
+    per task). The residual is CG's recursive one, which matches the true one in exact arithmetic.
+    """
+    x = {name: torch.zeros_like(value) for name, value in rhs.items()}
+    r = dict(rhs)
+    p = dict(rhs)
+    rr = task_dot(r, r)
+    rhs_norm = rr.sqrt()
+    running = rr > cg_tol
+    steps_taken = torch.zeros_like(rr, dtype=torch.long)
+    for _ in range(cg_steps):
+        if stop_early and not bool(running.any()):
+            break
+        Ap = matvec(p)
+        pAp = task_dot(p, Ap)
+        running = running & (pAp > 0)
+        alpha = torch.where(running, rr / torch.where(running, pAp, torch.ones_like(pAp)), torch.zeros_like(rr))
+        x = {name: x[name] + per_task(alpha, x[name]) * p[name] for name in x}
+        r = {name: r[name] - per_task(alpha, r[name]) * Ap[name] for name in r}
+        rr_next = task_dot(r, r)
+        beta = torch.where(running, rr_next / torch.where(running, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        p = {name: torch.where(per_task(running, p[name]), r[name] + per_task(beta, p[name]) * p[name], p[name])
+             for name in p}
+        steps_taken = steps_taken + running.long()
+        rr = rr_next
+        running = running & (rr > cg_tol)
+    return x, _relative(rr.sqrt(), rhs_norm), steps_taken
+
+
+def neumann_series(matvec, rhs: Params, terms: int, alpha: float) -> tuple[Params, torch.Tensor]:
+    """x = alpha * sum_{j=0..terms} (I - alpha A)^j rhs for every task: A^-1 rhs when alpha * |A| < 2.
+
+    Returns (x, growth per task: |last term| / |rhs|). The series converges only while every
+    eigenvalue of A lies in (0, 2 / alpha); a growth above 1 says it is diverging.
+    """
+    term, total = dict(rhs), dict(rhs)
+    for _ in range(terms):
+        product = matvec(term)
+        term = {name: term[name] - alpha * product[name] for name in term}
+        total = {name: total[name] + term[name] for name in total}
+    growth = _relative(task_dot(term, term).sqrt(), task_dot(rhs, rhs).sqrt())
+    return {name: alpha * value for name, value in total.items()}, growth
+
+
+def _relative(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, torch.ones_like(denominator)),
+                       torch.zeros_like(numerator))
+
+
+@dataclass(frozen=True)
+class _Implicit:
+    damping: float = 0.0
+    safeguard: bool = False
+    stop_early: bool = True  # host syncs allowed (not under CUDA graph capture)
+
+    trajectory_objective = False
+    differentiates_steps = False
+    reference = "dense_ift"
+    damping_key = "implicit.cg_damping"
+
+    def exact(self, steps: int) -> bool:
+        return True
+
+    def differentiated(self, steps: int) -> int:
+        return 0
+
+    def check(self, rule, steps: int) -> None:
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise MethodError(self.damping_key, self.damping, "must be >= 0")
+        if rule.learns:
+            raise MethodError("inner.rule", rule.name, f"{self.name} differentiates the solution of the inner "
+                              "problem, which does not depend on learned step sizes: they would get no gradient")
+        if self.safeguard and rule.name != "sgd":
+            raise MethodError("implicit.inner_safeguard", True, f"caps plain SGD steps; with inner.rule = "
+                              f"{rule.name} set implicit.inner_safeguard=false")
+
+    def check_problem(self, problem, phi: Params, task, inner) -> None:
+        """The inner loss must have second derivatives in w and depend on phi (else so does not its solution)."""
+        weights = {name: value.detach().clone().requires_grad_() for name, value in problem.start(phi, task).items()}
+        meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
+        with torch.enable_grad():
+            loss = problem.inner_loss(weights, meta, task, 0)
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True, allow_unused=True)
+        kind = type(problem).__name__
+        if not any(g is not None and g.requires_grad for g in grads):
+            raise MethodError("inner.mode", self.name, f"needs an inner loss with second derivatives in the weights, "
+                              f"and {kind}'s is linear in them or not twice differentiable")
+        direction = [torch.ones_like(g) for g in grads if g is not None]
+        mixed = torch.autograd.grad([g for g in grads if g is not None], list(meta.values()), direction,
+                                    allow_unused=True, retain_graph=True)
+        if not any(m is not None for name, m in zip(meta, mixed) if not name.startswith(LEARNED)):
+            hint = getattr(problem, "implicit_hint", "")
+            raise MethodError("inner.mode", self.name, f"differentiates the solution of the inner problem, and "
+                              f"{kind}'s inner loss does not depend on phi, so neither does its solution"
+                              + (f": {hint}" if hint else ""))
+
+    def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None) -> MetaGradient:
+        refuse_step_weights(self, step_weights)
+        weights = detached(self.adapt(problem, phi, tasks, inner, inner.steps).weights)
+        points = {name: value.requires_grad_() for name, value in detached(weights).items()}
+        meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
+        with torch.enable_grad():
+            outer = task_values(problem.outer_loss, points, meta, tasks)
+            found = torch.autograd.grad(outer.sum(), [*points.values(), *meta.values()], allow_unused=True)
+        wrt = [*points.values(), *meta.values()]
+        found = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, found)]
+        rhs = dict(zip(points, found[:len(points)]))  # grad_w L_out, per task
+        direct = dict(zip(meta, found[len(points):]))  # grad_phi L_out, summed over tasks
+        hessian = inner_hessian(problem, weights, phi, tasks, max(inner.steps - 1, 0))
+
+        def matvec(p: Params) -> Params:
+            products = hessian.hvp(p)
+            return {name: products[name] + self.damping * p[name] for name in p}
+
+        solution, stats = self.solve(matvec, rhs)
+        mixed = hessian.mixed(solution)
+        grad_sum = {name: (direct[name] - mixed[name]).detach() for name in phi}
+        stats["inner_grad_norm"] = task_dot(hessian.grads, hessian.grads).sqrt()
+        return MetaGradient(grad_sum, outer.detach(), stats, weights)
+
+    def adapt(self, problem, phi, tasks, inner, steps, trajectory=False) -> Unrolled:
+        if self.safeguard:
+            return safeguarded_descent(problem, phi, tasks, inner.rule.lr, steps, trajectory)
+        return plain_adapt(problem, phi, tasks, inner, steps, trajectory)
+
+
+@dataclass(frozen=True)
+class ImplicitCG(_Implicit):
+    """v by conjugate gradient: `cg_steps` iterations, or fewer once r.r <= `cg_tol` (every task)."""
+
+    cg_steps: int = 5
+    cg_tol: float = 1e-10
+    name = "implicit"
+    stat_names = ("cg_residual", "cg_steps", "inner_grad_norm")
+
+    def check(self, rule, steps: int) -> None:
+        super().check(rule, steps)
+        if self.cg_steps < 1:
+            raise MethodError("implicit.cg_steps", self.cg_steps, "must be >= 1")
+        if not self.cg_tol >= 0:
+            raise MethodError("implicit.cg_tol", self.cg_tol, "must be >= 0")
+
+    def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
+        solution, residual, taken = batched_cg(matvec, rhs, self.cg_steps, self.cg_tol, self.stop_early)
+        return solution, {"cg_residual": residual.detach(), "cg_steps": taken}
+
+
+@dataclass(frozen=True)
+class Neumann(_Implicit):
+    """v by the truncated Neumann series alpha sum_j (I - alpha A)^j b (Lorraine et al. 2020).
+
+    It converges when every eigenvalue of A lies in (0, 2 / alpha). Before training, the largest
+    eigenvalue at the first task's start is estimated and a diverging alpha is refused; during
+    training the `neumann_growth` statistic (|last term| / |b|, above 1 when diverging) and the
+    residual |A v - b| / |b| are logged.
+    """
+
+    terms: int = 20
+    alpha: float = 0.1
+    name = "neumann"
+    stat_names = ("neumann_residual", "neumann_growth", "inner_grad_norm")
+    damping_key = "neumann.damping"
+
+    def check(self, rule, steps: int) -> None:
+        super().check(rule, steps)
+        if self.terms < 1:
+            raise MethodError("neumann.terms", self.terms, "must be >= 1")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise MethodError("neumann.alpha", self.alpha, "must be > 0")
+
+    def check_problem(self, problem, phi: Params, task, inner) -> None:
+        super().check_problem(problem, phi, task, inner)
+        one = _unsqueezed(task)
+        if any(value.device.type == "meta" for value in phi.values()):
+            return  # shapes only: no eigenvalue to estimate
+        largest = float(top_eigenvalue(problem, phi, one).abs().max()) + self.damping
+        if self.alpha * largest >= 2:
+            raise MethodError("neumann.alpha", self.alpha, f"the Neumann series diverges: the inner Hessian's largest "
+                              f"eigenvalue at the first task's start is about {largest:.4g} (damping included), and "
+                              f"alpha times it must stay below 2; use neumann.alpha < {2 / largest:.3g}")
+
+    def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
+        solution, growth = neumann_series(matvec, rhs, self.terms, self.alpha)
+        product = matvec(solution)
+        error = {name: product[name] - rhs[name] for name in rhs}
+        residual = _relative(task_dot(error, error).sqrt(), task_dot(rhs, rhs).sqrt())
+        return solution, {"neumann_residual": residual.detach(), "neumann_growth": growth.detach()}
+
+
+def _unsqueezed(task: Any) -> Any:
+    return tree_map(lambda leaf: leaf.unsqueeze(0) if torch.is_tensor(leaf) else leaf, task)

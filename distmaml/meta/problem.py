@@ -1,0 +1,95 @@
+"""A bi-level problem: meta-parameters phi, an inner problem over weights w, an outer objective.
+
+    min_phi  sum_tasks  outer_loss(w_K(phi, task), phi, task)
+    w_0 = start(phi, task),  w_{k+1} = rule.step(w_k, grad_w inner_loss(w_k, phi, task, k), ...)
+
+A problem is a few pure functions of ONE task (the engine vmaps them over a batch of tasks), in the
+style of distmaml.tasks.TaskFamily and distmaml.meta.rules.Rule:
+
+    phi = problem.meta_parameters()          # {name: tensor}: whatever the meta-parameters are
+    w0 = problem.start(phi, task)            # MAML: phi's weights; hyperparameter learning: a fresh
+                                             # initialisation drawn from the task's own seed
+    problem.inner_loss(w, phi, task, step)   # a scalar; `step` picks the step's mini-batch, if any
+    problem.outer_loss(w, phi, task)         # a scalar
+    problem.metrics(w, phi, task)            # {"loss": outer loss, ...}: what logs and evaluation report
+    problem.inner_template()                 # {name: tensor}: the shapes of w (values unused)
+    problem.to(device)                       # the same problem on another device ("meta": shapes only)
+
+A task is any pytree of tensors (its batch has a leading task dimension); the model behind the
+losses may take several inputs. The inner optimizer is a Rule; its learned parameters (step sizes)
+are entries of phi like any other. How phi's gradient is computed is a Method's business
+(distmaml.meta.methods): the problem never knows which one differentiates it.
+
+`check_problem` runs each function once on one task and names, in one line, what breaks the protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from distmaml.errors import ConfigError
+from distmaml.meta.functional import Params
+
+
+@runtime_checkable
+class Problem(Protocol):
+    def meta_parameters(self) -> Params:
+        """phi's initial values (without the inner rule's learned parameters, which the rule adds)."""
+
+    def inner_template(self) -> Params:
+        """Tensors shaped like the inner weights w (the rule's learned step sizes are sized from them)."""
+
+    def start(self, phi: Params, task: Any) -> Params:
+        """One task's inner weights before the first step."""
+
+    def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
+        """One task's inner objective at inner step `step` (a Python int), a scalar."""
+
+    def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
+        """One task's outer objective after adaptation, a scalar."""
+
+    def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
+        """Scalars reported by logs and evaluation; "loss" is the outer loss."""
+
+    def to(self, device: torch.device | str) -> "Problem":
+        """The same problem on `device`."""
+
+
+REQUIRED = ("meta_parameters", "inner_template", "start", "inner_loss", "outer_loss", "metrics", "to")
+
+
+class ProblemError(ConfigError):
+    """A problem that does not do what the protocol asks, in one line."""
+
+
+def missing_members(problem: Any) -> list[str]:
+    return [name for name in REQUIRED if not callable(getattr(problem, name, None))]
+
+
+def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") -> None:
+    """Raise ProblemError unless `problem` follows the protocol on one `task` (no task dimension):
+    start gives the inner template's names and shapes, and every loss is a finite-typed scalar."""
+    name = type(problem).__name__
+    if missing := missing_members(problem):
+        raise ProblemError(f"{where} {name} lacks {', '.join(missing)} (see distmaml.meta.Problem)")
+    template = problem.inner_template()
+    weights = problem.start(phi, task)
+    if not isinstance(weights, dict):
+        raise ProblemError(f"{where} {name}: start() must return a dict of tensors, got {type(weights).__name__}")
+    if set(weights) != set(template):
+        raise ProblemError(f"{where} {name}: start() gives weights {sorted(weights)}, inner_template() names "
+                           f"{sorted(template)}")
+    for key, value in weights.items():
+        if not torch.is_tensor(value) or value.shape != template[key].shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ProblemError(f"{where} {name}: start() gives {key} of shape {shape}, inner_template() says "
+                               f"{tuple(template[key].shape)}")
+    for label, value in (("inner_loss", problem.inner_loss(weights, phi, task, 0)),
+                         ("outer_loss", problem.outer_loss(weights, phi, task)),
+                         ("metrics()['loss']", problem.metrics(weights, phi, task).get("loss"))):
+        if not (torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()):
+            got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, "
+                               f"got {got}")

@@ -1,0 +1,9 @@
+"""Built-in bi-level problems; your own is any object following distmaml.meta.Problem."""
+
+from distmaml.meta.problems.maml import MAML
+from distmaml.meta.problems.training import (Dataset, TrainingRun, binary_accuracy, binary_cross_entropy,
+                                             class_accuracy, cross_entropy)
+from distmaml.meta.problems.weight_decay import WeightDecay
+
+__all__ = ["MAML", "Dataset", "TrainingRun", "WeightDecay", "binary_accuracy", "binary_cross_entropy",
+           "class_accuracy", "cross_entropy"]

@@ -1,0 +1,123 @@
+"""Problems whose task is a training run: fresh weights, mini-batches of a data set, a validation loss.
+
+Hyperparameter learning and learned data measure phi by what it does to a network trained from
+scratch: a task is one training run, keyed by one integer (its `seed`), from which the run's
+initial weights (distmaml.meta.init) and the indices of each step's mini-batch are drawn
+counter-based. The data set is part of the problem (constant tensors); a batch of tasks is a batch
+of random initialisations and mini-batch orders, vmapped, sharded and all-reduced like MAML's tasks.
+
+    start(phi, task)               fresh weights from task["seed"]
+    inner_loss(w, phi, task, k)    the loss on step k's mini-batch (subclasses add what phi changes)
+    outer_loss(w, phi, task)       the loss on the validation split (never the test split)
+    metrics(w, phi, task)          validation and test loss and accuracy, for logs and evaluation
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distmaml.meta.functional import LossFn, Params, detached, functional_forward
+from distmaml.meta.init import fresh_weights, init_bounds
+from distmaml.rng import hash_u32
+
+LANE_BATCH = 11  # mini-batch draws of a task's key
+
+
+class Dataset(NamedTuple):
+    """A data set's three splits: inputs [n, *features] and targets [n] (classes) or [n, ...] (values)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return Dataset(*(t.to(device) for t in self))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of class logits [n, classes] against labels [n] (int64)."""
+    return F.cross_entropy(logits, labels)
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == labels).to(logits.dtype).mean()
+
+
+def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logistic loss of one logit per example [n, 1] against labels in {0, 1} [n]."""
+    return F.binary_cross_entropy_with_logits(logits.squeeze(-1), labels.to(logits.dtype))
+
+
+def binary_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return ((logits.squeeze(-1) > 0).to(labels.dtype) == labels).to(logits.dtype).mean()
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingRun:
+    """The common part of training-run problems; subclasses give phi and what it changes.
+
+    batch_size = 0 trains on the whole training split at every step (deterministic gradient
+    descent); otherwise each step draws `batch_size` examples with replacement, counter-based.
+    """
+
+    model: nn.Module
+    data: Dataset
+    loss_fn: LossFn = cross_entropy
+    accuracy_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = class_accuracy
+    batch_size: int = 0
+
+    outer_name = "validation"
+
+    def __post_init__(self) -> None:
+        template = detached(dict(self.model.named_parameters()))
+        object.__setattr__(self, "template", template)
+        object.__setattr__(self, "bounds", init_bounds(template))
+
+    def inner_template(self) -> Params:
+        return self.template
+
+    def start(self, phi: Params, task: Any) -> Params:
+        return fresh_weights(self.template, task["seed"], self.bounds)
+
+    def predict(self, weights: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_forward(self.model, weights, x)
+
+    def batch(self, task: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s training examples of one task (a pure function of its key and the step)."""
+        if not self.batch_size:
+            return self.data.train_x, self.data.train_y
+        draws = hash_u32(task["seed"], LANE_BATCH, step, torch.arange(self.batch_size, device=self.data.train_x.device))
+        index = draws % self.data.train_x.shape[0]
+        return self.data.train_x[index], self.data.train_y[index]
+
+    def training_loss(self, weights: Params, task: Any, step: int) -> torch.Tensor:
+        x, y = self.batch(task, step)
+        return self.loss_fn(self.predict(weights, x), y)
+
+    def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
+        return self.training_loss(weights, task, step)
+
+    def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
+        return self.loss_fn(self.predict(weights, self.data.val_x), self.data.val_y)
+
+    def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
+        out = {}
+        for split, x, y in (("", self.data.val_x, self.data.val_y), ("test_", self.data.test_x, self.data.test_y)):
+            prediction = self.predict(weights, x)
+            out[split + "loss"] = self.loss_fn(prediction, y)
+            if self.accuracy_fn is not None:
+                out[split + "accuracy"] = self.accuracy_fn(prediction, y)
+        return out
+
+    def to(self, device: torch.device | str) -> "TrainingRun":
+        return dataclasses.replace(self, model=copy.deepcopy(self.model).to(device), data=self.data.to(device))

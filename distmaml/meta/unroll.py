@@ -1,0 +1,142 @@
+"""The inner loop of every task at once: one vmap per inner step, plain autograd through the loop.
+
+Each inner step is a vmap over tasks of a pure per-task step: the inner gradient by
+torch.func.grad of the problem's inner loss, then the update rule (distmaml.meta.rules). The first
+step also draws the task's starting weights (problem.start) inside that vmap, so weights that do
+not depend on the task (MAML's phi) stay unbatched there and the first forward is one matmul over
+all tasks. The steps are an ordinary Python loop over K, so a hypergradient method is plain
+autograd through it, and each step chooses what the backward pass sees: a differentiated step's
+gradient keeps its graph (second order), another step's gradient is taken at detached weights and
+meta-parameters (a constant: first order). Stretches of differentiated steps may be recomputed in
+the backward pass instead of stored (distmaml.meta.checkpointing), bit for bit.
+
+This is functorch's MAML recipe, arranged by step rather than by task so that truncation and
+recomputation can choose per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, NamedTuple
+
+import torch
+from torch.func import grad, vmap
+
+from distmaml.meta.checkpointing import check_recomputable, plan_segments, recomputed
+from distmaml.meta.functional import Params, Tasks, detached
+from distmaml.meta.rules import LEARNED, Rule
+
+State = dict[str, Params]
+
+
+class Unrolled(NamedTuple):
+    """Every task's inner weights after the last step (task dimension first), the rule's state then,
+    and the weights after the steps `trajectory` asked for (all of 1..K with trajectory=True)."""
+
+    weights: Params
+    state: State
+    trajectory: list[Params]
+
+
+def step_views(phi: Params, steps: int, rule: Rule) -> list[Params]:
+    """One view of phi for each inner step.
+
+    A tensor every step reads (a weight ANIL holds fixed, iMAML's pull towards phi, a learned
+    decay or step size) gets one gradient contribution per step. Summed as autograd meets them,
+    their order -- and so the last bits -- would depend on how the unroll is split into recomputed
+    segments. Each step reads its own view of expand(K).unbind instead: its contribution lands in
+    its own slot, exactly, and the K slots are reduced by one sum, the same for any segmentation
+    (checkpointed = stored, bit for bit). A rule whose learned parameters hold one entry per step
+    (LSLR) hands step k entry k (the last one past the end, when a test adapts for longer).
+    """
+    slices = {}
+    for name, value in phi.items():
+        along_steps = rule.per_step and name.startswith(LEARNED)
+        slices[name] = value.unbind(0) if along_steps else value.expand(steps, *value.shape).unbind(0)
+    return [{name: parts[min(step, len(parts) - 1)] for name, parts in slices.items()} for step in range(steps)]
+
+
+def _task_step(problem: Any, rule: Rule, step: int, differentiable: bool, first: bool):
+    """One task's inner step: (phi, task) -> (weights, state) for the first step, which draws the
+    starting weights; (weights, state, phi, task) -> (weights, state) for the others."""
+
+    def task_step(*args):
+        if first:
+            phi, task = args
+            weights = problem.start(phi, task)
+            state = rule.init(weights)
+        else:
+            weights, state, phi, task = args
+        # A first-order step takes its gradient at detached weights and meta-parameters: the update
+        # still moves the weights (and reads learned step sizes), the backward pass treats the
+        # gradient as a constant.
+        at_phi = phi if differentiable else detached(phi)
+
+        def inner_loss(point: Params) -> torch.Tensor:
+            return problem.inner_loss(point, at_phi, task, step)
+
+        grads = grad(inner_loss)(weights if differentiable else detached(weights))
+        return rule.step(weights, grads, state, phi, step)
+
+    return task_step
+
+
+def start_weights(problem: Any, phi: Params, tasks: Tasks) -> Params:
+    """Every task's starting weights, task dimension first."""
+    return vmap(problem.start, in_dims=(None, 0))(phi, tasks)
+
+
+def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None = None,
+           differentiated: int | None = None, trajectory: bool | Collection[int] = False) -> Unrolled:
+    """Run the inner loop of every task in `tasks` from problem.start(phi, task).
+
+    `inner` gives the rule, the number of steps (`steps` overrides it), and the recomputation
+    plan; `differentiated` (the last steps whose inner gradients keep their graph) defaults to what
+    inner.method says. With `trajectory` the weights after every step are kept too (MAML++'s
+    multi-step loss), or after the numbers of steps it lists (evaluation curves of long unrolls).
+    Results and gradients do not depend on inner.checkpoint.
+    """
+
+    def kept(done: int) -> bool:
+        return trajectory is True or (not isinstance(trajectory, bool) and done in trajectory)
+
+    rule = inner.rule
+    steps = inner.steps if steps is None else steps
+    if differentiated is None:
+        differentiated = inner.method.differentiated(steps)
+    if steps == 0:
+        weights = start_weights(problem, phi, tasks)
+        return Unrolled(weights, rule.init(weights), [])
+    first_differentiated = steps - differentiated
+    plan = plan_segments(steps, differentiated, inner.checkpoint, inner.checkpoint_segment)
+    if any(checkpointed for _, _, checkpointed in plan) and hasattr(problem, "model"):
+        check_recomputable(problem.model)
+    phi_at = step_views(phi, steps, rule)
+    carried: dict[str, Any] = {}
+    visited: list[Params] = []
+    for start, end, checkpointed in plan:
+        def segment(inputs: dict, tasks: Tasks, start: int = start, end: int = end) -> dict:
+            weights, state, trail = inputs.get("weights"), inputs.get("state"), []
+            for step in range(start, end):
+                differentiable = step >= first_differentiated
+                views = inputs["phi"][step - start]
+                if weights is None:
+                    update = _task_step(problem, rule, step, differentiable, first=True)
+                    weights, state = vmap(update, in_dims=(None, 0))(views, tasks)
+                else:
+                    update = _task_step(problem, rule, step, differentiable, first=False)
+                    weights, state = vmap(update, in_dims=(0, 0, None, 0))(weights, state, views, tasks)
+                if kept(step + 1) or step == end - 1:
+                    trail.append(weights)
+            return {"state": state, "trail": trail}
+
+        inputs = {**carried, "phi": phi_at[start:end]}
+        out = recomputed(segment, inputs, tasks) if checkpointed else segment(inputs, tasks)
+        carried = {"weights": out["trail"][-1], "state": out["state"]}
+        done = [step + 1 for step in range(start, end) if kept(step + 1) or step == end - 1]
+        visited += [weights for count, weights in zip(done, out["trail"]) if kept(count)]
+    return Unrolled(carried["weights"], carried["state"], visited)
+
+
+def task_values(fn, weights: Params, phi: Params, tasks: Tasks):
+    """fn(weights_i, phi, task_i) of every task (a loss: [n]; a dict of metrics: {name: [n]})."""
+    return vmap(fn, in_dims=(0, None, 0))(weights, phi, tasks)
