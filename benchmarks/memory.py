@@ -40,7 +40,7 @@ MODES = {"second order": ["inner.mode=second_order"],
          "second order, checkpoint=auto": ["inner.mode=second_order", "inner.checkpoint=auto"],
          "truncated T=10, checkpoint=auto": ["inner.mode=truncated", "inner.truncate=10", "inner.checkpoint=auto"],
          "first order": ["inner.mode=first_order"],
-         "implicit": ["inner.mode=implicit", "implicit.lam=5.0", "implicit.cg_damping=3.0"]}
+         "implicit": ["inner.mode=implicit", "problem.proximal=5.0", "implicit.damping=15.0"]}
 
 
 def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:
@@ -73,7 +73,7 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     from distmaml import memory
     from distmaml.build import build_inner
     from distmaml.engine import compute_meta_gradient
-    from distmaml.tasks.rng import STREAM_TRAIN
+    from distmaml.rng import STREAM_TRAIN
     from distmaml.train import probe_step_weights
 
     config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
@@ -97,9 +97,9 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
         peak = _status_bytes("VmHWM") - before
     seconds = time.perf_counter() - started
     shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch, device="meta"))
-    found = memory.estimate(learner.model, learner.theta, shapes, config,
-                            lambda model, theta, batch, probed: compute_meta_gradient(
-                                model, theta, batch, build_inner(probed, learner.family.loss),
+    found = memory.estimate(learner.problem, learner.theta, shapes, config,
+                            lambda problem, theta, batch, probed: compute_meta_gradient(
+                                problem, theta, batch, build_inner(probed),
                                 step_weights=probe_step_weights(probed)))
     measured = peak + 4 * weights
     return {**{k: v for k, v in case.items() if k != "base"}, "device": device, "measured_mib": measured / 2 ** 20,

@@ -28,8 +28,8 @@ import torch
 
 from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, write
 from distmaml.build import build
-from distmaml.meta import Inner, make_rule, meta_gradient
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.meta import MAML, Inner, make_rule, meta_gradient
+from distmaml.rng import STREAM_TRAIN
 
 SINE = REPO / "configs/sine_maml.yaml"
 TOLERANCE = 1e-10
@@ -141,9 +141,8 @@ def problem(kind: str, dtype: torch.dtype):
 
 def distmaml_grads(model, batch, loss_fn, lr, steps, first_order, rule="sgd", **settings):
     theta = dict(model.named_parameters())
-    inner = Inner(make_rule(rule, lr, steps, **settings), steps, loss_fn, "first_order" if first_order else
-                  "second_order")
-    for param, grad in zip(theta.values(), meta_gradient(model, theta, batch, inner).grad_sum.values()):
+    inner = Inner(make_rule(rule, lr, steps, **settings), steps, "first_order" if first_order else "second_order")
+    for param, grad in zip(theta.values(), meta_gradient(MAML(model, loss_fn), theta, batch, inner).grad_sum.values()):
         param.grad = grad
 
 

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import (MINIIMAGENET_SHAPED, OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine,
                                median_seconds, meta_step, write)
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.rng import STREAM_TRAIN
 
 SINE = REPO / "configs/sine_maml.yaml"
 OMNIGLOT = REPO / "configs/omniglot_5w1s.yaml"
@@ -53,7 +53,7 @@ def cases(device: str, quick: bool) -> list[dict[str, Any]]:
         out.append(dict(group="rules", task="sine", base=SINE, settings=[f"inner.rule={rule}", "inner.steps=5", *extra],
                         engines=["batched", *(["graph"] if gpu else [])]))
     for mode, extra in (("truncated", ["inner.truncate=2"]), ("reptile", ["inner.lr=0.02"]),
-                        ("implicit", ["implicit.lam=5.0", "implicit.cg_damping=3.0"])):
+                        ("implicit", ["problem.proximal=5.0", "implicit.damping=15.0"])):
         out.append(dict(group="modes", task="sine", base=SINE, settings=[f"inner.mode={mode}", "inner.steps=5", *extra],
                         engines=["batched", *(["graph"] if gpu else [])]))
     for k in (1, 5) if not quick else (1,):

@@ -63,7 +63,8 @@ def build_inner(config: Config, mode: str | None = None) -> Inner:
     A rule or setting the method cannot work with is refused in one line naming where it came from."""
     inner = config.inner
     try:
-        rule = make_rule(inner.rule, inner.lr, inner.steps, inner.momentum or 0.0, tuple(inner.betas), inner.eps)
+        rule = make_rule(inner.rule, inner.lr, inner.steps, inner.momentum or 0.0, tuple(inner.betas), inner.eps,
+                         inner.schedule_blocks)
         built = Inner(rule, inner.steps, build_method(config, mode), inner.checkpoint, inner.checkpoint_segment)
         method = built.method
         if inner.multi_step_loss and not method.trajectory_objective:
@@ -98,6 +99,11 @@ def build(config: Config, device: torch.device | str = "cpu") -> Learner:
     except SettingError as err:
         raise sourced(config, err, cause="problem.name") from None
     theta = meta_parameters(problem, inner)
+    if not theta:
+        raise sourced(config, SettingError("problem.name", config.problem.name, f"has nothing to learn: its meta-"
+                                           f"parameters are the rule's step sizes, and inner.rule = "
+                                           f"{config.inner.rule} learns none (schedule, meta_sgd and lslr do)"),
+                      cause="inner.rule")
     learned = {name: theta[name] for name in learned_names(theta)}
     return Learner(model, family, problem, inner, theta, learned)
 

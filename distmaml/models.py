@@ -14,20 +14,67 @@ from distmaml.imports import call_user, resolve
 OMNIGLOT_IMAGE_SIZE = 28
 
 
-class MLP(nn.Module):
-    """Fully connected ReLU network, 1 -> 40 -> 40 -> 1 for the MAML paper's sine regression."""
+class LearnedActivation(nn.Module):
+    """ELU plus a learned offset, f(x) = elu(x) + g(x) with g a small MLP applied to every unit alone
+    (MNIST-1D's meta-learned activation). g's last layer starts at zero: the function starts as ELU."""
 
-    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int = 1):
+    def __init__(self, hidden: int = 16):
         super().__init__()
+        self.offset = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.offset[2].weight)
+        nn.init.zeros_(self.offset[2].bias)
+
+    def forward(self, x):
+        return nn.functional.elu(x) + self.offset(x.unsqueeze(-1)).squeeze(-1)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "swish": nn.SiLU, "learned": LearnedActivation}
+
+
+class MLP(nn.Module):
+    """Fully connected network, 1 -> 40 -> 40 -> 1 with ReLUs for the MAML paper's sine regression.
+
+    With activation="learned" every hidden layer shares one LearnedActivation, registered first as
+    `activation` so that its parameters are named "activation.*" (a problem can make them phi).
+    """
+
+    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int = 1,
+                 activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if activation == "learned":
+            self.activation = LearnedActivation()
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+            layers += [nn.Linear(width_in, width_out),
+                       self.activation if activation == "learned" else ACTIVATIONS[activation]()]
         layers.append(nn.Linear(widths[-1], out_features))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)
+
+
+class Conv1dNet(nn.Module):
+    """MNIST-1D's convolutional network (Greydanus and Kobak 2024): three 1-D convolutions of
+    `channels` filters (kernel 5 then 3, stride 2, padding 1) with ReLUs, then a linear layer."""
+
+    def __init__(self, length: int, num_outputs: int, channels: int = 25):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+        size = length
+        for kernel in (5, 3, 3):
+            size = (size + 2 - kernel) // 2 + 1
+        if size < 1:
+            raise ValueError(f"sequences of length {length} are too short for three stride-2 convolutions")
+        self.classifier = nn.Linear(channels * size, num_outputs)
+
+    def forward(self, x):
+        return self.classifier(self.features(x.unsqueeze(-2)))
 
 
 class BatchStatNorm2d(nn.Module):
@@ -152,10 +199,17 @@ def _image_shape(input_shape: tuple[int, ...], kind: str) -> tuple[int, int]:
     return input_shape[0], input_shape[1]
 
 
-def build_mlp(input_shape: tuple[int, ...], num_outputs: int, hidden=(40, 40)) -> nn.Module:
+def build_mlp(input_shape: tuple[int, ...], num_outputs: int, hidden=(40, 40), activation: str = "relu") -> nn.Module:
     """An MLP on the inputs, flattened (images too)."""
-    mlp = MLP(math.prod(input_shape), hidden, num_outputs)
+    mlp = MLP(math.prod(input_shape), hidden, num_outputs, activation)
     return mlp if len(input_shape) == 1 else nn.Sequential(nn.Flatten(), mlp)
+
+
+def build_conv1d(input_shape: tuple[int, ...], num_outputs: int, channels: int = 25) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ConfigError(f"model.kind = conv1d takes sequences (one dimension); the task family's inputs have shape "
+                          f"{tuple(input_shape)}")
+    return Conv1dNet(input_shape[0], num_outputs, channels)
 
 
 def build_conv4(input_shape: tuple[int, ...], num_outputs: int, channels: int = 64, pool: str = "stride") -> nn.Module:
@@ -174,9 +228,10 @@ def build_resnet12(input_shape: tuple[int, ...], num_outputs: int, widths=(64, 1
 
 
 MODELS = {"mlp": "distmaml.models:build_mlp", "conv4": "distmaml.models:build_conv4",
-          "resnet12": "distmaml.models:build_resnet12"}
+          "resnet12": "distmaml.models:build_resnet12", "conv1d": "distmaml.models:build_conv1d"}
 # The typed config keys each built-in reads (a user's builder reads model.args instead).
-BUILT_IN_OPTIONS = {"mlp": ("hidden",), "conv4": ("channels", "pool"), "resnet12": ("widths",)}
+BUILT_IN_OPTIONS = {"mlp": ("hidden", "activation"), "conv4": ("channels", "pool"), "resnet12": ("widths",),
+                    "conv1d": ("channels",)}
 
 
 def build_model(config, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:

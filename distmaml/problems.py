@@ -2,7 +2,9 @@
 model and task family (the math lives in distmaml.meta.problems; this module only wires it).
 
     problem.name: maml                           # initial weights: MAML and its family
-    problem.name: weight_decay                   # a learned L2 decay of a network trained from scratch
+    problem.name: learning_rate                  # a network trained from scratch; phi: the rule's step sizes
+    problem.name: activation                     # ...; phi: the model's learned activation function
+    problem.name: weight_decay                   # ...; phi: a learned L2 decay
     problem.name: my_package.problems:build      # yours: build(model=..., family=..., **problem.args)
 """
 
@@ -12,10 +14,11 @@ from typing import Any
 
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
-from distmaml.meta import MAML, WeightDecay
+from distmaml.meta import MAML, TrainingRun, WeightDecay
 from distmaml.meta.problem import ProblemError, missing_members
 
-PROBLEMS = {"maml": "distmaml.problems:build_maml", "weight_decay": "distmaml.problems:build_weight_decay"}
+PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in ("maml", "learning_rate", "activation", "weight_decay")}
+ACTIVATION_PREFIX = "activation."  # distmaml.models.MLP's learned activation
 
 
 def build_maml(config, model, family) -> MAML:
@@ -28,16 +31,33 @@ def training_data(config, family):
     data = getattr(family, "dataset", None)
     if data is None:
         raise SettingError("problem.name", config.problem.name, f"needs a task family whose tasks are training runs on "
-                           f"a data set (logistic, or your own with a `dataset`); task.family = "
+                           f"a data set (logistic, mnist1d, or your own with a `dataset`); task.family = "
                            f"{config.task.family!r} has none")
     return data
 
 
+def _training(config, model, family) -> dict[str, Any]:
+    return dict(model=model, data=training_data(config, family), loss_fn=family.loss,
+                accuracy_fn=family.accuracy if family.is_classification else None,
+                batch_size=config.problem.batch_size)
+
+
+def build_learning_rate(config, model, family) -> TrainingRun:
+    """Plain training runs: phi is the inner rule's learned step sizes (inner.rule = schedule)."""
+    return TrainingRun(**_training(config, model, family))
+
+
+def build_activation(config, model, family) -> TrainingRun:
+    """Training runs whose phi is the model's learned activation function (model.activation = learned)."""
+    if not any(name.startswith(ACTIVATION_PREFIX) for name, _ in model.named_parameters()):
+        raise SettingError("model.activation", config.model.activation, "problem.name = activation learns the "
+                           "activation function: it needs model.activation = learned")
+    return TrainingRun(**_training(config, model, family), phi_prefixes=(ACTIVATION_PREFIX,))
+
+
 def build_weight_decay(config, model, family) -> WeightDecay:
     problem = config.problem
-    return WeightDecay(model, training_data(config, family), family.loss,
-                       family.accuracy if family.is_classification else None, problem.batch_size,
-                       per=problem.decay_per, initial=problem.decay_init)
+    return WeightDecay(**_training(config, model, family), per=problem.decay_per, initial=problem.decay_init)
 
 
 def build_problem(config, model, family) -> Any:

@@ -11,19 +11,26 @@ import torch
 from torch import nn
 
 from distmaml.config import ConfigError, InnerConfig, load_config
-from distmaml.meta import (CHECKPOINTS, Inner, adapt, make_rule, meta_gradient, meta_gradient_loop, meta_loss,
-                           plan_segments)
+from distmaml.meta import (CHECKPOINTS, LEARNED, MAML, RULES, Inner, TaskBatch, make_method, make_rule, meta_gradient,
+                           meta_gradient_loop, meta_loss, plan_segments, unroll)
 from distmaml.meta.checkpointing import check_recomputable
-from distmaml.models import MLP
+from distmaml.models import MLP, ResNet12
+from distmaml.tasks.omniglot import cross_entropy
 from distmaml.tasks.sine import SineTasks
 
 INNER_LR = 0.05
 SETTINGS = [("every_step", None), ("segments", 3), ("auto", None)]
+# Each rule with settings under which a 30-step unroll of the sine MLP stays finite.
+RULE_SETTINGS = {"sgd": {}, "meta_sgd": {}, "lslr": {}, "momentum": {"momentum": 0.8},
+                 "adam": {"lr": 0.02, "betas": (0.8, 0.9)}}
 
 
 def spec(steps: int, mode: str = "second_order", truncate: int | None = None, checkpoint: str = "none",
-         checkpoint_segment: int | None = None) -> Inner:
-    return Inner(make_rule("sgd", INNER_LR), steps, mode=mode, truncate=truncate, checkpoint=checkpoint,
+         checkpoint_segment: int | None = None, rule: str = "sgd") -> Inner:
+    settings = dict(RULE_SETTINGS[rule])
+    lr = settings.pop("lr", INNER_LR)
+    method = make_method(mode) if truncate is None else make_method(mode, truncate=truncate)
+    return Inner(make_rule(rule, lr, steps, **settings), steps, method, checkpoint=checkpoint,
                  checkpoint_segment=checkpoint_segment)
 
 
@@ -32,14 +39,23 @@ def make_problem(build_model, tasks: int = 3, points: int = 5):
     model = build_model().double()
     params = {name: value.detach().clone().requires_grad_() for name, value in model.named_parameters()}
     batch = SineTasks(support=points, query=points, dtype=torch.float64).sample(0, 0, torch.arange(tasks))
-    return model, params, batch
+    return MAML(model), params, batch
+
+
+def with_learned(params, inner: Inner):
+    """phi: the weights and the rule's learned step sizes, jittered so that each one matters."""
+    generator = torch.Generator().manual_seed(1)
+    learned = inner.rule.parameters({name: value.detach() for name, value in params.items()})
+    return {**params, **{name: (value * (1 + 0.3 * torch.rand(value.shape, generator=generator, dtype=value.dtype)))
+                         .requires_grad_() for name, value in learned.items()}}
 
 
 @functools.lru_cache(maxsize=None)
-def unchecked(inner_steps: int, mode: str, truncate: int | None):
+def unchecked(rule: str, inner_steps: int, mode: str, truncate: int | None):
     """The checkpoint='none' meta-gradient, shared by the tests that compare against it."""
-    model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
-    return meta_gradient(model, params, batch, spec(inner_steps, mode, truncate))
+    problem, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
+    inner = spec(inner_steps, mode, truncate, rule=rule)
+    return meta_gradient(problem, with_learned(params, inner), batch, inner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,30 +116,65 @@ def test_plan_rejects_bad_arguments(args, message):
 # Exactness: recomputation changes memory, never the answer
 
 
+UNROLLS = [(1, "second_order", None), (7, "second_order", None), (30, "second_order", None), (7, "truncated", 5),
+           (7, "first_order", None)]
+
+
 @pytest.mark.parametrize("checkpoint, segment", SETTINGS)
-@pytest.mark.parametrize("inner_steps, mode, truncate", [
-    (1, "second_order", None), (7, "second_order", None), (30, "second_order", None),
-    (7, "truncated", 5), (30, "truncated", 5), (7, "first_order", None),
-])
-def test_checkpointed_meta_gradient_equals_unchecked(inner_steps, mode, truncate, checkpoint, segment):
-    model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
-    expected = unchecked(inner_steps, mode, truncate)
-    got = meta_gradient(model, params, batch, spec(inner_steps, mode, truncate, checkpoint, segment))
-    assert max((got.grad_sum[name] - expected.grad_sum[name]).abs().max().item() for name in params) <= 1e-6
+@pytest.mark.parametrize("rule, inner_steps, mode, truncate",
+                         # A long truncated unroll (segments of a tail after a plain head) for plain SGD only:
+                         # the 7-step one covers every rule's state crossing from that head into the tail.
+                         [(rule, *unroll) for rule in RULES for unroll in UNROLLS] + [("sgd", 30, "truncated", 5)])
+def test_checkpointed_meta_gradient_equals_unchecked(rule, inner_steps, mode, truncate, checkpoint, segment):
+    """The one test of "recomputed = stored, bit for bit": every rule, every method that keeps a graph
+    (first order keeps none, so its plan is a no-op), every segmentation. Learned step sizes,
+    momentum buffers and Adam moments are inputs of the recomputed segments: none of their gradient
+    may be dropped."""
+    problem, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
+    expected = unchecked(rule, inner_steps, mode, truncate)
+    inner = spec(inner_steps, mode, truncate, checkpoint, segment, rule)
+    theta = with_learned(params, inner)
+    got = meta_gradient(problem, theta, batch, inner)
+    assert list(got.grad_sum) == list(theta)
+    assert max((got.grad_sum[name] - expected.grad_sum[name]).abs().max().item() for name in theta) <= 1e-6
     # Bitwise (float64, CPU, torch 2.13): the recomputation repeats the same kernels on the same
     # inputs, and the weights reach each segment through a single tensor, so no gradient sum is
     # regrouped. Inputs shared by all segments are (see the support-set test below), as would be
     # nondeterministic kernels (some CUDA atomics).
-    for name in params:
+    for name in theta:
         assert torch.equal(got.grad_sum[name], expected.grad_sum[name]), name
     assert torch.equal(got.task_losses, expected.task_losses)
+    assert torch.isfinite(expected.task_losses).all()
     assert expected.grad_sum["net.0.weight"].abs().sum() > 0  # a real gradient, not two zeros
+    # ...and so are the learned step sizes' (every one of them reaches the objective).
+    assert all(expected.grad_sum[name].abs().max() > 0 for name in theta if name.startswith(LEARNED))
+
+
+def test_checkpointed_resnet12_unroll_is_bit_exact():
+    """Convolutions and batch-statistics normalisation (BatchStatNorm2d) recompute exactly too."""
+    torch.manual_seed(0)
+    model = ResNet12(3, (4, 4, 6, 6)).double()
+    params = {name: value.detach().clone().requires_grad_() for name, value in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+
+    def points(count, tasks=2, ways=3):
+        x = torch.rand(tasks, ways * count, 3, 16, 16, generator=generator, dtype=torch.float64)
+        return x, torch.arange(ways).repeat_interleave(count).expand(tasks, -1).contiguous()
+
+    batch = TaskBatch(*points(1), *points(2))
+    problem = MAML(model, cross_entropy)
+    stored = meta_gradient(problem, params, batch, Inner(make_rule("sgd", 0.3), 3))
+    assert stored.grad_sum["features.0.body.0.weight"].abs().sum() > 0
+    for checkpoint in ("every_step", "auto"):
+        recomputed = meta_gradient(problem, params, batch, Inner(make_rule("sgd", 0.3), 3, checkpoint=checkpoint))
+        for key, value in stored.grad_sum.items():
+            assert torch.equal(recomputed.grad_sum[key], value), (checkpoint, key)
 
 
 def test_checkpointed_meta_gradient_matches_the_per_task_reference():
-    model, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
-    got = meta_gradient(model, params, batch, spec(7, "truncated", 5, "segments", 2))
-    expected = meta_gradient_loop(model, params, batch, spec(7, "truncated", 5))
+    problem, params, batch = make_problem(lambda: MLP(1, (16, 16), 1))
+    got = meta_gradient(problem, params, batch, spec(7, "truncated", 5, "segments", 2))
+    expected = meta_gradient_loop(problem, params, batch, spec(7, "truncated", 5))
     for name in params:
         torch.testing.assert_close(got.grad_sum[name], expected.grad_sum[name], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got.task_losses, expected.task_losses, rtol=1e-12, atol=1e-14)
@@ -134,31 +185,31 @@ def test_checkpointed_meta_gradient_matches_the_per_task_reference():
 ])
 def test_backward_recomputes_the_checkpointed_steps(checkpoint, segment, extra_forwards):
     # Equal gradients alone would also pass if checkpointing were silently ignored.
-    model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
+    problem, params, batch = make_problem(lambda: MLP(1, (8,), 1))
     forwards = []
-    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    losses = meta_loss(model, params, batch, spec(7, checkpoint=checkpoint, checkpoint_segment=segment))[0]
+    problem.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    losses = meta_loss(problem, params, batch, spec(7, checkpoint=checkpoint, checkpoint_segment=segment))[0]
     assert len(forwards) == 7 + 1  # one vmapped forward per inner step, one for the query loss
     torch.autograd.grad(losses.sum(), list(params.values()))
     assert len(forwards) == 7 + 1 + extra_forwards
 
 
 def test_truncated_mode_recomputes_only_its_tail():
-    model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
+    problem, params, batch = make_problem(lambda: MLP(1, (8,), 1))
     forwards = []
-    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    losses = meta_loss(model, params, batch, spec(7, "truncated", 2, "every_step"))[0]
+    problem.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    losses = meta_loss(problem, params, batch, spec(7, "truncated", 2, "every_step"))[0]
     torch.autograd.grad(losses.sum(), list(params.values()))
     assert len(forwards) == 7 + 1 + 2
 
 
 def test_gradient_with_respect_to_the_support_set_survives_recomputation():
-    model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
+    problem, params, batch = make_problem(lambda: MLP(1, (8,), 1))
 
     def support_gradient(checkpoint):
-        support_x = batch.support_x.clone().requires_grad_()
-        adapted = adapt(model, params, support_x, batch.support_y, spec(4, checkpoint=checkpoint)).adapted
-        return torch.autograd.grad(sum(value.sum() for value in adapted.values()), support_x)[0]
+        tasks = batch._replace(support_x=batch.support_x.clone().requires_grad_())
+        adapted = unroll(problem, params, tasks, spec(4, checkpoint=checkpoint)).weights
+        return torch.autograd.grad(sum(value.sum() for value in adapted.values()), tasks.support_x)[0]
 
     expected = support_gradient("none")
     assert expected.abs().sum() > 0
@@ -168,8 +219,8 @@ def test_gradient_with_respect_to_the_support_set_survives_recomputation():
 
 
 def test_differentiating_the_meta_gradient_through_a_checkpoint_is_an_error_not_a_wrong_answer():
-    model, params, batch = make_problem(lambda: MLP(1, (8,), 1))
-    losses = meta_loss(model, params, batch, spec(3, checkpoint="auto"))[0]
+    problem, params, batch = make_problem(lambda: MLP(1, (8,), 1))
+    losses = meta_loss(problem, params, batch, spec(3, checkpoint="auto"))[0]
     with pytest.raises(RuntimeError, match=r"cannot differentiate the meta-gradient again \(create_graph=True\)"):
         torch.autograd.grad(losses.sum(), list(params.values()), create_graph=True)
 
@@ -184,21 +235,21 @@ def batchnorm_net(track_running_stats: bool) -> nn.Module:
 
 
 def test_batch_statistics_batchnorm_is_checkpointed_exactly():
-    model, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=False))
-    assert list(model.buffers()) == []  # nothing that a recomputation could update
-    expected = meta_gradient(model, params, batch, spec(5))
-    got = meta_gradient(model, params, batch, spec(5, checkpoint="segments", checkpoint_segment=2))
+    problem, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=False))
+    assert list(problem.model.buffers()) == []  # nothing that a recomputation could update
+    expected = meta_gradient(problem, params, batch, spec(5))
+    got = meta_gradient(problem, params, batch, spec(5, checkpoint="segments", checkpoint_segment=2))
     for name in params:
         assert torch.equal(got.grad_sum[name], expected.grad_sum[name]), name
 
 
 def test_running_statistics_are_refused_before_any_step():
-    model, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=True))
+    problem, params, batch = make_problem(lambda: batchnorm_net(track_running_stats=True))
     with pytest.raises(ValueError, match=r"running statistics of 1 \(BatchNorm1d\) twice: build it with "
                                          r"track_running_stats=False"):
-        meta_gradient(model, params, batch, spec(3, checkpoint="every_step"))
-    assert model[1].num_batches_tracked.item() == 0
-    check_recomputable(model.eval())  # evaluation mode reads the statistics but never updates them
+        meta_gradient(problem, params, batch, spec(3, checkpoint="every_step"))
+    assert problem.model[1].num_batches_tracked.item() == 0
+    check_recomputable(problem.model.eval())  # evaluation mode reads the statistics but never updates them
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,9 +260,10 @@ def test_two_processes_match_one(tmp_path, reference, mode):
     setting = ["inner.rule=meta_sgd", "inner.steps=2"] if mode == "meta_sgd" else [f"inner.mode={mode}"]
     overrides = [*setting, f"train.iterations={COMPARED}", "train.checkpoint_every=0"]
     if mode == "implicit":
-        # CG's stopping test (residual below cg_tol) can flip on a float32 rounding difference
-        # between shardings and amplify it; in float64 the shards add up to the last bits.
-        overrides.append("engine.dtype=float64")
+        # iMAML: the proximal term makes the inner solution depend on theta. CG's stopping test
+        # (residual below cg_tol) can flip on a float32 rounding difference between shardings and
+        # amplify it; in float64 the shards add up to the last bits.
+        overrides += ["problem.proximal=1.0", "engine.dtype=float64"]
     one = tmp_path / "one"
     run([sys.executable, "-m", "distmaml", "train", *COMMON, f"run.dir={one}", *overrides])
     two = reference
@@ -277,6 +278,24 @@ def test_two_processes_match_one(tmp_path, reference, mode):
     for iteration, logged in metrics(one).items():
         for key in ("meta_loss", "query_loss_before", "query_loss_after", "grad_norm"):
             assert logged[key] == pytest.approx(metrics(two)[iteration][key], rel=1e-5), (iteration, key)
+
+
+@pytest.mark.slow
+def test_every_method_on_random_initialisations_gives_two_processes_the_one_process_result(tmp_path):
+    """Tasks that are random initialisations (learned weight decay): each task's start is a function
+    of its global index, so 2 ranks (3 + 2 tasks) reach one process's decays after 3 outer steps,
+    whichever method differentiates them."""
+    worker = str(REPO / "tests/methods_worker.py")
+    run([sys.executable, worker, str(tmp_path / "one.pt")])
+    run(["torchrun", "--standalone", "--nproc-per-node", "2", worker, str(tmp_path / "two.pt")],
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert sorted(one) == sorted(two) == sorted(["second_order", "truncated", "implicit", "neumann",
+                                                 "finite_difference"])
+    start = one["second_order"]["log_decay.net.0.weight"].new_full((20,), torch.log(torch.tensor(0.01)).item())
+    for method in one:
+        assert max_abs_diff(one[method], two[method]) <= 1e-6, method
+        assert (one[method]["log_decay.net.0.weight"] - start).abs().max() > 1e-3, method  # the decays moved
 
 
 @pytest.mark.slow
@@ -428,7 +447,8 @@ def test_distributed_runs_exit_normally_every_time(tmp_path):
 def test_a_rank_without_tasks_joins_every_collective(tmp_path):
     """Meta-batch 1 on 2 ranks (implicit mode, whose log step also reduces CG statistics): the idle
     rank must send the same buffers as the busy one, or the run hangs."""
-    overrides = ["train.meta_batch=1", "inner.mode=implicit", "inner.steps=2", "train.iterations=10",
+    overrides = ["train.meta_batch=1", "inner.mode=implicit", "problem.proximal=1.0", "inner.steps=2",
+                 "train.iterations=10",
                  "train.log_every=5", "train.checkpoint_every=0"]
     run([sys.executable, "-m", "distmaml", "train", *COMMON, *overrides, f"run.dir={tmp_path / 'one'}"])
     run(torchrun_cmd(tmp_path / "two", *overrides), NPROC="2")

@@ -7,7 +7,7 @@ from distmaml import dist
 from distmaml.config import ConfigError, load_config
 from distmaml.engine import MetaStep, make_optimizer
 from distmaml.build import build
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.rng import STREAM_TRAIN
 from distmaml.train import train
 from conftest import REPO
 
@@ -21,7 +21,10 @@ def run_steps(config, static, iterations=6):
     return learner.theta, outputs, step
 
 
-@pytest.mark.parametrize("overrides", [["inner.mode=second_order"], ["inner.mode=first_order"], ["inner.mode=implicit"],
+@pytest.mark.parametrize("overrides", [["inner.mode=second_order"], ["inner.mode=first_order"],
+                                       ["inner.mode=implicit", "problem.proximal=1.0"],
+                                       ["inner.mode=neumann", "problem.proximal=1.0", "neumann.alpha=0.02"],
+                                       ["inner.mode=finite_difference"], ["inner.mode=reptile"],
                                        ["inner.rule=lslr", "inner.multi_step_loss=true", "inner.multi_step_anneal=3",
                                         "inner.first_order_iterations=2"]])
 def test_static_buffers_and_device_counter_give_the_eager_result(overrides):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import distmaml.evaluate as ev  # noqa: E402
-from distmaml.meta import Inner, make_rule
+from distmaml.meta import MAML, ImplicitCG, Inner, make_rule, meta_gradient_loop
 from distmaml.models import MLP
-from distmaml.tasks.rng import STREAM_EVAL
+from distmaml.rng import STREAM_EVAL
 from distmaml.tasks.sine import SineTasks
 
 
@@ -14,35 +14,46 @@ def sgd(lr):
     return Inner(make_rule("sgd", lr))
 
 
-def proximal(lr, lam, safeguard):
-    return Inner(make_rule("sgd", lr), mode="implicit", implicit={"lam": lam, "inner_safeguard": safeguard})
+def proximal(lr, steps, safeguard):
+    return Inner(make_rule("sgd", lr), steps, ImplicitCG(safeguard=safeguard))
 
 
 @pytest.fixture
 def setup():
     torch.manual_seed(1)
     model = MLP(1, [16, 16], 1).double()
-    return model, dict(model.named_parameters()), SineTasks(seed=2, dtype=torch.float64)
+    family = SineTasks(seed=2, dtype=torch.float64)
+    return MAML(model, family.loss), dict(model.named_parameters()), family
 
 
 def test_batched_curves_equal_one_task_at_a_time(setup):
-    model, params, family = setup
+    problem, params, family = setup
     batch = family.sample(STREAM_EVAL, 0, torch.arange(6), support=5, query=20)
-    curves = ev.adaptation_curves(model, params, batch, sgd(0.02), 4, family)
-    assert curves["loss"].shape == (5, 6)
+    curves = ev.adaptation_curves(problem, params, batch, sgd(0.02), [0, 1, 2, 3, 4])
+    assert set(curves) == {"loss", "support_loss"}  # regression: no accuracy
+    assert curves["loss"].shape == curves["support_loss"].shape == (5, 6)
     for i in range(6):
-        losses = ev.test_adaptation(model, batch.task(i), params, sgd(0.02), steps=4)
+        losses = ev.test_adaptation(problem.model, batch.task(i), params, sgd(0.02), steps=4)
         assert torch.allclose(curves["loss"][:, i], torch.tensor(losses, dtype=torch.float64), rtol=1e-10)
+    # The weights behind the curves: each asked-for count of steps (0: theta itself, for every task).
+    weights = ev.adaptation_weights(problem, params, batch, sgd(0.02), [0, 2, 4])
+    assert sorted(weights) == [0, 2, 4]
+    for name, value in params.items():
+        assert torch.equal(weights[0][name], value.detach().expand(6, *value.shape))
+    metrics = ev.task_metrics(problem, weights[2], params, batch)
+    torch.testing.assert_close(metrics["loss"], curves["loss"][2], rtol=0, atol=0)
+    torch.testing.assert_close(metrics["support_loss"], curves["support_loss"][2], rtol=0, atol=0)
+    assert (curves["support_loss"][4] < curves["support_loss"][0]).all()  # the support set was fitted
 
 
 def test_evaluate_reports_mean_and_ci_per_step(setup):
-    model, params, family = setup
-    result = ev.evaluate(model, params, family, sgd(0.02), steps=3, tasks=50, shots=5, query=30, chunk=16)
+    problem, params, family = setup
+    result = ev.evaluate(problem, params, family, sgd(0.02), steps=3, tasks=50, shots=5, query=30, chunk=16)
     assert result["tasks"] == 50 and result["shots"] == 5
     assert [row["step"] for row in result["steps"]] == [0, 1, 2, 3]
     # Same numbers as computing all 50 tasks in one batch (chunking is invisible).
     batch = family.sample(STREAM_EVAL, 0, torch.arange(50), support=5, query=30)
-    losses = ev.adaptation_curves(model, params, batch, sgd(0.02), 3, family)["loss"]
+    losses = ev.adaptation_curves(problem, params, batch, sgd(0.02), [0, 1, 2, 3])["loss"]
     for row, step_losses in zip(result["steps"], losses):
         assert row["loss"] == pytest.approx(step_losses.mean().item(), rel=1e-12)
         assert row["loss_ci95"] == pytest.approx(1.96 * step_losses.std().item() / 50 ** 0.5, rel=1e-9)
@@ -58,16 +69,17 @@ def test_mean_ci95():
 
 
 def test_safeguarded_proximal_evaluation_adapts_as_implicit_training_does(setup):
-    from distmaml.meta.implicit import regularised_adapt
-    model, params, family = setup
+    problem, params, family = setup
+    imaml = MAML(problem.model, family.loss, proximal=2.0)
     batch = family.sample(STREAM_EVAL, 0, torch.arange(5), support=10, query=20)
-    lam, lr, steps = 2.0, 0.3, 4  # a step the cap must shorten for these tasks
-    curves = ev.adaptation_curves(model, params, batch, proximal(lr, lam, safeguard=True), steps, family)
-    phi = regularised_adapt(model, params, batch.support_x, batch.support_y, lr, steps, lam, family.loss,
-                            safeguard=True)
-    expected = ev.query_metrics(model, phi, True, batch.query_x, batch.query_y, family)["loss"]
+    lr, steps = 0.3, 4  # a step the cap must shorten for these tasks
+    guarded = proximal(lr, steps, safeguard=True)
+    curves = ev.adaptation_curves(imaml, params, batch, guarded, list(range(steps + 1)))
+    # The per-task reference writes the safeguarded inner loop out again; its task losses are the
+    # query losses after the inner steps training takes.
+    expected = meta_gradient_loop(imaml, params, batch, guarded).task_losses
     torch.testing.assert_close(curves["loss"][-1], expected, rtol=1e-10, atol=0)
-    plain = ev.adaptation_curves(model, params, batch, proximal(lr, lam, safeguard=False), steps, family)
+    plain = ev.adaptation_curves(imaml, params, batch, proximal(lr, steps, safeguard=False), list(range(steps + 1)))
     assert not torch.allclose(plain["loss"][-1], curves["loss"][-1], rtol=1e-3)
 
 
@@ -89,9 +101,9 @@ def plant_blow_up(monkeypatch, task_index=7, scale=1e6):
 
 
 def test_evaluation_counts_a_diverged_task_and_never_reports_its_mean(setup, monkeypatch):
-    model, params, family = setup
+    problem, params, family = setup
     plant_blow_up(monkeypatch)
-    result = ev.evaluate(model, params, family, sgd(0.02), steps=6, tasks=40, shots=5, query=20)
+    result = ev.evaluate(problem, params, family, sgd(0.02), steps=6, tasks=40, shots=5, query=20)
     steps = result["steps"]
     assert steps[0]["diverged"] == 0 and steps[-1]["diverged"] == 1 and steps[-1]["diverged_fraction"] == 1 / 40
     # The median of 40 tasks does not notice one blown-up task; the worst task is reported as such.
@@ -132,29 +144,29 @@ def test_distribution_of_values_with_non_finite_tasks():
 
 def test_evaluation_tasks_depend_on_the_evaluation_seed_only(setup):
     """Runs of different training seeds are compared on the same tasks (eval.seed)."""
-    model, params, _ = setup
-    one = ev.evaluate(model, params, SineTasks(seed=1, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
-    two = ev.evaluate(model, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
-    other = ev.evaluate(model, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=8)
+    problem, params, _ = setup
+    one = ev.evaluate(problem, params, SineTasks(seed=1, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
+    two = ev.evaluate(problem, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=7)
+    other = ev.evaluate(problem, params, SineTasks(seed=2, dtype=torch.float64), sgd(0.02), 2, tasks=10, seed=8)
     assert one["steps"] == two["steps"] and one["steps"] != other["steps"]
 
 
 def test_evaluation_adapts_with_the_learned_rule(setup):
     """A Meta-SGD run is evaluated with its learned step sizes, as its training adapted."""
-    from distmaml.meta import reference_adapt
+    from distmaml.meta import reference_unroll
     from distmaml.meta.functional import functional_forward
 
-    model, params, family = setup
+    problem, params, family = setup
     spec = Inner(make_rule("meta_sgd", 0.02), steps=3)
     learned = {name: value * torch.linspace(0.5, 3.0, value.numel(), dtype=value.dtype).view_as(value)
                for name, value in spec.rule.parameters({k: v.detach() for k, v in params.items()}).items()}
     theta = {**params, **learned}
     batch = family.sample(STREAM_EVAL, 0, torch.arange(4), support=5, query=20)
-    curves = ev.adaptation_curves(model, theta, batch, spec, 3, family)
+    curves = ev.adaptation_curves(problem, theta, batch, spec, [0, 1, 2, 3])
     for i in range(4):
         task = batch.task(i)
-        weights = reference_adapt(model, theta, task.support_x, task.support_y, spec, differentiated=0)[-1]
-        expected = family.loss(functional_forward(model, weights, task.query_x), task.query_y)
+        weights = reference_unroll(problem, theta, task, spec, differentiated=0)[-1]
+        expected = family.loss(functional_forward(problem.model, weights, task.query_x), task.query_y)
         torch.testing.assert_close(curves["loss"][3, i], expected.detach(), rtol=1e-10, atol=0)
-    plain = ev.adaptation_curves(model, params, batch, sgd(0.02), 3, family)
+    plain = ev.adaptation_curves(problem, params, batch, sgd(0.02), [0, 1, 2, 3])
     assert not torch.allclose(plain["loss"][3], curves["loss"][3], rtol=1e-3)

@@ -15,7 +15,7 @@ from distmaml.tasks import build_task_family, check_family
 from distmaml.tasks import image_folder_data
 from distmaml.tasks.image_folder import ImageFolderTasks
 from distmaml.tasks.image_folder_data import load_split
-from distmaml.tasks.rng import STREAM_EVAL, STREAM_TRAIN
+from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 from conftest import REPO, run_cli
 
 # Classes per split and images per class (uneven on purpose).

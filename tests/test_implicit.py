@@ -1,4 +1,5 @@
-"""Implicit meta-gradients held to closed forms, to the unrolled limit, and to the per-task loop."""
+"""Implicit meta-gradients (iMAML: the maml problem with a proximal inner loss, ImplicitCG) held to
+closed forms, to the unrolled limit, and to the per-task loop."""
 
 from __future__ import annotations
 
@@ -6,14 +7,42 @@ import pytest
 import torch
 from torch import nn
 
-from distmaml.meta import Inner, adapt, make_rule, meta_gradient, regularised_adapt
-from distmaml.meta.implicit import implicit_meta_gradient, implicit_meta_gradient_loop
+from distmaml.meta import (MAML, ImplicitCG, Inner, SecondOrder, TaskBatch, make_method, make_rule, meta_gradient,
+                           meta_gradient_loop)
 from distmaml.models import MLP
-from distmaml.tasks import TaskBatch
-from distmaml.tasks.rng import STREAM_EVAL, STREAM_TRAIN
+from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 from distmaml.tasks.sine import SineTasks
 
 DTYPE = torch.float64
+
+
+def implicit_inner(inner_lr: float, inner_steps: int, lam: float, *, cg_steps: int = 5, cg_damping: float = 0.0,
+                   cg_tol: float = 0.0, inner_safeguard: bool = False) -> Inner:
+    """iMAML's inner loop and solver. The damping is given as the relative d of the system
+    ((1 + d) I + H / lam) g = grad L_q; ImplicitCG adds its damping to H + lam I itself, so it is lam d."""
+    return Inner(make_rule("sgd", inner_lr), inner_steps,
+                 ImplicitCG(damping=lam * cg_damping, safeguard=inner_safeguard, cg_steps=cg_steps, cg_tol=cg_tol))
+
+
+def implicit_meta_gradient(model: nn.Module, params, batch: TaskBatch, inner_lr: float, inner_steps: int, *,
+                           lam: float, **settings):
+    return meta_gradient(MAML(model, proximal=lam), params, batch, implicit_inner(inner_lr, inner_steps, lam,
+                                                                                   **settings))
+
+
+def implicit_meta_gradient_loop(model: nn.Module, params, batch: TaskBatch, inner_lr: float, inner_steps: int, *,
+                                lam: float, **settings):
+    return meta_gradient_loop(MAML(model, proximal=lam), params, batch, implicit_inner(inner_lr, inner_steps, lam,
+                                                                                        **settings))
+
+
+def regularised_adapt(model: nn.Module, params, support_x: torch.Tensor, support_y: torch.Tensor, inner_lr: float,
+                      inner_steps: int, lam: float, safeguard: bool = False):
+    """Every task's inner weights after K (safeguarded) SGD steps on L_support + lam/2 |w - theta|^2,
+    as the implicit method adapts them (the query set is not read)."""
+    inner = implicit_inner(inner_lr, inner_steps, lam, inner_safeguard=safeguard)
+    tasks = TaskBatch(support_x, support_y, support_x, support_y)
+    return inner.method.adapt(MAML(model, proximal=lam), params, tasks, inner, inner_steps).weights
 
 
 def linear_regression_tasks(num_tasks: int, dim: int, support: int = 20, query: int = 15,
@@ -145,6 +174,10 @@ def test_implicit_is_the_limit_of_the_unrolled_meta_gradient():
             batch.query_x @ phi_k["weight"].transpose(1, 2) - batch.query_y)
         bound = rho ** inner_steps * query_grads.norm(dim=(1, 2)).sum().item() + 1e-12
         unrolled = unrolled_meta_gradient(batch, theta, lam, inner_lr, inner_steps)
+        # "Unrolled iMAML": the same problem under the second-order method is this hand-written unroll.
+        engine = meta_gradient(MAML(model, proximal=lam), params, batch,
+                               Inner(make_rule("sgd", inner_lr), inner_steps, SecondOrder()))
+        torch.testing.assert_close(engine.grad_sum["weight"][0], unrolled, rtol=1e-10, atol=1e-12)
         differences[inner_steps] = (implicit.grad_sum["weight"][0] - unrolled).norm().item()
         assert differences[inner_steps] <= bound, (inner_steps, differences[inner_steps], bound)
     assert differences[200] < 1e-8 * unrolled.norm().item()
@@ -161,21 +194,24 @@ def sine_model(hidden=(40, 40), seed: int = 0) -> tuple[nn.Module, dict[str, tor
     return model, {name: value.detach().requires_grad_() for name, value in model.named_parameters()}
 
 
-@pytest.mark.parametrize("cg_tol", [0.0, 1e-2])
-def test_batched_matches_per_task_loop_on_sine(cg_tol):
+def test_cg_stopping_each_task_on_its_own_matches_the_per_task_loop_on_sine():
+    """Batched = per-task loop for the implicit methods, statistics included, is tests/test_meta.py's;
+    here what is CG's own: with a tolerance, tasks stop at different CG steps and are masked off
+    one by one while the others go on, as the loop stops each task alone."""
     model, params = sine_model()
     batch = sine_batch(6)
-    settings = dict(lam=2.0, cg_steps=6, cg_damping=0.1, cg_tol=cg_tol)
+    settings = dict(lam=2.0, cg_steps=6, cg_damping=0.1, cg_tol=1e-2)
     batched = implicit_meta_gradient(model, params, batch, 0.02, 5, **settings)
     loop = implicit_meta_gradient_loop(model, params, batch, 0.02, 5, **settings)
+    assert torch.equal(batched.stats["cg_steps"], loop.stats["cg_steps"])
+    assert len(set(batched.stats["cg_steps"].tolist())) > 1  # the per-task masking was exercised
+    assert set(batched.stats) == set(loop.stats) == {"cg_residual", "cg_steps", "inner_grad_norm"}
+    for key in ("cg_residual", "inner_grad_norm"):
+        torch.testing.assert_close(batched.stats[key], loop.stats[key], rtol=1e-8, atol=1e-12)
+    # The masked tasks' solutions, not only their step counts, are the loop's.
     for name in params:
         torch.testing.assert_close(batched.grad_sum[name], loop.grad_sum[name], rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(batched.task_losses, loop.task_losses, rtol=1e-12, atol=0)
-    for key in ("cg_residual", "inner_grad_norm"):
-        torch.testing.assert_close(batched.stats[key], loop.stats[key], rtol=1e-8, atol=1e-12)
-    assert torch.equal(batched.stats["cg_steps"], loop.stats["cg_steps"])
-    if cg_tol > 0:  # tasks stopped at different CG steps, so the per-task masking was exercised
-        assert len(set(batched.stats["cg_steps"].tolist())) > 1
 
 
 def test_implicit_approaches_unrolled_on_a_small_tanh_network():
@@ -210,18 +246,25 @@ def test_implicit_approaches_unrolled_on_a_small_tanh_network():
     assert (flat_implicit - flat_unrolled).norm() < 1e-6 * flat_unrolled.norm()
 
 
-def test_meta_gradient_dispatches_implicit_and_adapt_refuses_it():
+def test_meta_gradient_dispatches_to_the_implicit_method():
     model, params = sine_model()
     batch = sine_batch(4)
-    settings = dict(lam=1.0, cg_steps=5, cg_damping=0.0, cg_tol=1e-10)
-    direct = implicit_meta_gradient(model, params, batch, 0.01, 3, **settings)
-    spec = Inner(make_rule("sgd", 0.01), 3, mode="implicit", implicit=settings)
-    dispatched = meta_gradient(model, params, batch, spec)
+    problem = MAML(model, proximal=1.0)
+    spec = Inner(make_rule("sgd", 0.01), 3, "implicit")
+    assert spec.method == ImplicitCG(cg_steps=5, cg_tol=1e-10)  # a method named: its default settings
+    # The config's settings reach the fields they name.
+    assert make_method("implicit", damping=0.3, safeguard=True, cg_steps=7, cg_tol=1e-6, truncate=2, eps=0.1) == \
+        ImplicitCG(damping=0.3, safeguard=True, stop_early=True, cg_steps=7, cg_tol=1e-6)
+    direct = spec.method.hypergradient(problem, params, batch, spec)
+    dispatched = meta_gradient(problem, params, batch, spec)
+    assert list(dispatched.grad_sum) == list(params)
     for name in params:
         assert torch.equal(direct.grad_sum[name], dispatched.grad_sum[name])
-    assert dispatched.stats["cg_residual"].shape == (4,)
-    with pytest.raises(ValueError, match="distmaml.meta.implicit"):
-        adapt(model, params, batch.support_x, batch.support_y, spec)
+    assert dispatched.grad_sum["net.0.weight"].abs().sum() > 0
+    assert torch.equal(direct.task_losses, dispatched.task_losses)
+    for key in ("cg_residual", "cg_steps", "inner_grad_norm"):
+        assert dispatched.stats[key].shape == (4,)
+        assert torch.equal(direct.stats[key], dispatched.stats[key])
 
 
 def test_implicit_inner_loop_keeps_no_graph_and_starts_at_theta():
@@ -245,7 +288,7 @@ def test_training_with_implicit_gradients_lowers_post_adaptation_loss():
     torch.manual_seed(0)
     model = MLP(1, (40, 40), 1)
     params = {name: value.detach().requires_grad_() for name, value in model.named_parameters()}
-    settings = dict(lam=5.0, cg_steps=5, cg_damping=3.0, cg_tol=1e-10)
+    settings = dict(lam=5.0, cg_steps=5, cg_damping=3.0, cg_tol=1e-10)  # ImplicitCG's damping: 15
     inner_lr, inner_steps, meta_batch = 0.01, 10, 25
     tasks = SineTasks(seed=0)
     held_out = tasks.sample(STREAM_EVAL, 0, torch.arange(200))
@@ -259,8 +302,7 @@ def test_training_with_implicit_gradients_lowers_post_adaptation_loss():
     residuals = []
     for iteration in range(200):
         batch = tasks.sample(STREAM_TRAIN, iteration, torch.arange(meta_batch))
-        result = meta_gradient(model, params, batch, Inner(make_rule("sgd", inner_lr), inner_steps, mode="implicit",
-                                                           implicit=settings))
+        result = implicit_meta_gradient(model, params, batch, inner_lr, inner_steps, **settings)
         residuals.append(result.stats["cg_residual"].mean().item())
         for name, value in params.items():
             value.grad = result.grad_sum[name] / meta_batch

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distmaml.tasks.rng import STREAM_EVAL, STREAM_TRAIN, hash_u32, seed_words, uniform
+from distmaml.rng import STREAM_EVAL, STREAM_TRAIN, hash_u32, seed_words, uniform
 from distmaml.tasks.sine import SineTasks
 
 

@@ -27,6 +27,10 @@ def _check_inner(config, fail, at_least, positive) -> None:
     positive("inner.eps")
     if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
         fail("inner.adapt", "must list non-empty name prefixes")
+    at_least("inner.schedule_blocks", 1)
+    if inner.rule == "schedule" and inner.schedule_blocks > max(inner.steps, 1):
+        fail("inner.schedule_blocks", f"must be at most inner.steps ({inner.steps}): a block is at least one step",
+             cause="inner.rule")
     at_least("inner.multi_step_anneal", 0)
     at_least("inner.first_order_iterations", 0)
 

@@ -61,11 +61,14 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = _opt("mlp", "network: mlp, conv4, resnet12, or your own builder as an import path "
+    kind: str = _opt("mlp", "network: mlp, conv4, resnet12, conv1d (MNIST-1D's CNN), or your own builder as an import path "
                      "'package.module:build' called as build(input_shape=..., num_outputs=..., **model.args)")
     args: dict = _opt({}, "keyword arguments for your own model builder (model.args.<name>=value)")
-    hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths")
-    channels: int = _opt(64, "conv4: filters per convolution")
+    hidden: list[int] = _opt([40, 40], "mlp: hidden layer widths ([]: a linear model)")
+    activation: str = _opt("relu", "mlp: activation of the hidden layers; learned: ELU plus an offset given by a small "
+                           "MLP whose weights are meta-parameters (problem.name = activation)",
+                           ("relu", "elu", "swish", "learned"))
+    channels: int = _opt(64, "conv4 and conv1d: filters per convolution (MNIST-1D's CNN: 25)")
     pool: str = _opt("stride", "conv4: halve the resolution with stride-2 convolutions (the MAML paper's "
                      "Omniglot network) or 2x2 max-pooling (its mini-ImageNet network)", ("stride", "max"))
     widths: list[int] = _opt([64, 160, 320, 640], "resnet12: channels of its four residual stages")
@@ -80,8 +83,11 @@ class InnerConfig:
     steps: int = _opt(1, "inner steps per task during meta-training (K)")
     lr: float = _opt(0.01, "inner step size (alpha); the initial value of learned step sizes (meta_sgd, lslr)")
     rule: str = _opt("sgd", "inner update: plain SGD, a learned step size per weight (Meta-SGD) or per tensor and "
-                     "step (MAML++'s LSLR), heavy-ball momentum, or Adam; all differentiable",
-                     ("sgd", "meta_sgd", "lslr", "momentum", "adam"))
+                     "step (MAML++'s LSLR), a learned learning-rate schedule (one log rate per block of steps), "
+                     "heavy-ball momentum, or Adam; all differentiable",
+                     ("sgd", "meta_sgd", "lslr", "schedule", "momentum", "adam"))
+    schedule_blocks: int = _opt(1, "inner.rule=schedule: blocks of equal length over the inner.steps, each with its "
+                                "own learned rate (1: one learned learning rate)")
     momentum: Optional[float] = _opt(None, "inner.rule=momentum: heavy-ball coefficient in [0, 1), e.g. 0.9")
     betas: list[float] = _opt([0.9, 0.999], "inner.rule=adam: decay rates of Adam's two moments, each in [0, 1)")
     eps: float = _opt(1e-8, "inner.rule=adam: added to the root of the second moment")

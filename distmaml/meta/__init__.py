@@ -20,7 +20,7 @@ from distmaml.meta.problem import Problem, ProblemError, check_problem
 from distmaml.meta.problems import MAML, Dataset, TrainingRun, WeightDecay
 from distmaml.meta.reference import inner_loop, meta_gradient_loop, reference_unroll
 from distmaml.meta.rules import LEARNED, RULES, Rule, learned_names, make_rule
-from distmaml.meta.unroll import Unrolled, start_weights, step_views, task_values, unroll
+from distmaml.meta.unrolling import Unrolled, start_weights, step_views, task_values, unroll
 
 meta_loss = unrolled_objective  # (objective [n], outer loss after the last step [n], weights): MAML's name
 

@@ -31,7 +31,7 @@ from torch.func import grad, jacrev
 from distmaml.errors import SettingError
 from distmaml.meta.functional import Params, Tasks, detached, num_tasks, task_at
 from distmaml.meta.gradient import meta_gradient
-from distmaml.meta.unroll import task_values, unroll
+from distmaml.meta.unrolling import task_values, unroll
 
 TOLERANCE = {"finite_difference": 1e-6, "dense_ift": 1e-4}
 

@@ -19,7 +19,7 @@ import torch
 from torch.func import grad, vmap
 
 from distmaml.meta.functional import Params, Tasks, detached
-from distmaml.meta.unroll import start_weights
+from distmaml.meta.unrolling import start_weights
 
 
 def task_dot(a: Params, b: Params) -> torch.Tensor:
@@ -38,12 +38,14 @@ class InnerHessian(NamedTuple):
     mixed: Callable[[Params], Params]  # v -> sum_i (d_phi g_i)^T v_i, shaped like phi
 
 
-def inner_hessian(problem: Any, weights: Params, phi: Params, tasks: Tasks, step: int = 0) -> InnerHessian:
+def inner_hessian(problem: Any, weights: Params, phi: Params, tasks: Tasks, step: int = 0,
+                  mixed: bool = True) -> InnerHessian:
     """The inner gradients of every task at its weights (task dimension first) and products with
     their derivatives. Both products differentiate one retained graph of the batched gradient
-    (reverse over reverse), so each costs one backward pass, not a rebuild of the gradient."""
+    (reverse over reverse), so each costs one backward pass, not a rebuild of the gradient.
+    With mixed=False the graph leaves out phi (cheaper) and `mixed` gives zeros."""
     points = {name: value.detach().requires_grad_() for name, value in weights.items()}
-    meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
+    meta = {name: value.detach().requires_grad_(mixed and value.is_floating_point()) for name, value in phi.items()}
 
     def task_grad(point: Params, at_phi: Params, task: Any) -> Params:
         return grad(lambda w: problem.inner_loss(w, at_phi, task, step))(point)
@@ -55,7 +57,7 @@ def inner_hessian(problem: Any, weights: Params, phi: Params, tasks: Tasks, step
     differentiable = any(output.requires_grad for output in outputs)
 
     def products(wrt: Params, vectors: Params) -> Params:
-        if not differentiable:
+        if not differentiable or not any(value.requires_grad for value in wrt.values()):
             return {name: torch.zeros_like(value) for name, value in wrt.items()}
         found = torch.autograd.grad(outputs, list(wrt.values()), grad_outputs=[vectors[name] for name in names],
                                     retain_graph=True, allow_unused=True)
@@ -74,7 +76,7 @@ def top_eigenvalue(problem: Any, phi: Params, tasks: Tasks, iterations: int = 20
     batch (a shard's values are the slice of the whole batch's).
     """
     weights = start_weights(problem, detached(phi), tasks)
-    hvp = inner_hessian(problem, weights, phi, tasks).hvp
+    hvp = inner_hessian(problem, weights, phi, tasks, mixed=False).hvp
     generator = torch.Generator(device="cpu").manual_seed(seed)
     vector = {name: torch.randn(value.shape[1:], generator=generator, dtype=value.dtype).to(value.device)
               .expand_as(value) for name, value in weights.items()}

@@ -52,6 +52,9 @@ def _textbook_update(rule, name: str, weight, grad, slots: dict, phi: Params, st
     if rule.name == "lslr":
         sizes = phi[LEARNED + name]
         return weight - sizes[min(step, sizes.numel() - 1)] * grad
+    if rule.name == "schedule":
+        block = min(step * rule.blocks // max(rule.steps, 1), rule.blocks - 1)
+        return weight - torch.exp(phi[LEARNED + "log_schedule"][block]) * grad
     if rule.name == "momentum":
         slots["b"] = grad if "b" not in slots else rule.momentum * slots["b"] + grad
         return weight - rule.lr * slots["b"]
@@ -81,7 +84,9 @@ def _textbook_run(problem: Any, phi: Params, task: Any, inner, differentiated: i
     if differentiated is None:
         differentiated = {"second_order": steps, "truncated": min(getattr(inner.method, "truncate", 0), steps)}.get(
             inner.method.name, 0)
-    weights = problem.start(phi, task)
+    # A start that does not depend on phi (a fresh initialisation) is a leaf the steps differentiate.
+    weights = {name: value if value.requires_grad else value.detach().requires_grad_()
+               for name, value in problem.start(phi, task).items()}
     names = list(weights)
     slots: dict[str, dict] = {name: {} for name in names}
     visited = [weights]

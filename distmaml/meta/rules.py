@@ -15,12 +15,15 @@ flows through every rule in every mode. `step` is the inner step's index, a Pyth
     sgd        w - lr g                                            (MAML)
     meta_sgd   w - alpha (.) g, alpha learned per weight element   (Li et al. 2017, Meta-SGD)
     lslr       w - alpha[step] g, alpha learned per tensor and step (Antoniou et al. 2019, MAML++)
+    schedule   w - exp(s[block(step)]) g, a learned log step size per block of steps, for every weight
+               (a learning-rate schedule: Maclaurin et al. 2015)
     momentum   b = mu b + g;  w - lr b                             (heavy ball, PyTorch's SGD momentum)
     adam       Adam's update with bias correction                   (Kingma and Ba 2015)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,6 +140,40 @@ class LSLR:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A learned learning-rate schedule: one log step size for each of `blocks` equal blocks of the
+    `steps` inner steps, shared by every weight; each starts at log(lr). The log keeps every rate
+    positive and makes the hypergradient scale-free. Adapting for longer than `steps` (at test
+    time) keeps the last block's rate."""
+
+    lr: float
+    steps: int
+    blocks: int = 1
+    name: str = "schedule"
+    per_step = False
+    learns = True
+    linear_in_gradient = True
+
+    def curvature_limit(self) -> float | None:
+        return None
+
+    def parameters(self, weights: Params) -> Params:
+        first = next(iter(weights.values()))
+        return {LEARNED + "log_schedule": torch.full((self.blocks,), math.log(self.lr), dtype=first.dtype,
+                                                     device=first.device)}
+
+    def init(self, weights: Params) -> State:
+        return {}
+
+    def block(self, step: int) -> int:
+        return min(step * self.blocks // max(self.steps, 1), self.blocks - 1)
+
+    def step(self, weights, grads, state, learned, step):
+        size = learned[LEARNED + "log_schedule"][self.block(step)].exp()
+        return {name: value - size * grads[name] for name, value in weights.items()}, state
+
+
+@dataclass(frozen=True)
 class Momentum:
     """Heavy-ball momentum, b = momentum * b + g, w - lr * b; b starts at zero (so b = g at the first
     step, as torch.optim.SGD and higher's DifferentiableSGD do)."""
@@ -210,18 +247,21 @@ class Adam:
 
 
 _BUILDERS = {
-    "sgd": lambda lr, steps, momentum, betas, eps: SGD(lr),
-    "meta_sgd": lambda lr, steps, momentum, betas, eps: MetaSGD(lr),
-    "lslr": lambda lr, steps, momentum, betas, eps: LSLR(lr, steps),
-    "momentum": lambda lr, steps, momentum, betas, eps: Momentum(lr, momentum),
-    "adam": lambda lr, steps, momentum, betas, eps: Adam(lr, tuple(betas), eps),
+    "sgd": lambda lr, steps, momentum, betas, eps, blocks: SGD(lr),
+    "meta_sgd": lambda lr, steps, momentum, betas, eps, blocks: MetaSGD(lr),
+    "lslr": lambda lr, steps, momentum, betas, eps, blocks: LSLR(lr, steps),
+    "schedule": lambda lr, steps, momentum, betas, eps, blocks: Schedule(lr, steps, blocks),
+    "momentum": lambda lr, steps, momentum, betas, eps, blocks: Momentum(lr, momentum),
+    "adam": lambda lr, steps, momentum, betas, eps, blocks: Adam(lr, tuple(betas), eps),
 }
 RULES = tuple(_BUILDERS)
 
 
 def make_rule(name: str, lr: float, steps: int = 1, momentum: float = 0.9,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Rule:
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, blocks: int = 1) -> Rule:
     """The rule called `name` (one of RULES) with its settings; each takes the ones it needs."""
     if name not in _BUILDERS:
         raise ValueError(f"inner rule must be one of {', '.join(RULES)}, got {name!r}")
-    return _BUILDERS[name](lr, steps, momentum, betas, eps)
+    if not (isinstance(blocks, int) and blocks >= 1):
+        raise ValueError(f"a schedule needs blocks >= 1, got {blocks!r}")
+    return _BUILDERS[name](lr, steps, momentum, betas, eps, blocks)

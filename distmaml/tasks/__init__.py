@@ -2,8 +2,9 @@
 global task index), on the training device, task dimension first, so that a shard of a meta-batch
 is exactly the slice of the whole batch that a single process would have built.
 
-Built in: sine (regression), omniglot and image_folder (N-way K-shot classification). Your own:
-any class following distmaml.tasks.TaskFamily, named in task.family by import path.
+Built in: sine (regression), omniglot and image_folder (N-way K-shot classification); logistic and
+mnist1d (training runs on a data set, for hyperparameter and data learning). Your own: any class
+following distmaml.tasks.TaskFamily, named in task.family by import path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["FAMILIES", "FamilyError", "TaskBatch", "TaskFamily", "build_task_fam
 
 FAMILIES = {"sine": "distmaml.tasks.sine:SineTasks", "omniglot": "distmaml.tasks.omniglot:OmniglotTasks",
             "image_folder": "distmaml.tasks.image_folder:ImageFolderTasks",
-            "logistic": "distmaml.tasks.logistic:LogisticRuns"}
+            "logistic": "distmaml.tasks.logistic:LogisticRuns", "mnist1d": "distmaml.tasks.mnist1d:MNIST1DRuns"}
 
 
 def build_task_family(config, device: torch.device | str, dtype: torch.dtype = torch.float32) -> TaskFamily:

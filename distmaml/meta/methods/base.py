@@ -26,7 +26,7 @@ import torch
 from distmaml.errors import SettingError
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.rules import Rule
-from distmaml.meta.unroll import Unrolled, unroll
+from distmaml.meta.unrolling import Unrolled, unroll
 
 
 class MethodError(SettingError):

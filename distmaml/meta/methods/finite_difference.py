@@ -26,7 +26,7 @@ from torch.func import grad, vmap
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.hessian import per_task, task_dot
 from distmaml.meta.methods.base import MethodError, gradient_sum, plain_adapt, refuse_step_weights
-from distmaml.meta.unroll import start_weights, step_views, task_values, unroll
+from distmaml.meta.unrolling import start_weights, step_views, task_values, unroll
 
 
 @dataclass(frozen=True)

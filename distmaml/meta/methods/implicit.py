@@ -37,7 +37,7 @@ from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.hessian import inner_hessian, per_task, task_dot, top_eigenvalue
 from distmaml.meta.methods.base import MethodError, plain_adapt, refuse_step_weights
 from distmaml.meta.rules import LEARNED
-from distmaml.meta.unroll import Unrolled, start_weights, task_values
+from distmaml.meta.unrolling import Unrolled, start_weights, task_values
 
 
 def safeguarded_descent(problem: Any, phi: Params, tasks: Tasks, lr: float, steps: int,
@@ -55,7 +55,7 @@ def safeguarded_descent(problem: Any, phi: Params, tasks: Tasks, lr: float, step
     weights = {name: value.detach().clone() for name, value in start_weights(problem, detached(phi), tasks).items()}
     visited = []
     for step in range(steps):
-        grads, hvp, _ = inner_hessian(problem, weights, phi, tasks, step)
+        grads, hvp, _ = inner_hessian(problem, weights, phi, tasks, step, mixed=False)
         squared = task_dot(grads, grads)
         curvature = task_dot(grads, hvp(grads))
         positive = curvature > 0
@@ -135,7 +135,6 @@ class _Implicit:
     trajectory_objective = False
     differentiates_steps = False
     reference = "dense_ift"
-    damping_key = "implicit.cg_damping"
 
     def exact(self, steps: int) -> bool:
         return True
@@ -145,7 +144,7 @@ class _Implicit:
 
     def check(self, rule, steps: int) -> None:
         if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise MethodError(self.damping_key, self.damping, "must be >= 0")
+            raise MethodError("implicit.damping", self.damping, "must be >= 0")
         if rule.learns:
             raise MethodError("inner.rule", rule.name, f"{self.name} differentiates the solution of the inner "
                               "problem, which does not depend on learned step sizes: they would get no gradient")
@@ -160,13 +159,15 @@ class _Implicit:
         with torch.enable_grad():
             loss = problem.inner_loss(weights, meta, task, 0)
             grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True, allow_unused=True)
+            grads = [g for g in grads if g is not None and g.requires_grad]
+            ones = [torch.ones_like(g) for g in grads]
+            second = torch.autograd.grad(grads, list(weights.values()), ones, allow_unused=True,
+                                         retain_graph=True) if grads else []
         kind = type(problem).__name__
-        if not any(g is not None and g.requires_grad for g in grads):
+        if all(s is None for s in second):
             raise MethodError("inner.mode", self.name, f"needs an inner loss with second derivatives in the weights, "
                               f"and {kind}'s is linear in them or not twice differentiable")
-        direction = [torch.ones_like(g) for g in grads if g is not None]
-        mixed = torch.autograd.grad([g for g in grads if g is not None], list(meta.values()), direction,
-                                    allow_unused=True, retain_graph=True)
+        mixed = torch.autograd.grad(grads, list(meta.values()), ones, allow_unused=True)
         if not any(m is not None for name, m in zip(meta, mixed) if not name.startswith(LEARNED)):
             hint = getattr(problem, "implicit_hint", "")
             raise MethodError("inner.mode", self.name, f"differentiates the solution of the inner problem, and "
@@ -238,7 +239,6 @@ class Neumann(_Implicit):
     alpha: float = 0.1
     name = "neumann"
     stat_names = ("neumann_residual", "neumann_growth", "inner_grad_norm")
-    damping_key = "neumann.damping"
 
     def check(self, rule, steps: int) -> None:
         super().check(rule, steps)

@@ -12,7 +12,7 @@ import torch
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.methods.base import MethodError, plain_adapt, refuse_step_weights
-from distmaml.meta.unroll import task_values
+from distmaml.meta.unrolling import task_values
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.methods.base import MethodError, gradient_sum, plain_adapt
-from distmaml.meta.unroll import task_values, unroll
+from distmaml.meta.unrolling import task_values, unroll
 
 
 def unrolled_objective(problem: Any, phi: Params, tasks: Tasks, inner: Any,

@@ -64,7 +64,10 @@ def binary_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class TrainingRun:
-    """The common part of training-run problems; subclasses give phi and what it changes.
+    """A training run from scratch whose meta-parameters are the inner rule's (a learned learning
+    rate or schedule), and the model's parameters named by `phi_prefixes` (a learned activation
+    function): those are read from phi, never trained by the inner loop. Subclasses add more phi
+    and what it changes (a weight decay, per-example weights, synthetic data).
 
     batch_size = 0 trains on the whole training split at every step (deterministic gradient
     descent); otherwise each step draws `batch_size` examples with replacement, counter-based.
@@ -75,13 +78,21 @@ class TrainingRun:
     loss_fn: LossFn = cross_entropy
     accuracy_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = class_accuracy
     batch_size: int = 0
+    phi_prefixes: tuple[str, ...] = ()
 
     outer_name = "validation"
 
     def __post_init__(self) -> None:
-        template = detached(dict(self.model.named_parameters()))
+        weights = detached(dict(self.model.named_parameters()))
+        shared = tuple(name for name in weights if self.phi_prefixes and name.startswith(tuple(self.phi_prefixes)))
+        template = {name: value for name, value in weights.items() if name not in shared}
+        object.__setattr__(self, "shared", shared)
         object.__setattr__(self, "template", template)
         object.__setattr__(self, "bounds", init_bounds(template))
+
+    def meta_parameters(self) -> Params:
+        weights = dict(self.model.named_parameters())
+        return {name: weights[name].detach().clone() for name in self.shared}
 
     def inner_template(self) -> Params:
         return self.template
@@ -89,8 +100,8 @@ class TrainingRun:
     def start(self, phi: Params, task: Any) -> Params:
         return fresh_weights(self.template, task["seed"], self.bounds)
 
-    def predict(self, weights: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_forward(self.model, weights, x)
+    def predict(self, weights: Params, phi: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_forward(self.model, {**{name: phi[name] for name in self.shared}, **weights}, x)
 
     def batch(self, task: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step `step`'s training examples of one task (a pure function of its key and the step)."""
@@ -100,20 +111,20 @@ class TrainingRun:
         index = draws % self.data.train_x.shape[0]
         return self.data.train_x[index], self.data.train_y[index]
 
-    def training_loss(self, weights: Params, task: Any, step: int) -> torch.Tensor:
+    def training_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
         x, y = self.batch(task, step)
-        return self.loss_fn(self.predict(weights, x), y)
+        return self.loss_fn(self.predict(weights, phi, x), y)
 
     def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
-        return self.training_loss(weights, task, step)
+        return self.training_loss(weights, phi, task, step)
 
     def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
-        return self.loss_fn(self.predict(weights, self.data.val_x), self.data.val_y)
+        return self.loss_fn(self.predict(weights, phi, self.data.val_x), self.data.val_y)
 
     def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
         out = {}
         for split, x, y in (("", self.data.val_x, self.data.val_y), ("test_", self.data.test_x, self.data.test_y)):
-            prediction = self.predict(weights, x)
+            prediction = self.predict(weights, phi, x)
             out[split + "loss"] = self.loss_fn(prediction, y)
             if self.accuracy_fn is not None:
                 out[split + "accuracy"] = self.accuracy_fn(prediction, y)

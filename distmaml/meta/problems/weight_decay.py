@@ -47,6 +47,9 @@ class WeightDecay(TrainingRun):
         return {"weight": tuple(value.shape), "input": tuple(value.shape[1:]), "tensor": (), "global": ()}[self.per]
 
     def meta_parameters(self) -> Params:
+        return {**super().meta_parameters(), **self.decay_parameters()}
+
+    def decay_parameters(self) -> Params:
         if self.per == "global":
             value = self.template[self.decayed[0]]
             return {PREFIX + "all": torch.full((), math.log(self.initial), dtype=value.dtype, device=value.device)}
@@ -62,4 +65,4 @@ class WeightDecay(TrainingRun):
 
     def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
         penalty = sum((decay * weights[name] ** 2).sum() for name, decay in self.decays(phi).items())
-        return self.training_loss(weights, task, step) + 0.5 * penalty
+        return self.training_loss(weights, phi, task, step) + 0.5 * penalty

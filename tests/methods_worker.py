@@ -1,0 +1,38 @@
+"""Every hypergradient method that applies to a problem whose tasks are random initialisations (the
+logistic weight-decay problem), a few outer steps each through the trainer's engine (sample, method,
+one all-reduce, Adam), in whatever process group the launcher set up. tests/test_distributed.py runs
+it as one process and under torchrun with two, and compares the meta-parameters it saves."""
+
+import sys
+
+import torch
+
+from distmaml import dist
+from distmaml.build import build
+from distmaml.config import load_config
+from distmaml.engine import MetaStep, make_optimizer
+
+METHODS = ("second_order", "truncated", "implicit", "neumann", "finite_difference")
+
+
+def main(out: str) -> None:
+    ctx = dist.init("cpu", threads=1)
+    results = {}
+    for mode in METHODS:
+        # Five tasks over two ranks (3 + 2); float64, so that the shards' sums agree to the last bits.
+        config = load_config("configs/logistic_weight_decay.yaml", [
+            f"inner.mode={mode}", "inner.steps=20", "inner.truncate=5", "train.meta_batch=5", "engine.dtype=float64",
+            "implicit.inner_safeguard=false", "train.lr=0.1"])
+        torch.manual_seed(config.train.seed)
+        learner = build(config, ctx.device)
+        step = MetaStep(learner, make_optimizer(learner.theta.values(), config.train.lr, ctx.device), config, ctx)
+        for iteration in range(3):
+            step(iteration)
+        results[mode] = {name: value.detach().clone() for name, value in learner.theta.items()}
+    if ctx.is_main:
+        torch.save(results, out)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

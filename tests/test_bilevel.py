@@ -1,0 +1,244 @@
+"""The general bi-level core on a problem with a closed form: learned per-feature weight decay of a
+logistic regression whose tasks are random initialisations (configs/logistic_weight_decay.yaml)."""
+
+import json
+
+import pytest
+import torch
+
+from distmaml.meta import (MAML, FiniteDifference, ImplicitCG, Inner, Neumann, SecondOrder, Truncated, WeightDecay,
+                           check_problem, make_rule, meta_gradient, meta_gradient_loop, meta_parameters, task_at,
+                           unroll)
+from distmaml.meta.gradcheck import dense_ift, gradcheck
+from distmaml.meta.init import fresh_weights, init_bounds
+from distmaml.meta.problems import binary_accuracy, binary_cross_entropy
+from distmaml.models import MLP
+from distmaml.rng import STREAM_TRAIN
+from distmaml.tasks.logistic import logistic_runs
+from distmaml.tasks.sine import SineTasks
+from conftest import REPO, run_cli
+
+CONFIG = REPO / "configs/logistic_weight_decay.yaml"
+LR = 4.0  # below 2 / (largest curvature, about 0.25): fast, stable full-batch descent
+
+
+@pytest.fixture(scope="module")
+def bed():
+    family = logistic_runs(seed=0, device="cpu", dtype=torch.float64)
+    torch.manual_seed(0)
+    model = MLP(20, [], 1).double()
+    problem = WeightDecay(model, family.dataset, binary_cross_entropy, binary_accuracy, per="input", initial=0.01)
+    phi = meta_parameters(problem, Inner(make_rule("sgd", LR), 1))
+    # Unequal decays, so that each feature's hypergradient differs.
+    with torch.no_grad():
+        phi["log_decay.net.0.weight"].add_(torch.linspace(-1.0, 1.0, 20, dtype=torch.float64))
+    tasks = family.sample(STREAM_TRAIN, 0, torch.arange(3))
+    return problem, phi, tasks
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+def relative(a, b):
+    return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
+
+
+def test_the_problem_follows_its_protocol_and_each_task_starts_from_its_own_initialisation(bed):
+    problem, phi, tasks = bed
+    check_problem(problem, phi, task_at(tasks, 0))
+    starts = unroll(problem, phi, tasks, Inner(make_rule("sgd", LR), 0)).weights["net.0.weight"]
+    assert starts.shape == (3, 1, 20) and not torch.equal(starts[0], starts[1])
+    assert starts.abs().max() <= 1 / 20 ** 0.5  # PyTorch's default bound 1/sqrt(fan_in)
+    # A task's initialisation is a function of its key alone: shard = slice.
+    alone = unroll(problem, phi, {"seed": tasks["seed"][2:]}, Inner(make_rule("sgd", LR), 0)).weights
+    assert torch.equal(alone["net.0.weight"][0], starts[2])
+
+
+def test_fresh_weights_are_uniform_in_the_default_bounds():
+    template = {"w": torch.zeros(64, 256, dtype=torch.float64), "b": torch.zeros(64, dtype=torch.float64)}
+    template = {"layer.weight": template["w"], "layer.bias": template["b"], "norm.weight": torch.ones(3)}
+    bounds = init_bounds(template)
+    assert bounds == {"layer.weight": 1 / 16, "layer.bias": 1 / 16, "norm.weight": None}
+    drawn = fresh_weights(template, torch.tensor(12345))
+    assert torch.equal(drawn["norm.weight"], torch.ones(3))
+    values = drawn["layer.weight"].flatten()
+    assert values.abs().max() < 1 / 16 and abs(values.mean().item()) < 0.002
+    assert values.var().item() == pytest.approx((1 / 16) ** 2 / 3, rel=0.03)  # variance of U(-b, b)
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+def test_unrolled_equals_finite_differences_of_the_unrolled_objective(bed, steps):
+    problem, phi, tasks = bed
+    inner = Inner(make_rule("sgd", LR), steps, SecondOrder())
+    report = gradcheck(problem, phi, tasks, inner, {"second_order": SecondOrder()})
+    assert report["second_order"].reference == "finite_difference" and report["second_order"].exact
+    assert report["second_order"].rel_error <= 1e-6
+
+
+def test_truncation_identities_hold_on_a_problem_whose_phi_is_in_the_inner_loss(bed):
+    problem, phi, tasks = bed
+    rule = make_rule("sgd", LR)
+    full = meta_gradient(problem, phi, tasks, Inner(rule, 6, SecondOrder())).grad_sum
+    assert flat(meta_gradient(problem, phi, tasks, Inner(rule, 6, Truncated(6))).grad_sum).equal(flat(full))
+    first = meta_gradient(problem, phi, tasks, Inner(rule, 6, "first_order")).grad_sum
+    assert flat(meta_gradient(problem, phi, tasks, Inner(rule, 6, Truncated(0))).grad_sum).equal(flat(first))
+    assert flat(first).abs().max() == 0  # the decay acts on the path only: first order cannot see it
+
+
+def test_recomputed_unrolls_give_the_stored_hypergradient_bit_for_bit(bed):
+    problem, phi, tasks = bed
+    rule = make_rule("sgd", LR)
+    stored = meta_gradient(problem, phi, tasks, Inner(rule, 50, SecondOrder()))
+    for checkpoint, segment in (("auto", None), ("segments", 7), ("every_step", None)):
+        recomputed = meta_gradient(problem, phi, tasks, Inner(rule, 50, SecondOrder(), checkpoint, segment))
+        assert all(torch.equal(stored.grad_sum[n], recomputed.grad_sum[n]) for n in phi), checkpoint
+
+
+@pytest.mark.parametrize("method", [SecondOrder(), ImplicitCG(cg_steps=25, cg_tol=0.0), Neumann(terms=40, alpha=4.0),
+                                    FiniteDifference(1e-3)])
+def test_batched_engine_equals_the_per_task_reference(bed, method):
+    problem, phi, tasks = bed
+    inner = Inner(make_rule("sgd", LR), 8, method)
+    batched, looped = meta_gradient(problem, phi, tasks, inner), meta_gradient_loop(problem, phi, tasks, inner)
+    assert relative(batched.grad_sum, looped.grad_sum) < 1e-10
+    torch.testing.assert_close(batched.task_losses, looped.task_losses, rtol=1e-12, atol=0)
+
+
+def test_implicit_methods_approach_the_exact_hypergradient_as_the_inner_loop_and_the_solver_converge(bed):
+    problem, phi, tasks = bed
+    rule = make_rule("sgd", LR)
+    solution = unroll(problem, phi, tasks, Inner(rule, 5000), differentiated=0).weights  # w*, to rounding
+    exact = dense_ift(problem, phi, solution, tasks, 0, 0.0)
+    by_steps = [relative(meta_gradient(problem, phi, tasks, Inner(rule, k, ImplicitCG(cg_steps=30, cg_tol=0.0)))
+                         .grad_sum, exact) for k in (30, 100, 300, 1000)]
+    assert all(later < earlier for earlier, later in zip(by_steps, by_steps[1:])), by_steps
+    assert by_steps[-1] < 1e-8
+    # The solvers alone, at the (converged) inner solution: error falls with their iterations.
+    by_cg = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 1000, ImplicitCG(cg_steps=n, cg_tol=0.0)))
+                      .grad_sum, exact) for n in (1, 4, 10, 25)]
+    by_neumann = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 1000, Neumann(terms=n, alpha=4.0)))
+                           .grad_sum, exact) for n in (10, 50, 200, 1000)]
+    for errors in (by_cg, by_neumann):
+        assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+        assert errors[0] > 1e-2 and errors[-1] < 1e-6, errors
+
+
+def test_the_config_s_implicit_settings_are_within_1e_4_of_the_dense_solve():
+    result = run_cli(["gradcheck", str(CONFIG), "--json", "/dev/stdout"], check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    for name in ("second_order", "implicit", "neumann"):
+        assert report["methods"][name]["exact"]
+    assert report["methods"]["second_order"]["reference"] == "finite_difference"
+    assert report["methods"]["second_order"]["rel_error"] <= 1e-6
+    for name in ("implicit", "neumann"):
+        assert report["methods"][name]["reference"] == "dense_ift" and report["methods"][name]["rel_error"] <= 1e-4
+    assert not report["methods"]["finite_difference"]["exact"]
+    assert "start at phi" in report["skipped"]["reptile"]
+
+
+def test_the_finite_difference_method_approaches_truncated_one_step_like_eps_squared():
+    """On MAML, where the last step's Hessian term matters (on the decay problem the mixed term is
+    linear in w and the difference exact): a tenth of eps, a hundredth of the error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    tasks = SineTasks(seed=4, support=5, query=6, dtype=torch.float64).sample(STREAM_TRAIN, 0, torch.arange(4))
+    problem, phi, rule = MAML(model), dict(model.named_parameters()), make_rule("sgd", 0.05)
+    target = meta_gradient(problem, phi, tasks, Inner(rule, 3, Truncated(1))).grad_sum
+    errors = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 3, FiniteDifference(eps))).grad_sum, target)
+              for eps in (1e-2, 1e-3, 1e-4)]
+    assert errors[0] > 1e-7
+    for coarse, fine in zip(errors, errors[1:]):
+        assert 0.005 < fine / coarse < 0.02, errors
+
+
+def test_gradcheck_fails_a_method_that_drops_a_term(tmp_path):
+    (tmp_path / "broken.py").write_text(
+        "import dataclasses\n"
+        "from distmaml.meta import ImplicitCG\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class DropsTheMixedTerm(ImplicitCG):\n"
+        "    '''The implicit hypergradient without -(d_phi grad_w L_in)^T v: only the direct term.'''\n"
+        "    name = 'drops_the_mixed_term'\n"
+        "    cg_steps: int = 30\n"
+        "    def hypergradient(self, problem, phi, tasks, inner, step_weights=None):\n"
+        "        result = super().hypergradient(problem, phi, tasks, inner, step_weights)\n"
+        "        return result._replace(grad_sum={n: 0 * g for n, g in result.grad_sum.items()})\n")
+    result = run_cli(["gradcheck", str(CONFIG), f"inner.mode={tmp_path / 'broken.py'}:DropsTheMixedTerm",
+                      "--tasks", "2"], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["distmaml gradcheck: error: "
+                                                  f"{tmp_path / 'broken.py'}:DropsTheMixedTerm should equal the "
+                                                  "reference and do not"]
+    assert "| implicit | dense_ift |" in result.stdout and "FAIL" in result.stdout
+
+
+def test_training_the_decays_lowers_the_validation_loss(tmp_path):
+    result = run_cli(["train", str(CONFIG), f"run.dir={tmp_path}", "train.iterations=30", "train.log_every=10",
+                      "inner.steps=100", "implicit.inner_safeguard=false", "eval.tasks=4", "eval.steps=100",
+                      "logging.progress=false"])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["validation_loss_after"] < lines[0]["validation_loss_after"] - 0.01
+    assert "validation loss" in result.stdout and "test accuracy" in result.stdout
+
+
+USER_PROBLEMS = '''
+import torch
+from distmaml.meta import WeightDecay
+from distmaml.meta.problems import binary_accuracy, binary_cross_entropy
+
+def decay(model, family):
+    return WeightDecay(model, family.dataset, binary_cross_entropy, binary_accuracy)
+
+class Vector(WeightDecay):
+    def outer_loss(self, weights, phi, task):  # per example, not a scalar
+        return (self.predict(weights, phi, self.data.val_x).squeeze(-1) - self.data.val_y) ** 2
+
+def vector(model, family):
+    return Vector(model, family.dataset, binary_cross_entropy, binary_accuracy)
+
+class Linear(WeightDecay):
+    def inner_loss(self, weights, phi, task, step):  # linear in the weights: no Hessian
+        return sum((weights[n] * phi["log_decay." + n].exp()).sum() for n in self.decayed)
+
+def linear(model, family):
+    return Linear(model, family.dataset, binary_cross_entropy, binary_accuracy)
+
+def nothing(model, family):
+    return object()
+'''
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["problem.name=no_such_module:build"], "problem.name = 'no_such_module:build': cannot import no_such_module"),
+    (["problem.name=mine.py:missing"], "problem.name = 'mine.py:missing': mine.py has no attribute 'missing'"),
+    (["problem.name=mine.py:nothing"], "problem.name = 'mine.py:nothing': the problem built (object) lacks "
+                                       "meta_parameters, inner_template, start, inner_loss, outer_loss, metrics, to"),
+    (["problem.name=mine.py:vector"], "problem.name = 'mine.py:vector': Vector: outer_loss of one task must be a "
+                                      "floating-point scalar tensor, got shape (100,)"),
+    (["problem.name=mine.py:linear", "inner.mode=implicit"], "command line: inner.mode = 'implicit': needs an inner "
+     "loss with second derivatives in the weights, and Linear's is linear in them or not twice differentiable"),
+    (["inner.mode=neumann", "neumann.alpha=50"], "command line: neumann.alpha = 50.0: the Neumann series diverges"),
+    (["inner.mode=finite_difference", "finite_difference.eps=0"], "command line: finite_difference.eps = 0.0: "
+                                                                   "must be > 0"),
+])
+def test_a_problem_or_method_that_cannot_work_is_refused_in_one_line_before_any_step(overrides, message, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from distmaml import cli
+
+    (tmp_path / "mine.py").write_text(USER_PROBLEMS)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", str(CONFIG), f"run.dir={tmp_path / 'run'}", "inner.steps=3", *overrides])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and message in error, error
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_problem_on_a_family_without_a_data_set_is_refused_in_one_line(tmp_path, capsys):
+    from distmaml import cli
+
+    code = cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", "problem.name=weight_decay"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "distmaml train: error: command line: problem.name = 'weight_decay': needs a task family whose tasks are "
+        "training runs on a data set (logistic, or your own with a `dataset`); task.family = 'sine' has none")
