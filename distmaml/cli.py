@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     eval_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
     eval_p.add_argument("--json", type=Path, help="also write the result here")
+    eval_p.add_argument("--lr-grid", nargs=3, type=float, metavar=("LOW", "HIGH", "COUNT"),
+                        help="also train the tasks by plain SGD at COUNT rates spaced evenly in log from LOW to HIGH "
+                             "(a grid search beside a learned rate)")
 
-    plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation")
+    plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation; a "
+                                 "learned activation function beside ELU, ReLU and Swish")
     plot_p.add_argument("checkpoint", help="a checkpoint file or a run directory")
     plot_p.add_argument("out", type=Path, help="PNG file to write")
     plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
@@ -140,7 +144,7 @@ def _eval(args) -> int:
     trained = load_trained(args.checkpoint, args.device, {
         "data.root": (args.data_root, "--data-root"), "eval.steps": (args.steps, "--steps"),
         "eval.tasks": (args.tasks, "--tasks"), "eval.shots": (args.shots, "--shots"),
-        "eval.query": (args.query, "--query")})
+        "eval.query": (args.query, "--query"), "eval.lr_grid": (_log_grid(args.lr_grid), "--lr-grid")})
     config, learner = trained.config, trained.learner
     result = evaluate(learner.problem, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
     print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
@@ -154,17 +158,39 @@ def _eval(args) -> int:
     return 0
 
 
+def _log_grid(spec: list[float] | None) -> list[float] | None:
+    """--lr-grid LOW HIGH COUNT as the COUNT rates, or a one-line refusal."""
+    if spec is None:
+        return None
+    low, high, count = spec
+    if count != int(count) or count < 1:
+        raise ConfigError(f"--lr-grid {low:g} {high:g} {count:g}: COUNT must be a whole number >= 1 (the grid would be "
+                          "empty)")
+    if not 0 < low <= high:
+        raise ConfigError(f"--lr-grid {low:g} {high:g} {count:g}: needs 0 < LOW <= HIGH")
+    count = int(count)
+    return [low * (high / low) ** (i / max(count - 1, 1)) for i in range(count)]
+
+
 def _plot(args) -> int:
     from distmaml.build import load_trained
+    from distmaml.models import LearnedActivation
     from distmaml.plots import plot_sine_adaptation
 
     trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
+    if isinstance(getattr(learner.model, "activation", None), LearnedActivation):
+        from distmaml.plots import plot_learned_activation
+
+        plot_learned_activation(learner.model, learner.theta, args.out)
+        print(f"wrote {args.out}")
+        return 0
     if learner.family.is_classification or not all(hasattr(learner.family, name) for name in ("x_range", "curve")):
         kind = "classification" if learner.family.is_classification else "regression without a true curve to draw"
         raise ConfigError(f"{trained.checkpoint}: distmaml plot draws one-dimensional regression tasks with their "
-                          f"true curve (the sine family); this run is {trained.config.task.family} {kind}")
+                          f"true curve (the sine family), or a learned activation function; this run is "
+                          f"{trained.config.task.family} {kind}")
     plot_sine_adaptation(learner.problem, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
                          shots=config.eval.shots)
     print(f"wrote {args.out}")
@@ -226,7 +252,7 @@ def _gradcheck(args) -> int:
     print(format_report(report))
     if args.json:
         write_json(args.json, {"methods": {name: {"rel_error": check.rel_error, "reference": check.reference,
-                                                  "exact": check.exact}
+                                                  "exact": check.exact, "tolerance": check.tolerance}
                                            for name, check in report.items() if check.skipped is None},
                                "skipped": {**skipped, **{name: check.skipped for name, check in report.items()
                                                          if check.skipped is not None}}})

@@ -9,13 +9,15 @@ the problem's metrics along the way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from distmaml.meta import MAML, Inner, Params, TaskBatch, Tasks, detached, mse, start_weights, task_values
+from distmaml.meta import (LEARNED, MAML, Inner, Params, TaskBatch, Tasks, detached, make_rule, mse, start_weights,
+                           task_values)
 from distmaml.rng import STREAM_EVAL
 
 CURVE_POINTS = 10  # a long unroll is reported after this many evenly spaced numbers of steps (and 0)
@@ -109,26 +111,32 @@ def distribution(values: torch.Tensor) -> dict[str, float]:
     return {key: value if math.isfinite(value) else math.nan for key, value in out.items()}
 
 
+def _curves(problem, theta: Params, batches: list, inner: Inner, counts: list[int]) -> dict[str, torch.Tensor]:
+    per_chunk = [adaptation_curves(problem, theta, batch, inner, counts) for batch in batches]
+    return {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
+
+
 def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
-             chunk: int = 200, seed: int | None = None, diverged_factor: float = 10.0) -> dict[str, Any]:
+             chunk: int = 200, seed: int | None = None, diverged_factor: float = 10.0,
+             lr_grid: list[float] = ()) -> dict[str, Any]:
     """Adapt `tasks` fresh tasks; each metric's distribution over tasks after each reported step.
 
     `seed` chooses the tasks (default: the family's own seed); a run's evaluation uses eval.seed,
     the same for every training seed, so that runs are compared on the same tasks. Each row gives,
     per metric, its mean and 95% CI, median and quartiles; for the outer loss also the worst task
-    and how many tasks diverged (`diverged_tasks`). Statistics that are not finite are NaN.
+    and how many tasks diverged (`diverged_tasks`). Statistics that are not finite are NaN. Where
+    the problem reports a test accuracy, the result also holds its mean after the last step
+    ("test_accuracy"), the learned values of phi ("learned"), and with `lr_grid` the same tasks
+    trained by plain SGD at each of those fixed rates instead ("grid": a grid search beside them).
     """
     if seed is not None:
         family = family.with_seed(seed)
     device = next(iter(theta.values())).device
     counts = report_steps(steps)
-    per_chunk = []
-    for start in range(0, tasks, chunk):
-        indices = torch.arange(start, min(start + chunk, tasks), device=device)
-        batch = family.sample(stream, 0, indices, support=shots, query=query)
-        per_chunk.append(adaptation_curves(problem, theta, batch, inner, counts))
-    curves = {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
+    batches = [family.sample(stream, 0, torch.arange(start, min(start + chunk, tasks), device=device),
+                             support=shots, query=query) for start in range(0, tasks, chunk)]
+    curves = _curves(problem, theta, batches, inner, counts)
     diverged = diverged_tasks(curves["loss"], diverged_factor).sum(1)
     rows = []
     for row_index, count in enumerate(counts):
@@ -141,15 +149,41 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
         row["diverged"] = int(diverged[row_index])
         row["diverged_fraction"] = int(diverged[row_index]) / tasks
         rows.append(row)
-    return {"tasks": tasks, "shots": shots if shots is not None else family.support, "rule": inner.rule.name,
-            "inner_lr": inner.rule.lr, "outer": getattr(problem, "outer_name", "outer"),
-            "diverged_factor": diverged_factor, "steps": rows}
+    result = {"tasks": tasks, "shots": shots if shots is not None else family.support, "rule": inner.rule.name,
+              "inner_lr": inner.rule.lr, "outer": getattr(problem, "outer_name", "outer"),
+              "diverged_factor": diverged_factor, "steps": rows}
+    if "test_accuracy" in rows[-1]:
+        result["test_accuracy"] = rows[-1]["test_accuracy"]
+    learned = {**(problem.describe(theta) if hasattr(problem, "describe") else {}), **inner.rule.describe(theta)}
+    if learned:
+        result["learned"] = learned
+    if lr_grid:
+        result["grid"] = rate_grid(problem, theta, batches, inner, steps, lr_grid)
+    return result
+
+
+def rate_grid(problem, theta: Params, batches: list, inner: Inner, steps: int, rates: list[float]) -> dict[str, Any]:
+    """The same tasks trained for `steps` steps of plain SGD at each fixed rate: the grid search a
+    learned rate is compared with. Accuracy is the test split's where the problem has one."""
+    fixed = {name: value for name, value in theta.items() if not name.startswith(LEARNED)}  # no learned rates
+    accuracy, loss = [], []
+    for rate in rates:
+        plain = dataclasses.replace(inner, rule=make_rule("sgd", rate))
+        curves = _curves(problem, fixed, batches, plain, [steps])
+        metric = curves.get("test_accuracy", curves.get("accuracy", -curves["loss"]))
+        accuracy.append(distribution(metric[-1])[""])
+        loss.append(distribution(curves["loss"][-1])[""])
+    # The grid's choice is made as hyperparameter learning makes it: by the outer (validation) loss.
+    finite = [(value, rate) for value, rate in zip(loss, rates) if math.isfinite(value)]
+    best = min(finite)[1] if finite else None
+    return {"lrs": list(rates), "test_accuracy": accuracy, "validation_loss": loss, "best_lr": best,
+            "test_accuracy_at_best": accuracy[list(rates).index(best)] if best is not None else None}
 
 
 def evaluation_settings(config) -> dict[str, Any]:
-    """evaluate()'s keyword arguments (beyond model, theta, family and inner) as a run's config asks for them."""
+    """evaluate()'s keyword arguments (beyond problem, theta, family and inner) as a run's config asks for them."""
     return dict(steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots, query=config.eval.query,
-                seed=config.eval.seed, diverged_factor=config.eval.diverged_factor)
+                seed=config.eval.seed, diverged_factor=config.eval.diverged_factor, lr_grid=config.eval.lr_grid)
 
 
 def _number(value: float, scale: float = 1.0, unit: str = "") -> str:

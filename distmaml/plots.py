@@ -51,3 +51,35 @@ def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     plt.close(figure)
+
+
+def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, high: float = 4.0) -> None:
+    """A learned activation function (distmaml.models.LearnedActivation, its weights from theta)
+    beside ELU, ReLU and Swish, and the learned offset g(x) = f(x) - elu(x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.func import functional_call
+
+    prefix = "activation."
+    weights = {name[len(prefix):]: value.detach() for name, value in theta.items() if name.startswith(prefix)}
+    x = torch.linspace(low, high, 400, dtype=next(iter(weights.values())).dtype)
+    with torch.no_grad():
+        learned = functional_call(model.activation, weights, (x,))
+    reference = {"ELU": torch.nn.functional.elu(x), "ReLU": torch.relu(x), "Swish": torch.nn.functional.silu(x)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot(x, learned, color="black", lw=2.2, label="learned")
+    for (name, values), style in zip(reference.items(), (":", "--", "-.")):
+        left.plot(x, values, ls=style, lw=1.4, label=name)
+    left.set_title("activation function")
+    left.legend(fontsize=8)
+    right.plot(x, learned - reference["ELU"], color="black", lw=2)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_title("learned offset f(x) - elu(x)")
+    for axis in (left, right):
+        axis.set_xlabel("x")
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)

@@ -162,6 +162,7 @@ def test_gradcheck_fails_a_method_that_drops_a_term(tmp_path):
         "    '''The implicit hypergradient without -(d_phi grad_w L_in)^T v: only the direct term.'''\n"
         "    name = 'drops_the_mixed_term'\n"
         "    cg_steps: int = 30\n"
+        "    cg_tol: float = 0.0\n"
         "    def hypergradient(self, problem, phi, tasks, inner, step_weights=None):\n"
         "        result = super().hypergradient(problem, phi, tasks, inner, step_weights)\n"
         "        return result._replace(grad_sum={n: 0 * g for n, g in result.grad_sum.items()})\n")
@@ -241,4 +242,4 @@ def test_a_problem_on_a_family_without_a_data_set_is_refused_in_one_line(tmp_pat
     code = cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", "problem.name=weight_decay"])
     assert code == 2 and capsys.readouterr().err.strip() == (
         "distmaml train: error: command line: problem.name = 'weight_decay': needs a task family whose tasks are "
-        "training runs on a data set (logistic, or your own with a `dataset`); task.family = 'sine' has none")
+        "training runs on a data set (logistic, mnist1d, or your own with a `dataset`); task.family = 'sine' has none")

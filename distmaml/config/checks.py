@@ -28,7 +28,10 @@ def _check_inner(config, fail, at_least, positive) -> None:
     if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
         fail("inner.adapt", "must list non-empty name prefixes")
     at_least("inner.schedule_blocks", 1)
-    if inner.rule == "schedule" and inner.schedule_blocks > max(inner.steps, 1):
+    if inner.rule == "schedule" and inner.steps < 1:
+        fail("inner.steps", "inner.rule = schedule learns the rate of inner steps: there must be at least one",
+             cause="inner.rule")
+    if inner.rule == "schedule" and inner.schedule_blocks > inner.steps:
         fail("inner.schedule_blocks", f"must be at most inner.steps ({inner.steps}): a block is at least one step",
              cause="inner.rule")
     at_least("inner.multi_step_anneal", 0)
@@ -121,6 +124,8 @@ def check_values(config, source) -> None:
     at_least("engine.threads", 0)
     at_least("engine.memory_budget", 0)
     at_least("eval.diverged_factor", 1)
+    if any(not (rate > 0 and math.isfinite(rate)) for rate in config.eval.lr_grid):
+        fail("eval.lr_grid", "every rate must be a finite number > 0")
     at_least("eval.tasks", 2)
     at_least("eval.steps", 0)
     if config.eval.shots is not None and config.eval.shots < 1:

@@ -160,6 +160,8 @@ class EvalConfig:
     at_end: bool = _opt(True, "evaluate on fresh tasks when training ends and write it to summary.json")
     seed: int = _opt(0, "seed of the evaluation tasks: the same for every train.seed, so runs are compared "
                      "on the same tasks")
+    lr_grid: list[float] = _opt([], "also train the evaluation tasks by plain SGD at each of these fixed rates and "
+                                "report their accuracy: the grid search beside a learned learning rate")
     diverged_factor: float = _opt(10.0, "a task counts as diverged once its query loss is non-finite or above "
                                   "this many times its loss before adaptation (or the median task's, if larger)")
 

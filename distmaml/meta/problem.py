@@ -14,6 +14,7 @@ style of distmaml.tasks.TaskFamily and distmaml.meta.rules.Rule:
     problem.metrics(w, phi, task)            # {"loss": outer loss, ...}: what logs and evaluation report
     problem.inner_template()                 # {name: tensor}: the shapes of w (values unused)
     problem.to(device)                       # the same problem on another device ("meta": shapes only)
+    problem.describe(phi)                    # optional: phi's learned values as a report states them
 
 A task is any pytree of tensors (its batch has a leading task dimension); the model behind the
 losses may take several inputs. The inner optimizer is a Rule; its learned parameters (step sizes)
@@ -55,6 +56,9 @@ class Problem(Protocol):
 
     def to(self, device: torch.device | str) -> "Problem":
         """The same problem on `device`."""
+
+    # Optional: describe(phi) -> {name: value or list}, phi's learned values in the units a report
+    # states (a weight decay, not its log); evaluation adds them to its result.
 
 
 REQUIRED = ("meta_parameters", "inner_template", "start", "inner_loss", "outer_loss", "metrics", "to")

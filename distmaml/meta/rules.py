@@ -59,6 +59,9 @@ class Rule(Protocol):
 
     def parameters(self, weights: Params) -> Params: ...
 
+    def describe(self, learned: Params) -> dict:
+        """The learned parameters in the units a report states (a learning rate, not its log)."""
+
     def init(self, weights: Params) -> State: ...
 
     def step(self, weights: Params, grads: Params, state: State, learned: Params,
@@ -79,6 +82,9 @@ class SGD:
         return 2.0 / self.lr
 
     def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def describe(self, learned: Params) -> dict:
         return {}
 
     def init(self, weights: Params) -> State:
@@ -103,6 +109,10 @@ class MetaSGD:
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full_like(value, self.lr) for name, value in weights.items()}
+
+    def describe(self, learned: Params) -> dict:
+        return {"step_size_mean": {name[len(LEARNED):]: value.mean().item() for name, value in learned.items()
+                                   if name.startswith(LEARNED)}}
 
     def init(self, weights: Params) -> State:
         return {}
@@ -131,6 +141,10 @@ class LSLR:
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full((max(self.steps, 1),), self.lr, dtype=value.dtype, device=value.device)
                 for name, value in weights.items()}
+
+    def describe(self, learned: Params) -> dict:
+        return {"step_sizes": {name[len(LEARNED):]: value.tolist() for name, value in learned.items()
+                               if name.startswith(LEARNED)}}
 
     def init(self, weights: Params) -> State:
         return {}
@@ -162,6 +176,10 @@ class Schedule:
         return {LEARNED + "log_schedule": torch.full((self.blocks,), math.log(self.lr), dtype=first.dtype,
                                                      device=first.device)}
 
+    def describe(self, learned: Params) -> dict:
+        rates = learned[LEARNED + "log_schedule"].detach().exp().tolist()
+        return {"learning_rate": rates[0] if len(rates) == 1 else rates}
+
     def init(self, weights: Params) -> State:
         return {}
 
@@ -189,6 +207,9 @@ class Momentum:
         return None
 
     def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def describe(self, learned: Params) -> dict:
         return {}
 
     def init(self, weights: Params) -> State:
@@ -225,6 +246,9 @@ class Adam:
         return None
 
     def parameters(self, weights: Params) -> Params:
+        return {}
+
+    def describe(self, learned: Params) -> dict:
         return {}
 
     def init(self, weights: Params) -> State:

@@ -220,6 +220,10 @@ class ImplicitCG(_Implicit):
         if not self.cg_tol >= 0:
             raise MethodError("implicit.cg_tol", self.cg_tol, "must be >= 0")
 
+    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
+        """Whether CG reached its solution on every task (relative residual at most `tolerance`)."""
+        return bool((stats["cg_residual"] <= tolerance).all())
+
     def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
         solution, residual, taken = batched_cg(matvec, rhs, self.cg_steps, self.cg_tol, self.stop_early)
         return solution, {"cg_residual": residual.detach(), "cg_steps": taken}
@@ -257,6 +261,10 @@ class Neumann(_Implicit):
             raise MethodError("neumann.alpha", self.alpha, f"the Neumann series diverges: the inner Hessian's largest "
                               f"eigenvalue at the first task's start is about {largest:.4g} (damping included), and "
                               f"alpha times it must stay below 2; use neumann.alpha < {2 / largest:.3g}")
+
+    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
+        """Whether the series reached the solution on every task (relative residual at most `tolerance`)."""
+        return bool((stats["neumann_residual"] <= tolerance).all())
 
     def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
         solution, growth = neumann_series(matvec, rhs, self.terms, self.alpha)

@@ -97,6 +97,9 @@ class TrainingRun:
     def inner_template(self) -> Params:
         return self.template
 
+    def describe(self, phi: Params) -> dict:
+        return {name: phi[name].detach().tolist() for name in self.shared}
+
     def start(self, phi: Params, task: Any) -> Params:
         return fresh_weights(self.template, task["seed"], self.bounds)
 

@@ -63,6 +63,9 @@ class WeightDecay(TrainingRun):
             return {name: phi[PREFIX + "all"].exp() for name in self.decayed}
         return {name: phi[PREFIX + name].exp() for name in self.decayed}
 
+    def describe(self, phi: Params) -> dict:
+        return {"weight_decay": {name: decay.detach().tolist() for name, decay in self.decays(phi).items()}}
+
     def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
         penalty = sum((decay * weights[name] ** 2).sum() for name, decay in self.decays(phi).items())
         return self.training_loss(weights, phi, task, step) + 0.5 * penalty

@@ -1,0 +1,135 @@
+"""Learned hyperparameters on MNIST-1D (a subsample, short unrolls): the learning-rate schedule, the
+activation function, per-weight decay; gradcheck on each config, the direction of the learning
+rate's hypergradient, recomputation, evaluation's report and the one-line refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from distmaml import cli
+from distmaml.build import build
+from distmaml.config import load_config
+from distmaml.meta import Inner, meta_gradient
+from conftest import REPO
+
+SMALL = ["task.args.train=200", "inner.steps=12", "engine.dtype=float64", "train.meta_batch=3"]
+CONFIGS = {
+    "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.schedule_blocks=3", "model.hidden=[8]"]),
+    "activation": ("configs/mnist1d_activation.yaml", ["inner.truncate=12", "model.hidden=[8]"]),
+    "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["model.hidden=[8]", "implicit.cg_steps=500",
+                                                          "implicit.cg_tol=0", "implicit.damping=0.5"]),
+}
+
+
+def learner(path, *overrides):
+    config = load_config(REPO / path, [*SMALL, *overrides])
+    torch.manual_seed(0)
+    return config, build(config)
+
+
+@pytest.mark.parametrize("problem", list(CONFIGS))
+def test_gradcheck_finds_every_exact_method_exact(problem, tmp_path, capsys):
+    path, overrides = CONFIGS[problem]
+    code = cli.main(["gradcheck", str(REPO / path), *SMALL, *overrides, "--tasks", "2", "--json",
+                     str(tmp_path / "check.json")])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    report = json.loads((tmp_path / "check.json").read_text())
+    exact = {name: check for name, check in report["methods"].items() if check["exact"]}
+    assert "second_order" in exact and exact["second_order"]["rel_error"] <= 1e-6
+    if problem == "activation":  # truncated through every step is the full hypergradient
+        assert exact["truncated"]["rel_error"] <= 1e-6
+        # A ReLU-free but non-convex net after 12 steps: CG's system is indefinite, it stops early, and
+        # gradcheck calls the implicit result approximate instead of failing it.
+        assert not report["methods"]["implicit"]["exact"]
+    if problem == "weight_decay":  # a 418-weight net: the Hessian is formed densely
+        assert exact["implicit"]["reference"] == "dense_ift" and exact["implicit"]["rel_error"] <= 1e-4
+    if problem == "learning_rate":  # the solution of training does not depend on the learning rate
+        assert "learned step sizes" in report["skipped"]["implicit"]
+
+
+@pytest.mark.parametrize("rate, sign", [(1e-3, -1), (5.0, 1)])
+def test_the_learning_rate_hypergradient_points_towards_the_optimum(rate, sign):
+    """Far below the best rate a larger one lowers the validation loss; far above, a smaller one."""
+    config, run = learner("configs/mnist1d_lr.yaml", f"inner.lr={rate}", "inner.steps=20")
+    tasks = run.family.sample(0, 0, torch.arange(3))
+    gradient = meta_gradient(run.problem, run.theta, tasks, run.inner).grad_sum["inner.lr.log_schedule"]
+    assert math.copysign(1, gradient.item()) == sign and abs(gradient.item()) > 1e-4
+
+
+def test_recomputed_and_stored_fifty_step_unrolls_give_the_same_hypergradient_bit_for_bit():
+    config, run = learner("configs/mnist1d_lr.yaml", "inner.steps=50", "inner.schedule_blocks=5", "inner.lr=0.3")
+    tasks = run.family.sample(0, 0, torch.arange(3))
+    stored = meta_gradient(run.problem, run.theta, tasks, Inner(run.inner.rule, 50, run.inner.method))
+    for checkpoint, segment in (("auto", None), ("segments", 8)):
+        recomputed = meta_gradient(run.problem, run.theta, tasks,
+                                   Inner(run.inner.rule, 50, run.inner.method, checkpoint, segment))
+        assert torch.equal(stored.grad_sum["inner.lr.log_schedule"], recomputed.grad_sum["inner.lr.log_schedule"])
+    assert (stored.grad_sum["inner.lr.log_schedule"] != 0).all()  # every block of the schedule gets a gradient
+
+
+def test_a_trained_run_s_evaluation_reports_the_learned_rate_its_accuracy_and_a_grid(tmp_path, capsys):
+    assert cli.main(["train", str(REPO / "configs/mnist1d_lr.yaml"), f"run.dir={tmp_path}", *SMALL[:3],
+                     "model.hidden=[16]", "train.iterations=4", "train.log_every=2", "eval.tasks=3",
+                     "eval.steps=12", "logging.progress=false"]) == 0
+    assert cli.main(["eval", str(tmp_path), "--json", str(tmp_path / "eval.json"), "--lr-grid", "0.001", "3",
+                     "4"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= result["test_accuracy"] <= 1
+    assert result["learned"]["learning_rate"] != pytest.approx(0.05)  # trained away from inner.lr
+    assert result["grid"]["lrs"] == pytest.approx([0.001, 0.001 * 3000 ** (1 / 3), 0.001 * 3000 ** (2 / 3), 3.0])
+    assert len(result["grid"]["test_accuracy"]) == 4 and result["grid"]["best_lr"] in result["grid"]["lrs"]
+    assert "validation loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, flags, message", [
+    (["inner.mode=implicit"], [], "mnist1d_lr.yaml: inner.rule = 'schedule': implicit differentiates the solution "
+                                  "of the inner problem, which does not depend on learned step sizes"),
+    (["inner.schedule_blocks=0"], [], "command line: inner.schedule_blocks = 0: must be >= 1"),
+    (["inner.steps=0"], [], "command line: inner.steps = 0: inner.rule = schedule learns the rate of inner steps"),
+    (["inner.rule=sgd"], [], "problem.name = 'learning_rate': has nothing to learn"),
+    (["inner.lr=0"], [], "command line: inner.lr = 0.0: must be > 0"),
+    (["inner.lr=1e400"], [], "command line: inner.lr = '1e400': must be a finite number"),
+    (["eval.lr_grid=[0.1, -1]"], [], "command line: eval.lr_grid = [0.1, -1.0]: every rate must be a finite number"),
+])
+def test_bad_learning_rate_settings_are_one_line(overrides, flags, message, tmp_path, capsys):
+    code = cli.main(["train", str(REPO / "configs/mnist1d_lr.yaml"), f"run.dir={tmp_path}", *overrides])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and message in error, error
+
+
+def test_an_empty_grid_and_a_missing_data_package_are_one_line(tmp_path, capsys, monkeypatch):
+    assert cli.main(["eval", str(tmp_path), "--lr-grid", "0.1", "1", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("distmaml eval: error: --lr-grid 0.1 1 0: COUNT must be a whole number "
+                                               ">= 1 (the grid would be empty)")
+    monkeypatch.setitem(__import__("sys").modules, "mnist1d", None)  # as if not installed
+    code = cli.main(["train", str(REPO / "configs/mnist1d_lr.yaml"), f"run.dir={tmp_path}",
+                     f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "distmaml train: error: task.family = 'mnist1d' needs the mnist1d package: pip install -e \".[data]\" (or pip "
+        "install mnist1d)")
+
+
+def test_the_activation_problem_needs_a_learned_activation(tmp_path, capsys):
+    code = cli.main(["train", str(REPO / "configs/mnist1d_activation.yaml"), f"run.dir={tmp_path}",
+                     "model.activation=relu"])
+    assert code == 2 and capsys.readouterr().err.strip().endswith(
+        "model.activation = 'relu': problem.name = activation learns the activation function: it needs "
+        "model.activation = learned")
+
+
+def test_a_learned_activation_trains_and_plot_draws_it_beside_elu_relu_and_swish(tmp_path, capsys):
+    assert cli.main(["train", str(REPO / "configs/mnist1d_activation.yaml"), f"run.dir={tmp_path}", *SMALL[:3],
+                     "inner.truncate=6", "model.hidden=[16]", "train.iterations=3", "train.lr=0.1", "eval.tasks=2",
+                     "eval.steps=12", "logging.progress=false"]) == 0
+    from distmaml.build import load_trained
+
+    trained = load_trained(tmp_path)
+    assert trained.learner.theta["activation.offset.2.weight"].abs().max() > 0  # the offset moved from zero
+    assert cli.main(["plot", str(tmp_path), str(tmp_path / "activation.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "activation.png") as image:
+        assert image.size[0] > 800 and image.size[1] > 300
