@@ -127,6 +127,12 @@ class MetaStep:
         self.captured_inner: Inner | None = None
         self.eager_iterations = 0
 
+    def show_inner_progress(self, callback) -> None:
+        """Report the inner steps of each unroll to `callback` (a progress bar); None leaves it as it is."""
+        if callback is not None:
+            self.inner = dataclasses.replace(self.inner, progress=callback)
+            self.first_order_inner = dataclasses.replace(self.first_order_inner, progress=callback)
+
     def inner_at(self, iteration: int) -> Inner:
         """The inner loop of `iteration`: first order during inner.first_order_iterations (MAML++)."""
         return self.first_order_inner if iteration < self.config.inner.first_order_iterations else self.inner

@@ -41,6 +41,10 @@ class NullLogger:
 
     def advance(self, iteration: int) -> None: ...
 
+    def inner_progress(self, total: int):
+        """A callback for the inner steps of one outer step (a second progress bar), or None."""
+        return None
+
     def log(self, metrics: dict[str, Any]) -> None: ...
 
     def summary(self, summary: dict[str, Any]) -> None: ...
@@ -121,6 +125,19 @@ class RunLogger(NullLogger):
     def advance(self, iteration: int) -> None:
         if self._bar is not None:
             self._bar.update(iteration - self._bar.n)
+
+    def inner_progress(self, total: int):
+        if not self._progress:
+            return None
+        bar = tqdm(total=total, desc="inner steps", unit="step", position=1, leave=False, dynamic_ncols=True)
+        self._redirect.callback(bar.close)
+
+        def done(steps: int) -> None:
+            if steps < bar.n:  # the next outer step's unroll begins
+                bar.reset()
+            bar.update(steps - bar.n)
+
+        return done
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:

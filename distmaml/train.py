@@ -40,6 +40,9 @@ from distmaml.rng import STREAM_TRAIN
 
 log = logging.getLogger("distmaml.train")
 
+# From this many inner steps on, the progress bar also shows the inner steps of each outer step.
+INNER_BAR_STEPS = 100
+
 # Why training may stop early, in order of precedence: the signals of a preemption or Ctrl-C, then
 # the time limit.
 STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
@@ -97,6 +100,8 @@ def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> di
         step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))
         logger = stack.enter_context(contextlib.closing(_make_logger(config, ctx)))
         logger.start(start, config.train.iterations)
+        if config.inner.steps >= INNER_BAR_STEPS:  # one outer step takes seconds: show its inner steps too
+            step.show_inner_progress(logger.inner_progress(config.inner.steps))
         log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s, "
                  "%d CPU thread(s))", config.run.dir, start, config.train.iterations, ctx.world_size,
                  step.tasks.start, step.tasks.stop - 1, config.train.meta_batch, ctx.device, torch.get_num_threads())

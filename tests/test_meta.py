@@ -4,6 +4,7 @@ The per-task reference (distmaml.meta.reference) writes every method and rule ou
 torch.autograd; finite differences and hand-written definitions check the reference itself.
 """
 
+import dataclasses
 import subprocess
 import sys
 
@@ -357,3 +358,15 @@ def test_importing_the_math_loads_nothing_of_the_trainer_and_changes_no_global_s
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.stdout.strip() == "clean", result.stderr
+
+
+def test_a_long_unroll_reports_its_progress_without_changing_the_result(setup):
+    model, params, batch = setup
+    seen = []
+    plain, stored = inner(steps=6), inner(steps=6, checkpoint="segments", checkpoint_segment=4)
+    for spec, expected in ((plain, [1, 2, 3, 4, 5, 6]), (stored, [4, 6])):
+        seen.clear()
+        reported = dataclasses.replace(spec, progress=seen.append)
+        got = meta_gradient(MAML(model), params, batch, reported)
+        assert seen == expected  # the recomputation in the backward pass reports nothing
+        assert torch.equal(flat(got.grad_sum), flat(meta_gradient(MAML(model), params, batch, spec).grad_sum))

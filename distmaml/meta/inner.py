@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from distmaml.meta.checkpointing import CHECKPOINTS
 from distmaml.meta.methods import Method, MethodError, SecondOrder, make_method
@@ -18,7 +19,9 @@ class Inner:
     checkpoint_segment: recompute differentiated steps in the backward pass instead of storing
     them ("none", "every_step", "segments" of checkpoint_segment steps, "auto": about sqrt(K)).
     A rule or setting the method cannot differentiate is refused here, in the one line the
-    command line prints too.
+    command line prints too. `progress`, if given, is called with the number of inner steps done
+    as the forward pass goes (after each step, or each recomputed segment): a progress bar for long
+    unrolls. It does not change what is computed.
     """
 
     rule: Rule = field(default_factory=lambda: SGD(0.01))
@@ -26,6 +29,7 @@ class Inner:
     method: Method | str = field(default_factory=SecondOrder)
     checkpoint: str = "none"
     checkpoint_segment: int | None = None
+    progress: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):

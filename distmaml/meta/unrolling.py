@@ -114,7 +114,13 @@ def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None 
     carried: dict[str, Any] = {}
     visited: list[Params] = []
     for start, end, checkpointed in plan:
-        def segment(inputs: dict, tasks: Tasks, start: int = start, end: int = end) -> dict:
+        # A plain segment reports each step; a checkpointed one once, after its forward pass (its
+        # recomputation in the backward pass reports nothing).
+        report = getattr(inner, "progress", None)
+        step_report = None if checkpointed else report
+
+        def segment(inputs: dict, tasks: Tasks, start: int = start, end: int = end,
+                    step_report=step_report) -> dict:
             weights, state, trail = inputs.get("weights"), inputs.get("state"), []
             for step in range(start, end):
                 differentiable = step >= first_differentiated
@@ -127,10 +133,14 @@ def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None 
                     weights, state = vmap(update, in_dims=(0, 0, None, 0))(weights, state, views, tasks)
                 if kept(step + 1) or step == end - 1:
                     trail.append(weights)
+                if step_report is not None:
+                    step_report(step + 1)
             return {"state": state, "trail": trail}
 
         inputs = {**carried, "phi": phi_at[start:end]}
         out = recomputed(segment, inputs, tasks) if checkpointed else segment(inputs, tasks)
+        if checkpointed and report is not None:
+            report(end)
         carried = {"weights": out["trail"][-1], "state": out["state"]}
         done = [step + 1 for step in range(start, end) if kept(step + 1) or step == end - 1]
         visited += [weights for count, weights in zip(done, out["trail"]) if kept(count)]

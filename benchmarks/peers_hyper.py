@@ -1,0 +1,248 @@
+"""Hyperparameter hypergradients against TorchOpt and higher: equal first, then time and memory.
+
+    python -m benchmarks.peers_hyper                   # both cases, the memory rows, this CPU
+    python -m benchmarks.peers_hyper --only learning_rate --quick
+
+Two problems on MNIST-1D, each over 16 random initialisations (tasks) of the 40-100-100-10 MLP:
+
+- learning_rate: the hypergradient of the validation loss with respect to the log learning rate of
+  T = 100 SGD steps (batch 100), unrolled and exact. distmaml: one batched meta_gradient; TorchOpt:
+  its functional SGD (torchopt.sgd with the rate as a tensor) unrolled per initialisation; higher:
+  innerloop_ctx with the rate overridden by a tensor, per initialisation.
+- weight_decay: the implicit hypergradient of one L2 decay per weight after 100 full-batch gradient
+  steps: (H + I) v = grad L_val by 20 conjugate-gradient iterations. distmaml: ImplicitCG;
+  TorchOpt: torchopt.diff.implicit.custom_root with linear_solve.solve_cg (ridge 1, 20 iterations)
+  per initialisation. higher has no implicit differentiation.
+
+Every library gets the same initial weights and mini-batches (drawn by distmaml's problem, a pure
+function of each task's key). Their hypergradients must agree with distmaml's to 1e-6 relative in
+float64 before anything is timed; a library that differs is reported and not timed. Times are
+medians of --windows windows in float32 on one thread. The memory rows run the learning-rate case
+at T = 1,000 in a fresh process per library and report the peak resident memory above the
+process's baseline: distmaml recomputes the unroll in sqrt(T) segments (inner.checkpoint=auto),
+the peers store it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
+from distmaml.build import build
+from distmaml.config import load_config
+from distmaml.meta import ImplicitCG, Inner, make_rule, meta_gradient, task_at
+
+TOLERANCE = 1e-6
+TASKS = 16
+CASES = {
+    "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.steps=100", "inner.lr=0.1"]),
+    "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["inner.steps=100", "implicit.damping=1.0"]),
+}
+
+
+def setup(case: str, dtype: str, steps: int | None = None, checkpoint: str = "none"):
+    path, overrides = CASES[case]
+    extra = [f"inner.steps={steps}"] if steps else []
+    config = load_config(REPO / path, [*overrides, *extra, f"engine.dtype={dtype}", f"inner.checkpoint={checkpoint}",
+                                       f"train.meta_batch={TASKS}"])
+    torch.manual_seed(0)
+    learner = build(config)
+    tasks = learner.family.sample(0, 0, torch.arange(TASKS))
+    return config, learner, tasks
+
+
+def distmaml_grad(config, learner, tasks) -> torch.Tensor:
+    inner = learner.inner
+    if isinstance(inner.method, ImplicitCG):  # a fixed number of CG iterations, as the peer runs
+        inner = Inner(inner.rule, inner.steps, ImplicitCG(damping=1.0, cg_steps=20, cg_tol=0.0))
+    result = meta_gradient(learner.problem, learner.theta, tasks, inner)
+    return torch.cat([g.reshape(-1) for g in result.grad_sum.values()])
+
+
+def _runs(learner, tasks):
+    problem = learner.problem
+    names = list(problem.inner_template())
+    for i in range(TASKS):
+        task = task_at(tasks, i)
+        start = problem.start({}, task)
+        yield task, tuple(start[name].detach().clone().requires_grad_() for name in names), names
+
+
+def torchopt_lr(config, learner, tasks) -> torch.Tensor:
+    import torchopt
+
+    problem = learner.problem
+    log_lr = learner.theta["inner.lr.log_schedule"].detach().clone().requires_grad_()
+    total = 0.0
+    for task, params, names in _runs(learner, tasks):
+        optimizer = torchopt.sgd(lr=lambda count: log_lr[0].exp())
+        state = optimizer.init(params)
+        for step in range(config.inner.steps):
+            x, y = problem.batch(task, step)
+            loss = problem.loss_fn(functional_call(problem.model, dict(zip(names, params)), (x,)), y)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            updates, state = optimizer.update(grads, state, inplace=False)
+            params = torchopt.apply_updates(params, updates, inplace=False)
+        total = total + problem.loss_fn(functional_call(problem.model, dict(zip(names, params)),
+                                                        (problem.data.val_x,)), problem.data.val_y)
+    return torch.autograd.grad(total, log_lr)[0]
+
+
+def higher_lr(config, learner, tasks) -> torch.Tensor:
+    import higher
+
+    problem = learner.problem
+    log_lr = learner.theta["inner.lr.log_schedule"].detach().clone().requires_grad_()
+    model = problem.to("cpu").model
+    total = 0.0
+    for task, params, names in _runs(learner, tasks):
+        with torch.no_grad():
+            for (name, value), start in zip(model.named_parameters(), params):
+                value.copy_(start)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.inner.lr)
+        with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True,
+                                  override={"lr": [log_lr[0].exp()]}) as (functional, differentiable):
+            for step in range(config.inner.steps):
+                x, y = problem.batch(task, step)
+                differentiable.step(problem.loss_fn(functional(x), y))
+            total = total + problem.loss_fn(functional(problem.data.val_x), problem.data.val_y)
+    return torch.autograd.grad(total, log_lr)[0]
+
+
+def torchopt_decay(config, learner, tasks) -> torch.Tensor:
+    import torchopt
+
+    problem = learner.problem
+    phi_names = list(learner.theta)
+    decays = tuple(learner.theta[name].detach().clone().requires_grad_() for name in phi_names)
+    lr = config.inner.lr
+
+    def inner_loss(params, meta, names):
+        weights = dict(zip(names, params))
+        return problem.inner_loss(weights, dict(zip(phi_names, meta)), None, 0)
+
+    total = 0.0
+    for task, params, names in _runs(learner, tasks):
+        def optimality(params, meta):  # TorchOpt differentiates it with torch.func: written with torch.func.grad
+            return torch.func.grad(lambda p: inner_loss(p, meta, names))(params)
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=1,
+                                            solve=torchopt.linear_solve.solve_cg(ridge=1.0, maxiter=20, rtol=0.0))
+        def solve(params, meta):
+            params = tuple(p.detach().requires_grad_() for p in params)
+            with torch.enable_grad():  # custom_root runs the solver inside an autograd Function's forward
+                for _ in range(config.inner.steps):
+                    grads = torch.autograd.grad(inner_loss(params, meta, names), params)
+                    params = tuple((p - lr * g).detach().requires_grad_() for p, g in zip(params, grads))
+            return params
+
+        solution = solve(params, decays)
+        total = total + problem.loss_fn(functional_call(problem.model, dict(zip(names, solution)),
+                                                        (problem.data.val_x,)), problem.data.val_y)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, decays)])
+
+
+PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr},
+         "weight_decay": {"torchopt": torchopt_decay}}
+HOW = {"distmaml": "distmaml.meta.meta_gradient, 16 tasks batched", "torchopt": "per initialisation",
+       "higher": "per initialisation"}
+
+
+def compare_and_time(case: str, windows: int, seconds: float) -> list[dict[str, Any]]:
+    config, learner, tasks = setup(case, "float64")
+    reference = distmaml_grad(config, learner, tasks)
+    config32, learner32, tasks32 = setup(case, "float32")
+    rows = []
+    for name, fn in {"distmaml": distmaml_grad, **PEERS[case]}.items():
+        row = {"case": case, "library": name, "how": HOW[name], "tasks": TASKS, "inner_steps": config.inner.steps}
+        try:
+            got = fn(config, learner, tasks)
+        except ImportError as err:
+            rows.append({**row, "status": f"not installed ({err})"})
+            continue
+        error = float((got.reshape(-1) - reference).norm() / reference.norm())
+        row.update(relative_error=error, status="equal" if error <= TOLERANCE else "DIFFERS")
+        if error <= TOLERANCE:
+            row["ms_per_hypergradient"] = 1e3 * median_seconds(lambda: fn(config32, learner32, tasks32), windows,
+                                                               seconds)
+        rows.append(row)
+        print(f"{case:>14} {name:>9}: relative difference {error:.1e}, "
+              f"{row.get('ms_per_hypergradient', float('nan')):9.1f} ms", flush=True)
+    fastest_peer = min((r["ms_per_hypergradient"] for r in rows if r["library"] != "distmaml"
+                        and "ms_per_hypergradient" in r), default=None)
+    if fastest_peer:
+        rows[0]["speedup_over_fastest_peer"] = fastest_peer / rows[0]["ms_per_hypergradient"]
+    return rows
+
+
+MEMORY_CASE = r"""
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from benchmarks.peers_hyper import setup, distmaml_grad, torchopt_lr, higher_lr
+library, steps = sys.argv[1], int(sys.argv[2])
+checkpoint = "auto" if library == "distmaml" else "none"
+config, learner, tasks = setup("learning_rate", "float32", steps, checkpoint)
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS")
+fn = {"distmaml": distmaml_grad, "distmaml-stored": distmaml_grad, "torchopt": torchopt_lr, "higher": higher_lr}[library]
+fn(config, learner, tasks)
+print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
+"""
+
+
+def memory(steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for library in ("distmaml", "distmaml-stored", "torchopt", "higher"):
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, library, str(steps)], cwd=REPO,
+                              capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                                   "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
+        if proc.returncode != 0:
+            raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
+        row = {"case": "learning_rate", "library": library, "inner_steps": steps, "tasks": TASKS,
+               "how": "recomputed, sqrt(T) segments" if library == "distmaml" else "stored unroll",
+               **json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}
+        rows.append(row)
+        print(f"memory T={steps} {library:>16}: {row['peak_mib']:8.1f} MiB above baseline", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[*CASES, "memory"])
+    parser.add_argument("--quick", action="store_true", help="shorter windows, a shorter memory unroll")
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--memory-steps", type=int, default=1000)
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/peers_hyper_cpu.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        args.windows, args.seconds, args.memory_steps = 1, 0.1, 100
+    started, rows = time.time(), []
+    for case in CASES:
+        if not args.only or case in args.only:
+            rows += compare_and_time(case, args.windows, args.seconds)
+    if not args.only or "memory" in args.only:
+        rows += memory(args.memory_steps)
+    result = {"benchmark": "peers_hyper", "command": " ".join(["python -m benchmarks.peers_hyper",
+                                                               *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE, "windows": args.windows,
+              "seconds": args.seconds, "wall_seconds": time.time() - started, "rows": rows}
+    print(f"wrote {write(result, args.out or RESULTS / 'peers_hyper_cpu.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
