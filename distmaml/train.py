@@ -119,17 +119,24 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
     start = _restore(config, ctx, learner, optimizer)
     tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
-    _check_first_batch(config, learner)
-    if config.engine.memory_check and len(tasks):
-        # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
-        shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
+    try:
+        # The memory estimate comes first: it handles shapes only, while the first-batch check
+        # samples a real task and runs the problem on it (task.query = 100000000 must be refused,
+        # not tried). A method that cannot differentiate the problem is refused by either.
+        if config.engine.memory_check and len(tasks):
+            shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
-        def probe(problem, theta, batch, probed: Config):
-            return compute_meta_gradient(problem, theta, batch, build_inner(probed),
-                                         step_weights=probe_step_weights(probed))
+            def probe(problem, theta, batch, probed: Config):
+                return compute_meta_gradient(problem, theta, batch, build_inner(probed),
+                                             step_weights=probe_step_weights(probed))
 
-        found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
-        log.info("estimated peak memory of one meta-iteration: %s on this process", memory.describe_size(found.peak_bytes))
+            found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size,
+                                      ctx.device)
+            log.info("estimated peak memory of one meta-iteration: %s on this process",
+                     memory.describe_size(found.peak_bytes))
+        _check_first_batch(config, learner)
+    except SettingError as err:
+        raise sourced(config, err) from None
     return start, learner, optimizer
 
 
@@ -138,10 +145,7 @@ def _check_first_batch(config: Config, learner: Learner) -> None:
     can differentiate it (one line each, naming the setting, instead of a wrong or failing run)."""
     batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=next(iter(learner.theta.values())).device))
     check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
-    try:
-        check_method(learner.problem, learner.theta, batch, learner.inner)
-    except SettingError as err:
-        raise sourced(config, err) from None
+    check_method(learner.problem, learner.theta, batch, learner.inner)
 
 
 def probe_step_weights(config: Config) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from distmaml.tasks.sine import SineTasks
 INNER_LR = 0.05
 SETTINGS = [("every_step", None), ("segments", 3), ("auto", None)]
 # Each rule with settings under which a 30-step unroll of the sine MLP stays finite.
-RULE_SETTINGS = {"sgd": {}, "meta_sgd": {}, "lslr": {}, "momentum": {"momentum": 0.8},
+RULE_SETTINGS = {"sgd": {}, "meta_sgd": {}, "lslr": {}, "schedule": {"blocks": 2}, "momentum": {"momentum": 0.8},
                  "adam": {"lr": 0.02, "betas": (0.8, 0.9)}}
 
 

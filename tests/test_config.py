@@ -1,5 +1,6 @@
 import pytest
 
+from distmaml.build import build_inner
 from distmaml.config import ConfigError, describe, load_config, parse_override
 from conftest import REPO
 
@@ -41,11 +42,6 @@ def test_int_widens_to_float_but_not_the_other_way():
     (["train.meta_batch=0"], "command line: train.meta_batch = 0: must be >= 1"),
     (["inner.lr=0"], "command line: inner.lr = 0.0: must be > 0"),
     (["inner.lr=-0.5"], "command line: inner.lr = -0.5: must be > 0"),
-    (["inner.mode=truncated", "inner.steps=2", "inner.truncate=3"],
-     "command line: inner.truncate = 3: must be between 0 and inner.steps (2)"),
-    (["inner.mode=second_ordr"],
-     "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit, "
-     "reptile"),
     (["train.lr_schedule=linear"], "command line: train.lr_schedule = 'linear': must be one of constant, cosine"),
     (["model.hidden=[40, 0]"], "command line: model.hidden = [40, 0]: every width must be >= 1"),
     (["task.amplitude=[5, 1]"], "command line: task.amplitude = [5.0, 1.0]: must be [low, high] with low <= high"),
@@ -69,11 +65,34 @@ def test_errors_name_the_file(tmp_path):
     assert errors_of([], tmp_path / "missing.yaml") == f"{tmp_path / 'missing.yaml'}: config file not found"
 
 
+def build_errors_of(overrides, path=None):
+    """What distmaml.build.build_inner refuses of a config that loads: the checks of the method
+    inner.mode names (it may be an import path, so they run when the run is built, not on loading)."""
+    config = load_config(path, overrides)
+    with pytest.raises(ConfigError) as info:
+        build_inner(config)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["inner.mode=truncated", "inner.steps=2", "inner.truncate=3"],
+     "command line: inner.truncate = 3: must be between 0 and inner.steps (2)"),
+    (["inner.mode=second_ordr"],
+     "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit, "
+     "neumann, finite_difference, reptile, or an import path"),
+])
+def test_bad_inner_settings_give_one_line_naming_key_value_and_source_when_built(override, expected):
+    assert build_errors_of(override) == expected
+
+
 def test_truncation_checked_against_the_file_that_set_steps(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("inner:\n  mode: truncated\n  steps: 3\n  truncate: 2\n")
-    assert load_config(path).inner.truncate == 2
-    assert errors_of(["inner.steps=1"], path) == f"{path}: inner.truncate = 2: must be between 0 and inner.steps (1)"
+    assert build_inner(load_config(path)).method.truncate == 2
+    assert build_errors_of(["inner.steps=1"], path) == \
+        f"{path}: inner.truncate = 2: must be between 0 and inner.steps (1)"
 
 
 def test_parse_override_reads_yaml_scalars():
@@ -108,8 +127,8 @@ def float_keys():
 def test_every_float_setting_refuses_nan_and_infinities(value):
     """Found by introspection, so a float key added later is covered too (a NaN cg_tol once trained nothing)."""
     keys = float_keys()
-    assert {"implicit.cg_tol", "implicit.cg_damping", "train.grad_clip", "train.lr_min", "train.time_limit",
-            "inner.lr", "task.amplitude"} <= {key for key, _ in keys}
+    assert {"implicit.cg_tol", "implicit.damping", "problem.proximal", "neumann.alpha", "finite_difference.eps",
+            "train.grad_clip", "train.lr_min", "train.time_limit", "inner.lr", "task.amplitude"} <= {k for k, _ in keys}
     for key, is_list in keys:
         given = f"[0.1, {value}]" if is_list else value
         message = errors_of([f"{key}={given}"])

@@ -1,6 +1,5 @@
 """The memory estimate made before training starts, and the refusal of runs that would not fit."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -11,40 +10,40 @@ from distmaml.build import build, build_inner
 from distmaml.config import load_config
 from distmaml.engine import compute_meta_gradient
 from distmaml.errors import ConfigError
-from distmaml.tasks.rng import STREAM_TRAIN
+from distmaml.rng import STREAM_TRAIN
 from conftest import REPO, run_cli
 
 
-def problem(*overrides):
+def sine(*overrides):
+    """(config, its MAML problem, phi, a training batch) of a small sine set-up."""
     config = load_config(REPO / "configs/sine_debug.yaml", ["model.hidden=[64, 64]", "task.support=30",
                                                             "task.query=30", "train.meta_batch=6", *overrides])
     torch.manual_seed(0)
     learner = build(config)
     batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch))
-    return config, learner.model, learner.theta, learner.family, batch
+    return config, learner.problem, learner.theta, batch
 
 
-def engine(family):
+def engine(problem, theta, batch, config):
     """The engine's meta-gradient for a config, as the trainer hands it to the estimate."""
-    return lambda model, theta, batch, config: compute_meta_gradient(model, theta, batch,
-                                                                     build_inner(config, family.loss))
+    return compute_meta_gradient(problem, theta, batch, build_inner(config))
 
 
-def exact_peak(config, model, params, family, batch, device="meta"):
+def exact_peak(config, problem, params, batch, device="meta"):
     """The whole unroll under the byte counter: what the estimate extrapolates to."""
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, cuda_graph=device == "meta"))
-    on = copy.deepcopy(model).to(device)
+    on = problem.to(device)
     weights = {name: value.detach().to(device).requires_grad_() for name, value in params.items()}
     data = type(batch)(*(t.to(device) if device != "meta" else torch.empty(t.shape, dtype=t.dtype, device="meta")
                          for t in batch))
     with memory.LiveBytes() as counter:
-        engine(family)(on, weights, data, config)
+        engine(on, weights, data, config)
     return counter.peak
 
 
 def test_counted_bytes_on_meta_tensors_are_those_of_the_real_run():
-    config, model, params, family, batch = problem("inner.steps=3")
-    assert exact_peak(config, model, params, family, batch) == exact_peak(config, model, params, family, batch, "cpu")
+    config, maml, params, batch = sine("inner.steps=3")
+    assert exact_peak(config, maml, params, batch) == exact_peak(config, maml, params, batch, "cpu")
 
 
 @pytest.mark.parametrize("overrides", [
@@ -52,12 +51,13 @@ def test_counted_bytes_on_meta_tensors_are_those_of_the_real_run():
     ["inner.steps=13", "inner.checkpoint=segments", "inner.checkpoint_segment=4"],
     ["inner.steps=12", "inner.mode=truncated", "inner.truncate=5"],
     ["inner.steps=12", "inner.mode=truncated", "inner.truncate=6", "inner.checkpoint=auto"],
-    ["inner.steps=12", "inner.mode=first_order"], ["inner.steps=6", "inner.mode=implicit"], ["inner.steps=2"],
+    ["inner.steps=12", "inner.mode=first_order"], ["inner.steps=6", "inner.mode=implicit", "problem.proximal=1.0"],
+    ["inner.steps=2"],
 ])
 def test_the_estimate_is_within_ten_percent_of_the_whole_unroll(overrides):
-    config, model, params, family, batch = problem(*overrides)
-    found = memory.estimate(model, params, batch, config, engine(family))
-    exact = exact_peak(config, model, params, family, batch) + found.fixed_bytes + sum(
+    config, maml, params, batch = sine(*overrides)
+    found = memory.estimate(maml, params, batch, config, engine)
+    exact = exact_peak(config, maml, params, batch) + found.fixed_bytes + sum(
         t.numel() * t.element_size() for t in batch)
     assert abs(found.peak_bytes / exact - 1) < 0.10, (found, exact)
 
@@ -79,11 +79,11 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, overrides, 
 
 
 def test_a_budget_names_what_would_fit():
-    config, model, params, family, batch = problem("inner.steps=20", "model.hidden=[256, 256]")
+    config, maml, params, batch = sine("inner.steps=20", "model.hidden=[256, 256]")
 
     def estimate(**inner):
         changed = dataclasses.replace(config, inner=dataclasses.replace(config.inner, **inner))
-        return memory.estimate(model, params, batch, changed, engine(family))
+        return memory.estimate(maml, params, batch, changed, engine)
 
     found = estimate()
     full, recomputed = found.peak_bytes, estimate(checkpoint="auto").peak_bytes
@@ -91,7 +91,7 @@ def test_a_budget_names_what_would_fit():
     budget = (full + recomputed) / 2 / 2 ** 30
     tight = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=budget))
     with pytest.raises(ConfigError) as refused:
-        memory.check_fits(model, params, batch, tight, engine(family), 1,
+        memory.check_fits(maml, params, batch, tight, engine, 1,
                           torch.device("cpu"))
     message = str(refused.value)
     assert f"engine.memory_budget = {budget:g} GiB" in message
@@ -100,5 +100,5 @@ def test_a_budget_names_what_would_fit():
     most = int((budget * 2 ** 30 - found.fixed_bytes) // ((full - found.fixed_bytes) / 6))
     assert 1 <= most < 6 and f"train.meta_batch={most}, or more processes" in message
     roomy = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=2 * full / 2 ** 30))
-    assert memory.check_fits(model, params, batch, roomy, engine(family), 1,
+    assert memory.check_fits(maml, params, batch, roomy, engine, 1,
                              torch.device("cpu")).peak_bytes == full

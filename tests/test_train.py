@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from distmaml.build import build_inner
 from distmaml.checkpoint import list_checkpoints, load_checkpoint
 from distmaml.config import ConfigError, load_config
 from distmaml.train import learning_rate, train
@@ -221,18 +222,14 @@ def test_sine_debug_gives_the_numbers_it_always_gave(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["inner.rule=rmsprop"], "command line: inner.rule = 'rmsprop': must be one of sgd, meta_sgd, lslr, momentum, adam"),
+    (["inner.rule=rmsprop"], "command line: inner.rule = 'rmsprop': must be one of sgd, meta_sgd, lslr, schedule, "
+                             "momentum, adam"),
     (["inner.rule=momentum"], "command line: inner.momentum = None: inner.rule = momentum needs inner.momentum (a "
                               "coefficient in [0, 1), e.g. 0.9)"),
     (["inner.rule=momentum", "inner.momentum=1.0"], "command line: inner.momentum = 1.0: must be in [0, 1)"),
     (["inner.lr=-0.01"], "command line: inner.lr = -0.01: must be > 0"),
     (["inner.rule=adam", "inner.betas=[0.9, 1.5]"], "command line: inner.betas = [0.9, 1.5]: must be two numbers in "
                                                     "[0, 1)"),
-    (["inner.rule=adam", "inner.mode=implicit"], "command line: inner.rule = 'adam': implicit mode takes plain SGD "
-                                                 "steps: its gradient formula assumes the solution of the regularised "
-                                                 "inner problem, not the path of another rule"),
-    (["inner.rule=meta_sgd", "inner.mode=reptile"], "command line: inner.rule = 'meta_sgd': Reptile's meta-gradient "
-                                                    "theta - phi_K gives learned step sizes no gradient"),
 ])
 def test_bad_inner_settings_are_one_line(overrides, expected):
     with pytest.raises(ConfigError) as refused:
@@ -240,12 +237,37 @@ def test_bad_inner_settings_are_one_line(overrides, expected):
     assert str(refused.value) == expected
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # The implicit methods differentiate the inner problem's solution, whichever fixed rule reaches it; the
+    # safeguard (on by default) caps plain SGD steps only, so it is what refuses Adam (blamed on inner.mode's
+    # source, since inner_safeguard was left at its default).
+    (["inner.rule=adam", "inner.mode=implicit", "problem.proximal=1.0"],
+     "command line: implicit.inner_safeguard = True: caps plain SGD steps; with inner.rule = adam set "
+     "implicit.inner_safeguard=false"),
+    (["inner.rule=meta_sgd", "inner.mode=implicit", "problem.proximal=1.0"],
+     "command line: inner.rule = 'meta_sgd': implicit differentiates the solution of the inner problem, which does "
+     "not depend on learned step sizes: they would get no gradient"),
+    (["inner.rule=meta_sgd", "inner.mode=reptile"], "command line: inner.rule = 'meta_sgd': Reptile's meta-gradient "
+                                                    "phi - w_K gives learned step sizes no gradient"),
+])
+def test_rules_a_method_cannot_differentiate_are_one_line_when_the_run_is_built(tmp_path, overrides, expected):
+    """inner.mode may be an import path, so these checks belong to the method and run at build time."""
+    config = load_config(REPO / "configs/sine_debug.yaml", overrides)
+    with pytest.raises(ConfigError) as refused:
+        build_inner(config)
+    assert str(refused.value) == expected
+    # The command line refuses it in the same line, before any iteration.
+    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", *overrides], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"distmaml train: error: {expected}", proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_an_adapt_prefix_that_matches_no_weight_is_one_line(tmp_path):
     proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", "inner.adapt=[head]"], check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("distmaml train: error: inner.adapt = ['head']: no weight of the model starts with "
-                                   "'head' (its weights: net.0.weight, net.0.bias, net.2.weight, net.2.bias, "
-                                   "net.4.weight, net.4.bias)")
+    assert proc.stderr.strip() == ("distmaml train: error: command line: inner.adapt = ['head']: no weight of the "
+                                   "model starts with 'head' (its weights: net.0.weight, net.0.bias, net.2.weight, "
+                                   "net.2.bias, net.4.weight, net.4.bias)")
 
 
 @pytest.mark.parametrize("rule", ["meta_sgd", "lslr"])
