@@ -132,7 +132,7 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
     """
     if seed is not None:
         family = family.with_seed(seed)
-    device = next(iter(theta.values())).device
+    device = next(iter({**theta, **problem.inner_template()}.values())).device  # theta may be empty (a baseline)
     counts = report_steps(steps)
     batches = [family.sample(stream, 0, torch.arange(start, min(start + chunk, tasks), device=device),
                              support=shots, query=query) for start in range(0, tasks, chunk)]

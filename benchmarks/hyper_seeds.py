@@ -1,0 +1,132 @@
+"""Learned hyperparameters over training seeds, each against the baselines it should beat.
+
+    python -m benchmarks.hyper_seeds learning_rate --seeds 0 1 2     # configs/mnist1d_lr.yaml
+    python -m benchmarks.hyper_seeds activation --seeds 0 1 2        # configs/mnist1d_activation.yaml
+    python -m benchmarks.hyper_seeds weight_decay --seeds 0 1 2      # configs/mnist1d_weight_decay.yaml
+    python -m benchmarks.hyper_seeds logistic --seeds 0 1 2          # configs/logistic_weight_decay.yaml
+
+Each seed trains the config (train.seed = seed; `distmaml train`'s own code, in this process) and
+evaluates the learned meta-parameters on the run's evaluation tasks: fresh random initialisations
+trained for the config's inner steps, scored on the validation and test splits. The baselines train
+the same networks from the same initialisations with the same steps and mini-batches:
+
+- learning_rate: plain SGD at each rate of a log grid (1e-3 ... 3, 16 rates); the grid's choice is
+  the rate with the lowest validation loss, the quantity the learned rate minimises;
+- activation: ReLU, ELU and Swish in place of the learned function;
+- weight_decay, logistic: no decay, and one global decay tuned on a log grid by validation loss.
+
+Writes benchmarks/results/hyper_<problem>.json: per seed the learned values, the learned run's and
+each baseline's test accuracy and validation loss, and the training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import REPO, RESULTS, machine, write
+from distmaml.build import build
+from distmaml.config import load_config
+from distmaml.evaluate import evaluate, evaluation_settings
+from distmaml.meta import TrainingRun, WeightDecay, make_rule
+from distmaml.models import build_model
+from distmaml.train import train
+
+CONFIGS = {"learning_rate": "configs/mnist1d_lr.yaml", "activation": "configs/mnist1d_activation.yaml",
+           "weight_decay": "configs/mnist1d_weight_decay.yaml", "logistic": "configs/logistic_weight_decay.yaml"}
+RATE_GRID = [1e-3 * (3 / 1e-3) ** (i / 15) for i in range(16)]
+DECAY_GRID = [10.0 ** e for e in range(-6, 1)]
+
+
+def _score(result: dict[str, Any]) -> dict[str, float]:
+    last = result["steps"][-1]
+    return {"test_accuracy": last.get("test_accuracy", math.nan), "validation_loss": last["loss"],
+            "validation_accuracy": last.get("accuracy", math.nan)}
+
+
+def baselines(problem_name: str, config, learner, settings: dict) -> dict[str, dict[str, float]]:
+    family, inner, problem = learner.family, learner.inner, learner.problem
+    plain = dataclasses.replace(inner, rule=make_rule("sgd", inner.rule.lr))  # the baselines learn nothing
+    out: dict[str, dict[str, float]] = {}
+    if problem_name == "learning_rate":
+        return out  # the grid is part of the run's own evaluation (eval.lr_grid)
+    if problem_name == "activation":
+        for activation in ("relu", "elu", "swish"):
+            changed = dataclasses.replace(config, model=dataclasses.replace(config.model, activation=activation))
+            torch.manual_seed(config.train.seed)
+            model = build_model(changed, family.input_shape, family.num_outputs).to(
+                next(iter(problem.inner_template().values())).dtype)
+            fixed = TrainingRun(model, problem.data, problem.loss_fn, problem.accuracy_fn, problem.batch_size)
+            out[activation] = _score(evaluate(fixed, {}, family, plain, **settings))
+        return out
+    base = TrainingRun(problem.model, problem.data, problem.loss_fn, problem.accuracy_fn, problem.batch_size)
+    out["no decay"] = _score(evaluate(base, {}, family, plain, **settings))
+    tuned = None
+    for decay in DECAY_GRID:
+        single = WeightDecay(problem.model, problem.data, problem.loss_fn, problem.accuracy_fn, problem.batch_size,
+                             per="global", initial=decay)
+        score = _score(evaluate(single, single.meta_parameters(), family, plain, **settings))
+        if tuned is None or score["validation_loss"] < tuned[1]["validation_loss"]:
+            tuned = (decay, score)
+    out[f"global decay (grid, best {tuned[0]:g})"] = tuned[1]
+    return out
+
+
+def run_seed(problem_name: str, seed: int, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    extra = [f"eval.lr_grid={RATE_GRID}"] if problem_name == "learning_rate" else []
+    config = load_config(REPO / CONFIGS[problem_name], [f"train.seed={seed}", f"run.dir={out_dir / f'seed{seed}'}",
+                                                       "logging.progress=false", *extra, *overrides])
+    summary = train(config)
+    if summary["status"] != "complete":
+        raise SystemExit(f"seed {seed}: training ended {summary['status']}: {summary.get('error', '')}")
+    from distmaml.build import load_trained
+
+    learner = load_trained(config.run.dir).learner
+    settings = {**evaluation_settings(config), "lr_grid": ()}
+    row = {"seed": seed, "train_seconds": summary["train_seconds"], "learned": summary["eval"].get("learned", {}),
+           "learned_run": _score(summary["eval"]), "baselines": baselines(problem_name, config, learner, settings)}
+    if "grid" in summary["eval"]:
+        grid = summary["eval"]["grid"]
+        row["grid"] = grid
+        row["baselines"][f"SGD rate grid (best by validation loss, {grid['best_lr']:.3g})"] = {
+            "test_accuracy": grid["test_accuracy_at_best"],
+            "validation_loss": min(v for v in grid["validation_loss"] if math.isfinite(v))}
+        best_accuracy = max(grid["test_accuracy"])
+        row["baselines"][f"SGD rate grid (best test accuracy, {grid['lrs'][grid['test_accuracy'].index(best_accuracy)]:.3g})"] = {
+            "test_accuracy": best_accuracy, "validation_loss": math.nan}
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("problem", choices=list(CONFIGS))
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings for every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=Path("runs/hyper_seeds"), help="run directories go here")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/hyper_<problem>.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started, rows = time.time(), []
+    for seed in args.seeds:
+        rows.append(run_seed(args.problem, seed, args.runs / args.problem, args.overrides))
+        print(f"seed {seed}: learned {rows[-1]['learned_run']}, baselines {rows[-1]['baselines']}", flush=True)
+    accuracies = [row["learned_run"]["test_accuracy"] for row in rows]
+    result = {"benchmark": "hyper_seeds", "problem": args.problem, "config": CONFIGS[args.problem],
+              "command": " ".join(["python -m benchmarks.hyper_seeds", *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device("cpu")), "wall_seconds": time.time() - started, "rows": rows,
+              "learned_test_accuracy_mean": statistics.mean(accuracies),
+              "learned_test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
+    print(f"wrote {write(result, args.out or RESULTS / f'hyper_{args.problem}.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
