@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from benchmarks.common import REPO, RESULTS, machine, write
-from distmaml.build import build
 from distmaml.config import load_config
 from distmaml.evaluate import evaluate, evaluation_settings
 from distmaml.meta import TrainingRun, WeightDecay, make_rule

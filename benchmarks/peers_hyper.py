@@ -38,7 +38,7 @@ from torch.func import functional_call
 from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
 from distmaml.build import build
 from distmaml.config import load_config
-from distmaml.meta import ImplicitCG, Inner, make_rule, meta_gradient, task_at
+from distmaml.meta import ImplicitCG, Inner, meta_gradient, task_at
 
 TOLERANCE = 1e-6
 TASKS = 16

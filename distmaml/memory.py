@@ -20,7 +20,6 @@ A run that would not fit is refused before it starts, with what would fit instea
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import weakref

@@ -74,6 +74,30 @@ def plain_adapt(problem: Any, phi: Params, tasks: Tasks, inner: Any, steps: int,
         return unroll(problem, detached(phi), tasks, inner, steps=steps, differentiated=0, trajectory=trajectory)
 
 
+class WithoutUnrollGraph:
+    """What the methods that keep no graph of the inner steps share (implicit, finite difference,
+    Reptile): no multi-step loss, no derivative-order annealing, evaluation adapts plainly, and
+    gradcheck holds them to finite differences of the unrolled objective only approximately."""
+
+    stat_names: tuple[str, ...] = ()
+    trajectory_objective = False
+    differentiates_steps = False
+    reference = "finite_difference"
+
+    def exact(self, steps: int) -> bool:
+        return False
+
+    def differentiated(self, steps: int) -> int:
+        return 0
+
+    def check_problem(self, problem: Any, phi: Params, task: Any, inner: Any) -> None:
+        pass
+
+    def adapt(self, problem: Any, phi: Params, tasks: Tasks, inner: Any, steps: int,
+              trajectory: bool = False) -> Unrolled:
+        return plain_adapt(problem, phi, tasks, inner, steps, trajectory)
+
+
 def refuse_step_weights(method: Method, step_weights: torch.Tensor | None) -> None:
     if step_weights is not None:
         raise MethodError("inner.multi_step_loss", True, f"needs a method that differentiates the unroll, not "

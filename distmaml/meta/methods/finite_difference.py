@@ -25,24 +25,14 @@ from torch.func import grad, vmap
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.hessian import per_task, task_dot
-from distmaml.meta.methods.base import MethodError, gradient_sum, plain_adapt, refuse_step_weights
+from distmaml.meta.methods.base import MethodError, WithoutUnrollGraph, gradient_sum, refuse_step_weights
 from distmaml.meta.unrolling import start_weights, step_views, task_values, unroll
 
 
 @dataclass(frozen=True)
-class FiniteDifference:
+class FiniteDifference(WithoutUnrollGraph):
     eps: float = 0.01
     name = "finite_difference"
-    stat_names = ()
-    trajectory_objective = False
-    differentiates_steps = False
-    reference = "finite_difference"
-
-    def exact(self, steps: int) -> bool:
-        return False
-
-    def differentiated(self, steps: int) -> int:
-        return 0
 
     def check(self, rule, steps: int) -> None:
         if not (self.eps > 0 and math.isfinite(self.eps)):
@@ -50,9 +40,6 @@ class FiniteDifference:
         if not rule.linear_in_gradient:
             raise MethodError("inner.rule", rule.name, "the finite-difference method needs a last step linear in "
                               "the inner gradient (w - step size * g: sgd, meta_sgd, lslr, momentum)")
-
-    def check_problem(self, problem, phi, task, inner) -> None:
-        pass
 
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None) -> MetaGradient:
         refuse_step_weights(self, step_weights)
@@ -101,6 +88,3 @@ class FiniteDifference:
         grads = gradient_sum(outer.sum() + carried, phi)
         grad_sum = {name: grads[name] + mixed_term[name].detach() for name in phi}
         return MetaGradient(grad_sum, outer.detach(), {}, detached(final))
-
-    def adapt(self, problem, phi, tasks, inner, steps, trajectory=False):
-        return plain_adapt(problem, phi, tasks, inner, steps, trajectory)

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.hessian import inner_hessian, per_task, task_dot, top_eigenvalue
-from distmaml.meta.methods.base import MethodError, plain_adapt, refuse_step_weights
+from distmaml.meta.methods.base import MethodError, WithoutUnrollGraph, plain_adapt, refuse_step_weights
 from distmaml.meta.rules import LEARNED
 from distmaml.meta.unrolling import Unrolled, start_weights, task_values
 
@@ -127,20 +127,15 @@ def _relative(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tenso
 
 
 @dataclass(frozen=True)
-class _Implicit:
+class _Implicit(WithoutUnrollGraph):
     damping: float = 0.0
     safeguard: bool = False
     stop_early: bool = True  # host syncs allowed (not under CUDA graph capture)
 
-    trajectory_objective = False
-    differentiates_steps = False
     reference = "dense_ift"
 
     def exact(self, steps: int) -> bool:
         return True
-
-    def differentiated(self, steps: int) -> int:
-        return 0
 
     def check(self, rule, steps: int) -> None:
         if not (self.damping >= 0 and math.isfinite(self.damping)):

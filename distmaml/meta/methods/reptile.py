@@ -11,23 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
-from distmaml.meta.methods.base import MethodError, plain_adapt, refuse_step_weights
+from distmaml.meta.methods.base import MethodError, WithoutUnrollGraph, refuse_step_weights
 from distmaml.meta.unrolling import task_values
 
 
 @dataclass(frozen=True)
-class Reptile:
+class Reptile(WithoutUnrollGraph):
     name = "reptile"
-    stat_names = ()
-    trajectory_objective = False
-    differentiates_steps = False
-    reference = "finite_difference"
-
-    def exact(self, steps: int) -> bool:
-        return False
-
-    def differentiated(self, steps: int) -> int:
-        return 0
 
     def check(self, rule, steps: int) -> None:
         if rule.learns:
@@ -48,6 +38,3 @@ class Reptile:
             grad_sum = {name: (value.detach() - result.weights[name]).sum(0) if name in result.weights
                         else torch.zeros_like(value) for name, value in phi.items()}
         return MetaGradient(grad_sum, final, {}, result.weights)
-
-    def adapt(self, problem, phi, tasks, inner, steps, trajectory=False):
-        return plain_adapt(problem, phi, tasks, inner, steps, trajectory)
