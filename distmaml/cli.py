@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(a grid search beside a learned rate)")
 
     plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation; a "
-                                 "learned activation function beside ELU, ReLU and Swish")
+                                 "learned activation function beside ELU, ReLU and Swish; distilled examples")
     plot_p.add_argument("checkpoint", help="a checkpoint file or a run directory")
     plot_p.add_argument("out", type=Path, help="PNG file to write")
     plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
@@ -174,12 +174,19 @@ def _log_grid(spec: list[float] | None) -> list[float] | None:
 
 def _plot(args) -> int:
     from distmaml.build import load_trained
+    from distmaml.meta.problems.distillation import INPUTS
     from distmaml.models import LearnedActivation
     from distmaml.plots import plot_sine_adaptation
 
     trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
+    if INPUTS in learner.theta:
+        from distmaml.plots import plot_distilled
+
+        plot_distilled(learner.theta, args.out)
+        print(f"wrote {args.out}")
+        return 0
     if isinstance(getattr(learner.model, "activation", None), LearnedActivation):
         from distmaml.plots import plot_learned_activation
 

@@ -37,12 +37,12 @@ class StepOutput(NamedTuple):
     meta_loss: torch.Tensor  # mean query loss after adaptation over the whole meta-batch (all ranks)
 
 
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam:
+def make_optimizer(params, lr: float, device: torch.device, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
     """Adam on the meta-parameters. On CUDA it is the capturable variant (step count and learning
     rate live on the device) in eager and graph mode alike, so both compute the same numbers."""
     if device.type == "cuda":
-        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), capturable=True)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), betas=betas, capturable=True)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def fit_optimizer_to(optimizer: torch.optim.Adam, device: torch.device) -> None:

@@ -157,9 +157,35 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
     learned = {**(problem.describe(theta) if hasattr(problem, "describe") else {}), **inner.rule.describe(theta)}
     if learned:
         result["learned"] = learned
+        result.update({key: learned[key] for key in getattr(problem, "headline", ()) if key in learned})
+    if hasattr(problem, "baselines"):
+        result["test_accuracy"] = compare_with_baselines(problem, theta, batches, inner, counts, curves)
     if lr_grid:
         result["grid"] = rate_grid(problem, theta, batches, inner, steps, lr_grid)
     return result
+
+
+def compare_with_baselines(problem, theta: Params, batches: list, inner: Inner, counts: list[int],
+                           curves: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The learned run's test accuracy beside its problem's baselines (problem.baselines(theta): the
+    same tasks trained on other data, with the same rule and learned step sizes). A baseline the
+    problem names in `stopped_baselines` is also reported stopped at its best validation accuracy
+    (the strongest simple baseline), its last step as "<name>_unstopped"."""
+    rates = {name: value for name, value in theta.items() if name.startswith(LEARNED)}
+    with_ci = getattr(problem, "accuracy_with_ci", False)
+
+    def at(values: torch.Tensor, row: int):
+        mean, ci95 = mean_ci95(values[row])
+        return {"mean": mean, "ci95": ci95} if with_ci else mean
+
+    out = {getattr(problem, "learned_name", "learned"): at(curves["test_accuracy"], -1)}
+    for name, (other, phi) in problem.baselines(theta).items():
+        found = _curves(other, {**rates, **phi}, batches, inner, counts)
+        out[name] = at(found["test_accuracy"], -1)
+        if name in getattr(problem, "stopped_baselines", ()):
+            best = int(found["accuracy"].mean(1).argmax())
+            out[f"{name}_unstopped"], out[name] = out[name], at(found["test_accuracy"], best)
+    return out
 
 
 def rate_grid(problem, theta: Params, batches: list, inner: Inner, steps: int, rates: list[float]) -> dict[str, Any]:

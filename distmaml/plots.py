@@ -83,3 +83,44 @@ def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, hi
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     plt.close(figure)
+
+
+def plot_distilled(theta, out: str | Path) -> None:
+    """Distilled examples (distmaml.meta.Distillation): images where an example is square (8 x 8
+    digits, or [channels, h, w]), else sequences (MNIST-1D), each titled with its soft label."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distmaml.meta.problems.distillation import INPUTS, LABELS
+
+    x = theta[INPUTS].detach().cpu()
+    labels = torch.softmax(theta[LABELS].detach().cpu(), -1)
+    count, size = x.shape[0], math.prod(x.shape[1:])
+    side = math.isqrt(size) if x.dim() == 2 else None
+    columns = min(count, 10)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows), squeeze=False)
+    for i, axis in enumerate(axes.flat):
+        axis.set_xticks([])
+        axis.set_yticks([])
+        if i >= count:
+            axis.axis("off")
+            continue
+        example = x[i]
+        if x.dim() == 4:
+            axis.imshow(example.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
+        elif side is not None and side * side == size and side > 1:
+            axis.imshow(example.reshape(side, side).numpy(), cmap="gray")
+        else:
+            axis.plot(example.reshape(-1).numpy(), color="black", lw=1)
+        confidence, label = labels[i].max(0)
+        axis.set_title(f"{int(label)} ({float(confidence):.2f})", fontsize=8)
+    figure.suptitle("distilled examples: soft label's class (its probability)", fontsize=9)
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)

@@ -5,6 +5,8 @@ model and task family (the math lives in distmaml.meta.problems; this module onl
     problem.name: learning_rate                  # a network trained from scratch; phi: the rule's step sizes
     problem.name: activation                     # ...; phi: the model's learned activation function
     problem.name: weight_decay                   # ...; phi: a learned L2 decay
+    problem.name: hyperclean                     # ...; phi: a weight per training example (noisy labels)
+    problem.name: distill                        # ...; phi: a few synthetic examples per class
     problem.name: my_package.problems:build      # yours: build(model=..., family=..., **problem.args)
 """
 
@@ -14,10 +16,11 @@ from typing import Any
 
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
-from distmaml.meta import MAML, TrainingRun, WeightDecay
+from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
 from distmaml.meta.problem import ProblemError, missing_members
 
-PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in ("maml", "learning_rate", "activation", "weight_decay")}
+PROBLEMS = {name: f"distmaml.problems:build_{name}"
+            for name in ("maml", "learning_rate", "activation", "weight_decay", "hyperclean", "distill")}
 ACTIVATION_PREFIX = "activation."  # distmaml.models.MLP's learned activation
 
 
@@ -58,6 +61,19 @@ def build_activation(config, model, family) -> TrainingRun:
 def build_weight_decay(config, model, family) -> WeightDecay:
     problem = config.problem
     return WeightDecay(**_training(config, model, family), per=problem.decay_per, initial=problem.decay_init)
+
+
+def build_hyperclean(config, model, family) -> Reweighting:
+    """Per-example weights of the training split, learned on a clean validation split."""
+    return Reweighting(**_training(config, model, family), initial=config.problem.example_init,
+                       flipped=getattr(family, "flipped", None))
+
+
+def build_distill(config, model, family) -> Distillation:
+    """A few learned examples per class (problem.per_class) with soft labels."""
+    problem = config.problem
+    return Distillation(**_training(config, model, family), per_class=problem.per_class,
+                        initial=problem.distill_init, fixed_init=problem.fixed_init)
 
 
 def build_problem(config, model, family) -> Any:

@@ -116,7 +116,7 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
         stack.enter_context(RunLock(config.run.dir))
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     learner = build(config, ctx.device)
-    optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
+    optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
     start = _restore(config, ctx, learner, optimizer)
     tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
     try:

@@ -1,7 +1,8 @@
 """Every hypergradient method that applies to a problem whose tasks are random initialisations, a few
 outer steps each through the trainer's engine (sample, method, one all-reduce, Adam), in whatever
 process group the launcher set up: the logistic weight-decay problem (`decay`), or the learning rate
-of an MLP on a subsample of MNIST-1D with mini-batches (`learning_rate`). tests/test_distributed.py
+of an MLP on a subsample of MNIST-1D with mini-batches (`learning_rate`), or distilled digits
+(`distill`). tests/test_distributed.py
 runs it as one process and under torchrun with two, and compares the meta-parameters it saves."""
 
 import sys
@@ -18,6 +19,8 @@ PROBLEMS = {
                                                      "finite_difference"), []),
     "learning_rate": ("configs/mnist1d_lr.yaml", ("second_order", "truncated", "first_order", "finite_difference"),
                       ["task.args.train=300", "model.hidden=[16]", "inner.schedule_blocks=2", "inner.lr=0.3"]),
+    "distill": ("configs/digits_distill.yaml", ("second_order", "truncated"),
+                ["model.hidden=[16]", "inner.schedule_blocks=20"]),
 }
 
 

@@ -287,6 +287,7 @@ def test_two_processes_match_one(tmp_path, reference, mode):
      0.01),
     ("learning_rate", ["finite_difference", "first_order", "second_order", "truncated"], "inner.lr.log_schedule",
      0.3),
+    ("distill", ["second_order", "truncated"], "synthetic.label_logits", None),
 ])
 def test_every_method_on_random_initialisations_gives_two_processes_the_one_process_result(tmp_path, problem,
                                                                                             methods, name, initial):
@@ -301,8 +302,9 @@ def test_every_method_on_random_initialisations_gives_two_processes_the_one_proc
     assert sorted(one) == sorted(two) == methods
     for method in one:
         assert max_abs_diff(one[method], two[method]) <= 1e-6, method
-        # Three Adam steps of 0.1 moved the log values (a method returning zeros would not).
-        assert (one[method][name] - math.log(initial)).abs().max() > 0.05, method
+        # Three Adam steps of 0.1 moved the meta-parameters (a method returning zeros would not).
+        start = 5.0 * torch.eye(10, dtype=torch.float64) if initial is None else math.log(initial)
+        assert (one[method][name] - start).abs().max() > 0.05, method
 
 
 @pytest.mark.slow

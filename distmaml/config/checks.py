@@ -78,6 +78,9 @@ def check_values(config, source) -> None:
     at_least("problem.proximal", 0)
     positive("problem.decay_init")
     at_least("problem.batch_size", 0)
+    at_least("problem.per_class", 1)
+    if len(config.train.betas) != 2 or not all(0 <= beta < 1 for beta in config.train.betas):
+        fail("train.betas", "must be two numbers in [0, 1)")
     if not config.problem.name.strip():
         fail("problem.name", "must name a problem")
     if not config.inner.mode.strip():

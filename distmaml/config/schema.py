@@ -30,8 +30,10 @@ class RunConfig:
 
 @dataclass
 class ProblemConfig:
-    name: str = _opt("maml", "bi-level problem: maml (initial weights that adapt in a few steps: MAML and its family), "
-                     "weight_decay (a learned L2 decay of a network trained from scratch), or your own builder as an "
+    name: str = _opt("maml", "bi-level problem: maml (initial weights that adapt in a few steps: MAML and its family); "
+                     "on networks trained from scratch: learning_rate (the rule's learned rates), activation (a "
+                     "learned activation function), weight_decay (a learned L2 decay), hyperclean (a learned weight "
+                     "per training example), distill (a few learned examples per class); or your own builder as an "
                      "import path 'package.module:build' called as build(model=..., family=..., **problem.args)")
     args: dict = _opt({}, "keyword arguments for your own problem builder (problem.args.<name>=value)")
     proximal: float = _opt(0.0, "maml: strength lam of the inner loss's pull lam/2 ||w - phi||^2 towards phi (iMAML; "
@@ -39,8 +41,15 @@ class ProblemConfig:
     decay_per: str = _opt("weight", "weight_decay: one learned decay per weight element, per input element of each "
                           "weight (per feature), per tensor, or one for all", ("weight", "input", "tensor", "global"))
     decay_init: float = _opt(1e-3, "weight_decay: every decay's initial value (phi holds its log)")
-    batch_size: int = _opt(0, "training-run problems (weight_decay): examples per inner step, drawn with replacement "
-                           "from the training split (0: the whole split: gradient descent)")
+    batch_size: int = _opt(0, "training-run problems: examples per inner step, drawn with replacement from the "
+                           "training split (0: the whole split: gradient descent); distill: the real mini-batch of "
+                           "the outer loss")
+    example_init: float = _opt(0.0, "hyperclean: every example's weight logit starts here (weight sigmoid(logit))")
+    per_class: int = _opt(1, "distill: synthetic examples per class (M)")
+    distill_init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or "
+                             "as Gaussian noise", ("real", "noise"))
+    fixed_init: bool = _opt(False, "distill: every task starts from one fixed initialisation (Wang et al.'s known "
+                            "init) instead of its own random one")
 
 
 @dataclass
@@ -138,6 +147,8 @@ class TrainConfig:
     iterations: int = _opt(70000, "meta-iterations (outer Adam steps)")
     meta_batch: int = _opt(25, "tasks per meta-iteration, over all processes")
     lr: float = _opt(1e-3, "outer Adam learning rate (beta)")
+    betas: list[float] = _opt([0.9, 0.999], "outer Adam's decay rates of its two moments (dataset distillation: "
+                              "[0.5, 0.999])")
     lr_schedule: str = _opt("constant", "outer learning-rate schedule", ("constant", "cosine"))
     lr_min: float = _opt(0.0, "cosine schedule: learning rate at the last iteration")
     grad_clip: float = _opt(0.0, "clip the meta-gradient to this global L2 norm (0: off)")

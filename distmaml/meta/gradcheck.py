@@ -152,7 +152,12 @@ def gradcheck(problem: Any, phi: Params, tasks: Tasks, inner, methods: dict[str,
                  and (solved is None or solved(result.stats)))
         if reference == "dense_ift":
             weights = method.adapt(problem, phi, tasks, checked, inner.steps).weights
-            expected = _flat(dense_ift(problem, phi, weights, tasks, max(inner.steps - 1, 0), method.damping))
+            try:
+                expected = _flat(dense_ift(problem, phi, weights, tasks, max(inner.steps - 1, 0), method.damping))
+            except torch.linalg.LinAlgError:  # e.g. a ReLU unit dead on every example: no implicit derivative
+                report[name] = Check(None, reference, False, "the inner Hessian is singular where the inner loop "
+                                     "ended: implicit differentiation is not defined there (add implicit.damping)")
+                continue
             error = (got - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)
         else:
             error = (basis @ got - numeric).norm() / numeric.norm().clamp_min(torch.finfo(numeric.dtype).tiny)

@@ -2,8 +2,8 @@
 global task index), on the training device, task dimension first, so that a shard of a meta-batch
 is exactly the slice of the whole batch that a single process would have built.
 
-Built in: sine (regression), omniglot and image_folder (N-way K-shot classification); logistic and
-mnist1d (training runs on a data set, for hyperparameter and data learning). Your own: any class
+Built in: sine (regression), omniglot and image_folder (N-way K-shot classification); logistic,
+mnist1d and digits (training runs on a data set, for hyperparameter and data learning). Your own: any class
 following distmaml.tasks.TaskFamily, named in task.family by import path.
 """
 
@@ -19,7 +19,8 @@ __all__ = ["FAMILIES", "FamilyError", "TaskBatch", "TaskFamily", "build_task_fam
 
 FAMILIES = {"sine": "distmaml.tasks.sine:SineTasks", "omniglot": "distmaml.tasks.omniglot:OmniglotTasks",
             "image_folder": "distmaml.tasks.image_folder:ImageFolderTasks",
-            "logistic": "distmaml.tasks.logistic:LogisticRuns", "mnist1d": "distmaml.tasks.mnist1d:MNIST1DRuns"}
+            "logistic": "distmaml.tasks.logistic:LogisticRuns", "mnist1d": "distmaml.tasks.mnist1d:MNIST1DRuns",
+            "digits": "distmaml.tasks.digits:DigitsRuns"}
 
 
 def build_task_family(config, device: torch.device | str, dtype: torch.dtype = torch.float32) -> TaskFamily:

@@ -14,8 +14,24 @@ from typing import Callable
 
 import torch
 
+from distmaml.errors import ConfigError
 from distmaml.meta.problems.training import Dataset
 from distmaml.rng import hash_u32, seed_words
+
+
+LANE_PICK, LANE_CLASS = 21, 22  # label-noise draws of the data seed
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, classes: int, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy labels, flipped mask): exactly round(fraction * n) examples, chosen counter-based from
+    `data_seed`, get a label drawn uniformly from the other classes; the rest keep theirs."""
+    n = labels.shape[0]
+    index = torch.arange(n, device=labels.device)
+    order = hash_u32(*seed_words(data_seed), LANE_PICK, index, device=labels.device).argsort()
+    flipped = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    flipped[order[:round(fraction * n)]] = True
+    shift = 1 + hash_u32(*seed_words(data_seed), LANE_CLASS, index, device=labels.device) % (classes - 1)
+    return torch.where(flipped, (labels + shift) % classes, labels), flipped
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,7 @@ class TrainingRuns:
     num_outputs: int
     seed: int = 0
     is_classification: bool = True
+    flipped: torch.Tensor | None = None  # which training labels were flipped (label-noise studies), else None
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(prediction, target)
@@ -56,4 +73,15 @@ class TrainingRuns:
         return dataclasses.replace(self, seed=seed)
 
     def to(self, device: torch.device | str) -> "TrainingRuns":
-        return dataclasses.replace(self, dataset=self.dataset.to(device))
+        flipped = None if self.flipped is None else self.flipped.to(device)
+        return dataclasses.replace(self, dataset=self.dataset.to(device), flipped=flipped)
+
+    def with_label_noise(self, fraction: float, data_seed: int = 0) -> "TrainingRuns":
+        """The same family with a fraction of its training labels flipped (validation and test stay clean)."""
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"task.args.noise = {fraction!r}: must be in [0, 1) (the fraction of training labels "
+                              "flipped)")
+        if not fraction:
+            return self
+        noisy, flipped = flip_labels(self.dataset.train_y, fraction, self.num_outputs, data_seed)
+        return dataclasses.replace(self, dataset=self.dataset._replace(train_y=noisy), flipped=flipped)

@@ -106,12 +106,19 @@ class TrainingRun:
     def predict(self, weights: Params, phi: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_forward(self.model, {**{name: phi[name] for name in self.shared}, **weights}, x)
 
-    def batch(self, task: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step `step`'s training examples of one task (a pure function of its key and the step)."""
+    def batch_index(self, task: Any, step: int, lane: int = LANE_BATCH) -> torch.Tensor | None:
+        """The indices of step `step`'s training examples for one task (a pure function of its key
+        and the step), or None for the whole training split (batch_size = 0)."""
         if not self.batch_size:
+            return None
+        draws = hash_u32(task["seed"], lane, step, torch.arange(self.batch_size, device=self.data.train_x.device))
+        return draws % self.data.train_x.shape[0]
+
+    def batch(self, task: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s training examples of one task."""
+        index = self.batch_index(task, step)
+        if index is None:
             return self.data.train_x, self.data.train_y
-        draws = hash_u32(task["seed"], LANE_BATCH, step, torch.arange(self.batch_size, device=self.data.train_x.device))
-        index = draws % self.data.train_x.shape[0]
         return self.data.train_x[index], self.data.train_y[index]
 
     def training_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:

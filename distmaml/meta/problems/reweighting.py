@@ -1,0 +1,78 @@
+"""Learned per-example weights: cleaning noisy labels by bi-level optimisation (data hyper-cleaning,
+Franceschi et al. 2017; learning to reweight, Ren et al. 2018).
+
+    phi_i = the logit of training example i's weight sigma(phi_i)
+    inner_loss(w, phi, task, k) = mean over step k's batch of sigma(phi_i) * l_i(w)
+    outer_loss(w, phi, task)    = the loss on a clean validation split
+
+An example whose label was flipped pulls the network away from the clean validation set, so its
+weight's hypergradient pushes it down: after meta-training, sigma(phi_i) < 1/2 marks a detected flip.
+The weights enter the inner loss, so every hypergradient method applies (the implicit ones too).
+`flipped` (which labels the data set flipped, when known) lets describe() report how well the
+learned weights find them; `baselines` are the standard comparisons: training on everything
+("noisy"), on the clean validation split alone, and on only the examples whose labels are right
+("oracle").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from distmaml.meta.functional import Params
+from distmaml.meta.problems.training import Dataset, TrainingRun
+
+NAME = "example_logit"
+
+
+@dataclass(frozen=True, eq=False)
+class Reweighting(TrainingRun):
+    initial: float = 0.0  # every weight starts at sigma(initial)
+    flipped: torch.Tensor | None = None
+
+    learned_name = "learned_weights"  # what evaluation calls the learned run beside its baselines
+    headline = ("flip_detection",)  # what evaluation reports at the top of its result
+    stopped_baselines = ("noisy",)  # reported at its best validation accuracy (and its last step beside it)
+
+    def meta_parameters(self) -> Params:
+        train = self.data.train_x
+        return {**super().meta_parameters(),
+                NAME: torch.full((train.shape[0],), float(self.initial), dtype=train.dtype, device=train.device)}
+
+    def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
+        index = self.batch_index(task, step)
+        x, y = self.batch(task, step)
+        logits = phi[NAME] if index is None else phi[NAME][index]
+        per_example = F.cross_entropy(self.predict(weights, phi, x), y, reduction="none")
+        return (torch.sigmoid(logits) * per_example).mean()
+
+    def describe(self, phi: Params) -> dict:
+        weight = torch.sigmoid(phi[NAME].detach())
+        out: dict[str, Any] = {"weight_mean": weight.mean().item(), "below_half": int((weight < 0.5).sum())}
+        if self.flipped is not None:
+            detected = weight < 0.5
+            found = (detected & self.flipped).sum().item()
+            out["flip_detection"] = {"precision": found / max(int(detected.sum()), 1),
+                                     "recall": found / max(int(self.flipped.sum()), 1)}
+        return out
+
+    def baselines(self, phi: Params) -> dict[str, tuple[Any, Params]]:
+        """(problem, phi) pairs trained like the learned run, on other data: the comparisons."""
+        data = self.data
+        plain = TrainingRun(self.model, data, self.loss_fn, self.accuracy_fn, self.batch_size, self.phi_prefixes)
+        out = {"noisy": (plain, {}),
+               "clean_validation_only": (dataclasses.replace(plain, data=_trained_on(data, data.val_x, data.val_y)),
+                                         {})}
+        if self.flipped is not None:
+            keep = ~self.flipped
+            out["oracle"] = (dataclasses.replace(plain, data=_trained_on(data, data.train_x[keep],
+                                                                        data.train_y[keep])), {})
+        return out
+
+
+def _trained_on(data: Dataset, x: torch.Tensor, y: torch.Tensor) -> Dataset:
+    return data._replace(train_x=x, train_y=y)

@@ -1,0 +1,147 @@
+"""Learned data: per-example weights that clean noisy labels, and distilled examples; on scikit-learn's
+digits and a planted problem (small and fast), with the evaluation report and the one-line refusals."""
+
+import json
+
+import pytest
+import torch
+
+from distmaml import cli
+from distmaml.build import load_trained
+from distmaml.meta import Dataset, Inner, Reweighting, make_rule, meta_gradient, meta_parameters
+from distmaml.models import MLP
+from distmaml.tasks.runs import flip_labels
+from conftest import REPO
+
+HYPERCLEAN, DISTILL = REPO / "configs/digits_hyperclean.yaml", REPO / "configs/digits_distill.yaml"
+SMALL = ["model.hidden=[8]", "inner.steps=6", "engine.dtype=float64", "train.meta_batch=2"]
+
+
+@pytest.mark.parametrize("config, extra", [(HYPERCLEAN, []), (DISTILL, ["inner.schedule_blocks=6"])])
+def test_gradcheck_finds_every_exact_method_exact(config, extra, tmp_path, capsys):
+    code = cli.main(["gradcheck", str(config), *SMALL, *extra, "--tasks", "2", "--json", str(tmp_path / "c.json")])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["methods"]["second_order"]["exact"] and report["methods"]["second_order"]["rel_error"] <= 1e-6
+    assert "truncated" in report["methods"] and "finite_difference" in report["methods"]
+
+
+def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_problem():
+    """Two well-separated Gaussian classes, 40 % of the training labels flipped: a few dozen outer
+    steps of the second-order hypergradient rank the flipped examples below the clean ones."""
+    generator = torch.Generator().manual_seed(0)
+
+    def points(n):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 2, generator=generator, dtype=torch.float64) + 3.0 * (2 * y[:, None] - 1)
+        return x, y
+
+    (train_x, clean_y), (val_x, val_y), (test_x, test_y) = points(80), points(40), points(40)
+    train_y, flipped = flip_labels(clean_y, 0.4, 2, data_seed=1)
+    torch.manual_seed(0)
+    problem = Reweighting(MLP(2, [], 2).double(), Dataset(train_x, train_y, val_x, val_y, test_x, test_y),
+                          flipped=flipped)
+    inner = Inner(make_rule("sgd", 0.5), 20)
+    phi = meta_parameters(problem, inner)
+    optimizer = torch.optim.Adam(phi.values(), lr=0.3)
+    tasks = {"seed": torch.arange(4, dtype=torch.int64)}
+    for _ in range(30):
+        result = meta_gradient(problem, phi, tasks, inner)
+        for value, grad in zip(phi.values(), result.grad_sum.values()):
+            value.grad = grad / 4
+        optimizer.step()
+    weights = phi["example_logit"].detach()
+    clean, dirty = weights[~flipped], weights[flipped]
+    auroc = (clean[:, None] > dirty[None, :]).double().mean().item()  # P(a clean weight > a flipped one)
+    assert auroc >= 0.9, auroc
+
+
+def test_hyperclean_evaluation_reports_the_learned_weights_beside_its_baselines(tmp_path):
+    assert cli.main(["train", str(HYPERCLEAN), f"run.dir={tmp_path}", "inner.steps=20", "train.iterations=6",
+                     "train.log_every=3", "eval.tasks=2", "eval.steps=20", "logging.progress=false"]) == 0
+    assert cli.main(["eval", str(tmp_path), "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    accuracy = result["test_accuracy"]
+    assert set(accuracy) == {"learned_weights", "noisy", "noisy_unstopped", "clean_validation_only", "oracle"}
+    assert all(0 <= value <= 1 for value in accuracy.values())
+    assert accuracy["oracle"] > accuracy["noisy_unstopped"]  # half the labels flipped cost accuracy
+    assert 0 <= result["flip_detection"]["precision"] <= 1 and result["flip_detection"]["recall"] > 0
+
+
+def test_distillation_trains_evaluates_against_its_baselines_and_plots_its_examples(tmp_path):
+    assert cli.main(["train", str(DISTILL), f"run.dir={tmp_path}", "train.iterations=30", "train.lr=0.03",
+                     "train.log_every=10",
+                     "eval.tasks=4", "logging.progress=false"]) == 0
+    assert cli.main(["eval", str(tmp_path), "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["examples_per_class"] == 1
+    accuracy = result["test_accuracy"]
+    assert set(accuracy) == {"distilled", "random_real", "full", "fixed_init"}
+    assert accuracy["fixed_init"]["ci95"] == 0  # one initialisation: no spread
+    # 30 outer steps already make 10 learned images teach far more than 10 random real ones.
+    assert accuracy["distilled"]["mean"] > accuracy["random_real"]["mean"] + 0.1
+    assert cli.main(["plot", str(tmp_path), str(tmp_path / "distilled.png")]) == 0
+    assert (tmp_path / "distilled.png").stat().st_size > 10_000
+
+
+def test_distillation_resumes_bit_for_bit(tmp_path):
+    common = [str(DISTILL), "train.log_every=2", "eval.at_end=false", "logging.progress=false",
+              "train.checkpoint_every=2"]
+    assert cli.main(["train", *common, f"run.dir={tmp_path / 'whole'}", "train.iterations=4"]) == 0
+    assert cli.main(["train", *common, f"run.dir={tmp_path / 'parts'}", "train.iterations=2"]) == 0
+    assert cli.main(["train", *common, f"run.dir={tmp_path / 'parts'}", "train.iterations=4"]) == 0
+    whole, parts = load_trained(tmp_path / "whole").learner.theta, load_trained(tmp_path / "parts").learner.theta
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
+    assert not torch.equal(whole["synthetic.x"], load_trained(tmp_path / "whole" / "checkpoints" /
+                                                              "ckpt_00000002.pt").learner.theta["synthetic.x"])
+
+
+def test_recomputed_and_stored_fifty_step_distillation_unrolls_agree_bit_for_bit():
+    from distmaml.build import build
+    from distmaml.config import load_config
+
+    config = load_config(DISTILL, ["inner.steps=50", "inner.schedule_blocks=50", "model.hidden=[16]"])
+    torch.manual_seed(0)
+    learner = build(config)
+    tasks = learner.family.sample(0, 0, torch.arange(3))
+    stored = meta_gradient(learner.problem, learner.theta, tasks, learner.inner)
+    recomputed = meta_gradient(learner.problem, learner.theta, tasks, Inner(learner.inner.rule, 50,
+                                                                             learner.inner.method, "auto"))
+    assert all(torch.equal(stored.grad_sum[name], recomputed.grad_sum[name]) for name in learner.theta)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    (HYPERCLEAN, ["task.args.noise=1.0"], "task.args.noise = 1.0: must be in [0, 1)"),
+    (HYPERCLEAN, ["task.args.noise=-0.1"], "task.args.noise = -0.1: must be in [0, 1)"),
+    (HYPERCLEAN, ["task.args.validation=0"], "task.args.train = 0.6, task.args.validation = 0: each must be in (0, 1)"),
+    (DISTILL, ["problem.per_class=500"], "problem.per_class = 500: must be between 1 and"),
+    (DISTILL, ["train.betas=[0.5]"], "train.betas = [0.5]: must be two numbers in [0, 1)"),
+])
+def test_bad_data_settings_are_one_line(config, overrides, message, tmp_path, capsys):
+    code = cli.main(["train", str(config), f"run.dir={tmp_path}", *overrides])
+    errors = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_distillation_checkpoint_is_not_resumed_as_a_maml_run_nor_the_reverse(tmp_path, capsys):
+    assert cli.main(["train", str(DISTILL), f"run.dir={tmp_path / 'distill'}", "train.iterations=2",
+                     "eval.at_end=false", "logging.progress=false"]) == 0
+    checkpoint = tmp_path / "distill" / "checkpoints" / "ckpt_00000002.pt"
+    code = cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path / 'maml'}",
+                     f"run.resume={checkpoint}"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "was trained with" in error and "choose another run.dir" in error, error
+    assert cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path / 'maml'}",
+                     "train.iterations=2", "eval.at_end=false", "logging.progress=false"]) == 0
+    code = cli.main(["train", str(DISTILL), f"run.dir={tmp_path / 'distill2'}",
+                     f"run.resume={tmp_path / 'maml' / 'checkpoints' / 'ckpt_00000002.pt'}"])
+    assert code == 2 and "was trained with" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
+    assert cli.main(["train", str(HYPERCLEAN), f"run.dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == ("distmaml train: error: task.family = 'digits' needs scikit-learn: pip "
+                                               "install -e \".[data]\" (or pip install scikit-learn)")
