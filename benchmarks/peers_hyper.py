@@ -1,4 +1,4 @@
-"""Hyperparameter hypergradients against TorchOpt and higher: equal first, then time and memory.
+"""Hyperparameter and learned-data hypergradients against TorchOpt and higher: equal first, then time and memory.
 
     python -m benchmarks.peers_hyper                   # both cases, the memory rows, this CPU
     python -m benchmarks.peers_hyper --only learning_rate --quick
@@ -13,14 +13,20 @@ Two problems on MNIST-1D, each over 16 random initialisations (tasks) of the 40-
   steps: (H + I) v = grad L_val by 20 conjugate-gradient iterations. distmaml: ImplicitCG;
   TorchOpt: torchopt.diff.implicit.custom_root with linear_solve.solve_cg (ridge 1, 20 iterations)
   per initialisation. higher has no implicit differentiation.
+- distill (scikit-learn's digits, a 64-64-10 MLP): the hypergradient of the loss on a real batch with
+  respect to 10 distilled images, their soft labels and a learned rate for each of T = 30 steps,
+  unrolled. TorchOpt: torchopt.sgd with the step's rate from a schedule; higher: one override of the
+  rate per step.
+- hyperclean (digits, half the labels flipped): the implicit hypergradient of the clean validation
+  loss with respect to one weight per training example, as weight_decay.
 
 Every library gets the same initial weights and mini-batches (drawn by distmaml's problem, a pure
 function of each task's key). Their hypergradients must agree with distmaml's to 1e-6 relative in
 float64 before anything is timed; a library that differs is reported and not timed. Times are
 medians of --windows windows in float32 on one thread. The memory rows run the learning-rate case
-at T = 1,000 in a fresh process per library and report the peak resident memory above the
-process's baseline: distmaml recomputes the unroll in sqrt(T) segments (inner.checkpoint=auto),
-the peers store it.
+at T = 1,000 and the distillation case at T = 300 in a fresh process per library and report the
+peak resident memory above the process's baseline: distmaml recomputes the unroll in sqrt(T)
+segments (inner.checkpoint=auto), the peers store it.
 """
 
 from __future__ import annotations
@@ -39,12 +45,16 @@ from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
 from distmaml.build import build
 from distmaml.config import load_config
 from distmaml.meta import ImplicitCG, Inner, meta_gradient, task_at
+from distmaml.meta.problems.distillation import LANE_OUTER
 
 TOLERANCE = 1e-6
 TASKS = 16
 CASES = {
     "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.steps=100", "inner.lr=0.1"]),
     "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["inner.steps=100", "implicit.damping=1.0"]),
+    "distill": ("configs/digits_distill.yaml", ["inner.steps=30"]),
+    "hyperclean": ("configs/digits_hyperclean.yaml", ["inner.mode=implicit", "implicit.damping=1.0",
+                                                      "implicit.inner_safeguard=false"]),
 }
 
 
@@ -117,7 +127,48 @@ def higher_lr(config, learner, tasks) -> torch.Tensor:
     return torch.autograd.grad(total, log_lr)[0]
 
 
-def torchopt_decay(config, learner, tasks) -> torch.Tensor:
+def torchopt_distill(config, learner, tasks) -> torch.Tensor:
+    import torchopt
+
+    problem, phi = learner.problem, learner.theta
+    meta = {name: value.detach().clone().requires_grad_() for name, value in phi.items()}
+    rates = meta["inner.lr.log_schedule"]
+    total = 0.0
+    for task, params, names in _runs(learner, tasks):
+        optimizer = torchopt.sgd(lr=lambda count: rates[int(count)].exp())
+        state = optimizer.init(params)
+        for step in range(config.inner.steps):
+            loss = problem.inner_loss(dict(zip(names, params)), meta, task, step)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            updates, state = optimizer.update(grads, state, inplace=False)
+            params = torchopt.apply_updates(params, updates, inplace=False)
+        total = total + problem.outer_loss(dict(zip(names, params)), meta, task)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(meta.values()))])
+
+
+def higher_distill(config, learner, tasks) -> torch.Tensor:
+    import higher
+
+    problem, phi = learner.problem, learner.theta
+    meta = {name: value.detach().clone().requires_grad_() for name, value in phi.items()}
+    model = problem.to("cpu").model
+    total = 0.0
+    for task, params, names in _runs(learner, tasks):
+        with torch.no_grad():
+            for (name, value), start in zip(model.named_parameters(), params):
+                value.copy_(start)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.inner.lr)
+        with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True) as (functional, differentiable):
+            for step in range(config.inner.steps):
+                target = torch.softmax(meta["synthetic.label_logits"], -1)
+                loss = -(target * torch.log_softmax(functional(meta["synthetic.x"]), -1)).sum(-1).mean()
+                differentiable.step(loss, override={"lr": [meta["inner.lr.log_schedule"][step].exp()]})
+            index = problem.batch_index(task, 0, lane=LANE_OUTER)
+            total = total + problem.loss_fn(functional(problem.data.train_x[index]), problem.data.train_y[index])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(meta.values()))])
+
+
+def torchopt_implicit(config, learner, tasks) -> torch.Tensor:
     import torchopt
 
     problem = learner.problem
@@ -151,7 +202,9 @@ def torchopt_decay(config, learner, tasks) -> torch.Tensor:
 
 
 PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr},
-         "weight_decay": {"torchopt": torchopt_decay}}
+         "weight_decay": {"torchopt": torchopt_implicit},
+         "distill": {"torchopt": torchopt_distill, "higher": higher_distill},
+         "hyperclean": {"torchopt": torchopt_implicit}}
 HOW = {"distmaml": "distmaml.meta.meta_gradient, 16 tasks batched", "torchopt": "per initialisation",
        "higher": "per initialisation"}
 
@@ -186,35 +239,35 @@ def compare_and_time(case: str, windows: int, seconds: float) -> list[dict[str, 
 MEMORY_CASE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from benchmarks.peers_hyper import setup, distmaml_grad, torchopt_lr, higher_lr
-library, steps = sys.argv[1], int(sys.argv[2])
+from benchmarks.peers_hyper import PEERS, setup, distmaml_grad
+case, library, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 checkpoint = "auto" if library == "distmaml" else "none"
-config, learner, tasks = setup("learning_rate", "float32", steps, checkpoint)
+config, learner, tasks = setup(case, "float32", steps, checkpoint)
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 before = status("VmRSS")
-fn = {"distmaml": distmaml_grad, "distmaml-stored": distmaml_grad, "torchopt": torchopt_lr, "higher": higher_lr}[library]
+fn = {"distmaml": distmaml_grad, "distmaml-stored": distmaml_grad, **PEERS[case]}[library]
 fn(config, learner, tasks)
 print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 """
 
 
-def memory(steps: int) -> list[dict[str, Any]]:
+def memory(case: str, steps: int) -> list[dict[str, Any]]:
     rows = []
-    for library in ("distmaml", "distmaml-stored", "torchopt", "higher"):
+    for library in ("distmaml", "distmaml-stored", *PEERS[case]):
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, library, str(steps)], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, case, library, str(steps)], cwd=REPO,
                               capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                                                                    "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
         if proc.returncode != 0:
             raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
-        row = {"case": "learning_rate", "library": library, "inner_steps": steps, "tasks": TASKS,
+        row = {"case": case, "library": library, "inner_steps": steps, "tasks": TASKS,
                "how": "recomputed, sqrt(T) segments" if library == "distmaml" else "stored unroll",
                **json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}
         rows.append(row)
-        print(f"memory T={steps} {library:>16}: {row['peak_mib']:8.1f} MiB above baseline", flush=True)
+        print(f"memory {case} T={steps} {library:>16}: {row['peak_mib']:8.1f} MiB above baseline", flush=True)
     return rows
 
 
@@ -224,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="shorter windows, a shorter memory unroll")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--memory-steps", type=int, default=1000)
+    parser.add_argument("--memory-steps", type=int, default=1000, help="T of the learning-rate memory rows "
+                        "(the distillation rows: T = 300)")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/peers_hyper_cpu.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -235,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.only or case in args.only:
             rows += compare_and_time(case, args.windows, args.seconds)
     if not args.only or "memory" in args.only:
-        rows += memory(args.memory_steps)
+        rows += memory("learning_rate", args.memory_steps)
+        rows += memory("distill", 300 if not args.quick else 30)
     result = {"benchmark": "peers_hyper", "command": " ".join(["python -m benchmarks.peers_hyper",
                                                                *(argv or sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE, "windows": args.windows,
