@@ -1,9 +1,11 @@
-"""Learned hyperparameters over training seeds, each against the baselines it should beat.
+"""Learned hyperparameters and learned data over training seeds, each against the baselines it should beat.
 
     python -m benchmarks.hyper_seeds learning_rate --seeds 0 1 2     # configs/mnist1d_lr.yaml
     python -m benchmarks.hyper_seeds activation --seeds 0 1 2        # configs/mnist1d_activation.yaml
     python -m benchmarks.hyper_seeds weight_decay --seeds 0 1 2      # configs/mnist1d_weight_decay.yaml
     python -m benchmarks.hyper_seeds logistic --seeds 0 1 2          # configs/logistic_weight_decay.yaml
+    python -m benchmarks.hyper_seeds digits_hyperclean               # configs/digits_hyperclean.yaml, ...
+    python -m benchmarks.hyper_seeds digits_distill problem.per_class=10 --name digits_distill_m10
 
 Each seed trains the config (train.seed = seed; `distmaml train`'s own code, in this process) and
 evaluates the learned meta-parameters on the run's evaluation tasks: fresh random initialisations
@@ -13,7 +15,11 @@ the same networks from the same initialisations with the same steps and mini-bat
 - learning_rate: plain SGD at each rate of a log grid (1e-3 ... 3, 16 rates); the grid's choice is
   the rate with the lowest validation loss, the quantity the learned rate minimises;
 - activation: ReLU, ELU and Swish in place of the learned function;
-- weight_decay, logistic: no decay, and one global decay tuned on a log grid by validation loss.
+- weight_decay, logistic: no decay, and one global decay tuned on a log grid by validation loss;
+- hyperclean, distill: the problem's own baselines, from the run's evaluation (training on every
+  noisy label -- stopped at its best validation accuracy --, on the validation set alone, on only the
+  correct labels; the same number of random real examples, the whole training set, one fixed
+  initialisation), and the detected flips' precision and recall.
 
 Writes benchmarks/results/hyper_<problem>.json: per seed the learned values, the learned run's and
 each baseline's test accuracy and validation loss, and the training time.
@@ -40,7 +46,9 @@ from distmaml.models import build_model
 from distmaml.train import train
 
 CONFIGS = {"learning_rate": "configs/mnist1d_lr.yaml", "activation": "configs/mnist1d_activation.yaml",
-           "weight_decay": "configs/mnist1d_weight_decay.yaml", "logistic": "configs/logistic_weight_decay.yaml"}
+           "weight_decay": "configs/mnist1d_weight_decay.yaml", "logistic": "configs/logistic_weight_decay.yaml",
+           **{f"{data}_{problem}": f"configs/{data}_{problem}.yaml" for data in ("digits", "mnist1d")
+              for problem in ("hyperclean", "distill")}}
 RATE_GRID = [1e-3 * (3 / 1e-3) ** (i / 15) for i in range(16)]
 DECAY_GRID = [10.0 ** e for e in range(-6, 1)]
 
@@ -51,12 +59,16 @@ def _score(result: dict[str, Any]) -> dict[str, float]:
             "validation_accuracy": last.get("accuracy", math.nan)}
 
 
+def _accuracy(value) -> float:
+    return value["mean"] if isinstance(value, dict) else value
+
+
 def baselines(problem_name: str, config, learner, settings: dict) -> dict[str, dict[str, float]]:
     family, inner, problem = learner.family, learner.inner, learner.problem
     plain = dataclasses.replace(inner, rule=make_rule("sgd", inner.rule.lr))  # the baselines learn nothing
     out: dict[str, dict[str, float]] = {}
-    if problem_name == "learning_rate":
-        return out  # the grid is part of the run's own evaluation (eval.lr_grid)
+    if problem_name == "learning_rate" or problem_name.endswith(("hyperclean", "distill")):
+        return out  # the grid, or the problem's own baselines, are part of the run's evaluation
     if problem_name == "activation":
         for activation in ("relu", "elu", "swish"):
             changed = dataclasses.replace(config, model=dataclasses.replace(config.model, activation=activation))
@@ -92,6 +104,16 @@ def run_seed(problem_name: str, seed: int, out_dir: Path, overrides: list[str]) 
     settings = {**evaluation_settings(config), "lr_grid": ()}
     row = {"seed": seed, "train_seconds": summary["train_seconds"], "learned": summary["eval"].get("learned", {}),
            "learned_run": _score(summary["eval"]), "baselines": baselines(problem_name, config, learner, settings)}
+    if isinstance(summary["eval"].get("test_accuracy"), dict):  # the problem's own baselines
+        accuracies = dict(summary["eval"]["test_accuracy"])
+        learned_name = next(iter(accuracies))
+        row["learned_run"]["test_accuracy_ci95"] = (accuracies[learned_name] or {}).get("ci95") if isinstance(
+            accuracies[learned_name], dict) else None
+        row["learned_run"]["test_accuracy"] = _accuracy(accuracies.pop(learned_name))
+        row["baselines"].update({name: {"test_accuracy": _accuracy(value)} for name, value in accuracies.items()})
+        for key in ("flip_detection", "examples_per_class"):
+            if key in summary["eval"]:
+                row[key] = summary["eval"][key]
     if "grid" in summary["eval"]:
         grid = summary["eval"]["grid"]
         row["grid"] = grid
@@ -110,20 +132,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=Path, default=Path("runs/hyper_seeds"), help="run directories go here")
-    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/hyper_<problem>.json)")
+    parser.add_argument("--name", default=None, help="the result's name (default: the problem's)")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/hyper_<name>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started, rows = time.time(), []
+    name = args.name or args.problem
     for seed in args.seeds:
-        rows.append(run_seed(args.problem, seed, args.runs / args.problem, args.overrides))
+        rows.append(run_seed(args.problem, seed, args.runs / name, args.overrides))
         print(f"seed {seed}: learned {rows[-1]['learned_run']}, baselines {rows[-1]['baselines']}", flush=True)
     accuracies = [row["learned_run"]["test_accuracy"] for row in rows]
-    result = {"benchmark": "hyper_seeds", "problem": args.problem, "config": CONFIGS[args.problem],
+    result = {"benchmark": "hyper_seeds", "problem": args.problem, "name": name, "config": CONFIGS[args.problem],
+              "overrides": args.overrides,
               "command": " ".join(["python -m benchmarks.hyper_seeds", *(argv or sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "wall_seconds": time.time() - started, "rows": rows,
               "learned_test_accuracy_mean": statistics.mean(accuracies),
               "learned_test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
-    print(f"wrote {write(result, args.out or RESULTS / f'hyper_{args.problem}.json')}")
+    print(f"wrote {write(result, args.out or RESULTS / f'hyper_{name}.json')}")
     return result
 
 
