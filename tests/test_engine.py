@@ -1,5 +1,7 @@
 """The pieces the CUDA-graph path shares with eager training, checked on the CPU."""
 
+import json
+
 import pytest
 import torch
 
@@ -65,3 +67,17 @@ def test_bf16_autocast_keeps_float32_weights_and_learns(tmp_path):
 
     state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
     assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+def test_the_general_core_trains_sine_maml_as_the_maml_only_engine_did(tmp_path):
+    """The first 200 meta-losses of configs/sine_maml.yaml in float64, pinned from the commit before
+    the bi-level core (2677654). Bit for bit on the machine they were recorded on; to 1e-9 here, so
+    that another CPU's rounding (AVX2 against AVX-512 kernels) does not fail a correct engine."""
+    pinned = json.loads((REPO / "tests/data/sine_maml_float64_meta_losses.json").read_text())["meta_loss"]
+    config = load_config(REPO / "configs/sine_maml.yaml", [f"run.dir={tmp_path}", "train.iterations=200",
+                                                           "train.log_every=1", "eval.at_end=false",
+                                                           "logging.sharpness=false", "logging.progress=false",
+                                                           "engine.dtype=float64"])
+    train(config)
+    logged = [json.loads(line)["meta_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(pinned, rel=1e-9, abs=0)
