@@ -25,6 +25,9 @@ from distmaml.config.checks import check_values
 from distmaml.config.schema import Config
 from distmaml.errors import ConfigError, SettingError
 
+# Version 0.1 applied implicit.lam (as iMAML's proximal term) in these modes only.
+VERSION_0_1_PROXIMAL_MODES = frozenset({"implicit"})
+
 # Keys that moved: an old config file is told where they went; an old checkpoint's config is migrated.
 MOVED = {"implicit.lam": "problem.proximal", "implicit.cg_damping": "implicit.damping (now added to the inner "
          "Hessian itself: lam times the old value)"}
@@ -175,7 +178,7 @@ def _migrated(raw: dict[str, Any]) -> dict[str, Any]:
     I + H / lam: today the proximal term belongs to the maml problem and the damping to H itself."""
     lam = raw.pop("implicit.lam", None)
     damping = raw.pop("implicit.cg_damping", None)
-    if lam is not None and raw.get("inner.mode") == "implicit":
+    if lam is not None and raw.get("inner.mode") in VERSION_0_1_PROXIMAL_MODES:
         raw["problem.proximal"] = lam
         if damping:
             raw["implicit.damping"] = lam * damping
