@@ -1,11 +1,14 @@
-"""Write the README's result tables from the JSON the benchmarks and studies wrote: no number is typed by hand.
+"""Write the result tables of docs/results.md and README.md from the JSON the benchmarks and studies
+wrote: no number is typed by hand.
 
-    python -m benchmarks.report              # rewrite every generated table in README.md
-    python -m benchmarks.report --check      # exit 1 if README.md differs from what the results say
+    python -m benchmarks.report              # rewrite every generated table in both files
+    python -m benchmarks.report --check      # exit 1 if either differs from what the results say
 
-A table sits between `<!-- table: NAME -->` and `<!-- /table -->` in README.md; NAME picks the
-renderer below and, through it, the result file (benchmarks/results/*.json). Each table ends with
-the command that produced its numbers and the machine they were measured on.
+A table sits between `<!-- table: NAME -->` and `<!-- /table -->`; NAME picks the renderer below
+and, through it, the result file (benchmarks/results/*.json). docs/results.md holds every table;
+README.md holds the headline table, a summary of the same result files. Each table ends with the
+command that produced its numbers and the machine they were measured on (and the commit, where the
+result file records one). A table whose result file does not exist yet is left as it is.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +25,7 @@ from benchmarks import common
 from benchmarks.common import REPO, read
 
 README = REPO / "README.md"
+RESULTS_DOC = REPO / "docs" / "results.md"
 _SECTION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -30,11 +35,16 @@ def _ms(value: float | None) -> str:
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
-def _source(result: dict[str, Any]) -> str:
+def _machine(result: dict[str, Any]) -> str:
+    """The machine a result was measured on, and the commit where the result file records one."""
     m = result["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
-    return (f"\n`{result['command'].strip()}` — {where}, torch {m['torch']}, {m['threads']} CPU thread(s); "
-            f"medians, see the benchmark's docstring.\n")
+    commit = result.get("commit") or m.get("commit")
+    return f"{where}, torch {m['torch']}, {m['threads']} CPU thread(s)" + (f", commit {commit}" if commit else "")
+
+
+def _source(result: dict[str, Any], what: str = "medians, see the benchmark's docstring") -> str:
+    return f"\n`{result['command'].strip()}` — {_machine(result)}; {what}.\n"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -156,18 +166,63 @@ def peers() -> str:
             f"≤ {result['tolerance']:g}) before it is timed." + _source(result))
 
 
+def _finite(value: Any) -> float:
+    """A number of a strict-JSON result (where a value that is not finite was written as null)."""
+    return math.nan if value is None else float(value)
+
+
+def _seeds_report(name: str) -> dict[str, Any]:
+    """A seeds study (distmaml study seeds), copied to benchmarks/results/seeds_<name>.json, with the
+    nulls of its strict JSON read back as NaN."""
+    report = read(common.RESULTS / f"seeds_{name}.json")
+    for rows in report["over_runs"].values():
+        for row in rows:
+            for key in ("mean", "std", "median_of_medians"):
+                row[key] = _finite(row.get(key))
+    for run in report["runs"]:
+        for evaluation in run["eval"].values():
+            for row in evaluation["steps"]:
+                for key, value in row.items():
+                    if value is None:
+                        row[key] = math.nan
+        run["sharpness"] = [(iteration, _finite(value)) for iteration, value in run["sharpness"]]
+    return report
+
+
 def seeds(name: str) -> str:
     """A seeds study (distmaml study seeds), copied to benchmarks/results/seeds_<name>.json."""
     from distmaml.study.seeds import format_report
 
-    report = read(common.RESULTS / f"seeds_{name}.json")
+    report = _seeds_report(name)
     return format_report(report) + f"\n\n`{report.get('command', 'distmaml study seeds')}`\n"
+
+
+def sharpness(names: list[str]) -> str:
+    """When each run of these seeds studies first logged a sharpness (top Hessian eigenvalue of the
+    support loss at theta) above 2 / inner.lr, where plain inner steps stop being stable, and where it
+    ended, in units of 1 / inner.lr."""
+    rows = []
+    for name in names:
+        report = _seeds_report(name)
+        for run in report["runs"]:
+            limit = 2 / run["inner_lr"]
+            logged = [(i, v) for i, v in run["sharpness"] if math.isfinite(v)]
+            first = next((i for i, v in logged if v > limit), None)
+            rows.append([report["config"] + (" " + " ".join(report["overrides"]) if report["overrides"] else ""),
+                         f"{run['inner_lr']:g}", str(run["seed"]), str(run["threads"]), f"{run['iterations']:,}",
+                         f"{first:,}" if first is not None else "never",
+                         f"{logged[-1][1] * run['inner_lr']:.2f}" if logged else "–",
+                         f"{max(v for _, v in logged) * run['inner_lr']:.2f}" if logged else "–"])
+    return (_table(["config", "inner.lr (α)", "seed", "threads", "iterations", "first logged above 2 / α",
+                    "sharpness × α at the end", "largest sharpness × α"], rows)
+            + "\nSharpness is logged every `train.log_every` iterations (mean over the meta-batch); plain inner "
+              "steps at α are stable while sharpness × α < 2. From the same result files as the tables above.\n")
 
 
 def seeds_side_by_side(entries: list[tuple[str, str]], step: int) -> str:
     """Several seeds studies (benchmarks/results/seeds_<name>.json) in one table: each variant's mean ± std
     over training seeds after `step` inner steps at every number of shots, and its diverged tasks."""
-    reports = [(label, read(common.RESULTS / f"seeds_{name}.json")) for label, name in entries]
+    reports = [(label, _seeds_report(name)) for label, name in entries]
     shots = reports[0][1]["shots"]
     metric = reports[0][1].get("metric", "loss")
     scale, digits, what = (100, 1, "accuracy %") if metric == "accuracy" else (1, 3, "query MSE")
@@ -186,7 +241,7 @@ def seeds_side_by_side(entries: list[tuple[str, str]], step: int) -> str:
 
 
 def previous(part: str) -> str:
-    """Figures the previous version measured (benchmarks/results/previous_version.json), with their commands."""
+    """Figures measured at an older commit (benchmarks/results/previous_version.json), with their commands."""
     result = read(common.RESULTS / "previous_version.json")
     section = result[part]
     if part == "gpu":
@@ -204,7 +259,178 @@ def previous(part: str) -> str:
                         "s / iteration", "peak memory (MB)"], rows)
     machine = section["machine"]
     where = machine.get("gpu") or machine.get("cpu")
-    return table + f"\n`{section['command']}` — {where}, torch {machine['torch']}. {result['note'][0].upper() + result['note'][1:]}.\n"
+    # The command names the commit it ran at, e.g. "python benchmarks/gpu_speed.py --quick (commit 418da60)".
+    command = re.sub(r"\s*\(commit (\w+)\)$", "", section["command"])
+    commit = re.search(r"\(commit (\w+)\)$", section["command"])
+    at = f"commit {commit.group(1)}, " if commit else ""
+    return table + f"\n`{command}` — {at}{where}, torch {machine['torch']}: that commit's code and benchmark.\n"
+
+
+def versions() -> str:
+    """The same meta-iterations in this tree and in an earlier commit's (benchmarks.versions)."""
+    result = read(common.RESULTS / "versions_cpu.json")
+    here, other = f"{result['this_tree']} and the changes on it", result["against"]
+    rows = [[r["case"], _ms(r["ms_this_tree"]), _ms(r["ms_other"]), f"{r['ratio']:.2f}"] for r in result["rows"]]
+    windows = len(next(iter(result["rows"][0]["windows"].values()))) if result["rows"] else 0
+    return (_table(["meta-iteration (CPU, one thread per worker)", f"this tree ({here}) ms", f"commit {other} ms",
+                    "ratio"], rows)
+            + _source(result, f"medians of {windows} interleaved windows per tree, see the benchmark's docstring"))
+
+
+def mnist1d_baselines() -> str:
+    """Plain training of MNIST-1D's MLP and CNN on distmaml's data and models, against the published accuracies."""
+    result = read(common.RESULTS / "mnist1d_baselines.json")
+    rows = [[r["model"], ", ".join(f"{100 * a:.1f}" for a in r["test_accuracy"]),
+             f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}", f"{100 * r['published']:.0f}"] for r in result["rows"]]
+    seeds = ", ".join(map(str, result["rows"][0]["seeds"])) if result["rows"] else ""
+    return (_table(["model", f"test accuracy % (seeds {seeds})", "mean ± std", "published %"], rows)
+            + _source(result, f"{result['steps']:,} Adam steps per run, see the benchmark's docstring"))
+
+
+def peers_hyper() -> str:
+    """Hyperparameter and learned-data hypergradients against TorchOpt and higher (benchmarks.peers_hyper)."""
+    result = read(common.RESULTS / "peers_hyper_cpu.json")
+    timed = [r for r in result["rows"] if "peak_mib" not in r]
+    memory_rows = [r for r in result["rows"] if "peak_mib" in r]
+    rows = []
+    for r in timed:
+        error = r.get("relative_error")
+        ms = r.get("ms_per_hypergradient")
+        distmaml = next((d for d in timed if d["case"] == r["case"] and d["library"] == "distmaml"), {})
+        ratio = (f"{ms / distmaml['ms_per_hypergradient']:.1f}×"
+                 if ms is not None and distmaml.get("ms_per_hypergradient") else "")
+        rows.append([r["case"], str(r["inner_steps"]), r["library"], r.get("how", ""), r["status"],
+                     f"{error:.1e}" if error is not None else "–", _ms(ms), ratio])
+    text = _table(["problem", "T", "library", "how", "hypergradient", "relative difference (float64)",
+                   "ms (float32)", "× distmaml"], rows)
+    if memory_rows:
+        text += "\n" + _table(["problem", "T", "library", "unroll", "peak memory above baseline (MiB)"],
+                              [[r["case"], f"{r['inner_steps']:,}", r["library"], r.get("how", ""),
+                                f"{r['peak_mib']:.0f}"] for r in memory_rows])
+    tasks = f"; {timed[0]['tasks']} random initialisations per hypergradient" if timed else ""
+    return text + (f"\nA library's hypergradient must equal distmaml's (relative difference "
+                   f"≤ {result['tolerance']:g}, float64) before it is timed{tasks}." + _source(result))
+
+
+def unrolls() -> str:
+    """Memory, time and spread of a learning-rate hypergradient against the unroll length T (benchmarks.unrolls)."""
+    result = read(common.RESULTS / "unrolls_cpu.json")
+    rates = [s["rate"] for s in result["rows"][0]["spread"]] if result["rows"] else []
+    rows = []
+    for r in result["rows"]:
+        cells = [f"{r['inner_steps']:,}"]
+        for plan in ("none", "auto"):
+            cells += [f"{r[plan]['peak_mib']:.0f}", f"{r[plan]['seconds']:.2f}"]
+        for spread in r["spread"]:
+            mean, std = _finite(spread["mean"]), _finite(spread["std"])
+            cell = f"{mean:+.3g} ± {std:.3g}" if math.isfinite(mean) else "not finite"
+            if spread["finite"] < result["tasks"]:
+                cell += f" ({spread['finite']} of {result['tasks']} finite)"
+            cells.append(cell)
+        rows.append(cells)
+    header = ["T", "stored: MiB", "stored: s", "recomputed (√T segments): MiB", "recomputed: s",
+              *[f"d L_val / d log lr at lr {rate:g}: mean ± std" for rate in rates]]
+    return (_table(header, rows) + f"\nOne hypergradient over {result['tasks']} random initialisations of "
+            "configs/mnist1d_lr.yaml's network; memory is the peak resident memory above a fresh process's "
+            "baseline; mean ± std over the initialisations of each one's own hypergradient (float64)."
+            + _source(result, "see the benchmark's docstring"))
+
+
+# benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
+HYPER = ("learning_rate", "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean",
+         "digits_distill", "digits_distill_m10", "mnist1d_distill")
+_CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
+
+
+def _summary(value: Any) -> str:
+    """A learned value as a report line states it: a number, or a long list by its range and median."""
+    if isinstance(value, (int, float)):
+        return f"{value:.3g}"
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        if len(value) <= 4:
+            return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
+        ordered = sorted(value)
+        return (f"{len(value):,} values from {ordered[0]:.3g} to {ordered[-1]:.3g}, median "
+                f"{ordered[len(ordered) // 2]:.3g}")
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {_summary(inner)}" for key, inner in value.items())
+    return str(value)
+
+
+def hyper(name: str) -> str:
+    """Learned hyperparameters or data over training seeds against their baselines (benchmarks.hyper_seeds)."""
+    result = read(common.RESULTS / f"hyper_{name}.json")
+    runs = result["rows"]
+    variants: dict[str, list[str]] = {"learned (this config)": ["learned run"] * len(runs)}
+    for index, run in enumerate(runs):
+        for key in run["baselines"]:
+            match = _CHOSEN.match(key)
+            label = f"{match.group('label')}v)" if match else key
+            variants.setdefault(label, [""] * len(runs))[index] = key
+    rows = []
+    for label, keys in variants.items():
+        accuracies, losses, cells = [], [], []
+        for run, key in zip(runs, keys):
+            found = run["learned_run"] if key == "learned run" else run["baselines"].get(key)
+            if not found:
+                cells.append("–")
+                continue
+            accuracy, loss = _finite(found.get("test_accuracy")), _finite(found.get("validation_loss"))
+            match = _CHOSEN.match(key)
+            cells.append((f"{100 * accuracy:.1f}" if math.isfinite(accuracy) else "–")
+                         + (f" (v = {match.group('value')})" if match else ""))
+            if math.isfinite(accuracy):
+                accuracies.append(accuracy)
+            if math.isfinite(loss):
+                losses.append(loss)
+        std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        spread = f"{100 * statistics.fmean(accuracies):.1f} ± {100 * std:.1f}" if accuracies else "–"
+        rows.append([label, *cells, spread, f"{statistics.fmean(losses):.4f}" if losses else "–"])
+    header = ["variant", *[f"test accuracy %, seed {run['seed']}" for run in runs], "mean ± std",
+              "validation loss (mean)"]
+    lines = [_table(header, rows)]
+    for run in runs:
+        parts = [f"learned {_summary(run['learned'])}"] if run.get("learned") else []
+        if "flip_detection" in run:
+            parts.append(f"flipped labels found: {_summary(run['flip_detection'])}")
+        parts.append(f"training {run['train_seconds']:.0f} s")
+        lines.append(f"- seed {run['seed']}: " + "; ".join(parts))
+    config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+    grids = any(_CHOSEN.match(key) for keys in variants.values() for key in keys)
+    chosen = "; v: the value a grid chose for that seed" if grids else ""
+    return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
+            + _source(result, "see the benchmark's docstring").lstrip("\n"))
+
+
+def headline() -> str:
+    """README's one table: the sine protocol over training seeds, and the peers' time against distmaml's."""
+    rows, diverged = [], 0
+    for label, name in (("sine MAML, `configs/sine_maml.yaml` (α = 0.001)", "sine_maml"),
+                        ("the same at the paper's α = 0.01, `configs/sine_maml_paper.yaml`", "sine_maml_paper")):
+        report = _seeds_report(name)
+        last, parts = report["steps"], []
+        for count in map(str, report["shots"]):
+            steps = report["over_runs"][count]
+            diverged += sum(row["diverged_tasks"] for row in steps)
+            cells = [f"{steps[s]['mean']:.3f} ± {steps[s]['std']:.3f}" if math.isfinite(steps[s]["mean"])
+                     else f"diverged (median {steps[s]['median_of_medians']:.3f})" for s in (1, last)]
+            parts.append(f"{count}-shot " + " / ".join(cells))
+        rows.append([f"{label}: query MSE after 1 / {last} inner steps, mean ± std over {len(report['runs'])} "
+                     f"training seeds, {report['tasks']} fresh tasks", "; ".join(parts)])
+    rows.append(["tasks whose adaptation diverged, in all of these runs, at any step", str(diverged)])
+    peers_result = read(common.RESULTS / "peers_cpu.json")
+    for kind, label in (("sine", "sine MLP"), ("conv4", "Conv-4 on Omniglot-shaped images")):
+        found = [r for r in peers_result["rows"] if r["kind"] == kind and r["rule"] == "sgd"]
+        ratios = [r["distmaml_speedup"] for r in found if r["library"] != "distmaml" and r["status"] == "equal"]
+        if ratios:
+            batches = "/".join(map(str, sorted({r["meta_batch"] for r in found})))
+            ks = ", ".join(map(str, sorted({r["inner_steps"] for r in found})))
+            rows.append([f"meta-gradient time of {', '.join(peers_result['libraries'])} ÷ distmaml's: {label}, "
+                         f"meta-batch {batches}, K = {ks}, first and second order", f"{min(ratios):.1f}× to "
+                         f"{max(ratios):.1f}×"])
+    return (_table(["result", "distmaml"], rows) + f"\nGenerated from benchmarks/results/seeds_sine_maml.json, "
+            f"seeds_sine_maml_paper.json and peers_cpu.json ({_machine(peers_result)}); "
+            "[docs/results.md](docs/results.md) has every table with its command and machine.\n")
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
@@ -212,10 +438,13 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "speed-images-cpu": lambda: speed_images("cpu"), "episodes-cpu": lambda: episodes("cpu"),
     "memory-sine-cpu": lambda: memory_sine("cpu"), "memory-estimate-cpu": lambda: memory_estimate("cpu"),
     "speed-sine-cuda": lambda: speed_sine("cuda"), "speed-images-cuda": lambda: speed_images("cuda"),
+    "speed-rules-cuda": lambda: speed_rules("cuda"), "memory-estimate-cuda": lambda: memory_estimate("cuda"),
     "distributed-cpu": distributed, "peers-cpu": peers,
     "seeds-paper": lambda: seeds("sine_maml_paper"), "seeds-default": lambda: seeds("sine_maml"),
     "seeds-check": lambda: seeds("seed_check"),
     "seeds-threads2": lambda: seeds("sine_maml_threads2"),
+    "seeds-metasgd": lambda: seeds("sine_metasgd"),
+    "sharpness-sine": lambda: sharpness(["sine_maml_paper", "sine_maml", "sine_maml_threads2", "seed_check"]),
     "rules-sine": lambda: seeds_side_by_side([("MAML (sgd), sine_maml_paper.yaml", "sine_maml_paper"),
                                               ("Meta-SGD, sine_metasgd.yaml", "sine_metasgd")], step=1),
     "rules-omniglot": lambda: seeds_side_by_side([("MAML", "omniglot_maml"), ("Meta-SGD", "omniglot_metasgd"),
@@ -223,6 +452,10 @@ RENDERERS: dict[str, Callable[[], str]] = {
                                                  step=3),
     "gpu-previous": lambda: previous("gpu"), "imaml-previous": lambda: previous("imaml"),
     "inner-steps-previous": lambda: previous("inner_steps"),
+    "versions-cpu": versions, "mnist1d-baselines": mnist1d_baselines, "peers-hyper-cpu": peers_hyper,
+    "unrolls-cpu": unrolls,
+    **{f"hyper-{name}": (lambda name=name: hyper(name)) for name in HYPER},
+    "headline": headline,
 }
 
 
@@ -244,21 +477,28 @@ def render(text: str) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if README.md is not what the results say")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="fail if a file is not what the results say")
+    parser.add_argument("--readme", type=Path, help=f"the README to render (default {README.relative_to(REPO)}); "
+                        "naming only this file renders only this file")
+    parser.add_argument("--results", type=Path, help=f"the results page to render (default "
+                        f"{RESULTS_DOC.relative_to(REPO)}); naming only this file renders only this file")
     args = parser.parse_args(argv)
-    before = args.readme.read_text()
-    after, missing = render(before)
-    for name in missing:
-        print(f"no results yet for table {name}; left as it is", file=sys.stderr)
-    if args.check:
+    files = [path for path in (args.readme, args.results) if path is not None] or [README, RESULTS_DOC]
+    differs = []
+    for path in files:
+        before = path.read_text()
+        after, missing = render(before)
+        for name in missing:
+            print(f"{path.name}: no results yet for table {name}; left as it is", file=sys.stderr)
+        if args.check:
+            if after != before:
+                print(f"{path} differs from the results: run python -m benchmarks.report", file=sys.stderr)
+                differs.append(path)
+            continue
         if after != before:
-            print(f"{args.readme} differs from the results: run python -m benchmarks.report", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(after)
-    print(f"wrote {len(_SECTION.findall(after))} table(s) in {args.readme}")
-    return 0
+            path.write_text(after)
+        print(f"wrote {len(_SECTION.findall(after))} table(s) in {path}")
+    return 1 if differs else 0
 
 
 if __name__ == "__main__":

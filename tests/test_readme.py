@@ -1,10 +1,14 @@
-"""The README's commands and example stay true."""
+"""The README's commands and example stay true, and the documentation's links lead somewhere."""
 
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def readme():
@@ -27,3 +31,22 @@ def test_library_example_runs_and_adaptation_helps():
     assert out.returncode == 0, out.stderr
     losses = [float(v) for v in out.stdout.strip().strip("[]").split(",")]
     assert len(losses) == 11 and losses[-1] < 0.5 * losses[0]
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda path: path.name)
+def test_every_relative_link_and_anchor_exists(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+        if fragment:
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", linked.read_text(), flags=re.S), re.M)
+            assert fragment in {anchor(h) for h in headings}, f"{page.name} links to {target}: no such heading"
