@@ -1,6 +1,6 @@
 """Meta-training: the outer loop of MAML, composed from the pieces that own each idea.
 
-Launch it any of these ways (the same entry point everywhere; see README.md):
+Launch it any of these ways (the same entry point everywhere; see docs/manual.md):
 
     distmaml train configs/sine_maml.yaml                        # one process, CPU or one GPU
     python -m distmaml train configs/sine_maml.yaml inner.steps=5

@@ -54,7 +54,8 @@ class ProblemConfig:
 
 @dataclass
 class TaskConfig:
-    family: str = _opt("sine", "task family: sine, omniglot, image_folder, or your own as an import path "
+    family: str = _opt("sine", "task family: sine, omniglot, image_folder; training runs on a data set: logistic, "
+                       "mnist1d, digits; or your own as an import path "
                        "'package.module:Name' or 'path/to/file.py:Name' (see distmaml.tasks.TaskFamily)")
     args: dict = _opt({}, "keyword arguments for your own family's from_config (task.args.<name>=value)")
     support: int = _opt(10, "support examples per task (per class for classification): the K in K-shot")

@@ -9,7 +9,7 @@ with `learned` the rule's meta-learned parameters (step sizes), which live in th
 model's weights (names under LEARNED, see `learned_names`), so the outer optimizer, the gradient
 all-reduce, checkpoints, the replica check and the CUDA graph carry them like any weight.
 `rule.parameters(weights)` gives their initial values. Everything is a differentiable tensor
-function, vmapped over tasks by the adaptation routine (distmaml.meta.adapt), so the meta-gradient
+function, vmapped over tasks by the unroll (distmaml.meta.unrolling), so the meta-gradient
 flows through every rule in every mode. `step` is the inner step's index, a Python int.
 
     sgd        w - lr g                                            (MAML)
