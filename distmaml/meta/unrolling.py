@@ -111,12 +111,12 @@ def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None 
     if any(checkpointed for _, _, checkpointed in plan) and hasattr(problem, "model"):
         check_recomputable(problem.model)
     phi_at = step_views(phi, steps, rule)
+    report = getattr(inner, "progress", None)
     carried: dict[str, Any] = {}
     visited: list[Params] = []
     for start, end, checkpointed in plan:
         # A plain segment reports each step; a checkpointed one once, after its forward pass (its
         # recomputation in the backward pass reports nothing).
-        report = getattr(inner, "progress", None)
         step_report = None if checkpointed else report
 
         def segment(inputs: dict, tasks: Tasks, start: int = start, end: int = end,
