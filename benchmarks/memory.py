@@ -74,7 +74,7 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     from distmaml.build import build_inner
     from distmaml.engine import compute_meta_gradient
     from distmaml.rng import STREAM_TRAIN
-    from distmaml.train import probe_step_weights
+    from distmaml.preflight import probe_step_weights
 
     config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
     torch.set_num_threads(1)

@@ -79,11 +79,13 @@ def build_inner(config: Config, mode: str | None = None) -> Inner:
     return built
 
 
-def build(config: Config, device: torch.device | str = "cpu") -> Learner:
-    """Everything `config` describes, on `device`, in the weights' dtype (engine.dtype).
+def build(config: Config, device: torch.device | str = "cpu", family: Any = None) -> Learner:
+    """Everything `config` describes, on `device`, in the weights' dtype (engine.dtype); `family`, if
+    given, is the task family already built (its data loaded once).
 
     The model's initial weights come from torch's global generator: seed it first for
-    reproducible weights (the trainer seeds it with train.seed).
+    reproducible weights (the trainer seeds it with train.seed). On the `meta` device (under
+    `with torch.device("meta")`) nothing is allocated: the shapes a memory estimate needs.
     """
     from distmaml.models import build_model
     from distmaml.problems import build_problem
@@ -91,7 +93,7 @@ def build(config: Config, device: torch.device | str = "cpu") -> Learner:
 
     dtype = DTYPES[config.engine.dtype][0]
     inner = build_inner(config)
-    family = build_task_family(config, device, dtype)
+    family = build_task_family(config, device, dtype) if family is None else family
     # Sized from the family: any model fits any family whose inputs and outputs it takes.
     model = build_model(config, family.input_shape, family.num_outputs).to(device, dtype)
     try:

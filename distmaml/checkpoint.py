@@ -1,4 +1,5 @@
-"""The one module that knows about files of a run: checkpoints, their discovery, and preemption.
+"""The one module that knows about checkpoints: writing, checking and finding them, and the signals
+that make a run write one (preemption). The run directory around them is distmaml.run_dir's.
 
 A checkpoint is plain data (tensors, numbers, strings, dicts) loaded with weights_only=True, so a
 file from elsewhere cannot run code. It is written to a temporary name, flushed to disk and renamed,
@@ -135,26 +136,34 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path | None:
-    """The newest checkpoint that loads.
+    """The newest checkpoint that loads and holds the iteration its name says.
 
-    A newer damaged one is skipped with a warning; with `move_aside` (the trainer's main process)
-    it is also renamed <name>.unusable, so that no later listing sees it, and the warning says so.
-    One that cannot be read right now, or was written by a newer distmaml, is not passed over: its
-    error is raised, rather than a run silently resuming from an older checkpoint.
+    A newer damaged one is skipped with a warning, and so is one whose name disagrees with the
+    iteration stored in it (a copy renamed by hand: the iteration inside is the truth, and its name
+    would put it first, and have pruning delete the real newest). With `move_aside` (the trainer's
+    main process) such a file is also renamed <name>.unusable or <name>.misnamed, so that no later
+    listing sees it, and the warning says so. One that cannot be read right now, or was written by
+    a newer distmaml, is not passed over: its error is raised, rather than a run silently resuming
+    from an older checkpoint.
     """
     for path in reversed(list_checkpoints(directory)):
         try:
-            load_checkpoint(path)
-            return path
+            stored = load_checkpoint(path)["iteration"]
         except CheckpointError as err:
             if not err.damaged:
                 raise
-            if not move_aside:
-                log.warning("skipping %s", err)
-                continue
-            aside = path.with_name(f"{path.name}.unusable")
-            os.replace(path, aside)
-            log.warning("%s; moved aside to %s", err, aside.name)
+            problem, suffix = str(err), "unusable"
+        else:
+            if stored == checkpoint_iteration(path):
+                return path
+            problem, suffix = f"{path}: holds iteration {stored}, not the {checkpoint_iteration(path)} its name says", \
+                "misnamed"
+        if not move_aside:
+            log.warning("skipping %s", problem)
+            continue
+        aside = path.with_name(f"{path.name}.{suffix}")
+        os.replace(path, aside)
+        log.warning("%s; moved aside to %s", problem, aside.name)
     return None
 
 
@@ -172,10 +181,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class PreemptionWatch:
-    """Turns SIGUSR1 / SIGTERM / SIGINT into a flag the training loop reads between iterations.
+    """Turns SIGUSR1 / SIGTERM / SIGINT / SIGHUP into a flag the training loop reads between iterations.
 
     SLURM sends SIGUSR1 (--signal=B:USR1@T) before a preemption or time limit and SIGTERM when it
-    cancels; Ctrl-C sends SIGINT. Either way the loop finishes its iteration, saves and exits
+    cancels; Ctrl-C sends SIGINT; a closed terminal or a dropped remote login sends SIGHUP. Either
+    way the loop finishes its iteration, saves and exits
     (128 + the signal's number) so that nothing since the last checkpoint is lost; the first
     signal received is the reason reported. A second SIGINT ends the process at once.
 
@@ -187,7 +197,7 @@ class PreemptionWatch:
     that lands on a thread started before the watch. Elsewhere than the main thread it is inert.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -234,49 +244,3 @@ class PreemptionWatch:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-
-
-class RunLock:
-    """An exclusive lock on a run directory, so that two trainers never write one run.
-
-    flock on run_dir/lock: the kernel releases it when the holder dies, kill -9 included, so a
-    crashed run never leaves its directory locked. The file keeps the holder's PID for the message.
-    """
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise CheckpointError(f"run.dir = {self.run_dir}: exists and is not a directory")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise CheckpointError(f"run.dir = {self.run_dir}: cannot write there ({err.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(f"run.dir = {self.run_dir}: in use by another trainer (PID {holder}); wait for "
-                                  "it to finish or choose another run.dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

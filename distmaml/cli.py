@@ -2,7 +2,7 @@
 
     distmaml train CONFIG [key.sub=value ...]
     distmaml eval CHECKPOINT [--tasks 600] [--shots N] [--steps S] [--json PATH]
-    distmaml plot CHECKPOINT OUT.png
+    distmaml plot CHECKPOINT OUT.png [--tasks 3] [--shots N]
     distmaml study inner-steps CONFIG [--steps 1 5 10 20 50 100] [--iterations N] [--out DIR]
     distmaml gradcheck CONFIG [key.sub=value ...] [--tasks 4] [--json PATH]
     distmaml config [CONFIG] [key.sub=value ...]      # print the resolved config with every key's doc
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from distmaml.config import ConfigError, describe, flatten, from_flat, load_config, to_dict
-from distmaml.errors import DistmamlError, TrainingError
+from distmaml.errors import DistmamlError, TrainingError, WriteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--shots", type=int, help="support examples per task (default: the training K)")
     eval_p.add_argument("--steps", type=int, help="inner steps; metrics are reported after 0..S")
     eval_p.add_argument("--query", type=int, help="query examples per task (default: eval.query)")
-    eval_p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    eval_p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     eval_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
     eval_p.add_argument("--json", type=Path, help="also write the result here")
     eval_p.add_argument("--lr-grid", nargs=3, type=float, metavar=("LOW", "HIGH", "COUNT"),
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_p = commands.add_parser("plot", help="sine: true function, support points, fit before/after adaptation; a "
                                  "learned activation function beside ELU, ReLU and Swish; distilled examples")
     plot_p.add_argument("checkpoint", help="a checkpoint file or a run directory")
-    plot_p.add_argument("out", type=Path, help="PNG file to write")
-    plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw")
+    plot_p.add_argument("out", type=Path, help="image file to write; its extension gives the format (.png, .pdf, "
+                        ".svg, ...; PNG without one)")
+    plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw, one panel each")
     plot_p.add_argument("--shots", type=int, help="support points (default: the training K)")
     plot_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _COMMANDS[args.command](args)
     except DistmamlError as err:
         print(f"distmaml {args.command}: error: {err}", file=sys.stderr)
-        code = 1 if isinstance(err, TrainingError) else 2
+        code = 1 if isinstance(err, (TrainingError, WriteError)) else 2  # the run failed, or its input was bad
     except KeyboardInterrupt:  # Ctrl-C outside training (eval, plot, study, config)
         print(f"distmaml {args.command}: interrupted", file=sys.stderr)
         code = 128 + signal.SIGINT
@@ -118,12 +119,12 @@ def _train(args) -> int:
     summary = train(load_config(args.config, args.overrides))
     if summary["status"] == "preempted":
         return 128 + summary["signal"]  # as a shell reports a job ended by that signal
-    if summary["status"] == "diverged":
-        raise TrainingError(summary["error"])
     if "eval" in summary:
         from distmaml.evaluate import format_table
 
         print(format_table(summary["eval"]))
+    if summary["status"] == "diverged":
+        raise TrainingError(summary["error"])
     return 0
 
 
@@ -136,17 +137,37 @@ def _with_flags(config, flags: dict[str, tuple[object, str]]):
     return from_flat({**flatten(config), **given}, {key: flags[key][1] for key in given})
 
 
+def _device(value: str, flag: str):
+    """A device flag, checked like engine.device (its form, then this machine), errors naming the flag."""
+    from distmaml.dist import pick_device
+
+    from_flat({"engine.device": value}, {"engine.device": flag})
+    return pick_device(value, 0, key=flag)
+
+
+# Evaluation's settings as the flags of eval and plot name them (for the memory check's message).
+_EVAL_FLAGS = {"tasks": "--tasks", "shots": "--shots", "query": "--query"}
+
+
 def _eval(args) -> int:
+    from distmaml import memory
     from distmaml.build import load_trained
     from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, format_table
+    from distmaml.files import check_file_path
     from distmaml.log import write_json
 
-    trained = load_trained(args.checkpoint, args.device, {
+    if args.json is not None:  # before the work, not after it
+        check_file_path(args.json, "--json")
+    device = _device(args.device, "--device")
+    trained = load_trained(args.checkpoint, str(device), {
         "data.root": (args.data_root, "--data-root"), "eval.steps": (args.steps, "--steps"),
         "eval.tasks": (args.tasks, "--tasks"), "eval.shots": (args.shots, "--shots"),
         "eval.query": (args.query, "--query"), "eval.lr_grid": (_log_grid(args.lr_grid), "--lr-grid")})
     config, learner = trained.config, trained.learner
-    result = evaluate(learner.problem, learner.theta, learner.family, learner.inner, **evaluation_settings(config))
+    settings = evaluation_settings(config)
+    memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner, settings, config,
+                                 device, _EVAL_FLAGS)
+    result = evaluate(learner.problem, learner.theta, learner.family, learner.inner, **settings)
     print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
           f"{config.inner.rule} (lr {config.inner.lr})")
     print(format_table(result))
@@ -173,38 +194,50 @@ def _log_grid(spec: list[float] | None) -> list[float] | None:
 
 
 def _plot(args) -> int:
+    import torch
+
+    from distmaml import memory
     from distmaml.build import load_trained
     from distmaml.meta.problems.distillation import INPUTS
     from distmaml.models import LearnedActivation
-    from distmaml.plots import plot_sine_adaptation
+    from distmaml.plots import MAX_TASKS, STEPS, check_output, plot_sine_adaptation
 
+    image_format = check_output(args.out, "OUT")
+    if not 1 <= args.tasks <= MAX_TASKS:
+        raise ConfigError(f"--tasks = {args.tasks}: must be between 1 and {MAX_TASKS} (one panel per task, side by side)")
     trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
     if INPUTS in learner.theta:
         from distmaml.plots import plot_distilled
 
-        plot_distilled(learner.theta, args.out)
-        print(f"wrote {args.out}")
+        plot_distilled(learner.theta, args.out, image_format=image_format)
+        print(f"wrote {args.out} ({image_format.upper()})")
         return 0
     if isinstance(getattr(learner.model, "activation", None), LearnedActivation):
         from distmaml.plots import plot_learned_activation
 
-        plot_learned_activation(learner.model, learner.theta, args.out)
-        print(f"wrote {args.out}")
+        plot_learned_activation(learner.model, learner.theta, args.out, image_format=image_format)
+        print(f"wrote {args.out} ({image_format.upper()})")
         return 0
     if learner.family.is_classification or not all(hasattr(learner.family, name) for name in ("x_range", "curve")):
         kind = "classification" if learner.family.is_classification else "regression without a true curve to draw"
         raise ConfigError(f"{trained.checkpoint}: distmaml plot draws one-dimensional regression tasks with their "
-                          f"true curve (the sine family), or a learned activation function; this run is "
-                          f"{trained.config.task.family} {kind}")
+                          f"true curve (the sine family), a learned activation function or distilled examples; "
+                          f"this run is {trained.config.task.family} {kind}")
+    memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
+                                 {"tasks": args.tasks, "shots": config.eval.shots, "steps": max(STEPS)}, config,
+                                 torch.device("cpu"), _EVAL_FLAGS)
     plot_sine_adaptation(learner.problem, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
-                         shots=config.eval.shots)
-    print(f"wrote {args.out}")
+                         shots=config.eval.shots, image_format=image_format)
+    print(f"wrote {args.out} ({image_format.upper()})")
     return 0
 
 
 def _study(args) -> int:
+    from distmaml.files import check_folder_path
+
+    check_folder_path(args.out, "--out")  # before any run is trained
     config = load_config(args.config, args.overrides)  # fail here, once, on a bad setting
     if args.study == "inner-steps":
         from distmaml.study import HEADER, run_inner_steps_study
@@ -216,13 +249,14 @@ def _study(args) -> int:
         run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
         return 0
     from distmaml.study import run_seeds_study
-    from distmaml.study.seeds import format_report
+    from distmaml.study.seeds import check_evaluation, format_report
 
     _with_flags(config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks")})
     for count in args.shots:
         _with_flags(config, {"eval.shots": (count, "--shots")})
     for count in args.threads:
         _with_flags(config, {"engine.threads": (count, "--threads")})
+    check_evaluation(config, args.shots, args.steps, args.tasks)  # before training, not after it
     print(f"{len(args.seeds) * len(args.threads)} training runs; results in {args.out}", flush=True)
     report = run_seeds_study(args.config, args.out, args.seeds, args.threads, args.shots, args.steps, args.tasks,
                              args.jobs, args.overrides)
@@ -241,6 +275,10 @@ def _gradcheck(args) -> int:
     from distmaml.rng import STREAM_TRAIN
 
     config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"])
+    if args.json is not None:
+        from distmaml.files import check_file_path
+
+        check_file_path(args.json, "--json")
     if args.tasks < 1:
         raise ConfigError(f"--tasks = {args.tasks}: must be >= 1")
     torch.manual_seed(config.train.seed)

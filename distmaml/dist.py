@@ -92,14 +92,19 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
-    """engine.device: 'auto' takes cuda:LOCAL_RANK when CUDA is present, else the CPU."""
+def pick_device(preference: str, local_rank: int, key: str = "engine.device") -> torch.device:
+    """engine.device (or the setting `key` names): 'auto' takes cuda:LOCAL_RANK when CUDA is present,
+    else the CPU; a device this machine lacks is refused in one line."""
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    use = f"{key} cpu" if key.startswith("--") else f"{key}=cpu or auto"
     if not torch.cuda.is_available():
-        raise ConfigError(f"engine.device = {preference!r}: this machine has no CUDA device (torch "
-                          f"{torch.__version__}); use engine.device=cpu or auto")
+        raise ConfigError(f"{key} = {preference!r}: this machine has no CUDA device (torch "
+                          f"{torch.__version__}); use {use}")
     if preference.startswith("cuda:"):
+        index = preference.partition(":")[2]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"{key} = {preference!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
         return torch.device(preference)
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 

@@ -120,8 +120,12 @@ class MetaStep:
         self.step_weights = (torch.zeros(self.inner.steps, dtype=weight_dtype, device=ctx.device)
                              if config.inner.multi_step_loss else None)
         # The first iteration whose meta-loss or meta-gradient was not finite (or above
-        # train.max_meta_loss), -1 while none was: set on the device, read by the host when it likes.
+        # train.max_meta_loss or loss_bound), -1 while none was, and its meta-loss: set on the
+        # device, read by the host when it likes.
         self.diverged_at = torch.full((), -1, dtype=torch.int64, device=ctx.device)
+        self.diverged_loss = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)
+        # train.max_meta_loss_factor times the first logged window's meta-loss, once the trainer knows it.
+        self.loss_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
         self.captured_inner: Inner | None = None
@@ -180,12 +184,13 @@ class MetaStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), train.grad_clip or math.inf)
         meta_loss = loss_sum[0] / train.meta_batch
         # The all-reduced values are the same on every rank, so every rank flags the same iteration.
-        diverged = ~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm)
+        diverged = ~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm) | (meta_loss > self.loss_bound)
         if train.max_meta_loss:
             diverged = diverged | (meta_loss > train.max_meta_loss)
         first = diverged & (self.diverged_at < 0)
         self.diverged_at.copy_(torch.where(first, torch.as_tensor(iteration, device=self.diverged_at.device),
                                            self.diverged_at))
+        self.diverged_loss.copy_(torch.where(first, meta_loss.to(self.diverged_loss.dtype), self.diverged_loss))
         self.optimizer.step()
         return StepOutput(batch, result, grad_norm, stop_votes, meta_loss)
 

@@ -1,8 +1,8 @@
 """The errors a user can cause and fix: each is phrased as one line that names the file, key or value.
 
 The CLI prints any of them as `distmaml <command>: error: <message>` and exits 2 (1 for a
-TrainingError: the run itself failed); anything else reaching the top is a bug in distmaml and
-keeps its traceback.
+TrainingError or a WriteError: the run itself failed); anything else reaching the top is a bug in
+distmaml and keeps its traceback.
 """
 
 
@@ -41,5 +41,11 @@ class TrainingError(DistmamlError, RuntimeError):
     """Training that cannot go on: it diverged, or another rank failed."""
 
 
-class DiskFullError(DistmamlError, OSError):
-    """A file that could not be written because its disk (or quota) is full; nothing was overwritten."""
+class WriteError(DistmamlError, OSError):
+    """A file that could not be written where the work needed it (a read-only or forbidden folder, a
+    full disk); nothing was overwritten. Places checked before the work are ConfigErrors instead."""
+
+
+class DiskFullError(WriteError):
+    """A file that could not be written because its disk, quota or the process's file-size limit is
+    full; nothing was overwritten."""

@@ -21,6 +21,9 @@ from distmaml.meta import (LEARNED, MAML, Inner, Params, TaskBatch, Tasks, detac
 from distmaml.rng import STREAM_EVAL
 
 CURVE_POINTS = 10  # a long unroll is reported after this many evenly spaced numbers of steps (and 0)
+# A trained model whose adaptation diverges on more than this fraction of fresh tasks has not learned
+# to adapt: the run that made it is reported as diverged, not complete.
+DIVERGED_RUN_FRACTION = 0.5
 
 
 def report_steps(steps: int) -> list[int]:
@@ -255,6 +258,16 @@ def divergence_warning(result: dict[str, Any]) -> str | None:
     return (f"{worst} of {result['tasks']} tasks diverged within {result['steps'][-1]['step']} step(s), the first "
             f"at step {bad[0]['step']} (query loss non-finite or above {result['diverged_factor']:g}x its value "
             "before adaptation, or the median task's if larger); means are not reported for those steps, medians are")
+
+
+def diverged_evaluation(result: dict[str, Any]) -> str | None:
+    """One line saying where more than DIVERGED_RUN_FRACTION of the tasks had diverged, or None."""
+    row = next((row for row in result["steps"] if row["diverged"] > DIVERGED_RUN_FRACTION * result["tasks"]), None)
+    if row is None:
+        return None
+    return (f"the evaluation diverged: {row['diverged']} of {result['tasks']} fresh tasks diverged by inner step "
+            f"{row['step']} ({result.get('outer', 'query')} loss non-finite or above eval.diverged_factor = {result['diverged_factor']:g} "
+            f"times its value before adaptation), more than {DIVERGED_RUN_FRACTION:.0%} of them")
 
 
 def final_line(result: dict[str, Any]) -> str:

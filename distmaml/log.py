@@ -20,6 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from distmaml.errors import ConfigError
+from distmaml.files import append_text, write_text
 
 log = logging.getLogger("distmaml")
 
@@ -75,7 +76,7 @@ class RunLogger(NullLogger):
         # A stable id in the run directory makes a resumed or requeued job continue the same wandb run.
         id_file = self.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
+        write_text(id_file, run_id)
 
         def start(mode: str):
             return wandb.init(project=project, name=name or self.run_dir.name, id=run_id, resume="allow",
@@ -99,7 +100,8 @@ class RunLogger(NullLogger):
 
     def start(self, first_iteration: int, total: int) -> None:
         """Begin at `first_iteration` (> 0 after a resume): drop metrics lines the checkpoint never saw,
-        and a torn line (a full disk or a kill mid-append leaves half a line) with a warning."""
+        and a torn line (a kill mid-append leaves half a line) with a warning. The file is rewritten
+        atomically: a full disk here leaves it as it was."""
         if self.metrics_path.exists():
             kept = []
             lines = self.metrics_path.read_text(errors="replace").splitlines()
@@ -115,9 +117,7 @@ class RunLogger(NullLogger):
                     continue
                 if iteration <= first_iteration:
                     kept.append(line)
-            temporary = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            temporary.write_text("".join(line + "\n" for line in kept))
-            os.replace(temporary, self.metrics_path)
+            write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         if self._progress:
             self._redirect.enter_context(logging_redirect_tqdm())
             self._bar = tqdm(total=total, initial=first_iteration, desc="meta-train", unit="it", dynamic_ncols=True)
@@ -140,8 +140,7 @@ class RunLogger(NullLogger):
         return done
 
     def log(self, metrics: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        append_text(self.metrics_path, json.dumps(metrics) + "\n")
         if self._bar is not None:
             self._bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
         # The outer loss's data: "query" for few-shot tasks, "validation" for training runs.
@@ -199,4 +198,5 @@ def strict_json(data: Any) -> str:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(strict_json(data))
+    """`data` as strict JSON, written atomically (a failed write leaves the file as it was)."""
+    write_text(path, strict_json(data))

@@ -145,15 +145,24 @@ def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) 
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:
-    """(bytes this process may still allocate, where the number comes from)."""
+    """(bytes this process may still allocate, where the number comes from): the tightest of the
+    machine's available memory, the job's cgroup limit and this process's address-space limit."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"free memory of {device}"
     available, source = _meminfo_available(), "MemAvailable in /proc/meminfo"
-    limit = _cgroup_headroom()
-    if limit is not None and limit < available:
-        available, source = limit, "this job's cgroup memory limit"
+    for limit, where in ((_cgroup_headroom(), "this job's cgroup memory limit"),
+                         (_address_space_headroom(), "this process's address-space limit, ulimit -v")):
+        if limit is not None and limit < available:
+            available, source = max(limit, 0), where
     return available, source
+
+
+def budget_bytes(config, device: torch.device) -> tuple[int, str]:
+    """(bytes a run may use, where the number comes from): engine.memory_budget, else what is available."""
+    if config.engine.memory_budget:
+        return int(config.engine.memory_budget * GIB), f"engine.memory_budget = {config.engine.memory_budget:g} GiB"
+    return available_bytes(device)
 
 
 def _meminfo_available() -> int:
@@ -164,6 +173,23 @@ def _meminfo_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _address_space_headroom() -> int | None:
+    """RLIMIT_AS (ulimit -v) minus this process's virtual size: past it every allocation fails, however
+    much memory the machine has free."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return soft - int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return soft
 
 
 def _cgroup_headroom() -> int | None:
@@ -185,10 +211,7 @@ def check_fits(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable
     available (or engine.memory_budget), naming what would fit: activation checkpointing, first
     order, the largest meta-batch (the tasks' share of the peak scales with their number)."""
     found = estimate(problem, params, tasks, config, meta_gradient_fn)
-    if config.engine.memory_budget:
-        budget, where = config.engine.memory_budget * GIB, f"engine.memory_budget = {config.engine.memory_budget:g} GiB"
-    else:
-        budget, where = available_bytes(device)
+    budget, where = budget_bytes(config, device)
     if found.peak_bytes <= budget:
         return found
     from distmaml.build import build_method
@@ -219,3 +242,59 @@ def describe_size(size: float) -> str:
     if size >= GIB:
         return f"{size / GIB:.2f} GiB"
     return f"{size / 2 ** 20:.0f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+
+
+class EvaluationEstimate(NamedTuple):
+    peak_bytes: int  # the whole evaluation at its peak
+    chunk_bytes: int  # of which one chunk of tasks: its data, its adaptation, its weights along the way
+    results_bytes: int  # of which every task's metrics after every reported number of steps
+
+
+def estimate_evaluation(problem, theta, family, inner, steps: int, tasks: int, shots: int | None = None,
+                        query: int | None = None, chunk: int = 200) -> EvaluationEstimate:
+    """Peak memory of distmaml.evaluate.evaluate with these settings, from `meta` tensors (shapes only).
+
+    Adaptation keeps no graph, so its memory is flat in the number of steps: a probe of two steps,
+    plus the weights kept at each further reported step, plus the per-task results (which grow with
+    `tasks`, kept per chunk and once more when joined).
+    """
+    from distmaml.evaluate import adaptation_curves, report_steps
+    from distmaml.rng import STREAM_EVAL
+
+    counts, probed = report_steps(steps), report_steps(min(steps, 2))
+    size = min(chunk, tasks)
+    batch = family.to("meta").sample(STREAM_EVAL, 0, torch.arange(size, device="meta"), support=shots, query=query)
+    meta_theta = {name: torch.empty_like(value, device="meta") for name, value in theta.items()}
+    with LiveBytes() as counter:
+        curves = adaptation_curves(problem.to("meta"), meta_theta, batch, inner, probed)
+    weights = sum(value.numel() * value.element_size() for value in problem.inner_template().values())
+    data = sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0] if torch.is_tensor(t))
+    chunk_bytes = counter.peak + data + (len(counts) - len(probed)) * size * weights
+    per_value = max(value.element_size() for value in curves.values())
+    results = 2 * tasks * len(counts) * len(curves) * per_value
+    state = sum(value.numel() * value.element_size() for value in theta.values())
+    return EvaluationEstimate(chunk_bytes + results + state, chunk_bytes, results)
+
+
+def check_evaluation_fits(problem, theta, family, inner, settings: dict, config, device: torch.device,
+                          names: dict[str, str]) -> EvaluationEstimate | None:
+    """Refuse, in one line naming the settings (`names`: {"tasks": "--tasks", ...}), an evaluation
+    whose estimated peak exceeds the memory available (or engine.memory_budget); None when
+    engine.memory_check is off."""
+    if not config.engine.memory_check:
+        return None
+    tasks, shots, query = settings["tasks"], settings.get("shots"), settings.get("query")
+    found = estimate_evaluation(problem, theta, family, inner, settings["steps"], tasks, shots, query)
+    budget, where = budget_bytes(config, device)
+    if found.peak_bytes <= budget:
+        return found
+    shown = ", ".join(f"{names[key]} = {value}" for key, value in (("tasks", tasks), ("shots", shots),
+                                                                      ("query", query)) if value is not None)
+    if found.results_bytes >= found.chunk_bytes:
+        part, what, fewer = found.results_bytes, f"the results of {tasks} tasks", names["tasks"]
+    else:
+        part, what = found.chunk_bytes, "each chunk of up to 200 tasks with their examples"
+        fewer = f"{names['shots']} or {names['query']}"
+    raise ConfigError(f"{shown}: evaluating needs about {describe_size(found.peak_bytes)} (estimated before starting; "
+                      f"{describe_size(part)} of it for {what}), more than the {describe_size(budget)} available "
+                      f"({where}); fewer {fewer} would fit, or engine.memory_check=false skips this check")

@@ -6,16 +6,41 @@ from pathlib import Path
 
 import torch
 
+from distmaml.errors import ConfigError
 from distmaml.evaluate import adaptation_weights
+from distmaml.files import check_file_path, write_figure
 from distmaml.meta import Inner
 from distmaml.rng import STREAM_PLOT
 
+STEPS = (1, 10)  # inner steps drawn besides the start, as the paper's figure
+PANEL_INCHES, DPI = 4.5, 120
+# Panels sit side by side, and matplotlib draws no image wider than 2**16 pixels.
+MAX_TASKS = 2 ** 16 // int(PANEL_INCHES * DPI) - 1
+
+
+def check_output(path: str | Path, what: str) -> str:
+    """The image format `path` asks for by its extension (PNG without one), refusing before any work an
+    unknown format or a path that cannot be written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    image_format = path.suffix[1:].lower() or "png"
+    known = Figure().canvas.get_supported_filetypes()
+    if image_format not in known:
+        raise ConfigError(f"{what} = {path}: .{image_format} is not an image format matplotlib writes (it writes "
+                          f"{', '.join('.' + name for name in sorted(known))})")
+    check_file_path(path, what)
+    return image_format
+
 
 def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, tasks: int = 3,
-                         shots: int | None = None, steps: tuple[int, ...] = (1, 10)) -> None:
+                         shots: int | None = None, steps: tuple[int, ...] = STEPS, image_format: str = "png") -> None:
     """The MAML paper's Figure 2: for a few fresh sine tasks, the true function, the K support
     points, the meta-learned prediction before adaptation and after 1 and 10 inner steps (with the
-    run's own inner rule)."""
+    run's own inner rule), written to `out` exactly, in `image_format`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +61,7 @@ def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, 
             predictions[k] = [problem.predict({name: value[i] for name, value in trajectory[k].items()}, theta,
                                               grid[:, None]) for i in range(tasks)]
 
-    figure, axes = plt.subplots(1, tasks, figsize=(4.5 * tasks, 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, tasks, figsize=(PANEL_INCHES * tasks, 3.6), squeeze=False)
     for i, axis in enumerate(axes[0]):
         axis.plot(grid.cpu(), truth[i, :, 0].cpu(), color="black", lw=2, label="ground truth")
         axis.scatter(batch.support_x[i, :, 0].cpu(), batch.support_y[i, :, 0].cpu(), color="tab:purple",
@@ -48,12 +73,12 @@ def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, 
         axis.set_xlabel("x")
     axes[0][0].legend(fontsize=8, loc="lower left")
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    write_figure(out, figure, dpi=DPI, format=image_format)
     plt.close(figure)
 
 
-def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, high: float = 4.0) -> None:
+def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, high: float = 4.0,
+                            image_format: str = "png") -> None:
     """A learned activation function (distmaml.models.LearnedActivation, its weights from theta)
     beside ELU, ReLU and Swish, and the learned offset g(x) = f(x) - elu(x)."""
     import matplotlib
@@ -80,12 +105,11 @@ def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, hi
     for axis in (left, right):
         axis.set_xlabel("x")
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    write_figure(out, figure, dpi=120, format=image_format)
     plt.close(figure)
 
 
-def plot_distilled(theta, out: str | Path) -> None:
+def plot_distilled(theta, out: str | Path, image_format: str = "png") -> None:
     """Distilled examples (distmaml.meta.Distillation): images where an example is square (8 x 8
     digits, or [channels, h, w]), else sequences (MNIST-1D), each titled with its soft label."""
     import math
@@ -121,6 +145,5 @@ def plot_distilled(theta, out: str | Path) -> None:
         axis.set_title(f"{int(label)} ({float(confidence):.2f})", fontsize=8)
     figure.suptitle("distilled examples: soft label's class (its probability)", fontsize=9)
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    write_figure(out, figure, dpi=120, format=image_format)
     plt.close(figure)

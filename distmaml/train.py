@@ -20,37 +20,42 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
+from torch.utils._pytree import tree_flatten
 
-from distmaml import checkpoint, dist, memory
-from distmaml.build import Learner, build, build_inner, checkpoint_state, restore
-from distmaml.checkpoint import PreemptionWatch, RunLock
-from distmaml.config import Config, ConfigError, flatten, sourced, to_dict
-from distmaml.errors import SettingError, TrainingError
-from distmaml.engine import (MetaStep, StepOutput, compute_meta_gradient, fit_optimizer_to, make_optimizer,
-                             set_learning_rate)
-from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, final_line, task_metrics
+from distmaml import checkpoint, dist, preflight
+from distmaml.build import DTYPES, Learner, build, checkpoint_state, restore
+from distmaml.checkpoint import PreemptionWatch
+from distmaml.config import Config, ConfigError, config_file, flatten, source_of, to_dict
+from distmaml.errors import TrainingError
+from distmaml.engine import MetaStep, StepOutput, fit_optimizer_to, make_optimizer, set_learning_rate
+from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
+                               task_metrics)
+from distmaml.files import write_text
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
-from distmaml.meta import check_method, check_problem, num_tasks, start_weights, task_at
+from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
+from distmaml.run_dir import RunLock, claim, refuse_finished_without_checkpoint
+from distmaml.tasks import build_task_family
 
 log = logging.getLogger("distmaml.train")
 
 # From this many inner steps on, the progress bar also shows the inner steps of each outer step.
 INNER_BAR_STEPS = 100
 
-# Why training may stop early, in order of precedence: the signals of a preemption or Ctrl-C, then
-# the time limit.
+# Why training may stop early, in order of precedence: the signals of a preemption, Ctrl-C or a
+# closed terminal, then the time limit.
 STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
 
 # Settings that may differ between a checkpoint and the run that resumes it; any other difference
 # would silently change the experiment, so resuming refuses it.
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
+                     "train.max_meta_loss_factor",
                      "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
                      "engine.memory_check", "engine.memory_budget", "dist.", "data.root", "data.cache_dir",
                      "data.storage")
@@ -72,7 +77,8 @@ def learning_rate(config: Config, iteration: int, iterations: int | None = None)
 def train(config: Config) -> dict[str, Any]:
     """Meta-train as `config` says and return the summary (rank 0 also writes run.dir/summary.json).
 
-    summary["status"]: complete, time_limit, preempted (summary["signal"] says which) or diverged.
+    summary["status"]: complete, time_limit, preempted (summary["signal"] says which) or diverged
+    (in training, or in the evaluation at the end: summary["error"] says where).
     Joins the process group the launcher set up (none for a plain process) and, once the run
     succeeded, leaves it with every other rank; a failing rank raises without waiting for the others.
     """
@@ -91,7 +97,8 @@ def train(config: Config) -> dict[str, Any]:
 
 def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
-        start, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
+        resumed, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
+        start = resumed.iteration
         # Every rank restored on its own: they must have found the same checkpoint (run.dir on a
         # file system all ranks share), or their weights would part silently.
         dist.same_on_every_rank(start, ctx, "the iteration it resumes from", hint="every rank must see the same "
@@ -105,61 +112,54 @@ def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> di
         log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s, "
                  "%d CPU thread(s))", config.run.dir, start, config.train.iterations, ctx.world_size,
                  step.tasks.start, step.tasks.stop - 1, config.train.meta_batch, ctx.device, torch.get_num_threads())
-        return _loop(config, ctx, learner, optimizer, step, logger, start, preemption)
+        return _loop(config, ctx, learner, optimizer, step, logger, resumed, preemption)
 
 
-def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack):
-    """Everything before the first iteration that can fail on one rank: lock, build, restore."""
+class Resumed(NamedTuple):
+    iteration: int  # where training goes on from (0: a fresh start)
+    # The first logged window's median meta-loss, {"meta_loss": x, "first": i, "last": j}, that
+    # train.max_meta_loss_factor is relative to; None until a window was logged.
+    reference: dict | None = None
+
+
+def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tuple[Resumed, Learner, Any]:
+    """Everything before the first iteration that can fail on one rank: lock, checks, build, restore."""
     if config.engine.cuda_graph and ctx.device.type != "cuda":
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
     if ctx.is_main:  # one trainer per run directory; the other ranks only read it
-        stack.enter_context(RunLock(config.run.dir))
+        lock = stack.enter_context(RunLock(config.run.dir))
+        claim(config.run.dir, config.run.resume, config_file(config))
+        lock.write_pid()
+    family = build_task_family(config, ctx.device, DTYPES[config.engine.dtype][0])
+    shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
+    if shapes is not None:  # nothing allocated for real before the estimate passed
+        preflight.check_shapes(config, shapes)
+        preflight.check_memory(config, ctx, shapes)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    learner = build(config, ctx.device)
+    learner = build(config, ctx.device, family)
+    if shapes is None:  # a user model built from values: estimated now, still before a real task is sampled
+        preflight.check_memory(config, ctx, learner)
+    preflight.check_first_batch(config, learner)
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
-    start = _restore(config, ctx, learner, optimizer)
-    tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
-    try:
-        # The memory estimate comes first: it handles shapes only, while the first-batch check
-        # samples a real task and runs the problem on it (task.query = 100000000 must be refused,
-        # not tried). A method that cannot differentiate the problem is refused by either.
-        if config.engine.memory_check and len(tasks):
-            shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
-
-            def probe(problem, theta, batch, probed: Config):
-                return compute_meta_gradient(problem, theta, batch, build_inner(probed),
-                                             step_weights=probe_step_weights(probed))
-
-            found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size,
-                                      ctx.device)
-            log.info("estimated peak memory of one meta-iteration: %s on this process",
-                     memory.describe_size(found.peak_bytes))
-        _check_first_batch(config, learner)
-    except SettingError as err:
-        raise sourced(config, err) from None
-    return start, learner, optimizer
-
-
-def _check_first_batch(config: Config, learner: Learner) -> None:
-    """Before the first iteration: the problem follows its protocol on a real task, and the method
-    can differentiate it (one line each, naming the setting, instead of a wrong or failing run)."""
-    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=next(iter(learner.theta.values())).device))
-    check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
-    check_method(learner.problem, learner.theta, batch, learner.inner)
-
-
-def probe_step_weights(config: Config) -> torch.Tensor | None:
-    """The multi-step loss's weights for a memory probe: K of them keep K query graphs alive."""
-    steps = config.inner.steps
-    return torch.full((steps,), 1 / steps, device="meta") if config.inner.multi_step_loss and steps else None
+    return _restore(config, ctx, learner, optimizer), learner, optimizer
 
 
 def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: MetaStep, logger,
-          start: int, preemption: PreemptionWatch) -> dict[str, Any]:
-    """Meta-iterations from `start` until done, preempted, out of time or diverged; then evaluate and summarise."""
+          resumed: Resumed, preemption: PreemptionWatch) -> dict[str, Any]:
+    """Meta-iterations from where `resumed` says until done, preempted, out of time or diverged; then
+    evaluate and summarise."""
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
     params = learner.theta
+    start, reference = resumed
+
+    def bound_loss(reference: dict | None) -> None:
+        # On the device, where the step compares every iteration's meta-loss with it (no host sync).
+        value = abs(reference["meta_loss"]) if reference else 0.0
+        if train_cfg.max_meta_loss_factor and math.isfinite(value) and value > 0:
+            step.loss_bound.fill_(train_cfg.max_meta_loss_factor * value)
+
+    bound_loss(reference)
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
@@ -167,7 +167,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                 f"the good ones in {ckpt_dir}")
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
-                     "config": to_dict(config), "rng": checkpoint.rng_state()}
+                     "config": to_dict(config), "rng": checkpoint.rng_state(), "meta_loss_reference": reference}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -179,6 +179,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     window_start, window_time = start, time.perf_counter()
     train_start = window_time
     iteration, status, reason, diverged_at, warned_sharp = start, "complete", None, -1, False
+    # The first window's meta-losses, for its median: a blow-up inside the window would dominate a mean.
+    first_window: list[torch.Tensor] = []
     with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
@@ -186,6 +188,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             requests = (*(preemption.signum == signum for signum in PreemptionWatch.SIGNALS), time_up)
             out = step(iteration, requests)
             window_loss += out.meta_loss
+            if reference is None:
+                first_window.append(out.meta_loss.detach().clone())  # a CUDA graph reuses its output tensor
             iteration += 1
             watchdog.beat(iteration)
             logger.advance(iteration)
@@ -205,6 +209,11 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                 metrics = _metrics(learner, out, config, ctx, window_loss, iteration - window_start,
                                    time.perf_counter() - window_time)
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
+                if reference is None:
+                    median = torch.stack(first_window).median().item()
+                    reference = {"meta_loss": median, "first": window_start + 1, "last": iteration}
+                    bound_loss(reference)
+                    first_window.clear()
                 logger.log(metrics)
                 sharp = None if warned_sharp else _sharpness_warning(config, learner, metrics)
                 if sharp:
@@ -229,8 +238,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                "run_dir": str(run_dir), "train_seconds": seconds,
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx)}
-    if status == "diverged":
-        summary.update(_divergence(config, ckpt_dir, diverged_at))  # the CLI prints summary["error"]
+    if status == "diverged":  # the CLI prints summary["error"]
+        summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), reference))
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
                                    **evaluation_settings(config))
@@ -239,6 +248,11 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         if warning:
             log.warning("eval: %s", warning)
             summary["warnings"] = [f"eval: {warning}"]
+        failed = diverged_evaluation(summary["eval"])
+        if failed:  # a model that cannot adapt is no result, however its training loss went
+            good = checkpoint.latest_checkpoint(ckpt_dir)
+            summary.update(status="diverged", error=f"{failed}: the model trained to iteration {iteration} ({good}) "
+                           "does not adapt stably; distmaml eval with fewer --steps shows how far it holds")
     if ctx.is_main:
         write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
@@ -251,16 +265,47 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     return summary
 
 
-def _divergence(config: Config, ckpt_dir: Path, diverged_at: int) -> dict[str, Any]:
-    """The summary's account of a diverged run: where it diverged and where to go back to."""
+def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: int, loss: float,
+                reference: dict | None) -> dict[str, Any]:
+    """The summary's account of a diverged run: where and why it diverged, and where to go back to."""
     good = checkpoint.latest_checkpoint(ckpt_dir)
     where = (f"the last good checkpoint is {good} (iteration {checkpoint.checkpoint_iteration(good)})" if good
              else "no checkpoint was written before it")
-    bound = f" or above train.max_meta_loss = {config.train.max_meta_loss:g}" if config.train.max_meta_loss else ""
-    error = (f"training diverged at iteration {diverged_at + 1}: the meta-loss or meta-gradient was not "
-             f"finite{bound}; stopped without writing a checkpoint; {where} (starting again resumes from it: "
-             "with a smaller train.lr, or train.grad_clip)")
+    train = config.train
+    hint = ("starting again resumes from it: with a smaller train.lr, or train.grad_clip" if good else
+            "run.resume=false starts over, moving this run's files aside: with a smaller train.lr, or train.grad_clip")
+    if not math.isfinite(loss):
+        why = "the meta-loss or meta-gradient was not finite"
+        bad_data = _non_finite_data(learner, diverged_at, train.meta_batch)
+        if bad_data:
+            why, hint = bad_data, "the data is at fault, not the learning rate"
+    elif train.max_meta_loss and loss > train.max_meta_loss:
+        why = f"the meta-loss {loss:.4g} was above train.max_meta_loss = {train.max_meta_loss:g}"
+    elif reference and train.max_meta_loss_factor and loss > train.max_meta_loss_factor * abs(reference["meta_loss"]):
+        why = (f"the meta-loss {loss:.4g} was above train.max_meta_loss_factor = {train.max_meta_loss_factor:g} times "
+               f"its median over the first logged window, {reference['meta_loss']:.4g} (iterations "
+               f"{reference['first']}..{reference['last']})")
+    else:
+        why = "the meta-gradient was not finite"
+    error = (f"training diverged at iteration {diverged_at + 1}: {why}; stopped without writing a checkpoint; "
+             f"{where} ({hint})")
     return {"diverged_at": diverged_at + 1, "last_good_checkpoint": str(good) if good else None, "error": error}
+
+
+def _non_finite_data(learner: Learner, iteration: int, meta_batch: int) -> str | None:
+    """Whether the tasks of `iteration` themselves hold values that are not finite (they are a pure
+    function of (seed, iteration, index), so sampling them again gives what training saw)."""
+    device = next(iter(learner.theta.values())).device
+    batch = learner.family.sample(STREAM_TRAIN, iteration, torch.arange(meta_batch, device=device))
+    leaves = tree_flatten(batch)[0]
+    names = getattr(batch, "_fields", None) or (list(batch) if isinstance(batch, dict) else range(len(leaves)))
+    for name, leaf in zip(names, leaves):
+        if torch.is_tensor(leaf) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            tasks = sorted({int(i) for i in torch.nonzero(~torch.isfinite(leaf))[:, 0].tolist()})
+            return (f"the tasks of that iteration hold values that are not finite ({type(learner.family).__name__} "
+                    f"gave {name} with NaN or infinite entries in task(s) {', '.join(map(str, tasks[:5]))}"
+                    f"{', ...' if len(tasks) > 5 else ''})")
+    return None
 
 
 def _sharpness_warning(config: Config, learner: Learner, metrics: dict[str, Any]) -> str | None:
@@ -274,16 +319,14 @@ def _sharpness_warning(config: Config, learner: Learner, metrics: dict[str, Any]
             "steps at inner.lr oscillate along it, and adapting with more steps than training uses can diverge")
 
 
-def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> int:
-    """Load the checkpoint run.resume asks for; return the iteration to start from."""
-    resume, ckpt_dir = config.run.resume, Path(config.run.dir) / "checkpoints"
+def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
+    """Load the checkpoint run.resume asks for; return where to start from."""
+    resume, run_dir = config.run.resume, Path(config.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume is False:
+        return Resumed(0)  # starting over: the main process moved an earlier run aside (run_dir.claim)
     # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
     latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
-    if resume is False:
-        if latest is not None:
-            raise ConfigError(f"run.resume = false: {ckpt_dir} already holds checkpoints (newest {latest.name}); "
-                              f"use run.resume=auto to continue it or another run.dir")
-        return 0
     if resume == "auto" or resume is True:
         if latest is None and resume is True:
             raise ConfigError(f"run.resume = true: no checkpoint in {ckpt_dir}")
@@ -291,15 +334,30 @@ def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> 
     else:
         path = Path(resume)
     if path is None:
-        return 0
+        if ctx.is_main:
+            refuse_finished_without_checkpoint(run_dir)
+        return Resumed(0)
     state = checkpoint.load_checkpoint(path)
     _check_compatible(config, state["config"], path, state["iteration"])
+    if state["iteration"] > config.train.iterations:
+        raise ConfigError(f"{source_of(config, 'train.iterations')}: train.iterations = {config.train.iterations}: "
+                          f"below iteration {state['iteration']}, where {path} already is; give train.iterations >= "
+                          f"{state['iteration']} to go on, or another run.dir")
     restore(learner, state, path)
     checkpoint.load_weights(optimizer, state["optimizer"], path)
     fit_optimizer_to(optimizer, ctx.device)
     checkpoint.set_rng_state(state["rng"])
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
-    return int(state["iteration"])
+    return Resumed(int(state["iteration"]), _reference(state.get("meta_loss_reference")))
+
+
+def _reference(saved: Any) -> dict | None:
+    """A checkpoint's first-window meta-loss, if it holds a usable one (older checkpoints hold none)."""
+    try:
+        reference = {"meta_loss": float(saved["meta_loss"]), "first": int(saved["first"]), "last": int(saved["last"])}
+    except (TypeError, KeyError, ValueError):
+        return None
+    return reference if math.isfinite(reference["meta_loss"]) else None
 
 
 def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
@@ -326,7 +384,7 @@ def _make_logger(config: Config, ctx: dist.Context):
     if not ctx.is_main:
         return NullLogger()
     run_dir = Path(config.run.dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     lg = config.logging
     return RunLogger(run_dir, to_dict(config), progress=lg.progress, wandb=lg.wandb, wandb_project=lg.wandb_project,
                      wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode, wandb_timeout=lg.wandb_timeout)

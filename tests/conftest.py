@@ -21,24 +21,30 @@ def _deterministic_threads():
 
 
 @pytest.fixture
-def disk_full_after(monkeypatch):
-    """disk_full_after(n): from now on, every file distmaml writes fails as a full disk after n bytes."""
+def failing_disk(monkeypatch):
+    """failing_disk(after=n, error=errno.ENOSPC, under=None): from now on every file distmaml writes or
+    appends to (below the folder `under`, if given) fails with `error` once n more bytes went into it;
+    after=None fails at the open, as a read-only folder does."""
     import errno
     import io
+    import os
+    from pathlib import Path
 
     from distmaml import files
 
-    def install(limit: int) -> None:
-        class FullDisk(io.RawIOBase):
-            def __init__(self, path):
-                self.file, self.written = open(path, "wb"), 0
+    def install(after: int | None = 0, error: int = errno.ENOSPC, under=None) -> None:
+        real_write, real_append = files._open_for_writing, files._open_for_appending
+
+        class FailingFile(io.RawIOBase):
+            def __init__(self, file):
+                self.file, self.written = file, 0
 
             def writable(self):
                 return True
 
             def write(self, data):
-                if self.written + len(data) > limit:
-                    raise OSError(errno.ENOSPC, "No space left on device")
+                if self.written + len(data) > after:
+                    raise OSError(error, os.strerror(error))
                 self.written += len(data)
                 return self.file.write(data)
 
@@ -49,9 +55,46 @@ def disk_full_after(monkeypatch):
                 self.file.close()
                 super().close()
 
-        monkeypatch.setattr(files, "_open_for_writing", FullDisk)
+        def opener(real):
+            def open_(path):
+                if under is not None and Path(under).resolve() not in Path(path).resolve().parents:
+                    return real(path)
+                if after is None:
+                    raise OSError(error, os.strerror(error), str(path))
+                return FailingFile(real(path))
+            return open_
+
+        monkeypatch.setattr(files, "_open_for_writing", opener(real_write))
+        monkeypatch.setattr(files, "_open_for_appending", opener(real_append))
 
     return install
+
+
+@pytest.fixture
+def disk_full_after(failing_disk):
+    """disk_full_after(n): from now on, every file distmaml writes fails as a full disk after n bytes."""
+    return lambda limit: failing_disk(after=limit)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder where no file can be created: a chmod 555 one, or /sys where modes do not stop the user (root)."""
+    import tempfile
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            descriptor, probe = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            yield candidate
+            break
+        os.close(descriptor)
+        os.unlink(probe)
+    else:
+        pytest.skip("no folder here refuses new files")
+    folder.chmod(0o755)
 
 
 def run_cli(args, cwd=None, env=None, timeout=300, check=True):
@@ -72,8 +115,9 @@ def run_dir_held_by_another_process(run_dir):
     then killed with -9, as a crashed trainer would be; yields the child."""
     import subprocess
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distmaml.checkpoint import RunLock\n"
-                               "lock = RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(60)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distmaml.run_dir import RunLock\n"
+                               "lock = RunLock(sys.argv[1]).acquire()\nlock.write_pid()\n"
+                               "print('locked', flush=True)\ntime.sleep(60)",
                                str(run_dir)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

@@ -157,6 +157,7 @@ def test_unusable_checkpoints_are_moved_aside_and_never_cost_a_new_one(tmp_path,
     if damage == "truncated_newest":  # the only checkpoint, cut short as a full disk would
         data = (ckpt / "ckpt_00000020.pt").read_bytes()
         (ckpt / "ckpt_00000020.pt").write_bytes(data[:len(data) // 2])
+        (tmp_path / "summary.json").unlink()  # a run whose last save failed wrote no summary
         bad = ["ckpt_00000020.pt"]
     elif damage == "random_bytes_above":  # more of them than keep_checkpoints
         bad = [f"ckpt_{i:08d}.pt" for i in (500, 600)]
@@ -287,3 +288,95 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert proc.wait(timeout=20) in (130, -signal.SIGINT)
     assert time.monotonic() - started < 5
     assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_a_checkpoint_whose_name_disagrees_with_its_iteration_is_moved_aside_not_resumed(tmp_path, capfd):
+    """A copy renamed ckpt_00000800.pt that holds iteration 5 once won over the real newest, which
+    pruning then deleted, and every later resume went back to iteration 5."""
+    ckpt = tmp_path / "checkpoints"
+    short_run(tmp_path, "train.iterations=15", "train.checkpoint_every=5", "train.keep_checkpoints=2")
+    (ckpt / "ckpt_00000800.pt").write_bytes((ckpt / "ckpt_00000010.pt").read_bytes())
+    capfd.readouterr()
+    summary = short_run(tmp_path, "train.iterations=20", "train.checkpoint_every=5", "train.keep_checkpoints=2")
+    err = capfd.readouterr().err
+    assert f"{ckpt / 'ckpt_00000800.pt'}: holds iteration 10, not the 800 its name says; moved aside to " \
+           "ckpt_00000800.pt.misnamed" in err
+    assert f"resuming from {ckpt / 'ckpt_00000015.pt'} (iteration 15)" in err
+    assert summary["iteration"] == 20
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_00000015.pt", "ckpt_00000020.pt",
+                                                      "ckpt_00000800.pt.misnamed"]
+
+
+def test_a_closed_terminal_and_a_full_disk_lose_nothing_and_resume_bit_for_bit(tmp_path):
+    """SIGHUP (a closed terminal, a dropped login) mid-run: checkpoint, exit 129. Resumed where the
+    disk fills up (a file-size limit, reported like a full disk) during a metrics append: one line,
+    exit 1, the checkpoint as it was and metrics.jsonl whole. Resumed again: the weights of the
+    uninterrupted run, bit for bit."""
+    import json
+    import resource
+
+    common = ["train.iterations=60", "train.checkpoint_every=0", "train.log_every=1", "logging.sharpness=false"]
+    short_run(tmp_path / "straight", *common)
+    command = [sys.executable, "-m", "distmaml", "train", "configs/sine_debug.yaml", f"run.dir={tmp_path / 'cut'}",
+               "logging.progress=false", "eval.at_end=false", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "iter 20 " in line:
+            proc.send_signal(signal.SIGHUP)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait() == 128 + signal.SIGHUP, rest
+    assert "received SIGHUP: finishing this iteration" in rest and "Traceback" not in rest
+    (saved,) = list_checkpoints(tmp_path / "cut/checkpoints")
+    stopped_at, saved_bytes = load_checkpoint(saved)["iteration"], saved.read_bytes()
+    assert 20 <= stopped_at < 60
+
+    metrics = tmp_path / "cut/metrics.jsonl"
+    limit = metrics.stat().st_size + 2000  # room for a few more lines, not for the rest of the run
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"distmaml train: error: {metrics}: file too large for this process's file-size limit (ulimit -f) or the "
+        "file system; metrics.jsonl is as it was before this line")
+    assert "Traceback" not in proc.stderr
+    logged = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]  # every line whole
+    assert logged == list(range(1, logged[-1] + 1)) and stopped_at < logged[-1] < 60
+    assert list_checkpoints(tmp_path / "cut/checkpoints") == [saved] and saved.read_bytes() == saved_bytes
+
+    assert short_run(tmp_path / "cut", *common)["iteration"] == 60
+    straight = load_checkpoint(latest_checkpoint(tmp_path / "straight/checkpoints"))
+    resumed = load_checkpoint(latest_checkpoint(tmp_path / "cut/checkpoints"))
+    for part in ("model", "optimizer"):
+        assert torch.equal(torch.cat([t.flatten() for t in _tensors(straight[part])]),
+                           torch.cat([t.flatten() for t in _tensors(resumed[part])])), part
+    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == list(range(1, 61))
+
+
+def _tensors(tree):
+    from torch.utils._pytree import tree_flatten
+
+    return [leaf.double() for leaf in tree_flatten(tree)[0] if torch.is_tensor(leaf)]
+
+
+def test_a_checkpoint_folder_gone_read_only_mid_run_is_one_line_exit_1(tmp_path, failing_disk, capsys):
+    import errno
+
+    from distmaml.cli import main
+
+    short_run(tmp_path, "train.iterations=5")
+    before = (tmp_path / "checkpoints/ckpt_00000005.pt").read_bytes()
+    failing_disk(after=None, error=errno.EACCES, under=tmp_path / "checkpoints")
+    code = main(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", "train.iterations=10",
+                 "eval.at_end=false", "logging.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"distmaml train: error: {tmp_path / 'checkpoints/ckpt_00000010.pt'}: cannot write it (Permission denied); "
+        "nothing was overwritten: the files already there are as they were")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000005.pt"]
+    assert (tmp_path / "checkpoints/ckpt_00000005.pt").read_bytes() == before

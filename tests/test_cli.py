@@ -1,7 +1,12 @@
 """The command line: flags validated as the settings they stand for, and one line for every error."""
 
-import pytest
+import json
+import re
 
+import pytest
+import torch
+
+from distmaml.cli import main
 from conftest import REPO, run_cli
 
 
@@ -44,3 +49,89 @@ def test_an_empty_config_file_runs_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"distmaml train: error: {empty}: the file holds no settings (empty, or only comments)"
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ every path ends in one line, in-process
+
+
+def one_line(capsys, command):
+    """(exit status, the one line on stderr, stdout) of `distmaml <command>` run in this process."""
+    code = main(command)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) <= 1 and "Traceback" not in err, err
+    return code, lines[0] if lines else "", out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--tasks", "1000000000"], r"--tasks = 1000000000, --query = 100: evaluating needs about .* of it for the "
+                                r"results of 1000000000 tasks\), more than the .* available \(.*\); fewer --tasks would "
+                                r"fit, or engine.memory_check=false skips this check"),
+    (["--query", "1000000000"], r"--tasks = 200, --query = 1000000000: evaluating needs about .* of it for each chunk "
+                                r"of up to 200 tasks with their examples\), .*; fewer --shots or --query would fit"),
+    (["--shots", "1000000000"], r"--tasks = 200, --shots = 1000000000, --query = 100: evaluating needs about "),
+    (["--device", "gpu"], r"--device: engine.device = 'gpu': must be auto, cpu, cuda or cuda:N$"),
+])
+def test_eval_refuses_what_would_not_fit_or_cannot_run_before_evaluating(sine_run, capsys, flags, expected):
+    code, line, out = one_line(capsys, ["eval", str(sine_run), *flags])
+    assert code == 2 and re.match(f"distmaml eval: error: {expected}", line), line
+    assert out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_eval_on_cuda_without_cuda_is_one_line(sine_run, capsys):
+    code, line, _ = one_line(capsys, ["eval", str(sine_run), "--device", "cuda"])
+    assert code == 2 and line == (f"distmaml eval: error: --device = 'cuda': this machine has no CUDA device (torch "
+                                  f"{torch.__version__}); use --device cpu")
+
+
+def test_eval_checks_its_json_path_before_the_work(sine_run, capsys, tmp_path, read_only_folder):
+    code, line, out = one_line(capsys, ["eval", str(sine_run), "--tasks", "4", "--json", str(tmp_path)])
+    assert (code, line, out) == (2, f"distmaml eval: error: --json = {tmp_path}: is a directory; give a file name", "")
+    code, line, out = one_line(capsys, ["eval", str(sine_run), "--tasks", "4", "--json",
+                                        str(read_only_folder / "eval.json")])
+    assert code == 2 and out == ""
+    assert line.startswith(f"distmaml eval: error: --json = {read_only_folder / 'eval.json'}: cannot create files in "
+                           f"{read_only_folder} (")
+    # A folder that does not exist yet is made, as for every other file distmaml writes.
+    deep = tmp_path / "new" / "folder" / "eval.json"
+    assert one_line(capsys, ["eval", str(sine_run), "--tasks", "4", "--json", str(deep)])[0] == 0
+    assert json.loads(deep.read_text())["tasks"] == 4
+
+
+def test_plot_checks_its_output_and_tasks_before_the_work(sine_run, capsys, tmp_path, read_only_folder):
+    for out, tasks, expected in [
+        (tmp_path / "fig.txt", 3, f"OUT = {tmp_path / 'fig.txt'}: .txt is not an image format matplotlib writes (it "
+                                  "writes .avif, .eps, "),
+        (read_only_folder / "fig.png", 3, f"OUT = {read_only_folder / 'fig.png'}: cannot create files in "),
+        (tmp_path, 3, f"OUT = {tmp_path}: is a directory; give a file name"),
+        (tmp_path / "fig.png", 0, "--tasks = 0: must be between 1 and 120 (one panel per task, side by side)"),
+        (tmp_path / "fig.png", 100000, "--tasks = 100000: must be between 1 and 120 (one panel per task, side by side)"),
+    ]:
+        code, line, printed = one_line(capsys, ["plot", str(sine_run), str(out), "--tasks", str(tasks)])
+        assert code == 2 and line.startswith(f"distmaml plot: error: {expected}"), line
+        assert printed == "" and not (tmp_path / "fig.png").exists()
+    # Without an extension: a PNG under exactly the name given, and the name said is the name written.
+    code, line, printed = one_line(capsys, ["plot", str(sine_run), str(tmp_path / "fig"), "--tasks", "1"])
+    assert code == 0 and printed == f"wrote {tmp_path / 'fig'} (PNG)\n"
+    assert (tmp_path / "fig").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "fig.png").exists()
+
+
+def test_study_checks_its_out_folder_before_training(capsys, tmp_path, read_only_folder):
+    config = str(REPO / "configs/sine_debug.yaml")
+    (tmp_path / "taken").write_text("")
+    for out, expected in [(tmp_path / "taken", f"--out = {tmp_path / 'taken'}: exists and is not a directory"),
+                          (read_only_folder / "study", f"--out = {read_only_folder / 'study'}: cannot create files in "
+                                                       f"{read_only_folder} (")]:
+        for study in (["seeds", config, "--seeds", "0"], ["inner-steps", config, "--steps", "1"]):
+            code, line, printed = one_line(capsys, ["study", *study, "--out", str(out)])
+            assert code == 2 and line.startswith(f"distmaml study: error: {expected}"), line
+            assert printed == ""
+
+
+def test_a_seeds_study_evaluation_that_would_not_fit_is_refused_before_training(capsys, tmp_path):
+    code, line, _ = one_line(capsys, ["study", "seeds", str(REPO / "configs/sine_debug.yaml"), "--tasks", "1000000000",
+                                      "--out", str(tmp_path)])
+    assert code == 2 and line.startswith("distmaml study: error: --tasks = 1000000000, --shots = 5, eval.query = 100: "
+                                         "evaluating needs about ")
+    assert list(tmp_path.iterdir()) == []

@@ -170,3 +170,25 @@ def test_evaluation_adapts_with_the_learned_rule(setup):
         torch.testing.assert_close(curves["loss"][3, i], expected.detach(), rtol=1e-10, atol=0)
     plain = ev.adaptation_curves(problem, params, batch, sgd(0.02), [0, 1, 2, 3])
     assert not torch.allclose(plain["loss"][3], curves["loss"][3], rtol=1e-3)
+
+
+def test_a_long_evaluation_needs_no_memory_per_step(setup):
+    """eval --steps 1000000000 once grew without bound: a view of phi for every step was made up front."""
+    import tracemalloc
+
+    from distmaml import memory
+    from distmaml.meta import step_views
+
+    problem, params, family = setup
+    with torch.no_grad():
+        tracemalloc.start()
+        views = step_views(params, 10 ** 5, make_rule("sgd", 0.1))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(views) == 10 ** 5 and peak < 10 ** 5, peak
+        assert len(views[5:8]) == 3 and all(torch.equal(views[-1][name], value) for name, value in params.items())
+    # With autograd on, each step keeps its own slot of phi's gradient, as before.
+    assert len(step_views(params, 3, make_rule("sgd", 0.1))) == 3
+    long, short = (memory.estimate_evaluation(problem, params, family, sgd(0.1), steps, tasks=50, shots=5, query=20)
+                   for steps in (10 ** 9, 100))
+    assert long == short  # both report eleven numbers of steps; adapting keeps no graph

@@ -193,3 +193,77 @@ def test_image_folder_training_end_to_end(folders, tmp_path):
                     "logging.progress=false", "train.log_every=2"])
     assert "| steps | query loss (mean ± 95% CI)" in proc.stdout and "accuracy" in proc.stdout
     assert (run / "summary.json").exists()
+
+
+def test_an_empty_class_folder_is_named_as_a_class_with_too_few_images_is(tmp_path):
+    """It was dropped silently (the set had a class less than its folders), while a one-image class was refused."""
+    root = write_class_folders(tmp_path / "data", {"train": [6, 6], "test": [6, 6]})
+    (root / "train/class_09").mkdir()
+    (root / "train/class_09/notes.txt").write_text("to do")
+    with pytest.raises(DataError) as refused:
+        load_split(root, "train", image_size=20, cache_dir=tmp_path / "cache")
+    assert str(refused.value) == (f"data.root={root}: class folder {root / 'train/class_09'} holds no images (.png, "
+                                  ".jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff); add its images or remove the folder")
+
+
+def test_a_csv_listing_an_image_twice_or_no_image_is_one_line(tmp_path):
+    root = write_csv_layout(tmp_path / "data", {"train": [6, 6], "test": [6, 6]})
+    rows = (root / "train.csv").read_text().splitlines()
+    image, label = rows[3].split(",")
+    (root / "train.csv").write_text("\n".join([*rows, f"{image},n0099999"]) + "\n")
+    with pytest.raises(DataError) as refused:
+        load_split(root, "train", image_size=20, cache_dir=tmp_path / "cache")
+    assert str(refused.value) == (f"{root / 'train.csv'}: line {len(rows) + 1} lists {image} under label 'n0099999', "
+                                  f"line 4 already under {label!r}; each image is listed once, in one class")
+    (root / "train.csv").write_text("filename,label\n")
+    with pytest.raises(DataError) as refused:
+        load_split(root, "train", image_size=20, cache_dir=tmp_path / "cache")
+    assert str(refused.value) == f"{root / 'train.csv'}: lists no images (a header at most)"
+
+
+def test_evaluation_classes_shared_with_training_are_refused(tmp_path):
+    root = write_csv_layout(tmp_path / "data", {"train": [6, 6], "test": [6, 6]})
+    (root / "test.csv").write_text((root / "train.csv").read_text())
+    config = load_config(None, ["task.family=image_folder", "model.kind=conv4", f"data.root={root}",
+                                f"data.cache_dir={tmp_path / 'cache'}", "task.image_size=20", "task.ways=2",
+                                "task.support=1", "task.query=2"])
+    with pytest.raises(ConfigError) as refused:
+        build_task_family(config, "cpu")
+    assert str(refused.value).startswith("data.eval_split = test: it shares 12 image(s), e.g. ")
+    assert str(refused.value).endswith(f"with the train split of data.root={root}; evaluation must draw classes never "
+                                       "trained on")
+
+
+def test_a_folder_holding_only_the_evaluation_split_is_enough_to_evaluate(folders, tmp_path, capsys):
+    import shutil
+
+    from distmaml.cli import main
+    from distmaml.train import train
+
+    run = tmp_path / "run"
+    train(load_config(REPO / "configs/miniimagenet_5w1s.yaml",
+                      [f"data.root={folders}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run}",
+                       "task.image_size=20", "task.ways=3", "task.query=2", "model.channels=4", "train.iterations=1",
+                       "train.meta_batch=2", "eval.at_end=false", "inner.steps=1", "logging.progress=false",
+                       "logging.sharpness=false"]))
+    moved = tmp_path / "moved"
+    shutil.copytree(folders / "test", moved / "test")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data-root", str(moved), "--tasks", "4", "--steps", "1"]) == 0
+    assert "| steps | query loss (mean ± 95% CI)" in capsys.readouterr().out
+    family = build_task_family(load_config(None, ["task.family=image_folder", f"data.root={moved}",
+                                                  f"data.cache_dir={tmp_path / 'cache'}", "task.image_size=20",
+                                                  "task.ways=3", "task.support=1", "task.query=2"]), "cpu")
+    with pytest.raises(DataError, match=rf"^data.root={moved}: no train/ class folders and no train.csv"):
+        family.sample(STREAM_TRAIN, 0, torch.arange(2))
+
+
+def test_an_image_size_that_cannot_fit_is_refused_before_decoding(folders, tmp_path, monkeypatch):
+    """task.image_size = 30000 once failed inside PIL without naming the setting."""
+    from distmaml import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (8 * 2 ** 30, "MemAvailable in /proc/meminfo"))
+    with pytest.raises(ConfigError) as refused:
+        load_split(folders, "train", image_size=30000, cache_dir=tmp_path)
+    assert str(refused.value) == (f"task.image_size = 30000: the 47 images of {folders}/train take 118.18 GiB decoded "
+                                  "at 30000x30000, more than the 8.00 GiB available (MemAvailable in /proc/meminfo)")

@@ -109,3 +109,24 @@ def test_an_unreachable_wandb_server_costs_the_timeout_then_logs_offline(tmp_pat
     assert "wandb could not reach its server within logging.wandb_timeout = 3 s" in caplog.text
     logger.log(metrics(10, 0.5))
     logger.close()
+
+
+def test_a_full_disk_while_resuming_or_appending_is_one_line_and_leaves_metrics_whole(tmp_path, failing_disk):
+    """Resuming once left a traceback and a stray metrics.jsonl.tmp; a failed append, half a line."""
+    from distmaml.errors import DiskFullError
+
+    logger = RunLogger(tmp_path, {}, progress=False)
+    logger.start(0, 30)
+    for i in (10, 20, 30):
+        logger.log(metrics(i, 1.0 / i))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    failing_disk(after=10)
+    with pytest.raises(DiskFullError) as full:
+        RunLogger(tmp_path, {}, progress=False).start(20, 30)  # rewrites the file without line 30
+    assert str(full.value).startswith(f"{tmp_path / 'metrics.jsonl'}: no space left on device (")
+    assert str(full.value).endswith("; nothing was overwritten: the files already there are as they were")
+    with pytest.raises(DiskFullError) as full:
+        logger.log(metrics(40, 0.025))
+    assert str(full.value).endswith("; metrics.jsonl is as it was before this line")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -55,3 +55,25 @@ def test_a_failed_training_run_stops_the_study_in_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("distmaml study: error: study run `distmaml train ")
     assert "in use by another trainer" in lines[0] and "run0.log" in lines[0]
+
+
+def test_a_run_that_diverged_is_shown_as_diverged_and_the_study_goes_on(tmp_path):
+    """Its `distmaml train` exits 1 (a diverged run is never "complete"); the study reports it, not its
+    last good checkpoint, and the statistics over runs say "diverged"."""
+    from distmaml.study import run_seeds_study
+    from distmaml.study.seeds import format_report
+
+    report = run_seeds_study(REPO / "configs/sine_debug.yaml", tmp_path / "seeds", seeds=[0], threads=[1], shots=[5],
+                             steps=1, tasks=4, overrides=["train.iterations=5", "train.max_meta_loss=1e-6"])
+    (run,) = report["runs"]
+    assert run["status"] == "diverged" and run["diverged_at"] == 1 and run["eval"] is None
+    assert run["error"].startswith("training diverged at iteration 1: the meta-loss ")
+    assert [row["runs_with_divergence"] for row in report["over_runs"]["5"]] == [1, 1]
+    table = format_report(report)
+    assert "| 0 | 1 | diverged in training (iteration 1) |" in table and "| 5 | diverged (median diverged) |" in table
+    json.loads((tmp_path / "seeds/seeds.json").read_text())
+    rows = run_inner_steps_study(REPO / "configs/sine_debug.yaml", tmp_path / "steps", steps=[1], modes=["first_order"],
+                                 iterations=5, overrides=["train.max_meta_loss=1e-6"])
+    assert rows[0]["status"] == "diverged" and rows[0]["diverged_at"] == 1
+    assert "| first_order | 1 | diverged in training (iteration 1) | diverged |" in \
+        (tmp_path / "steps/study.md").read_text()

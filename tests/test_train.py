@@ -1,7 +1,9 @@
 """End-to-end behaviour of the trainer in one process: learning, resume, checkpoints, errors."""
 
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from distmaml.build import build_inner
 from distmaml.checkpoint import list_checkpoints, load_checkpoint
 from distmaml.config import ConfigError, load_config
 from distmaml.train import learning_rate, train
+from examples.polynomials import PolynomialTasks
 from conftest import REPO, run_cli
 
 
@@ -63,8 +66,6 @@ def test_resume_refuses_a_different_experiment(tmp_path):
     train(debug_config(tmp_path, "train.iterations=5", "eval.at_end=false"))
     with pytest.raises(ConfigError, match=r"was trained with inner.steps = 1, the config says 3"):
         train(debug_config(tmp_path, "train.iterations=10", "inner.steps=3"))
-    with pytest.raises(ConfigError, match=r"run.resume = false: .* already holds checkpoints"):
-        train(debug_config(tmp_path, "train.iterations=10", "run.resume=false"))
     with pytest.raises(ConfigError, match=r"run.resume = true: no checkpoint in"):
         train(debug_config(tmp_path / "empty", "run.resume=true"))
 
@@ -85,9 +86,9 @@ def test_a_diverging_run_stops_at_once_names_the_last_good_checkpoint_and_writes
     assert summary["status"] == "diverged" and summary["diverged_at"] == summary["iteration"] == 11
     good = str(tmp_path / "checkpoints/ckpt_00000010.pt")
     assert summary["last_good_checkpoint"] == good
-    assert summary["error"].startswith("training diverged at iteration 11: the meta-loss or meta-gradient was "
-                                       "not finite or above train.max_meta_loss = 1e-06; stopped without writing a "
-                                       f"checkpoint; the last good checkpoint is {good} (iteration 10)")
+    assert re.fullmatch(r"training diverged at iteration 11: the meta-loss [0-9.]+ was above train.max_meta_loss = "
+                        r"1e-06; stopped without writing a checkpoint; the last good checkpoint is "
+                        f"{re.escape(good)} \\(iteration 10\\) \\(starting again resumes from it: .*\\)", summary["error"])
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
     # As the message says: starting again with a smaller train.lr and a clip resumes from iteration 10.
@@ -105,7 +106,7 @@ def test_a_run_gone_to_nan_exits_1_with_one_line_and_no_checkpoint(tmp_path):
                     "train.checkpoint_every=1", "train.iterations=50"], check=False)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        "distmaml train: error: training diverged at iteration 1: the meta-loss or meta-gradient was not finite")
+        "distmaml train: error: training diverged at iteration 1: the meta-gradient was not finite")
     assert "Traceback" not in proc.stderr and "| steps |" not in proc.stdout
     assert list_checkpoints(tmp_path / "checkpoints") == []
 
@@ -293,3 +294,67 @@ def test_anil_and_reptile_train_and_evaluate(tmp_path):
     for summary in (anil, reptile):
         steps = summary["eval"]["steps"]
         assert summary["status"] == "complete" and steps[-1]["loss"] < steps[0]["loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HarderFromIteration30(PolynomialTasks):
+    """Targets 30 times larger from iteration 30 on: the meta-loss jumps far above its first window's (900 x)."""
+
+    @classmethod
+    def from_config(cls, config, device, dtype=torch.float32, degree: int = 3):
+        return cls(seed=config.train.seed, support=config.task.support, query=config.task.query, degree=degree,
+                   device=device, dtype=dtype)
+
+    def sample(self, stream, iteration, indices, support=None, query=None):
+        batch = super().sample(stream, iteration, indices, support, query)
+        scale = 30.0 if int(iteration) >= 30 else 1.0
+        return batch._replace(support_y=batch.support_y * scale, query_y=batch.query_y * scale)
+
+
+def test_a_meta_loss_far_above_its_first_window_ends_the_run_as_diverged(tmp_path, capsys):
+    from distmaml.cli import main
+
+    code = main(["train", str(REPO / "examples/polynomials.yaml"), f"task.family={__name__}:HarderFromIteration30",
+                 f"run.dir={tmp_path}", "train.iterations=60", "train.log_every=10", "train.checkpoint_every=10",
+                 "logging.progress=false", "logging.sharpness=false"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert re.fullmatch(r"distmaml train: error: training diverged at iteration 31: the meta-loss [0-9.e+]+ was above "
+                        r"train.max_meta_loss_factor = 100 times its median over the first logged window, [0-9.]+ "
+                        r"\(iterations 1..10\); stopped without writing a checkpoint; the last good checkpoint is "
+                        f"{re.escape(str(tmp_path / 'checkpoints/ckpt_00000030.pt'))} \\(iteration 30\\) .*", line), line
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 31 and "eval" not in summary
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "ckpt_00000030.pt"
+    # The bound survives a resume: it lives in the checkpoint, not in this process.
+    assert load_checkpoint(tmp_path / "checkpoints/ckpt_00000030.pt")["meta_loss_reference"]["last"] == 10
+    assert train(load_config(REPO / "examples/polynomials.yaml", [
+        f"task.family={__name__}:HarderFromIteration30", f"run.dir={tmp_path}", "train.iterations=60",
+        "logging.progress=false", "logging.sharpness=false"]))["diverged_at"] == 31
+
+
+def test_an_evaluation_in_which_most_tasks_diverge_ends_the_run_as_diverged(tmp_path, capsys):
+    """inner.lr = 20: training "completed" and exit 0 although every evaluation task blew up from step 1."""
+    from distmaml.cli import main
+
+    code = main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", "inner.lr=20",
+                 "train.iterations=10", "eval.tasks=20", "logging.progress=false", "logging.sharpness=false"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "| steps |" in out  # the table is still shown
+    assert re.fullmatch(r"distmaml train: error: the evaluation diverged: \d+ of 20 fresh tasks diverged by inner step "
+                        r"\d+ \(query loss non-finite or above eval.diverged_factor = 10 times its value before "
+                        r"adaptation\), more than 50% of them: the model trained to iteration 10 "
+                        f"\\({re.escape(str(tmp_path / 'checkpoints/ckpt_00000010.pt'))}\\) does not adapt stably; "
+                        r"distmaml eval with fewer --steps shows how far it holds", err.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["eval"]["steps"][-1]["diverged"] > 10
+    assert (tmp_path / "checkpoints/ckpt_00000010.pt").exists()
+
+
+def test_train_iterations_below_the_iteration_reached_is_refused(tmp_path):
+    train(debug_config(tmp_path, "train.iterations=10", "eval.at_end=false"))
+    with pytest.raises(ConfigError) as refused:
+        train(debug_config(tmp_path, "train.iterations=5"))
+    assert str(refused.value) == (f"command line: train.iterations = 5: below iteration 10, where "
+                                  f"{tmp_path / 'checkpoints/ckpt_00000010.pt'} already is; give train.iterations >= 10 "
+                                  "to go on, or another run.dir")

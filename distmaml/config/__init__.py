@@ -5,8 +5,8 @@
 Nothing here knows torch.
 """
 
-from distmaml.config.loading import (describe, flatten, from_dict, from_flat, load_config, parse_override, source_of,
-                                     sourced, to_dict)
+from distmaml.config.loading import (config_file, describe, flatten, from_dict, from_flat, load_config,
+                                     parse_override, source_of, sourced, to_dict)
 from distmaml.config.schema import (Config, DataConfig, DistConfig, EngineConfig, EvalConfig, FiniteDifferenceConfig,
                                     ImplicitConfig, InnerConfig, LoggingConfig, ModelConfig, NeumannConfig,
                                     ProblemConfig, RunConfig, TaskConfig, TrainConfig)
@@ -14,5 +14,5 @@ from distmaml.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "EngineConfig", "EvalConfig", "FiniteDifferenceConfig",
            "ImplicitConfig", "InnerConfig", "LoggingConfig", "ModelConfig", "NeumannConfig", "ProblemConfig",
-           "RunConfig", "TaskConfig", "TrainConfig", "describe", "flatten", "from_dict", "from_flat", "load_config",
-           "parse_override", "source_of", "sourced", "to_dict"]
+           "RunConfig", "TaskConfig", "TrainConfig", "config_file", "describe", "flatten", "from_dict", "from_flat",
+           "load_config", "parse_override", "source_of", "sourced", "to_dict"]

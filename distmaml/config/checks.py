@@ -66,6 +66,9 @@ def check_values(config, source) -> None:
             fail(key, "must be [low, high] with low <= high")
 
     inner, train, task = config.inner, config.train, config.task
+    if not config.run.dir.strip():
+        # An empty path is the current directory to the OS: a run would land in the caller's files.
+        fail("run.dir", "must name a directory (. for the current one)")
     at_least("inner.steps", 0)
     positive("inner.lr")
     _check_inner(config, fail, at_least, positive)
@@ -104,6 +107,9 @@ def check_values(config, source) -> None:
     at_least("train.check_every", 0)
     at_least("train.time_limit", 0)
     at_least("train.max_meta_loss", 0)
+    if 0 < train.max_meta_loss_factor <= 1:
+        fail("train.max_meta_loss_factor", "must be 0 (off) or above 1: it bounds a rise")
+    at_least("train.max_meta_loss_factor", 0)
     positive("dist.timeout")
     positive("logging.wandb_timeout")
     at_least("task.support", 1)

@@ -46,7 +46,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         raw[key] = value
         sources[key] = "command line"
-    return from_flat(raw, sources)
+    config = from_flat(raw, sources)
+    object.__setattr__(config, "_file", path)
+    return config
+
+
+def config_file(config: Config) -> Path | None:
+    """The YAML file `config` was loaded from, if any (the trainer never writes over it)."""
+    return getattr(config, "_file", None)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

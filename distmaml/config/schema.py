@@ -161,6 +161,9 @@ class TrainConfig:
     time_limit: float = _opt(0.0, "stop cleanly (checkpoint, evaluate) after this many seconds of training (0: off)")
     max_meta_loss: float = _opt(0.0, "stop as diverged once the meta-batch's mean query loss after adaptation "
                                 "exceeds this (0: only a non-finite loss or gradient stops the run)")
+    max_meta_loss_factor: float = _opt(100.0, "stop as diverged once the meta-loss of an iteration exceeds this many "
+                                       "times its median over the first logged window (train.log_every iterations; "
+                                       "0: off)")
 
 
 @dataclass

@@ -21,11 +21,14 @@ losses may take several inputs. The inner optimizer is a Rule; its learned param
 are entries of phi like any other. How phi's gradient is computed is a Method's business
 (distmaml.meta.methods): the problem never knows which one differentiates it.
 
-`check_problem` runs each function once on one task and names, in one line, what breaks the protocol.
+`check_problem` runs each function once on one task and names, in one line, what breaks the protocol;
+a problem may add its own `check_task(phi, task) -> str | None` (what is wrong with the task it is
+given: MAML's says so when a model's outputs and the targets would broadcast in the loss).
 """
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -74,12 +77,31 @@ def missing_members(problem: Any) -> list[str]:
 
 def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") -> None:
     """Raise ProblemError unless `problem` follows the protocol on one `task` (no task dimension):
-    start gives the inner template's names and shapes, and every loss is a finite-typed scalar."""
+    the task is what the problem reads (its optional `check_task(phi, task)` says what is wrong,
+    e.g. outputs that a loss would broadcast against their targets), start gives the inner
+    template's names and shapes, and every loss is a floating-point scalar. A function that fails
+    on the task is named in one line, with where it failed."""
     name = type(problem).__name__
     if missing := missing_members(problem):
         raise ProblemError(f"{where} {name} lacks {', '.join(missing)} (see distmaml.meta.Problem)")
+
+    def call(label: str, function, *args):
+        try:
+            return function(*args)
+        except Exception as err:  # noqa: BLE001 - the problem (or the task it was given) is broken: one line
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise ProblemError(f"{where} {name}: {label} failed on a task of type {type(task).__name__}: "
+                               f"{type(err).__name__}: {message} ({frame.filename}:{frame.lineno})") from None
+
+    check_task = getattr(problem, "check_task", None)
+    if callable(check_task):
+        with torch.no_grad():
+            wrong = call("check_task", check_task, phi, task)
+        if wrong:
+            raise ProblemError(f"{where} {name}: {wrong}")
     template = problem.inner_template()
-    weights = problem.start(phi, task)
+    weights = call("start", problem.start, phi, task)
     if not isinstance(weights, dict):
         raise ProblemError(f"{where} {name}: start() must return a dict of tensors, got {type(weights).__name__}")
     if set(weights) != set(template):
@@ -90,9 +112,10 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ProblemError(f"{where} {name}: start() gives {key} of shape {shape}, inner_template() says "
                                f"{tuple(template[key].shape)}")
-    for label, value in (("inner_loss", problem.inner_loss(weights, phi, task, 0)),
-                         ("outer_loss", problem.outer_loss(weights, phi, task)),
-                         ("metrics()['loss']", problem.metrics(weights, phi, task).get("loss"))):
+    metrics = call("metrics", problem.metrics, weights, phi, task)
+    for label, value in (("inner_loss", call("inner_loss", problem.inner_loss, weights, phi, task, 0)),
+                         ("outer_loss", call("outer_loss", problem.outer_loss, weights, phi, task)),
+                         ("metrics()['loss']", metrics.get("loss") if isinstance(metrics, dict) else metrics)):
         if not (torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()):
             got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
             raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, "

@@ -16,6 +16,7 @@ recomputation can choose per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Collection, NamedTuple
 
 import torch
@@ -37,7 +38,7 @@ class Unrolled(NamedTuple):
     trajectory: list[Params]
 
 
-def step_views(phi: Params, steps: int, rule: Rule) -> list[Params]:
+def step_views(phi: Params, steps: int, rule: Rule) -> Sequence[Params]:
     """One view of phi for each inner step.
 
     A tensor every step reads (a weight ANIL holds fixed, iMAML's pull towards phi, a learned
@@ -47,12 +48,34 @@ def step_views(phi: Params, steps: int, rule: Rule) -> list[Params]:
     its own slot, exactly, and the K slots are reduced by one sum, the same for any segmentation
     (checkpointed = stored, bit for bit). A rule whose learned parameters hold one entry per step
     (LSLR) hands step k entry k (the last one past the end, when a test adapts for longer).
+
+    Without autograd (evaluation) there are no contributions to keep apart: the views are made as
+    the steps ask for them, so that adapting for a very long time needs no list of K views.
     """
+    if not torch.is_grad_enabled():
+        return _StepViews(phi, rule.per_step, range(steps))
     slices = {}
     for name, value in phi.items():
         along_steps = rule.per_step and name.startswith(LEARNED)
         slices[name] = value.unbind(0) if along_steps else value.expand(steps, *value.shape).unbind(0)
     return [{name: parts[min(step, len(parts) - 1)] for name, parts in slices.items()} for step in range(steps)]
+
+
+class _StepViews(Sequence):
+    """step_views' values for the steps in `steps`, each made when indexed (slices stay lazy)."""
+
+    def __init__(self, phi: Params, per_step: bool, steps: range):
+        self.phi, self.per_step, self.steps = phi, per_step, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _StepViews(self.phi, self.per_step, self.steps[index])
+        step = self.steps[index]
+        return {name: value[min(step, len(value) - 1)] if self.per_step and name.startswith(LEARNED) else value
+                for name, value in self.phi.items()}
 
 
 def _task_step(problem: Any, rule: Rule, step: int, differentiable: bool, first: bool):

@@ -3,7 +3,8 @@
 For each K and each mode (second order with activation checkpointing, first order) it trains the
 config for a fixed number of iterations in a fresh process (so peak memory is that run's alone),
 then reads the run's summary: post-adaptation query and support MSE on fresh tasks after K steps,
-seconds per iteration and peak memory. Results: study.json, study.md (a Markdown table), study.png.
+seconds per iteration and peak memory, or that the run diverged. Results: study.json, study.md (a
+Markdown table), study.png.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distmaml.files import write_figure, write_text
 from distmaml.log import strict_json
 from distmaml.study.runs import train_runs
 
@@ -31,17 +33,20 @@ def run_inner_steps_study(config_path: str | Path, out_dir: str | Path, steps: l
             settings = [*(overrides or []), *MODES[mode], f"inner.steps={k}", f"eval.steps={k}",
                         f"train.iterations={iterations}", f"run.dir={run_dir}", "logging.progress=false",
                         "train.checkpoint_every=0"]
-            train_runs(config_path, [settings])
+            train_runs(config_path, [settings], [run_dir])
             summary = json.loads((run_dir / "summary.json").read_text())
-            after = summary["eval"]["steps"][-1]
-            rows.append({"mode": mode, "inner_steps": k, "query_mse": after["loss"],
-                         "query_mse_ci95": after["loss_ci95"], "query_mse_median": after["loss_median"],
-                         "diverged": after["diverged"], "support_mse": after["support_loss"],
+            # A run that diverged in training has no model to evaluate: its numbers are NaN (null).
+            after = summary["eval"]["steps"][-1] if "eval" in summary else {}
+            rows.append({"mode": mode, "inner_steps": k, "status": summary["status"],
+                         "diverged_at": summary.get("diverged_at"), "query_mse": after.get("loss", math.nan),
+                         "query_mse_ci95": after.get("loss_ci95", math.nan),
+                         "query_mse_median": after.get("loss_median", math.nan),
+                         "diverged": after.get("diverged", 0), "support_mse": after.get("support_loss", math.nan),
                          "seconds_per_iteration": summary["seconds_per_iteration"],
                          "peak_memory_mb": summary["peak_memory_mb"]})
             print(format_row(rows[-1]), flush=True)
-    (out_dir / "study.json").write_text(strict_json(rows))
-    (out_dir / "study.md").write_text(format_table(rows, iterations) + "\n")
+    write_text(out_dir / "study.json", strict_json(rows))
+    write_text(out_dir / "study.md", format_table(rows, iterations) + "\n")
     plot_study(rows, out_dir / "study.png")
     return rows
 
@@ -51,9 +56,13 @@ HEADER = ("| mode | K | query MSE after K steps (95% CI) | median | support MSE 
 
 
 def format_row(row: dict[str, Any]) -> str:
-    query = (f"{row['query_mse']:.3f} ± {row['query_mse_ci95']:.3f}" if not row["diverged"] else
-             f"diverged ({row['diverged']} tasks)")
-    return (f"| {row['mode']} | {row['inner_steps']} | {query} | {row['query_mse_median']:.3f} | "
+    if row.get("diverged_at") is not None:
+        query = f"diverged in training (iteration {row['diverged_at']})"
+    elif row.get("status") == "diverged" or row["diverged"]:
+        query = f"diverged ({row['diverged']} tasks)"
+    else:
+        query = f"{row['query_mse']:.3f} ± {row['query_mse_ci95']:.3f}"
+    return (f"| {row['mode']} | {row['inner_steps']} | {query} | {_number(row['query_mse_median'])} | "
             f"{_number(row['support_mse'])} | {row['seconds_per_iteration']:.4f} | {row['peak_memory_mb']:.0f} |")
 
 
@@ -86,5 +95,5 @@ def plot_study(rows: list[dict[str, Any]], out: Path) -> None:
         axis.set_title(title)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
+    write_figure(out, figure, dpi=110)
     plt.close(figure)

@@ -6,7 +6,9 @@ trains the config once per (training seed, CPU thread count) in fresh processes,
 every final model on the SAME fresh tasks (eval.seed) after 0..S inner steps at each number of
 shots, counting diverged tasks, and reads each run's logged meta-loss and sharpness (the top
 Hessian eigenvalue of the support loss at theta) over training. Results: seeds.json (everything),
-seeds.md (mean ± std over runs, and one row per run), seeds.png (sharpness over training).
+seeds.md (mean ± std over runs, and one row per run), seeds.png (sharpness over training). A run
+that diverged in training is reported as such (its last good checkpoint is not evaluated in its
+place), and makes every statistic over runs "diverged".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from distmaml.files import write_figure, write_text
 from distmaml.log import strict_json
 from distmaml.study.runs import train_runs
 
@@ -42,19 +45,23 @@ def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[in
     out_dir = Path(out_dir)
     runs = [(seed, count) for count in threads for seed in seeds]
     run_dirs = {run: out_dir / f"threads{run[1]}_seed{run[0]}" for run in runs}
-    train_runs(config_path, [[*(overrides or []), f"train.seed={seed}", f"engine.threads={count}",
-                              f"run.dir={run_dirs[seed, count]}", "logging.progress=false", "eval.at_end=false"]
-                             for seed, count in runs], jobs=jobs, log_dir=out_dir / "logs")
-    results = [evaluate_run(run_dirs[run], run[0], run[1], shots, steps, tasks) for run in runs]
-    metric = "accuracy" if "accuracy" in results[0]["eval"][str(shots[0])]["steps"][0] else "loss"
+    statuses = train_runs(config_path, [[*(overrides or []), f"train.seed={seed}", f"engine.threads={count}",
+                                         f"run.dir={run_dirs[seed, count]}", "logging.progress=false",
+                                         "eval.at_end=false"] for seed, count in runs],
+                          [run_dirs[run] for run in runs], jobs=jobs, log_dir=out_dir / "logs")
+    results = [evaluate_run(run_dirs[run], run[0], run[1], shots, steps, tasks) if status != "diverged" else
+               diverged_run(run_dirs[run], run[0], run[1]) for run, status in zip(runs, statuses)]
+    evaluated = [result for result in results if result["eval"] is not None]
+    metric = ("accuracy" if evaluated and "accuracy" in evaluated[0]["eval"][str(shots[0])]["steps"][0]
+              else "loss")
     command = " ".join(["distmaml study seeds", str(config_path), *(overrides or []), "--seeds", *map(str, seeds),
                         "--threads", *map(str, threads), "--shots", *map(str, shots), "--steps", str(steps),
                         "--tasks", str(tasks)])
     report = {"command": command, "config": str(config_path), "overrides": overrides or [], "shots": shots,
               "steps": steps, "tasks": tasks, "metric": metric, "runs": results,
               "over_runs": over_runs(results, shots, steps, metric)}
-    (out_dir / "seeds.json").write_text(strict_json(report))
-    (out_dir / "seeds.md").write_text(format_report(report) + "\n")
+    write_text(out_dir / "seeds.json", strict_json(report))
+    write_text(out_dir / "seeds.md", format_report(report) + "\n")
     plot_sharpness(results, out_dir / "seeds.png")
     return report
 
@@ -69,14 +76,47 @@ def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int], steps
     settings = {**evaluation_settings(config), "steps": steps, "tasks": tasks}
     evaluations = {str(count): evaluate(learner.problem, learner.theta, learner.family, learner.inner,
                                         **{**settings, "shots": count}) for count in shots}
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    first, last = logged[0], logged[-1]
-    return {"seed": seed, "threads": threads, "run_dir": str(run_dir), "inner_lr": config.inner.lr,
-            "meta_loss_first": first["meta_loss"], "meta_loss_last": last["meta_loss"],
-            "first_window_end": first["iteration"], "iterations": last["iteration"],
-            "s_per_iteration": statistics.median(m["s_per_iteration"] for m in logged),
-            "sharpness": [(m["iteration"], m.get("sharpness", math.nan)) for m in logged],
-            "eval": evaluations}
+    return {"seed": seed, "threads": threads, "run_dir": str(run_dir), "status": "complete",
+            "inner_lr": config.inner.lr, **_logged(run_dir), "eval": evaluations}
+
+
+def diverged_run(run_dir: Path, seed: int, threads: int) -> dict[str, Any]:
+    """A run that diverged in training: what it logged, where it diverged, and no evaluation."""
+    from distmaml.config import load_config
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = load_config(run_dir / "config.yaml")
+    return {"seed": seed, "threads": threads, "run_dir": str(run_dir), "status": "diverged",
+            "diverged_at": summary.get("diverged_at"), "error": summary.get("error"), "inner_lr": config.inner.lr,
+            **_logged(run_dir), "eval": None}
+
+
+def _logged(run_dir: Path) -> dict[str, Any]:
+    """What a run logged while training (NaN where it logged nothing: a run that diverged at once)."""
+    path = run_dir / "metrics.jsonl"
+    logged = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    first, last = (logged[0], logged[-1]) if logged else ({}, {})
+    return {"meta_loss_first": first.get("meta_loss", math.nan), "meta_loss_last": last.get("meta_loss", math.nan),
+            "first_window_end": first.get("iteration"), "iterations": last.get("iteration"),
+            "s_per_iteration": statistics.median(m["s_per_iteration"] for m in logged) if logged else math.nan,
+            "sharpness": [(m["iteration"], m.get("sharpness", math.nan)) for m in logged]}
+
+
+def check_evaluation(config, shots: list[int], steps: int, tasks: int) -> None:
+    """Refuse, before any run is trained, an evaluation (--tasks, --shots) that would not fit in memory."""
+    from distmaml import memory
+    from distmaml.build import DTYPES
+    from distmaml.preflight import shapes_only
+    from distmaml.tasks import build_task_family
+
+    learner = shapes_only(config, build_task_family(config, "cpu", DTYPES[config.engine.dtype][0]))
+    if learner is None:  # a model that cannot be built without memory: its runs' own checks remain
+        return
+    for count in shots:
+        memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
+                                     {"tasks": tasks, "shots": count, "query": config.eval.query, "steps": steps},
+                                     config, torch.device("cpu"), {"tasks": "--tasks", "shots": "--shots",
+                                                                   "query": "eval.query"})
 
 
 def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int,
@@ -87,15 +127,18 @@ def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int,
     for count in map(str, shots):
         rows = []
         for step in range(steps + 1):
-            per_run = [result["eval"][count]["steps"][step] for result in results]
+            per_run = [result["eval"][count]["steps"][step] for result in results if result["eval"] is not None]
+            untrained = len(results) - len(per_run)  # runs that diverged in training
             means = [row[metric] for row in per_run]
-            clean = all(math.isfinite(m) for m in means) and not any(row["diverged"] for row in per_run)
+            clean = (not untrained and all(math.isfinite(m) for m in means)
+                     and not any(row["diverged"] for row in per_run))
             rows.append({"step": step,
                          "mean": statistics.fmean(means) if clean else math.nan,
                          "std": statistics.stdev(means) if clean and len(means) > 1 else (0.0 if clean else math.nan),
-                         "median_of_medians": statistics.median(row[f"{metric}_median"] for row in per_run),
+                         "median_of_medians": (statistics.median(row[f"{metric}_median"] for row in per_run)
+                                               if per_run else math.nan),
                          "diverged_tasks": sum(row["diverged"] for row in per_run),
-                         "runs_with_divergence": sum(1 for row in per_run if row["diverged"])})
+                         "runs_with_divergence": untrained + sum(1 for row in per_run if row["diverged"])})
         table[count] = rows
     return table
 
@@ -129,12 +172,15 @@ def format_report(report: dict[str, Any]) -> str:
         cells = [str(run["seed"]), str(run["threads"])]
         for count in map(str, report["shots"]):
             for step in reported_steps(steps):
+                if run["eval"] is None:
+                    cells.append(f"diverged in training (iteration {run['diverged_at']})")
+                    continue
                 row = run["eval"][count]["steps"][step]
                 cells.append(_cell(row[metric]) if not row["diverged"] else f"{row['diverged']} diverged")
         values = [value for _, value in run["sharpness"] if math.isfinite(value)]
         cells.append(f"{values[-1]:.0f} / {max(values):.0f}" if values else "not logged")
-        cells += [f"{2 / run['inner_lr']:.0f}", f"{run['meta_loss_first']:.3f} → {run['meta_loss_last']:.3f}",
-                  f"{run['s_per_iteration']:.4f}"]
+        cells += [f"{2 / run['inner_lr']:.0f}", f"{_cell(run['meta_loss_first'])} → {_cell(run['meta_loss_last'])}",
+                  _cell(run["s_per_iteration"], 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -156,5 +202,5 @@ def plot_sharpness(results: list[dict[str, Any]], out: Path) -> None:
     axis.set_ylabel("top Hessian eigenvalue of the support loss")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
+    write_figure(out, figure, dpi=110)
     plt.close(figure)

@@ -2,7 +2,8 @@
 or any set of class folders (see distmaml.tasks.image_folder_data for the layouts).
 
 Training tasks draw their classes from the train split, evaluation tasks from data.eval_split
-(test, or val). Episodes come from the counter-based sampler Omniglot uses
+(test, or val), which must share no class with it. A folder holding only the evaluation split can be
+evaluated on (distmaml eval --data-root); training tasks then say that the train split is missing. Episodes come from the counter-based sampler Omniglot uses
 (distmaml.tasks.episodes), so a shard of a meta-batch is a slice of the whole batch.
 
 Where the images live (data.storage): by default on the training device, as one uint8 array, so
@@ -17,10 +18,10 @@ import copy
 
 import torch
 
-from distmaml.errors import ConfigError
+from distmaml.errors import ConfigError, DataError
 from distmaml.meta.functional import TaskBatch
 from distmaml.tasks.episodes import choose_classes, choose_examples, labels
-from distmaml.tasks.image_folder_data import SplitData, load_split
+from distmaml.tasks.image_folder_data import MissingSplit, SplitData, load_split, shared_classes
 from distmaml.tasks.omniglot import accuracy, cross_entropy
 from distmaml.rng import STREAM_TRAIN
 
@@ -45,20 +46,21 @@ class ImageFolderTasks:
     accuracy = staticmethod(accuracy)
     is_classification = True
 
-    def __init__(self, train: SplitData, evaluation: SplitData, ways: int = 5, support: int = 1, query: int = 15,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 storage: str = "auto"):
+    def __init__(self, train: SplitData | None, evaluation: SplitData, ways: int = 5, support: int = 1,
+                 query: int = 15, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 storage: str = "auto", missing_train: str = "the train split is missing"):
         self.ways, self.support, self.query, self.seed = ways, support, query, seed
         self.num_outputs = ways
         self.device, self.dtype = torch.device(device), dtype
-        self.input_shape = tuple(train.images.shape[1:])
-        on_host = _keep_on_host(storage, self.device, train.images.nbytes + evaluation.images.nbytes)
+        self.input_shape = tuple(evaluation.images.shape[1:])
+        self.missing_train = missing_train  # what sampling training tasks says without a train split
+        on_host = _keep_on_host(storage, self.device, evaluation.images.nbytes + (train.images.nbytes if train else 0))
         place = torch.device("cpu") if on_host else self.device
         self.host = on_host and self.device.type == "cuda"
-        self._splits = {"train": _Split(train, place, self.device, self.host),
+        self._splits = {"train": _Split(train, place, self.device, self.host) if train is not None else None,
                         "eval": _Split(evaluation, place, self.device, self.host)}
         for name, split in self._splits.items():
-            if split.num_classes < ways:
+            if split is not None and split.num_classes < ways:
                 raise ConfigError(f"task.ways = {ways}: the {name} split has only {split.num_classes} classes")
 
     @classmethod
@@ -66,12 +68,21 @@ class ImageFolderTasks:
         task, data = config.task, config.data
         settings = dict(image_size=task.image_size, channels=task.channels, invert=task.invert,
                         cache_dir=data.cache_dir)
-        train = load_split(data.root, "train", **settings)
+        try:
+            train, missing = load_split(data.root, "train", **settings), ""
+        except MissingSplit as err:  # evaluation needs only its own split; training tasks will say so
+            train, missing = None, str(err)
         evaluation = load_split(data.root, data.eval_split, **settings)
+        shared = shared_classes(train, evaluation) if train is not None else []
+        if shared:
+            raise ConfigError(f"data.eval_split = {data.eval_split}: it shares {shared[0]} with the train split of "
+                              f"data.root={data.root}; evaluation must draw classes never trained on")
         shots = task.support if config.eval.shots is None else config.eval.shots
         query = task.query if config.eval.query is None else config.eval.query
         for name, split, need in (("train", train, task.support + task.query), (data.eval_split, evaluation,
                                                                                   shots + query)):
+            if split is None:
+                continue
             fewest = int(split.class_count.min())
             if need > fewest:
                 smallest = split.class_names[int(split.class_count.argmin())]
@@ -81,7 +92,7 @@ class ImageFolderTasks:
             raise ConfigError("data.storage = host: episodes are gathered on the host, which a CUDA graph cannot "
                               "capture; use data.storage=device or engine.cuda_graph=false")
         return cls(train, evaluation, task.ways, task.support, task.query, config.train.seed, device, dtype,
-                   data.storage)
+                   data.storage, missing)
 
     def with_seed(self, seed: int) -> "ImageFolderTasks":
         """The same family (sharing its images) drawing its tasks from another seed."""
@@ -95,6 +106,9 @@ class ImageFolderTasks:
         other.device = torch.device(device)
         other._splits = {}
         for name, split in self._splits.items():
+            if split is None:
+                other._splits[name] = None
+                continue
             moved = copy.copy(split)
             moved.images, moved.start, moved.count = (split.images.to(device), split.start.to(device),
                                                       split.count.to(device))
@@ -111,6 +125,8 @@ class ImageFolderTasks:
         support = self.support if support is None else support
         query = self.query if query is None else query
         split = self._splits["train" if stream == STREAM_TRAIN else "eval"]
+        if split is None:
+            raise DataError(self.missing_train)
         if support + query > split.fewest:
             raise ValueError(f"support + query = {support + query} exceeds the {split.fewest} images of the "
                              "smallest class")

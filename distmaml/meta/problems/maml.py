@@ -86,5 +86,23 @@ class MAML:
         out["support_loss"] = self.loss_fn(self.predict(weights, phi, task.support_x), task.support_y)
         return out
 
+    def check_task(self, phi: Params, task: Any) -> str | None:
+        """What is wrong with one task for this problem, or None: it must be a TaskBatch-like set of
+        support and query examples, whose targets the model's outputs match exactly (a loss would
+        broadcast [k, 1] outputs against [k] targets to [k, k], and train on a meaningless number)."""
+        if not all(torch.is_tensor(getattr(task, name, None)) for name in TaskBatch._fields):
+            return (f"needs tasks with {', '.join(TaskBatch._fields)} (a distmaml.meta.TaskBatch); the task family "
+                    f"gives a {type(task).__name__}")
+        weights = self.start(phi, task)
+        for split in ("support", "query"):
+            x, y = getattr(task, f"{split}_x"), getattr(task, f"{split}_y")
+            out = self.predict(weights, phi, x)
+            fits = out.shape == y.shape if y.is_floating_point() else out.shape[:-1] == y.shape
+            if not fits:
+                expected = "the same shape" if y.is_floating_point() else "that shape and one score per class"
+                return (f"the model's outputs for {split}_x are {tuple(out.shape)} per task but {split}_y is "
+                        f"{tuple(y.shape)}: they must have {expected}, or the loss broadcasts them")
+        return None
+
     def to(self, device: torch.device | str) -> "MAML":
         return dataclasses.replace(self, model=copy.deepcopy(self.model).to(device))

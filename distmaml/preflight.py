@@ -1,0 +1,98 @@
+"""What the trainer checks before its first iteration, so that a run that cannot work fails in one line
+at once instead of in a traceback later, or worse, trains on something meaningless:
+
+- shapes, then memory: the first batch's shapes fit the family's protocol and the problem (outputs
+  shaped exactly like the targets, no broadcasting loss), then one meta-iteration and the
+  evaluation at the end are estimated, all on `meta` tensors: nothing is allocated for real, not
+  even the model, before the estimate passed;
+- the first batch, for real: the task family's values (finite, the same tasks from the same (seed,
+  iteration, index), shards equal to slices), the problem on a real task, and the hypergradient
+  method's ability to differentiate it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from distmaml import dist, memory
+from distmaml.build import DTYPES, Learner, build, build_inner
+from distmaml.config import Config, ConfigError, sourced
+from distmaml.engine import compute_meta_gradient
+from distmaml.errors import SettingError
+from distmaml.evaluate import evaluation_settings
+from distmaml.meta import check_method, check_problem, task_at
+from distmaml.rng import STREAM_TRAIN
+from distmaml.tasks import check_family
+
+log = logging.getLogger("distmaml.train")
+
+EVAL_KEYS = {"tasks": "eval.tasks", "shots": "eval.shots", "query": "eval.query"}
+FAMILY_CHECK_TASKS = 6  # tasks of the first batch the family check samples (sharded 3 + 3)
+
+
+def _family_tasks(config: Config) -> int:
+    # No more tasks than a meta-batch holds (what the memory estimate vouched for), two at least to shard.
+    return min(FAMILY_CHECK_TASKS, max(2, config.train.meta_batch))
+
+
+def shapes_only(config: Config, family) -> Learner | None:
+    """The learner `config` describes, on the `meta` device: every shape, no memory. None for a model
+    whose construction reads values (user code), which then is estimated once built for real."""
+    try:
+        with torch.device("meta"):
+            return build(config, "meta", family=family.to("meta"))
+    except ConfigError:
+        return None
+
+
+def check_shapes(config: Config, shapes: Learner) -> None:
+    """On `meta` tensors, before the memory estimate runs the family and the problem on them: the
+    first batch's shapes fit the family's protocol and the problem."""
+    meta = torch.device("meta")
+    check_family(shapes.family, tasks=_family_tasks(config), where=f"task.family = {config.task.family!r}:",
+                 dtype=DTYPES[config.engine.dtype][0], iteration=0, device=meta, values=False)
+    batch = shapes.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=meta))
+    check_problem(shapes.problem, shapes.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+
+
+def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
+    """Refuse a run whose meta-iteration, or whose evaluation at the end, would not fit (engine.memory_check)."""
+    if not config.engine.memory_check:
+        return
+    tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
+    if len(tasks):
+        # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
+        shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
+
+        def probe(problem, theta, batch, probed: Config):
+            return compute_meta_gradient(problem, theta, batch, build_inner(probed),
+                                         step_weights=probe_step_weights(probed))
+
+        found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
+        log.info("estimated peak memory of one meta-iteration: %s on this process",
+                 memory.describe_size(found.peak_bytes))
+    if config.eval.at_end and ctx.is_main:  # only the main process evaluates
+        memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
+                                     evaluation_settings(config), config, ctx.device, EVAL_KEYS)
+
+
+def probe_step_weights(config: Config) -> torch.Tensor | None:
+    """The multi-step loss's weights for a memory probe: K of them keep K query graphs alive."""
+    steps = config.inner.steps
+    return torch.full((steps,), 1 / steps, device="meta") if config.inner.multi_step_loss and steps else None
+
+
+def check_first_batch(config: Config, learner: Learner) -> None:
+    """The family, the problem and the method on real tasks of the first batch, each refused in one
+    line naming the class (or setting) and what is wrong."""
+    device = next(iter(learner.theta.values())).device
+    check_family(learner.family, tasks=_family_tasks(config), where=f"task.family = {config.task.family!r}:",
+                 dtype=DTYPES[config.engine.dtype][0], iteration=0, device=device)
+    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=device))
+    check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+    try:
+        check_method(learner.problem, learner.theta, batch, learner.inner)
+    except SettingError as err:
+        raise sourced(config, err) from None
