@@ -9,7 +9,10 @@ same network (the sine MLP; Conv-4 on Omniglot-shaped tasks). Before anything is
 library's meta-gradient is computed in float64 for one batch and must equal distmaml's to a
 relative error of 1e-10: the comparison is of the same computation. Then one meta-iteration
 (sample the batch, the meta-gradient, an Adam step) is timed in float32 for each, the peers in
-the per-task loop their documentation shows. A library that cannot be imported is reported absent.
+the per-task loop their documentation shows. A library that is not installed is reported so and
+skipped; one that is installed but whose import fails is an error (its rows say why, and the
+command exits 1 after writing its results). Betty (betty-ml) is named as not installable on
+Python 3.11 and newer: its 0.2 releases require Python < 3.11.
 Differentiable Adam inner steps are compared with higher's DifferentiableAdam the same way.
 """
 
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import importlib.util
 import sys
 import time
 import types
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -38,23 +42,29 @@ TOLERANCE = 1e-10
 # ------------------------------------------------------------------------------------ the peers
 
 
+@functools.cache  # once: the modules loaded alone stand in sys.modules for the package afterwards
 def load_learn2learn():
-    """learn2learn's MAML class. Its package __init__ imports torchvision and gym, which MAML never
+    """learn2learn's MAML class. Its package __init__ imports torchvision, gym and more, which MAML never
     uses (and which may be missing); if that import fails, the algorithm's own modules are loaded
-    alone -- still learn2learn's code, unchanged."""
+    alone -- still learn2learn's code, unchanged. Not installed: ModuleNotFoundError."""
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'learn2learn'", name="learn2learn")
     try:
         import learn2learn
-        return learn2learn.algorithms.MAML, "import learn2learn"
-    except ImportError:
-        spec = importlib.util.find_spec("learn2learn")
-        if spec is None:
-            raise
+        return learn2learn.algorithms.MAML, f"import learn2learn {learn2learn.__version__}"
+    except Exception as err:  # noqa: BLE001 - the package's own __init__; its MAML is loaded alone below
+        why = _one_line(err)
     for name in ("learn2learn", "learn2learn.algorithms"):
         package = types.ModuleType(name)
         package.__path__ = [str(spec.submodule_search_locations[0]) + ("/algorithms" if "." in name else "")]
         sys.modules[name] = package
     maml = importlib.import_module("learn2learn.algorithms.maml")
-    return maml.MAML, "learn2learn.algorithms.maml alone (its package __init__ needs torchvision)"
+    return maml.MAML, f"learn2learn.algorithms.maml alone (import learn2learn: {why})"
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
 
 
 def learn2learn_step(MAML) -> Callable:
@@ -110,21 +120,58 @@ def torchopt_step(torchopt) -> Callable:
     return meta_grads
 
 
-def peers() -> dict[str, tuple[Callable | None, str]]:
-    """{name: (meta-gradient function or None, how it was loaded or why it is absent)}."""
-    found: dict[str, tuple[Callable | None, str]] = {}
+class Peer(NamedTuple):
+    """A library to compare: its meta-gradient function (None unless loaded), its status, and how it
+    was loaded or why not."""
+    fn: Callable | None
+    status: str  # LOADED, NOT_INSTALLED or IMPORT_FAILED
+    how: str
+
+
+LOADED, NOT_INSTALLED, IMPORT_FAILED = "loaded", "not installed", "import failed"
+# Peers that cannot be installed with this Python at all: named in the output, never compared.
+NOT_INSTALLABLE = ({"betty": "not installable here: betty-ml 0.2 requires Python < 3.11"}
+                   if sys.version_info >= (3, 11) else {})
+
+
+def load_peer(name: str, load: Callable[[], tuple[Callable, str]]) -> Peer:
+    """A peer, loaded; or not installed (the import of the package itself finds nothing); or its import
+    failed (any other error, a dependency of the package that is missing included)."""
     try:
-        MAML, how = load_learn2learn()
-        found["learn2learn"] = (learn2learn_step(MAML), how)
-    except Exception as err:  # noqa: BLE001 - an absent or broken peer is a row, not a failure
-        found["learn2learn"] = (None, f"absent ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
-    for name, wrap in (("higher", higher_step), ("torchopt", torchopt_step)):
-        try:
-            module = importlib.import_module(name)
-            found[name] = (wrap(module), f"import {name} {getattr(module, '__version__', '')}".strip())
-        except Exception as err:  # noqa: BLE001
-            found[name] = (None, f"absent ({type(err).__name__}: {str(err).splitlines()[0][:100]})")
-    return found
+        fn, how = load()
+    except ImportError as err:
+        if err.name == name and not _installed(name):
+            return Peer(None, NOT_INSTALLED, f"not installed ({_one_line(err)})")
+        return Peer(None, IMPORT_FAILED, f"import failed ({_one_line(err)})")
+    except Exception as err:  # noqa: BLE001 - installed but broken: an error, reported as one
+        return Peer(None, IMPORT_FAILED, f"import failed ({_one_line(err)})")
+    return Peer(fn, LOADED, how)
+
+
+def _installed(name: str) -> bool:
+    if name in sys.modules:  # None there: its import is blocked, as for a package that is not installed
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def _imported(name: str, wrap: Callable) -> Callable[[], tuple[Callable, str]]:
+    def load():
+        module = importlib.import_module(name)
+        return wrap(module), f"import {name} {getattr(module, '__version__', '')}".strip()
+
+    return load
+
+
+def _learn2learn() -> tuple[Callable, str]:
+    MAML, how = load_learn2learn()
+    return learn2learn_step(MAML), how
+
+
+def peers() -> dict[str, Peer]:
+    """{name: Peer} for learn2learn, higher and TorchOpt."""
+    return {"learn2learn": load_peer("learn2learn", _learn2learn),
+            "higher": load_peer("higher", _imported("higher", higher_step)),
+            "torchopt": load_peer("torchopt", _imported("torchopt", torchopt_step))}
 
 
 # --------------------------------------------------------------------------------------- cases
@@ -170,11 +217,12 @@ def compare_and_time(kind: str, steps: int, first_order: bool, libraries, window
     reference = gradient_of(lambda *a: distmaml_grads(*a[:6], rule=rule, **settings), exact_model, batch64, loss_fn,
                             lr, steps, first_order, None)
     rows = []
-    for name, (fn, how) in {"distmaml": (None, "distmaml.meta.meta_gradient (batched)"), **libraries}.items():
+    for name, (fn, status, how) in {"distmaml": Peer(None, LOADED, "distmaml.meta.meta_gradient (batched)"),
+                                     **libraries}.items():
         row = {"kind": kind, "inner_steps": steps, "order": "first" if first_order else "second", "rule": rule,
                "library": name, "loaded": how, "meta_batch": config.train.meta_batch, "inner_settings": settings}
-        if name != "distmaml" and fn is None:
-            rows.append({**row, "status": "absent"})
+        if status != LOADED:
+            rows.append({**row, "status": status})
             continue
         compute = (lambda *a: distmaml_grads(*a[:6], rule=rule, **settings)) if name == "distmaml" else fn
         got = gradient_of(compute, copy.deepcopy(exact_model), batch64, loss_fn, lr, steps, first_order,
@@ -218,8 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     libraries, rows, started = peers(), [], time.time()
-    for name, (_, how) in libraries.items():
-        print(f"{name}: {how}", flush=True)
+    for name, peer in libraries.items():
+        print(f"{name}: {peer.how}", flush=True)
+    for name, why in NOT_INSTALLABLE.items():
+        print(f"{name}: {why}", flush=True)
     for kind in args.kinds:
         for first_order in (False, True):
             for steps in args.steps:
@@ -229,10 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows += compare_and_time("sine", 5, False, adam_peers, args.windows, args.seconds, rule="adam")
     result = {"benchmark": "peers", "command": " ".join(["python -m benchmarks.peers", *(argv or sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE,
-              "libraries": {name: how for name, (_, how) in libraries.items()}, "wall_seconds": time.time() - started,
-              "rows": rows}
+              "libraries": {name: peer.how for name, peer in libraries.items()}, "not_installable": NOT_INSTALLABLE,
+              "wall_seconds": time.time() - started, "rows": rows}
     out = write(result, args.out or RESULTS / "peers_cpu.json")
     print(f"wrote {out}")
+    broken = [f"{name}: {peer.how}" for name, peer in libraries.items() if peer.status == IMPORT_FAILED]
+    if broken:  # installed but unusable: the comparison this benchmark exists for did not happen
+        raise SystemExit("python -m benchmarks.peers: error: " + "; ".join(broken))
     return result
 
 

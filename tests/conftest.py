@@ -7,6 +7,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# How far the memory estimate made before training may be from the peak it estimates, wherever that peak
+# is measured: bytes counted on meta tensors (test_memory.py) or a fresh process's resident set
+# (test_benchmarks.py).
+ESTIMATE_BOUND = 0.10
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -18,6 +22,22 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sine_run(tmp_path_factory):
+    """One tiny trained run, shared by the tests that only read it (eval, plot, the command line's flags):
+    configs/sine_debug.yaml for 60 meta-iterations, in this process, its last checkpoint at 60 and its
+    evaluation in summary.json. A test that writes into a run directory trains its own."""
+    from distmaml.config import load_config
+    from distmaml.train import train
+
+    run = tmp_path_factory.mktemp("sine_run")
+    threads = torch.get_num_threads()
+    train(load_config(REPO / "configs/sine_debug.yaml", [f"run.dir={run}", "train.iterations=60", "eval.tasks=50",
+                                                         "logging.progress=false"]))
+    torch.set_num_threads(threads)
+    return run
 
 
 @pytest.fixture

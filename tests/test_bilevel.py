@@ -86,15 +86,6 @@ def test_truncation_identities_hold_on_a_problem_whose_phi_is_in_the_inner_loss(
     assert flat(first).abs().max() == 0  # the decay acts on the path only: first order cannot see it
 
 
-def test_recomputed_unrolls_give_the_stored_hypergradient_bit_for_bit(bed):
-    problem, phi, tasks = bed
-    rule = make_rule("sgd", LR)
-    stored = meta_gradient(problem, phi, tasks, Inner(rule, 50, SecondOrder()))
-    for checkpoint, segment in (("auto", None), ("segments", 7), ("every_step", None)):
-        recomputed = meta_gradient(problem, phi, tasks, Inner(rule, 50, SecondOrder(), checkpoint, segment))
-        assert all(torch.equal(stored.grad_sum[n], recomputed.grad_sum[n]) for n in phi), checkpoint
-
-
 @pytest.mark.parametrize("method", [SecondOrder(), ImplicitCG(cg_steps=25, cg_tol=0.0), Neumann(terms=40, alpha=4.0),
                                     FiniteDifference(1e-3)])
 def test_batched_engine_equals_the_per_task_reference(bed, method):
@@ -124,10 +115,10 @@ def test_implicit_methods_approach_the_exact_hypergradient_as_the_inner_loop_and
         assert errors[0] > 1e-2 and errors[-1] < 1e-6, errors
 
 
-def test_the_config_s_implicit_settings_are_within_1e_4_of_the_dense_solve():
-    result = run_cli(["gradcheck", str(CONFIG), "--json", "/dev/stdout"], check=False)
+def test_the_config_s_implicit_settings_are_within_1e_4_of_the_dense_solve(tmp_path):
+    result = run_cli(["gradcheck", str(CONFIG), "--json", str(tmp_path / "report.json")], check=False)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads((tmp_path / "report.json").read_text())
     for name in ("second_order", "implicit", "neumann"):
         assert report["methods"][name]["exact"]
     assert report["methods"]["second_order"]["reference"] == "finite_difference"

@@ -17,6 +17,7 @@ from distmaml.meta.checkpointing import check_recomputable
 from distmaml.models import MLP, ResNet12
 from distmaml.tasks.omniglot import cross_entropy
 from distmaml.tasks.sine import SineTasks
+from conftest import REPO
 
 INNER_LR = 0.05
 SETTINGS = [("every_step", None), ("segments", 3), ("auto", None)]
@@ -148,6 +149,30 @@ def test_checkpointed_meta_gradient_equals_unchecked(rule, inner_steps, mode, tr
     assert expected.grad_sum["net.0.weight"].abs().sum() > 0  # a real gradient, not two zeros
     # ...and so are the learned step sizes' (every one of them reaches the objective).
     assert all(expected.grad_sum[name].abs().max() > 0 for name in theta if name.startswith(LEARNED))
+
+
+@pytest.mark.parametrize("config, overrides", [
+    # phi in the inner loss (a per-weight decay), in the step (a five-block learning-rate schedule), in the
+    # data (distilled examples): each from a fresh initialisation per task, not from phi.
+    ("configs/logistic_weight_decay.yaml", ["inner.lr=4.0"]),
+    ("configs/mnist1d_lr.yaml", ["task.args.train=200", "inner.schedule_blocks=5", "inner.lr=0.3",
+                                 "model.hidden=[8]"]),
+    ("configs/digits_distill.yaml", ["inner.schedule_blocks=50", "model.hidden=[16]"]),
+])
+def test_every_problem_s_recomputed_fifty_step_unroll_gives_the_stored_hypergradient_bit_for_bit(config, overrides):
+    """The problems beyond MAML, through the trainer's own builder: the same property as above."""
+    from distmaml.build import build
+
+    torch.manual_seed(0)
+    learner = build(load_config(REPO / config, [*overrides, "inner.steps=50", "engine.dtype=float64"]))
+    tasks = learner.family.sample(0, 0, torch.arange(3))
+    rule, method = learner.inner.rule, learner.inner.method
+    stored = meta_gradient(learner.problem, learner.theta, tasks, Inner(rule, 50, method))
+    assert all(stored.grad_sum[name].abs().max() > 0 for name in learner.theta)  # every meta-parameter is reached
+    for checkpoint, segment in SETTINGS:
+        recomputed = meta_gradient(learner.problem, learner.theta, tasks, Inner(rule, 50, method, checkpoint, segment))
+        for name in learner.theta:
+            assert torch.equal(stored.grad_sum[name], recomputed.grad_sum[name]), (checkpoint, name)
 
 
 def test_checkpointed_resnet12_unroll_is_bit_exact():

@@ -1,4 +1,7 @@
-"""The command line: flags validated as the settings they stand for, and one line for every error."""
+"""The command line: flags validated as the settings they stand for, and one line for every error.
+
+In this process (distmaml.cli.main returns the exit status and prints what the command prints); the
+tests that need a fresh interpreter (signals, a second process, `python -m distmaml`) use run_cli."""
 
 import json
 import re
@@ -6,15 +9,15 @@ import re
 import pytest
 import torch
 
-from distmaml.cli import main
-from conftest import REPO, run_cli
+from distmaml import cli
+from conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def sine_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sine")
-    run_cli(["train", "configs/sine_debug.yaml", f"run.dir={run}", "train.iterations=5", "eval.at_end=false"])
-    return run
+def distmaml(capsys, *argv):
+    """`distmaml ARGV` in this process: (exit status, stdout, stderr)."""
+    code = cli.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -23,31 +26,30 @@ def sine_run(tmp_path_factory):
     (["--shots", "0"], "--shots: eval.shots = 0: must be >= 1"),
     (["--steps", "-1"], "--steps: eval.steps = -1: must be >= 0"),
 ])
-def test_eval_flags_are_checked_like_the_settings_they_stand_for(sine_run, flags, expected):
-    proc = run_cli(["eval", str(sine_run), *flags], check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"distmaml eval: error: {expected}"
-    assert proc.stdout == ""
+def test_eval_flags_are_checked_like_the_settings_they_stand_for(sine_run, capsys, flags, expected):
+    assert distmaml(capsys, "eval", sine_run, *flags) == (2, "", f"distmaml eval: error: {expected}\n")
 
 
-def test_study_steps_are_checked(tmp_path):
-    proc = run_cli(["study", "inner-steps", "configs/sine_debug.yaml", "--steps", "1", "-1", "--out", str(tmp_path)],
-                   check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "distmaml study: error: --steps: inner.steps = -1: must be >= 0"
+def test_study_steps_are_checked(tmp_path, capsys):
+    assert distmaml(capsys, "study", "inner-steps", REPO / "configs/sine_debug.yaml", "--steps", "1", "-1", "--out",
+                    tmp_path) == (2, "", "distmaml study: error: --steps: inner.steps = -1: must be >= 0\n")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_cuda_without_cuda_is_one_line(tmp_path):
-    proc = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={tmp_path}", "engine.device=cuda"], check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("distmaml train: error: engine.device = 'cuda': this machine has no CUDA device")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    code, _, err = distmaml(capsys, "train", REPO / "configs/sine_debug.yaml", f"run.dir={tmp_path}",
+                            "engine.device=cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("distmaml train: error: engine.device = 'cuda': this machine has no CUDA device")
 
 
-def test_an_empty_config_file_runs_nothing(tmp_path):
+def test_an_empty_config_file_runs_nothing(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    proc = run_cli(["train", str(empty)], check=False, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"distmaml train: error: {empty}: the file holds no settings (empty, or only comments)"
+    monkeypatch.chdir(tmp_path)
+    assert distmaml(capsys, "train", empty) == (
+        2, "", f"distmaml train: error: {empty}: the file holds no settings (empty, or only comments)\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -56,7 +58,7 @@ def test_an_empty_config_file_runs_nothing(tmp_path):
 
 def one_line(capsys, command):
     """(exit status, the one line on stderr, stdout) of `distmaml <command>` run in this process."""
-    code = main(command)
+    code = cli.main(command)
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) <= 1 and "Traceback" not in err, err

@@ -1,6 +1,8 @@
+import inspect
 import json
 
 import pytest
+import wandb  # a dependency of distmaml, not an optional one: its absence is an error, not a skip
 
 from distmaml.log import NullLogger, RunLogger
 
@@ -26,7 +28,6 @@ def test_metrics_jsonl_and_resume_truncation(tmp_path):
 
 
 def test_wandb_gets_the_same_metrics_config_and_summary_offline(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     config = {"inner": {"steps": 5, "lr": 0.01}, "train": {"meta_batch": 25}}
@@ -53,13 +54,25 @@ def test_wandb_gets_the_same_metrics_config_and_summary_offline(tmp_path, monkey
     again.close()
 
 
-def test_null_logger_accepts_everything():
+def test_the_null_logger_of_other_ranks_has_every_logger_method_and_writes_nothing(tmp_path, monkeypatch, capfd,
+                                                                                  caplog):
+    # Every method the trainer calls on the main rank's RunLogger, NullLogger defines itself, with the same
+    # parameters: a rank other than 0 calls the same methods.
+    public = {name for name, value in vars(RunLogger).items() if callable(value) and not name.startswith("_")}
+    assert public <= set(vars(NullLogger)), public - set(vars(NullLogger))
+    for name in public:
+        assert inspect.signature(getattr(NullLogger, name)) == inspect.signature(getattr(RunLogger, name)), name
+    monkeypatch.chdir(tmp_path)
     logger = NullLogger()
-    logger.start(0, 10)
-    logger.log(metrics(1, 1.0))
-    logger.summary({})
-    logger.close()
+    with caplog.at_level("DEBUG"):
+        logger.start(0, 10)
+        assert logger.inner_progress(5) is None
+        logger.advance(1)
+        logger.log(metrics(1, 1.0))
+        logger.summary({"status": "complete", "eval": {"loss": 0.5}})
+        logger.close()
     assert logger.wandb_run is None
+    assert list(tmp_path.iterdir()) == [] and capfd.readouterr() == ("", "") and caplog.records == []
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
@@ -76,7 +89,6 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, 
 
 
 def test_wandb_online_without_an_api_key_is_one_line(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     from distmaml.errors import ConfigError
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -93,7 +105,6 @@ def test_an_unreachable_wandb_server_costs_the_timeout_then_logs_offline(tmp_pat
     import socket
     import time
 
-    pytest.importorskip("wandb")
     with socket.socket() as sock:  # a port on this machine that nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

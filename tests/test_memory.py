@@ -11,7 +11,7 @@ from distmaml.config import load_config
 from distmaml.engine import compute_meta_gradient
 from distmaml.errors import ConfigError
 from distmaml.rng import STREAM_TRAIN
-from conftest import REPO, run_cli
+from conftest import ESTIMATE_BOUND, REPO, run_cli
 
 
 def sine(*overrides):
@@ -59,7 +59,7 @@ def test_the_estimate_is_within_ten_percent_of_the_whole_unroll(overrides):
     found = memory.estimate(maml, params, batch, config, engine)
     exact = exact_peak(config, maml, params, batch) + found.fixed_bytes + sum(
         t.numel() * t.element_size() for t in batch)
-    assert abs(found.peak_bytes / exact - 1) < 0.10, (found, exact)
+    assert abs(found.peak_bytes / exact - 1) < ESTIMATE_BOUND, (found, exact)
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -87,3 +87,27 @@ def test_curve_matches_samples():
     truth = torch.stack([family.curve(STREAM_EVAL, 0, torch.arange(3)[i:i + 1], batch.support_x[i, :, 0])[0]
                          for i in range(3)])
     assert torch.allclose(truth, batch.support_y, atol=1e-6)
+
+
+def test_sine_debug_s_task_stream_is_the_one_it_always_was():
+    """The tasks configs/sine_debug.yaml trains on, pinned where they hold on every CPU: amplitudes,
+    phases and inputs bit for bit (integer hashing, one rounding per float32 operation), the targets to
+    float32 rounding (sin's last bit depends on the CPU's vector kernels)."""
+    import json
+
+    from distmaml.config import load_config
+    from distmaml.tasks import build_task_family
+    from conftest import REPO
+
+    pinned = json.loads((REPO / "tests/data/sine_debug_task_stream.json").read_text())["iterations"]
+    family = build_task_family(load_config(REPO / "configs/sine_debug.yaml"), "cpu")
+    for iteration, expected in pinned.items():
+        tasks = torch.arange(25)
+        _, amplitude, phase = family._functions(STREAM_TRAIN, int(iteration), tasks)
+        batch = family.sample(STREAM_TRAIN, int(iteration), tasks)
+        drawn = {"amplitude": amplitude[:, 0], "phase": phase[:, 0], "support_x": batch.support_x[..., 0],
+                 "query_x": batch.query_x[..., 0]}
+        for name, value in drawn.items():
+            assert torch.equal(value, torch.tensor(expected[name], dtype=torch.float32)), (iteration, name)
+        for name, value in (("support_y", batch.support_y[..., 0]), ("query_y", batch.query_y[..., 0])):
+            torch.testing.assert_close(value, torch.tensor(expected[name]), rtol=1e-6, atol=1e-6)

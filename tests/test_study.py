@@ -1,42 +1,68 @@
 import json
 
+from distmaml.config import load_config
 from distmaml.study import run_inner_steps_study
+from distmaml.study.inner_steps import format_row
 from conftest import REPO, run_cli, run_dir_held_by_another_process
 
 
-def test_inner_steps_study_writes_table_json_and_plot(tmp_path):
+def test_inner_steps_study_reports_the_numbers_each_run_wrote(tmp_path):
     rows = run_inner_steps_study(REPO / "configs/sine_debug.yaml", tmp_path, steps=[1, 3],
                                  modes=["second_order", "first_order"], iterations=30,
                                  overrides=["eval.tasks=20", "train.log_every=10"])
     assert [(r["mode"], r["inner_steps"]) for r in rows] == [
         ("second_order", 1), ("second_order", 3), ("first_order", 1), ("first_order", 3)]
-    for row in rows:
-        assert 0 < row["query_mse"] < 10 and row["support_mse"] > 0 and row["peak_memory_mb"] > 0
-    # Each run evaluated after its own K steps, and second order used activation checkpointing.
-    summary = json.loads((tmp_path / "second_order_k3/summary.json").read_text())
-    assert summary["eval"]["steps"][-1]["step"] == 3
-    config = (tmp_path / "second_order_k3/config.yaml").read_text()
-    assert "checkpoint: auto" in config
-    assert json.loads((tmp_path / "study.json").read_text()) == rows
     table = (tmp_path / "study.md").read_text().splitlines()
     assert table[0] == "30 meta-iterations per run." and len(table) == 2 + 2 + 4
+    for row, line in zip(rows, table[4:]):
+        # Each row is its own run's: trained with its mode and K (second order with activation
+        # checkpointing), evaluated after its K steps, its numbers those of that run's summary.json.
+        run = tmp_path / f"{row['mode']}_k{row['inner_steps']}"
+        config = load_config(run / "config.yaml")
+        assert (config.inner.mode, config.inner.steps, config.train.iterations) == (row["mode"], row["inner_steps"], 30)
+        assert config.inner.checkpoint == ("auto" if row["mode"] == "second_order" else "none")
+        summary = json.loads((run / "summary.json").read_text())
+        after = summary["eval"]["steps"][-1]
+        assert after["step"] == row["inner_steps"] and summary["iteration"] == 30
+        assert row == {"mode": row["mode"], "inner_steps": row["inner_steps"], "query_mse": after["loss"],
+                       "query_mse_ci95": after["loss_ci95"], "query_mse_median": after["loss_median"],
+                       "diverged": after["diverged"], "support_mse": after["support_loss"],
+                       "seconds_per_iteration": summary["seconds_per_iteration"],
+                       "peak_memory_mb": summary["peak_memory_mb"]}
+        assert line == format_row(row)
+    assert len({row["query_mse"] for row in rows}) == 4  # four runs, four results
+    assert json.loads((tmp_path / "study.json").read_text()) == rows
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_seeds_study_trains_each_seed_and_evaluates_all_on_the_same_tasks(tmp_path):
+def test_seeds_study_reports_each_seed_s_own_run_evaluated_on_the_same_tasks(tmp_path):
+    from distmaml.build import load_trained
+    from distmaml.evaluate import evaluate, evaluation_settings
     from distmaml.study import run_seeds_study
 
     report = run_seeds_study(REPO / "configs/sine_debug.yaml", tmp_path, seeds=[0, 1], threads=[1], shots=[5, 10],
                              steps=3, tasks=20, jobs=2, overrides=["train.iterations=30", "train.log_every=10"])
     assert [(run["seed"], run["threads"]) for run in report["runs"]] == [(0, 1), (1, 1)]
     for run in report["runs"]:
-        assert [row["step"] for row in run["eval"]["5"]["steps"]] == [0, 1, 2, 3]
-        assert [i for i, _ in run["sharpness"]] == [10, 20, 30] and all(v > 0 for _, v in run["sharpness"])
+        run_dir = tmp_path / f"threads1_seed{run['seed']}"
+        assert load_config(run_dir / "config.yaml").train.seed == run["seed"]
+        # What the run logged while training...
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["iteration"] for m in logged] == [10, 20, 30]
+        assert (run["meta_loss_first"], run["meta_loss_last"]) == (logged[0]["meta_loss"], logged[-1]["meta_loss"])
+        assert run["sharpness"] == [(m["iteration"], m["sharpness"]) for m in logged]
+        assert all(value > 0 for _, value in run["sharpness"])
+        # ...and its final weights evaluated again here on the study's tasks: the same numbers.
+        config, learner, _ = load_trained(run_dir)
+        again = evaluate(learner.problem, learner.theta, learner.family, learner.inner,
+                         **{**evaluation_settings(config), "steps": 3, "tasks": 20, "shots": 5})
+        assert run["eval"]["5"] == json.loads(json.dumps(again))
     seed0, seed1 = (run["eval"]["5"]["steps"][0]["loss"] for run in report["runs"])
-    assert seed0 != seed1  # different weights...
-    rows = report["over_runs"]["5"]
-    assert rows[2]["mean"] == (report["runs"][0]["eval"]["5"]["steps"][2]["loss"]
-                               + report["runs"][1]["eval"]["5"]["steps"][2]["loss"]) / 2
+    assert seed0 != seed1  # different weights
+    for count in ("5", "10"):
+        for step, row in enumerate(report["over_runs"][count]):
+            assert row["mean"] == (report["runs"][0]["eval"][count]["steps"][step]["loss"]
+                                   + report["runs"][1]["eval"][count]["steps"][step]["loss"]) / 2
     assert json.loads((tmp_path / "seeds.json").read_text())["over_runs"]["10"][3]["diverged_tasks"] == 0
     table = (tmp_path / "seeds.md").read_text()
     assert "| 5 | " in table and "| 10 | " in table and "| 1 | 1 | " in table

@@ -65,8 +65,8 @@ def test_the_check_names_what_breaks_the_protocol(family, message):
                                      "attribute 'Missing'"),
     ("examples.polynomials:ResidualMLP", "task.family = 'examples.polynomials:ResidualMLP': ResidualMLP lacks "
                                          "from_config, sample, loss, with_seed (see"),
-    ("polynomials", "task.family = 'polynomials': not one of sine, omniglot, image_folder, logistic, mnist1d and not "
-                    "an import path 'package.module:Name' or 'path/to/file.py:Name'"),
+    ("polynomials", "task.family = 'polynomials': not one of sine, omniglot, image_folder, logistic, mnist1d, digits "
+                    "and not an import path 'package.module:Name' or 'path/to/file.py:Name'"),
     ("examples/missing.py:Tasks", "task.family = 'examples/missing.py:Tasks': no such file examples/missing.py"),
 ])
 def test_import_paths_that_do_not_work_are_one_line(family, expected):
