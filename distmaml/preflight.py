@@ -18,9 +18,8 @@ import torch
 
 from distmaml import dist, memory
 from distmaml.build import DTYPES, Learner, build, build_inner
-from distmaml.config import Config, ConfigError, sourced
+from distmaml.config import Config, ConfigError
 from distmaml.engine import compute_meta_gradient
-from distmaml.errors import SettingError
 from distmaml.evaluate import evaluation_settings
 from distmaml.meta import check_method, check_problem, task_at
 from distmaml.rng import STREAM_TRAIN
@@ -38,12 +37,17 @@ def _family_tasks(config: Config) -> int:
 
 
 def shapes_only(config: Config, family) -> Learner | None:
-    """The learner `config` describes, on the `meta` device: every shape, no memory. None for a model
-    whose construction reads values (user code), which then is estimated once built for real."""
+    """The learner `config` describes, on the `meta` device: every shape, no memory. None for a model or
+    problem whose construction reads values (user code; distillation counts its classes' examples), which
+    then is estimated once built for real."""
     try:
         with torch.device("meta"):
             return build(config, "meta", family=family.to("meta"))
     except ConfigError:
+        return None
+    except RuntimeError as err:
+        if "meta tensor" not in str(err):
+            raise
         return None
 
 
@@ -92,7 +96,4 @@ def check_first_batch(config: Config, learner: Learner) -> None:
                  dtype=DTYPES[config.engine.dtype][0], iteration=0, device=device)
     batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=device))
     check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
-    try:
-        check_method(learner.problem, learner.theta, batch, learner.inner)
-    except SettingError as err:
-        raise sourced(config, err) from None
+    check_method(learner.problem, learner.theta, batch, learner.inner)

@@ -29,8 +29,8 @@ from torch.utils._pytree import tree_flatten
 from distmaml import checkpoint, dist, preflight
 from distmaml.build import DTYPES, Learner, build, checkpoint_state, restore
 from distmaml.checkpoint import PreemptionWatch
-from distmaml.config import Config, ConfigError, config_file, flatten, source_of, to_dict
-from distmaml.errors import TrainingError
+from distmaml.config import Config, ConfigError, config_file, flatten, source_of, sourced, to_dict
+from distmaml.errors import SettingError, TrainingError
 from distmaml.engine import MetaStep, StepOutput, fit_optimizer_to, make_optimizer, set_learning_rate
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
@@ -131,15 +131,18 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
         claim(config.run.dir, config.run.resume, config_file(config))
         lock.write_pid()
     family = build_task_family(config, ctx.device, DTYPES[config.engine.dtype][0])
-    shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
-    if shapes is not None:  # nothing allocated for real before the estimate passed
-        preflight.check_shapes(config, shapes)
-        preflight.check_memory(config, ctx, shapes)
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    learner = build(config, ctx.device, family)
-    if shapes is None:  # a user model built from values: estimated now, still before a real task is sampled
-        preflight.check_memory(config, ctx, learner)
-    preflight.check_first_batch(config, learner)
+    try:  # a refusal names the setting and where it came from (the config file, the command line)
+        shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
+        if shapes is not None:  # nothing allocated for real before the estimate passed
+            preflight.check_shapes(config, shapes)
+            preflight.check_memory(config, ctx, shapes)
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        learner = build(config, ctx.device, family)
+        if shapes is None:  # built from values: estimated now, still before a real task is sampled
+            preflight.check_memory(config, ctx, learner)
+        preflight.check_first_batch(config, learner)
+    except SettingError as err:
+        raise sourced(config, err) from None
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
     return _restore(config, ctx, learner, optimizer), learner, optimizer
 

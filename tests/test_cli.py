@@ -69,9 +69,9 @@ def one_line(capsys, command):
     (["--tasks", "1000000000"], r"--tasks = 1000000000, --query = 100: evaluating needs about .* of it for the "
                                 r"results of 1000000000 tasks\), more than the .* available \(.*\); fewer --tasks would "
                                 r"fit, or engine.memory_check=false skips this check"),
-    (["--query", "1000000000"], r"--tasks = 200, --query = 1000000000: evaluating needs about .* of it for each chunk "
+    (["--query", "1000000000"], r"--tasks = 50, --query = 1000000000: evaluating needs about .* of it for each chunk "
                                 r"of up to 200 tasks with their examples\), .*; fewer --shots or --query would fit"),
-    (["--shots", "1000000000"], r"--tasks = 200, --shots = 1000000000, --query = 100: evaluating needs about "),
+    (["--shots", "1000000000"], r"--tasks = 50, --shots = 1000000000, --query = 100: evaluating needs about "),
     (["--device", "gpu"], r"--device: engine.device = 'gpu': must be auto, cpu, cuda or cuda:N$"),
 ])
 def test_eval_refuses_what_would_not_fit_or_cannot_run_before_evaluating(sine_run, capsys, flags, expected):

@@ -436,10 +436,10 @@ print("clean", flush=True)
 
 @pytest.mark.slow
 def test_distributed_runs_exit_normally_every_time(tmp_path):
-    """20 distributed process exits (10 two-rank groups) through the interpreter's normal shutdown,
+    """12 distributed process exits (6 two-rank groups) through the interpreter's normal shutdown,
     with the trainer's threads and teardown: none may abort ("terminate called without an active
     exception") or exit non-zero. (Every torchrun test above ends in such exits too.)"""
-    for attempt in range(10):
+    for attempt in range(6):
         port = str(free_port())
         procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT,

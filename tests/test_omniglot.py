@@ -393,7 +393,8 @@ def test_eval_of_a_run_whose_data_moved_and_plot_of_a_classification_run(tmp_pat
     assert proc.returncode == 2 and "its characters have 6 drawings, fewer than support + query = 7" in proc.stderr
     proc = run_cli(["plot", str(run), str(tmp_path / "fig.png"), "--data-root", str(moved)], check=False)
     assert proc.returncode == 2 and "distmaml plot draws one-dimensional regression tasks with their true curve " \
-        "(the sine family), or a learned activation function; this run is omniglot classification" in proc.stderr
+        "(the sine family), a learned activation function or distilled examples; this run is omniglot " \
+        "classification" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

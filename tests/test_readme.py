@@ -20,8 +20,8 @@ def test_readme_starts_with_setup_then_train_then_test_commands():
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     assert "pip install -e" in blocks[0]
     assert blocks[1].strip() == "distmaml train configs/sine_maml.yaml"
-    assert blocks[2].strip() == "python -m pytest -q"
-    assert "python -m pytest -q" in (REPO / ".ci/run").read_text()
+    assert blocks[2].strip() == "python -m pytest -q -n 2"
+    assert "\npython -m pytest -q -n 2\n" in (REPO / ".ci/run").read_text()
 
 
 def test_library_example_runs_and_adaptation_helps():

@@ -24,13 +24,15 @@ def test_inner_steps_study_reports_the_numbers_each_run_wrote(tmp_path):
         summary = json.loads((run / "summary.json").read_text())
         after = summary["eval"]["steps"][-1]
         assert after["step"] == row["inner_steps"] and summary["iteration"] == 30
-        assert row == {"mode": row["mode"], "inner_steps": row["inner_steps"], "query_mse": after["loss"],
+        assert row == {"mode": row["mode"], "inner_steps": row["inner_steps"], "status": summary["status"],
+                       "diverged_at": summary.get("diverged_at"), "query_mse": after["loss"],
                        "query_mse_ci95": after["loss_ci95"], "query_mse_median": after["loss_median"],
                        "diverged": after["diverged"], "support_mse": after["support_loss"],
                        "seconds_per_iteration": summary["seconds_per_iteration"],
                        "peak_memory_mb": summary["peak_memory_mb"]}
         assert line == format_row(row)
     assert len({row["query_mse"] for row in rows}) == 4  # four runs, four results
+    assert all(row["status"] == "complete" for row in rows)
     assert json.loads((tmp_path / "study.json").read_text()) == rows
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
