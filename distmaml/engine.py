@@ -60,6 +60,16 @@ def fit_optimizer_to(optimizer: torch.optim.Adam, device: torch.device) -> None:
                                  else torch.tensor(step))
 
 
+def learning_rate(config, iteration: int, iterations: int | None = None) -> float:
+    """The outer learning rate at `iteration`: constant, or cosine from train.lr to train.lr_min over
+    `iterations` (default train.iterations)."""
+    train = config.train
+    iterations = train.iterations if iterations is None else iterations
+    if train.lr_schedule == "constant" or iterations == 0:
+        return train.lr
+    return train.lr_min + (train.lr - train.lr_min) * 0.5 * (1 + math.cos(math.pi * iteration / iterations))
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         if not group.get("capturable"):

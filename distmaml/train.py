@@ -20,18 +20,19 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import yaml
 from torch.utils._pytree import tree_flatten
 
 from distmaml import checkpoint, dist, preflight
-from distmaml.build import DTYPES, Learner, build, checkpoint_state, restore
+from distmaml.build import DTYPES, Learner, build, checkpoint_state
 from distmaml.checkpoint import PreemptionWatch
-from distmaml.config import Config, ConfigError, config_file, flatten, source_of, sourced, to_dict
+from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
 from distmaml.errors import SettingError, TrainingError
-from distmaml.engine import MetaStep, StepOutput, fit_optimizer_to, make_optimizer, set_learning_rate
+from distmaml.engine import MetaStep, StepOutput, learning_rate, make_optimizer, set_learning_rate
+from distmaml.resume import Resumed, restore_run
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
@@ -39,7 +40,7 @@ from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
-from distmaml.run_dir import RunLock, claim, refuse_finished_without_checkpoint
+from distmaml.run_dir import RunLock, claim
 from distmaml.tasks import build_task_family
 
 log = logging.getLogger("distmaml.train")
@@ -50,29 +51,6 @@ INNER_BAR_STEPS = 100
 # Why training may stop early, in order of precedence: the signals of a preemption, Ctrl-C or a
 # closed terminal, then the time limit.
 STOP_REASONS = (*PreemptionWatch.SIGNALS, "time_limit")
-
-# Settings that may differ between a checkpoint and the run that resumes it; any other difference
-# would silently change the experiment, so resuming refuses it.
-RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
-                     "train.max_meta_loss_factor",
-                     "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
-                     "engine.memory_check", "engine.memory_budget", "dist.", "data.root", "data.cache_dir",
-                     "data.storage")
-# Settings a user changes to go on from the last good checkpoint of a run that diverged: allowed, and
-# said in one line, since they change how the run continues.
-RECOVERY_CHANGES = ("train.lr", "train.lr_min", "train.grad_clip")
-
-
-def learning_rate(config: Config, iteration: int, iterations: int | None = None) -> float:
-    """The outer learning rate at `iteration`: constant, or cosine from train.lr to train.lr_min over
-    `iterations` (default train.iterations)."""
-    train = config.train
-    iterations = train.iterations if iterations is None else iterations
-    if train.lr_schedule == "constant" or iterations == 0:
-        return train.lr
-    return train.lr_min + (train.lr - train.lr_min) * 0.5 * (1 + math.cos(math.pi * iteration / iterations))
-
 
 def train(config: Config) -> dict[str, Any]:
     """Meta-train as `config` says and return the summary (rank 0 also writes run.dir/summary.json).
@@ -115,13 +93,6 @@ def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> di
         return _loop(config, ctx, learner, optimizer, step, logger, resumed, preemption)
 
 
-class Resumed(NamedTuple):
-    iteration: int  # where training goes on from (0: a fresh start)
-    # The first logged window's median meta-loss, {"meta_loss": x, "first": i, "last": j}, that
-    # train.max_meta_loss_factor is relative to; None until a window was logged.
-    reference: dict | None = None
-
-
 def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tuple[Resumed, Learner, Any]:
     """Everything before the first iteration that can fail on one rank: lock, checks, build, restore."""
     if config.engine.cuda_graph and ctx.device.type != "cuda":
@@ -144,7 +115,7 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
     except SettingError as err:
         raise sourced(config, err) from None
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
-    return _restore(config, ctx, learner, optimizer), learner, optimizer
+    return restore_run(config, ctx, learner, optimizer), learner, optimizer
 
 
 def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: MetaStep, logger,
@@ -320,67 +291,6 @@ def _sharpness_warning(config: Config, learner: Learner, metrics: dict[str, Any]
     return (f"iteration {metrics['iteration']}: the inner loss at its start has curvature {sharpness:.0f} (top "
             f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {limit:.0f}: plain inner "
             "steps at inner.lr oscillate along it, and adapting with more steps than training uses can diverge")
-
-
-def _restore(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
-    """Load the checkpoint run.resume asks for; return where to start from."""
-    resume, run_dir = config.run.resume, Path(config.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if resume is False:
-        return Resumed(0)  # starting over: the main process moved an earlier run aside (run_dir.claim)
-    # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
-    latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
-    if resume == "auto" or resume is True:
-        if latest is None and resume is True:
-            raise ConfigError(f"run.resume = true: no checkpoint in {ckpt_dir}")
-        path = latest
-    else:
-        path = Path(resume)
-    if path is None:
-        if ctx.is_main:
-            refuse_finished_without_checkpoint(run_dir)
-        return Resumed(0)
-    state = checkpoint.load_checkpoint(path)
-    _check_compatible(config, state["config"], path, state["iteration"])
-    if state["iteration"] > config.train.iterations:
-        raise ConfigError(f"{source_of(config, 'train.iterations')}: train.iterations = {config.train.iterations}: "
-                          f"below iteration {state['iteration']}, where {path} already is; give train.iterations >= "
-                          f"{state['iteration']} to go on, or another run.dir")
-    restore(learner, state, path)
-    checkpoint.load_weights(optimizer, state["optimizer"], path)
-    fit_optimizer_to(optimizer, ctx.device)
-    checkpoint.set_rng_state(state["rng"])
-    log.info("resuming from %s (iteration %d)", path, state["iteration"])
-    return Resumed(int(state["iteration"]), _reference(state.get("meta_loss_reference")))
-
-
-def _reference(saved: Any) -> dict | None:
-    """A checkpoint's first-window meta-loss, if it holds a usable one (older checkpoints hold none)."""
-    try:
-        reference = {"meta_loss": float(saved["meta_loss"]), "first": int(saved["first"]), "last": int(saved["last"])}
-    except (TypeError, KeyError, ValueError):
-        return None
-    return reference if math.isfinite(reference["meta_loss"]) else None
-
-
-def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
-    now = flatten(config)
-    for key, value in flatten(Config()).items():
-        section, name = key.split(".")
-        before = saved.get(section, {}).get(name, value)
-        if now[key] == before or key.startswith(RESUMABLE_CHANGES):
-            continue
-        if key in RECOVERY_CHANGES:
-            log.warning("run.resume: %s was trained with %s = %r; it continues with %r", path, key, before, now[key])
-            continue
-        raise ConfigError(f"run.resume: {path} was trained with {key} = {before!r}, the config says "
-                          f"{now[key]!r}; choose another run.dir or set {key}={before!r}")
-    before = saved.get("train", {}).get("iterations", config.train.iterations)
-    if config.train.lr_schedule == "cosine" and before != config.train.iterations:
-        # The cosine schedule is a function of train.iterations: stretching the run moves it.
-        log.warning("run.resume: train.iterations changed from %d to %d under the cosine schedule: the learning "
-                    "rate at iteration %d moves from %.3g to %.3g", before, config.train.iterations, iteration,
-                    learning_rate(config, iteration, before), learning_rate(config, iteration))
 
 
 def _make_logger(config: Config, ctx: dist.Context):

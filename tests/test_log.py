@@ -141,3 +141,28 @@ def test_a_full_disk_while_resuming_or_appending_is_one_line_and_leaves_metrics_
     assert str(full.value).endswith("; metrics.jsonl is as it was before this line")
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_result_written_to_a_stream_or_through_a_link_leaves_them_in_place(tmp_path):
+    """`--json /dev/stdout` once replaced the link /dev/stdout with a regular file (the atomic rename):
+    a stream is written into, and a link to a file keeps pointing at the file, which gets the result."""
+    import os
+    import threading
+
+    from distmaml.log import write_json
+
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_json(fifo, {"loss": 0.5})
+    reader.join(timeout=10)
+    assert fifo.is_fifo() and received, "the stream was replaced, and nothing arrived through it"
+    assert json.loads(received[0]) == {"loss": 0.5}
+    target, link = tmp_path / "results/eval.json", tmp_path / "latest.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link.symlink_to(target)
+    write_json(link, {"loss": 0.25})
+    assert link.is_symlink() and link.resolve() == target and json.loads(target.read_text()) == {"loss": 0.25}

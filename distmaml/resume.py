@@ -1,0 +1,98 @@
+"""Where a run goes on from: the newest usable checkpoint of its run directory, restored into the
+learner and the optimizer, after checking that it was trained under the same experiment."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from distmaml import checkpoint, dist
+from distmaml.build import Learner, restore
+from distmaml.config import Config, ConfigError, flatten, source_of
+from distmaml.engine import fit_optimizer_to, learning_rate
+from distmaml.run_dir import refuse_finished_without_checkpoint
+
+log = logging.getLogger("distmaml.train")
+
+# Settings that may differ between a checkpoint and the run that resumes it; any other difference
+# would silently change the experiment, so resuming refuses it.
+RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
+                     "train.max_meta_loss_factor",
+                     "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
+                     "engine.memory_check", "engine.memory_budget", "dist.", "data.root", "data.cache_dir",
+                     "data.storage")
+# Settings a user changes to go on from the last good checkpoint of a run that diverged: allowed, and
+# said in one line, since they change how the run continues.
+RECOVERY_CHANGES = ("train.lr", "train.lr_min", "train.grad_clip")
+
+
+
+class Resumed(NamedTuple):
+    iteration: int  # where training goes on from (0: a fresh start)
+    # The first logged window's median meta-loss, {"meta_loss": x, "first": i, "last": j}, that
+    # train.max_meta_loss_factor is relative to; None until a window was logged.
+    reference: dict | None = None
+
+
+def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
+    """Load the checkpoint run.resume asks for; return where to start from."""
+    resume, run_dir = config.run.resume, Path(config.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume is False:
+        return Resumed(0)  # starting over: the main process moved an earlier run aside (run_dir.claim)
+    # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
+    latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
+    if resume == "auto" or resume is True:
+        if latest is None and resume is True:
+            raise ConfigError(f"run.resume = true: no checkpoint in {ckpt_dir}")
+        path = latest
+    else:
+        path = Path(resume)
+    if path is None:
+        if ctx.is_main:
+            refuse_finished_without_checkpoint(run_dir)
+        return Resumed(0)
+    state = checkpoint.load_checkpoint(path)
+    _check_compatible(config, state["config"], path, state["iteration"])
+    if state["iteration"] > config.train.iterations:
+        raise ConfigError(f"{source_of(config, 'train.iterations')}: train.iterations = {config.train.iterations}: "
+                          f"below iteration {state['iteration']}, where {path} already is; give train.iterations >= "
+                          f"{state['iteration']} to go on, or another run.dir")
+    restore(learner, state, path)
+    checkpoint.load_weights(optimizer, state["optimizer"], path)
+    fit_optimizer_to(optimizer, ctx.device)
+    checkpoint.set_rng_state(state["rng"])
+    log.info("resuming from %s (iteration %d)", path, state["iteration"])
+    return Resumed(int(state["iteration"]), _first_window(state.get("meta_loss_reference")))
+
+
+def _first_window(saved: Any) -> dict | None:
+    """A checkpoint's first-window meta-loss, if it holds a usable one (older checkpoints hold none)."""
+    try:
+        reference = {"meta_loss": float(saved["meta_loss"]), "first": int(saved["first"]), "last": int(saved["last"])}
+    except (TypeError, KeyError, ValueError):
+        return None
+    return reference if math.isfinite(reference["meta_loss"]) else None
+
+
+def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
+    now = flatten(config)
+    for key, value in flatten(Config()).items():
+        section, name = key.split(".")
+        before = saved.get(section, {}).get(name, value)
+        if now[key] == before or key.startswith(RESUMABLE_CHANGES):
+            continue
+        if key in RECOVERY_CHANGES:
+            log.warning("run.resume: %s was trained with %s = %r; it continues with %r", path, key, before, now[key])
+            continue
+        raise ConfigError(f"run.resume: {path} was trained with {key} = {before!r}, the config says "
+                          f"{now[key]!r}; choose another run.dir or set {key}={before!r}")
+    before = saved.get("train", {}).get("iterations", config.train.iterations)
+    if config.train.lr_schedule == "cosine" and before != config.train.iterations:
+        # The cosine schedule is a function of train.iterations: stretching the run moves it.
+        log.warning("run.resume: train.iterations changed from %d to %d under the cosine schedule: the learning "
+                    "rate at iteration %d moves from %.3g to %.3g", before, config.train.iterations, iteration,
+                    learning_rate(config, iteration, before), learning_rate(config, iteration))
