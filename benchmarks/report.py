@@ -16,44 +16,18 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import common
 from benchmarks.common import REPO, read
+from benchmarks.report_bilevel import HYPER, hyper, mnist1d_baselines, peers_hyper, unrolls
+from benchmarks.tables import finite as _finite, group_rows as _rows, machine as _machine, markdown_table as _table, number as _ms, source as _source
 
 README = REPO / "README.md"
 RESULTS_DOC = REPO / "docs" / "results.md"
 _SECTION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
-
-
-def _ms(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-
-
-def _machine(result: dict[str, Any]) -> str:
-    """The machine a result was measured on, and the commit where the result file records one."""
-    m = result["machine"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
-    commit = result.get("commit") or m.get("commit")
-    return f"{where}, torch {m['torch']}, {m['threads']} CPU thread(s)" + (f", commit {commit}" if commit else "")
-
-
-def _source(result: dict[str, Any], what: str = "medians, see the benchmark's docstring") -> str:
-    return f"\n`{result['command'].strip()}` — {_machine(result)}; {what}.\n"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-
-
-def _rows(result, group):
-    return [row for row in result["rows"] if row.get("group") == group]
 
 
 def speed_sine(device: str) -> str:
@@ -166,11 +140,6 @@ def peers() -> str:
             f"≤ {result['tolerance']:g}) before it is timed." + _source(result))
 
 
-def _finite(value: Any) -> float:
-    """A number of a strict-JSON result (where a value that is not finite was written as null)."""
-    return math.nan if value is None else float(value)
-
-
 def _seeds_report(name: str) -> dict[str, Any]:
     """A seeds study (distmaml study seeds), copied to benchmarks/results/seeds_<name>.json, with the
     nulls of its strict JSON read back as NaN."""
@@ -275,131 +244,6 @@ def versions() -> str:
     return (_table(["meta-iteration (CPU, one thread per worker)", f"this tree ({here}) ms", f"commit {other} ms",
                     "ratio"], rows)
             + _source(result, f"medians of {windows} interleaved windows per tree, see the benchmark's docstring"))
-
-
-def mnist1d_baselines() -> str:
-    """Plain training of MNIST-1D's MLP and CNN on distmaml's data and models, against the published accuracies."""
-    result = read(common.RESULTS / "mnist1d_baselines.json")
-    rows = [[r["model"], ", ".join(f"{100 * a:.1f}" for a in r["test_accuracy"]),
-             f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}", f"{100 * r['published']:.0f}"] for r in result["rows"]]
-    seeds = ", ".join(map(str, result["rows"][0]["seeds"])) if result["rows"] else ""
-    return (_table(["model", f"test accuracy % (seeds {seeds})", "mean ± std", "published %"], rows)
-            + _source(result, f"{result['steps']:,} Adam steps per run, see the benchmark's docstring"))
-
-
-def peers_hyper() -> str:
-    """Hyperparameter and learned-data hypergradients against TorchOpt and higher (benchmarks.peers_hyper)."""
-    result = read(common.RESULTS / "peers_hyper_cpu.json")
-    timed = [r for r in result["rows"] if "peak_mib" not in r]
-    memory_rows = [r for r in result["rows"] if "peak_mib" in r]
-    rows = []
-    for r in timed:
-        error = r.get("relative_error")
-        ms = r.get("ms_per_hypergradient")
-        distmaml = next((d for d in timed if d["case"] == r["case"] and d["library"] == "distmaml"), {})
-        ratio = (f"{ms / distmaml['ms_per_hypergradient']:.1f}×"
-                 if ms is not None and distmaml.get("ms_per_hypergradient") else "")
-        rows.append([r["case"], str(r["inner_steps"]), r["library"], r.get("how", ""), r["status"],
-                     f"{error:.1e}" if error is not None else "–", _ms(ms), ratio])
-    text = _table(["problem", "T", "library", "how", "hypergradient", "relative difference (float64)",
-                   "ms (float32)", "× distmaml"], rows)
-    if memory_rows:
-        text += "\n" + _table(["problem", "T", "library", "unroll", "peak memory above baseline (MiB)"],
-                              [[r["case"], f"{r['inner_steps']:,}", r["library"], r.get("how", ""),
-                                f"{r['peak_mib']:.0f}"] for r in memory_rows])
-    tasks = f"; {timed[0]['tasks']} random initialisations per hypergradient" if timed else ""
-    return text + (f"\nA library's hypergradient must equal distmaml's (relative difference "
-                   f"≤ {result['tolerance']:g}, float64) before it is timed{tasks}." + _source(result))
-
-
-def unrolls() -> str:
-    """Memory, time and spread of a learning-rate hypergradient against the unroll length T (benchmarks.unrolls)."""
-    result = read(common.RESULTS / "unrolls_cpu.json")
-    rates = [s["rate"] for s in result["rows"][0]["spread"]] if result["rows"] else []
-    rows = []
-    for r in result["rows"]:
-        cells = [f"{r['inner_steps']:,}"]
-        for plan in ("none", "auto"):
-            cells += [f"{r[plan]['peak_mib']:.0f}", f"{r[plan]['seconds']:.2f}"]
-        for spread in r["spread"]:
-            mean, std = _finite(spread["mean"]), _finite(spread["std"])
-            cell = f"{mean:+.3g} ± {std:.3g}" if math.isfinite(mean) else "not finite"
-            if spread["finite"] < result["tasks"]:
-                cell += f" ({spread['finite']} of {result['tasks']} finite)"
-            cells.append(cell)
-        rows.append(cells)
-    header = ["T", "stored: MiB", "stored: s", "recomputed (√T segments): MiB", "recomputed: s",
-              *[f"d L_val / d log lr at lr {rate:g}: mean ± std" for rate in rates]]
-    return (_table(header, rows) + f"\nOne hypergradient over {result['tasks']} random initialisations of "
-            "configs/mnist1d_lr.yaml's network; memory is the peak resident memory above a fresh process's "
-            "baseline; mean ± std over the initialisations of each one's own hypergradient (float64)."
-            + _source(result, "see the benchmark's docstring"))
-
-
-# benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
-HYPER = ("learning_rate", "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean",
-         "digits_distill", "digits_distill_m10", "mnist1d_distill")
-_CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
-
-
-def _summary(value: Any) -> str:
-    """A learned value as a report line states it: a number, or a long list by its range and median."""
-    if isinstance(value, (int, float)):
-        return f"{value:.3g}"
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        if len(value) <= 4:
-            return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
-        ordered = sorted(value)
-        return (f"{len(value):,} values from {ordered[0]:.3g} to {ordered[-1]:.3g}, median "
-                f"{ordered[len(ordered) // 2]:.3g}")
-    if isinstance(value, dict):
-        return ", ".join(f"{key}: {_summary(inner)}" for key, inner in value.items())
-    return str(value)
-
-
-def hyper(name: str) -> str:
-    """Learned hyperparameters or data over training seeds against their baselines (benchmarks.hyper_seeds)."""
-    result = read(common.RESULTS / f"hyper_{name}.json")
-    runs = result["rows"]
-    variants: dict[str, list[str]] = {"learned (this config)": ["learned run"] * len(runs)}
-    for index, run in enumerate(runs):
-        for key in run["baselines"]:
-            match = _CHOSEN.match(key)
-            label = f"{match.group('label')}v)" if match else key
-            variants.setdefault(label, [""] * len(runs))[index] = key
-    rows = []
-    for label, keys in variants.items():
-        accuracies, losses, cells = [], [], []
-        for run, key in zip(runs, keys):
-            found = run["learned_run"] if key == "learned run" else run["baselines"].get(key)
-            if not found:
-                cells.append("–")
-                continue
-            accuracy, loss = _finite(found.get("test_accuracy")), _finite(found.get("validation_loss"))
-            match = _CHOSEN.match(key)
-            cells.append((f"{100 * accuracy:.1f}" if math.isfinite(accuracy) else "–")
-                         + (f" (v = {match.group('value')})" if match else ""))
-            if math.isfinite(accuracy):
-                accuracies.append(accuracy)
-            if math.isfinite(loss):
-                losses.append(loss)
-        std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        spread = f"{100 * statistics.fmean(accuracies):.1f} ± {100 * std:.1f}" if accuracies else "–"
-        rows.append([label, *cells, spread, f"{statistics.fmean(losses):.4f}" if losses else "–"])
-    header = ["variant", *[f"test accuracy %, seed {run['seed']}" for run in runs], "mean ± std",
-              "validation loss (mean)"]
-    lines = [_table(header, rows)]
-    for run in runs:
-        parts = [f"learned {_summary(run['learned'])}"] if run.get("learned") else []
-        if "flip_detection" in run:
-            parts.append(f"flipped labels found: {_summary(run['flip_detection'])}")
-        parts.append(f"training {run['train_seconds']:.0f} s")
-        lines.append(f"- seed {run['seed']}: " + "; ".join(parts))
-    config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
-    grids = any(_CHOSEN.match(key) for keys in variants.values() for key in keys)
-    chosen = "; v: the value a grid chose for that seed" if grids else ""
-    return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
-            + _source(result, "see the benchmark's docstring").lstrip("\n"))
 
 
 def headline() -> str:
