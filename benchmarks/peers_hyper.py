@@ -61,6 +61,8 @@ CASES = {
 def setup(case: str, dtype: str, steps: int | None = None, checkpoint: str = "none"):
     path, overrides = CASES[case]
     extra = [f"inner.steps={steps}"] if steps else []
+    if steps and case == "distill":  # a learned step size per inner step (Wang et al.), as the peers index it
+        extra.append(f"inner.schedule_blocks={steps}")
     config = load_config(REPO / path, [*overrides, *extra, f"engine.dtype={dtype}", f"inner.checkpoint={checkpoint}",
                                        f"train.meta_batch={TASKS}"])
     torch.manual_seed(0)
