@@ -150,6 +150,8 @@ def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path |
         try:
             stored = load_checkpoint(path)["iteration"]
         except CheckpointError as err:
+            if not path.exists() and not move_aside:
+                continue  # moved aside by the main process while this rank listed the folder
             if not err.damaged:
                 raise
             problem, suffix = str(err), "unusable"
@@ -162,7 +164,11 @@ def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path |
             log.warning("skipping %s", problem)
             continue
         aside = path.with_name(f"{path.name}.{suffix}")
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as err:
+            raise CheckpointError(f"{problem}; moving it aside to {aside.name} failed ({err.strerror}): move or "
+                                  "delete it by hand") from None
         log.warning("%s; moved aside to %s", problem, aside.name)
     return None
 
@@ -187,7 +193,8 @@ class PreemptionWatch:
     cancels; Ctrl-C sends SIGINT; a closed terminal or a dropped remote login sends SIGHUP. Either
     way the loop finishes its iteration, saves and exits
     (128 + the signal's number) so that nothing since the last checkpoint is lost; the first
-    signal received is the reason reported. A second SIGINT ends the process at once.
+    signal received is the reason reported. A second Ctrl-C (SIGINT after SIGINT) ends the process at
+    once. A signal the process was started ignoring (SIGHUP under nohup) stays ignored.
 
     Python runs signal handlers only between bytecodes, so a main thread inside a long backward
     pass, or inside a collective waiting for a stopped rank, would not even notice a second Ctrl-C.
@@ -204,13 +211,10 @@ class PreemptionWatch:
         self._previous: dict[int, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
+        self._watched: tuple[int, ...] = ()
 
     def _handle(self, signum, frame=None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
             log.warning("received SIGINT again: exiting now, without a checkpoint")
             logging.shutdown()
             os._exit(128 + signal.SIGINT)
@@ -222,15 +226,18 @@ class PreemptionWatch:
 
     def _take_signals(self) -> None:
         while not self._stop.is_set():
-            taken = signal.sigtimedwait(self.SIGNALS, 0.1)
+            taken = signal.sigtimedwait(self._watched, 0.1)
             if taken is not None:
                 self._handle(taken.si_signo)
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
+            # A signal the process was started ignoring stays ignored: under nohup, a closed terminal's
+            # SIGHUP must not stop the run.
+            self._watched = tuple(signum for signum in self.SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN)
+            for signum in self._watched:
                 self._previous[signum] = signal.signal(signum, self._handle)
-            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            signal.pthread_sigmask(signal.SIG_BLOCK, self._watched)
             self._thread = threading.Thread(target=self._take_signals, name="distmaml-signals", daemon=True)
             self._thread.start()
         return self
@@ -240,7 +247,7 @@ class PreemptionWatch:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._watched)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

@@ -147,6 +147,7 @@ def _device(value: str, flag: str):
 
 # Evaluation's settings as the flags of eval and plot name them (for the memory check's message).
 _EVAL_FLAGS = {"tasks": "--tasks", "shots": "--shots", "query": "--query"}
+_PLOT_FLAGS = {**_EVAL_FLAGS, "query": "eval.query"}  # plot has no --query: its points are the run's setting
 
 
 def _eval(args) -> int:
@@ -227,7 +228,7 @@ def _plot(args) -> int:
                           f"this run is {trained.config.task.family} {kind}")
     memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
                                  {"tasks": args.tasks, "shots": config.eval.shots, "steps": max(STEPS)}, config,
-                                 torch.device("cpu"), _EVAL_FLAGS)
+                                 torch.device("cpu"), _PLOT_FLAGS)
     plot_sine_adaptation(learner.problem, learner.theta, learner.family, learner.inner, args.out, tasks=args.tasks,
                          shots=config.eval.shots, image_format=image_format)
     print(f"wrote {args.out} ({image_format.upper()})")

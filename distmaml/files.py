@@ -159,6 +159,10 @@ def check_file_path(path: str | Path, what: str) -> Path:
         raise ConfigError(f"{what} = {str(path)!r}: must name a file")
     if _is_dir(path, what):
         raise ConfigError(f"{what} = {path}: is a directory; give a file name")
+    if _kind(path) == "stream":  # /dev/stdout, a pipe: written into, so it must be writable, not its folder
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{what} = {path}: cannot write to it (permission denied)")
+        return path
     _check_creatable(path, what)
     return path
 

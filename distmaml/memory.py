@@ -256,7 +256,7 @@ def estimate_evaluation(problem, theta, family, inner, steps: int, tasks: int, s
 
     Adaptation keeps no graph, so its memory is flat in the number of steps: a probe of two steps,
     plus the weights kept at each further reported step, plus the per-task results (which grow with
-    `tasks`, kept per chunk and once more when joined).
+    `tasks`, kept per chunk and once more when joined), plus the other chunks' tasks, all sampled first.
     """
     from distmaml.evaluate import adaptation_curves, report_steps
     from distmaml.rng import STREAM_EVAL
@@ -273,7 +273,8 @@ def estimate_evaluation(problem, theta, family, inner, steps: int, tasks: int, s
     per_value = max(value.element_size() for value in curves.values())
     results = 2 * tasks * len(counts) * len(curves) * per_value
     state = sum(value.numel() * value.element_size() for value in theta.values())
-    return EvaluationEstimate(chunk_bytes + results + state, chunk_bytes, results)
+    other_batches = (-(-tasks // size) - 1) * data  # evaluate samples every chunk's tasks before adapting any
+    return EvaluationEstimate(chunk_bytes + results + state + other_batches, chunk_bytes, results)
 
 
 def check_evaluation_fits(problem, theta, family, inner, settings: dict, config, device: torch.device,

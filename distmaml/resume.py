@@ -43,9 +43,9 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     ckpt_dir = run_dir / "checkpoints"
     if resume is False:
         return Resumed(0)  # starting over: the main process moved an earlier run aside (run_dir.claim)
-    # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
-    latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
     if resume == "auto" or resume is True:
+        # The main process moves unusable newest checkpoints aside, so that nothing counts them again.
+        latest = checkpoint.latest_checkpoint(ckpt_dir, move_aside=ctx.is_main)
         if latest is None and resume is True:
             raise ConfigError(f"run.resume = true: no checkpoint in {ckpt_dir}")
         path = latest

@@ -25,6 +25,7 @@ from distmaml.files import write_text
 log = logging.getLogger(__name__)
 
 MARKER = ".distmaml-run"
+FALLBACK_LOCK = ".distmaml-lock"  # locked where the directory itself cannot be (NFS)
 PID_FILE = "trainer.pid"  # the holder's PID, for the message a second trainer gets; not the lock itself
 # What a trainer writes in its run directory (besides MARKER and PID_FILE).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "wandb_id", "wandb")
@@ -44,7 +45,6 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
 
         try:
             if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -54,15 +54,17 @@ class RunLock:
         except OSError as err:
             raise CheckpointError(f"run.dir = {self.run_dir}: cannot write there ({err.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = _locked(fd, self.run_dir)
         except BlockingIOError:
-            os.close(fd)
             try:
                 holder = (self.run_dir / PID_FILE).read_text().strip() or "unknown"
             except OSError:
                 holder = "unknown"
             raise CheckpointError(f"run.dir = {self.run_dir}: in use by another trainer (PID {holder}); wait for "
                                   "it to finish or choose another run.dir") from None
+        except OSError as err:
+            raise CheckpointError(f"run.dir = {self.run_dir}: cannot lock it ({err.strerror}), so two trainers "
+                                  "could write it at once; choose a run.dir on a file system with locks") from None
         self._fd = fd
         return self
 
@@ -82,6 +84,32 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _locked(directory_fd: int, run_dir: Path) -> int:
+    """An exclusive flock on the directory, or where the file system cannot lock a directory (NFS
+    emulates flock with byte-range locks, which need a file open for writing) on FALLBACK_LOCK
+    inside it, which deleting could break. Returns the locked descriptor; on failure closes
+    everything and raises (BlockingIOError: another holder)."""
+    import fcntl
+
+    fd = directory_fd
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            raise
+        except OSError:
+            os.close(fd)
+            fd = -1
+            fd = os.open(run_dir / FALLBACK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+    except OSError:
+        if fd >= 0:
+            os.close(fd)
+        raise
 
 
 def is_run(run_dir: Path) -> bool:

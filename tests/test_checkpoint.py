@@ -380,3 +380,27 @@ def test_a_checkpoint_folder_gone_read_only_mid_run_is_one_line_exit_1(tmp_path,
         "nothing was overwritten: the files already there are as they were")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_00000005.pt"]
     assert (tmp_path / "checkpoints/ckpt_00000005.pt").read_bytes() == before
+
+
+def test_a_signal_started_ignored_stays_ignored_and_only_a_second_ctrl_c_exits_at_once(monkeypatch):
+    """Under nohup SIGHUP is ignored: a closed terminal must not stop the run. And a Ctrl-C after a
+    scheduler's SIGUSR1 or SIGTERM still ends in the checkpoint that signal asked for."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with checkpoint.PreemptionWatch() as watch:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.3)
+            assert watch.signum is None
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    exits = []
+    monkeypatch.setattr(checkpoint.os, "_exit", exits.append)
+    watch = checkpoint.PreemptionWatch()
+    watch._handle(signal.SIGTERM)
+    watch._handle(signal.SIGINT)
+    assert watch.signum == signal.SIGTERM and exits == []
+    watch = checkpoint.PreemptionWatch()
+    watch._handle(signal.SIGINT)
+    watch._handle(signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]

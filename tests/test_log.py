@@ -166,3 +166,12 @@ def test_a_result_written_to_a_stream_or_through_a_link_leaves_them_in_place(tmp
     link.symlink_to(target)
     write_json(link, {"loss": 0.25})
     assert link.is_symlink() and link.resolve() == target and json.loads(target.read_text()) == {"loss": 0.25}
+
+
+def test_an_output_path_that_is_a_writable_stream_passes_the_check_before_the_work(tmp_path):
+    import os
+
+    from distmaml.files import check_file_path
+
+    os.mkfifo(tmp_path / "stream")
+    assert check_file_path(tmp_path / "stream", "--json") == tmp_path / "stream"

@@ -91,3 +91,28 @@ def test_an_empty_or_impossible_run_dir_is_one_line(tmp_path, capsys, monkeypatc
     assert main(["train", config, f"run.dir={long}", "train.iterations=2"]) == 2
     assert capsys.readouterr().err.strip() == (f"distmaml train: error: run.dir = {long}: cannot write there (File "
                                                "name too long)")
+
+
+def test_where_a_directory_cannot_be_locked_a_file_inside_is(tmp_path, monkeypatch):
+    """NFS cannot flock a directory (its flock is a byte-range lock, which needs a file open for
+    writing): the lock falls back to a file inside, and still refuses a second trainer."""
+    import fcntl
+    import os
+    import stat
+
+    from distmaml.run_dir import FALLBACK_LOCK, RunLock
+
+    flock = fcntl.flock
+
+    def like_nfs(fd, operation):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(9, "Bad file descriptor")
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", like_nfs)
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run" / FALLBACK_LOCK).exists()
+        with pytest.raises(CheckpointError, match=r"in use by another trainer"):
+            RunLock(tmp_path / "run").acquire()
+    with RunLock(tmp_path / "run"):  # released with its holder
+        pass
