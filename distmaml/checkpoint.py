@@ -194,7 +194,7 @@ class PreemptionWatch:
     way the loop finishes its iteration, saves and exits
     (128 + the signal's number) so that nothing since the last checkpoint is lost; the first
     signal received is the reason reported. A second Ctrl-C (SIGINT after SIGINT) ends the process at
-    once. A signal the process was started ignoring (SIGHUP under nohup) stays ignored.
+    once. SIGHUP, if the process was started ignoring it (nohup), stays ignored.
 
     Python runs signal handlers only between bytecodes, so a main thread inside a long backward
     pass, or inside a collective waiting for a stopped rank, would not even notice a second Ctrl-C.
@@ -232,9 +232,11 @@ class PreemptionWatch:
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():
-            # A signal the process was started ignoring stays ignored: under nohup, a closed terminal's
-            # SIGHUP must not stop the run.
-            self._watched = tuple(signum for signum in self.SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN)
+            # Under nohup a closed terminal's SIGHUP must not stop the run: started ignored, it stays
+            # ignored. (Not so the others: a shell starts background jobs with SIGINT ignored, and a
+            # SIGINT sent to such a run on purpose must still end in a checkpoint.)
+            self._watched = tuple(signum for signum in self.SIGNALS
+                                  if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN)
             for signum in self._watched:
                 self._previous[signum] = signal.signal(signum, self._handle)
             signal.pthread_sigmask(signal.SIG_BLOCK, self._watched)
