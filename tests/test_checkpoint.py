@@ -320,7 +320,9 @@ def test_a_closed_terminal_and_a_full_disk_lose_nothing_and_resume_bit_for_bit(t
     command = [sys.executable, "-m", "distmaml", "train", "configs/sine_debug.yaml", f"run.dir={tmp_path / 'cut'}",
                "logging.progress=false", "eval.at_end=false", *common]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGHUP not ignored, even where this suite runs under nohup.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     for line in proc.stderr:
         if "iter 20 " in line:
             proc.send_signal(signal.SIGHUP)
