@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from benchmarks import common
 from benchmarks.common import REPO, read
-from benchmarks.report_bilevel import HYPER, hyper, mnist1d_baselines, peers_hyper, unrolls
+from benchmarks.report_bilevel import HYPER, headline_rows, hyper, mnist1d_baselines, peers_hyper, unrolls
 from benchmarks.tables import finite as _finite, group_rows as _rows, machine as _machine, markdown_table as _table, number as _ms, source as _source
 
 README = REPO / "README.md"
@@ -272,8 +272,11 @@ def headline() -> str:
             rows.append([f"meta-gradient time of {', '.join(peers_result['libraries'])} ÷ distmaml's: {label}, "
                          f"meta-batch {batches}, K = {ks}, first and second order", f"{min(ratios):.1f}× to "
                          f"{max(ratios):.1f}×"])
+    bilevel_rows, bilevel_files = headline_rows()
+    rows += bilevel_rows
+    sources = ", ".join(["seeds_sine_maml_paper.json", "peers_cpu.json", *bilevel_files])
     return (_table(["result", "distmaml"], rows) + f"\nGenerated from benchmarks/results/seeds_sine_maml.json, "
-            f"seeds_sine_maml_paper.json and peers_cpu.json ({_machine(peers_result)}); "
+            f"{sources} ({_machine(peers_result)}); "
             "[docs/results.md](docs/results.md) has every table with its command and machine.\n")
 
 

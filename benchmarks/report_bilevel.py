@@ -136,3 +136,42 @@ def hyper(name: str) -> str:
     chosen = "; v: the value a grid chose for that seed" if grids else ""
     return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
             + _source(result, "see the benchmark's docstring").lstrip("\n"))
+
+
+def headline_rows() -> tuple[list[list[str]], list[str]]:
+    """The README headline's rows for learned data and hyperparameters, and the result files they come from
+    (only those that exist)."""
+    rows, files = [], []
+
+    def accuracy(result, get) -> list[float]:
+        return [100 * get(row) for row in result["rows"]]
+
+    def baseline(result, name) -> float:
+        return statistics.mean(accuracy(result, lambda row: row["baselines"][name]["test_accuracy"]))
+
+    for name, label, others in (
+            ("hyper_digits_hyperclean", "hyper-cleaning on scikit-learn's digits, half the training labels flipped: "
+             "test accuracy with learned example weights / training on every label / on only the correct ones",
+             ("noisy", "oracle")),
+            ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
+             "networks from random initialisations: test accuracy / one random real example per class",
+             ("random_real",))):
+        path = common.RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        result = read(path)
+        learned = accuracy(result, lambda row: row["learned_run"]["test_accuracy"])
+        spread = statistics.stdev(learned) if len(learned) > 1 else 0.0
+        cells = [f"{statistics.mean(learned):.1f} ± {spread:.1f} %"] + [f"{baseline(result, o):.1f} %" for o in others]
+        rows.append([f"{label}, mean ± std over {len(learned)} training seeds", " / ".join(cells)])
+        files.append(path.name)
+    path = common.RESULTS / "peers_hyper_cpu.json"
+    if path.exists():
+        result = read(path)
+        ratios = [row["speedup_over_fastest_peer"] for row in result["rows"] if "speedup_over_fastest_peer" in row]
+        cases = ", ".join(row["case"].replace("_", " ") for row in result["rows"] if "speedup_over_fastest_peer" in row)
+        if ratios:
+            rows.append([f"hypergradient time of the fastest of TorchOpt and higher ÷ distmaml's, 16 random "
+                         f"initialisations ({cases})", f"{min(ratios):.1f}× to {max(ratios):.1f}×"])
+            files.append(path.name)
+    return rows, files
