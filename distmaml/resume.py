@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
 from distmaml.config import Config, ConfigError, flatten, source_of
+from distmaml.errors import CheckpointError
 from distmaml.engine import fit_optimizer_to, learning_rate
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
@@ -61,12 +62,31 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
         raise ConfigError(f"{source_of(config, 'train.iterations')}: train.iterations = {config.train.iterations}: "
                           f"below iteration {state['iteration']}, where {path} already is; give train.iterations >= "
                           f"{state['iteration']} to go on, or another run.dir")
+    if not (resume == "auto" or resume is True) and ctx.is_main:
+        _supersede(ckpt_dir, int(state["iteration"]), path)
     restore(learner, state, path)
     checkpoint.load_weights(optimizer, state["optimizer"], path)
     fit_optimizer_to(optimizer, ctx.device)
     checkpoint.set_rng_state(state["rng"])
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return Resumed(int(state["iteration"]), _first_window(state.get("meta_loss_reference")))
+
+
+def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:
+    """Going on from an older checkpoint than the run directory's newest: the newer ones belong to the
+    abandoned continuation, and a later automatic resume must not pick them up. Moved aside (renamed
+    *.superseded), never deleted."""
+    for path in checkpoint.list_checkpoints(ckpt_dir):
+        if checkpoint.checkpoint_iteration(path) <= iteration or path.resolve() == chosen.resolve():
+            continue
+        aside = path.with_name(f"{path.name}.superseded")
+        try:
+            path.replace(aside)
+        except OSError as err:
+            raise CheckpointError(f"run.resume = {chosen}: cannot move the newer {path} aside ({err.strerror}); "
+                                  "move it by hand, or a later resume would continue from it") from None
+        log.warning("run.resume = %s: the newer %s belongs to the continuation it replaces; moved aside to %s",
+                    chosen, path.name, aside.name)
 
 
 def _first_window(saved: Any) -> dict | None:

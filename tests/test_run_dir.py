@@ -116,3 +116,18 @@ def test_where_a_directory_cannot_be_locked_a_file_inside_is(tmp_path, monkeypat
             RunLock(tmp_path / "run").acquire()
     with RunLock(tmp_path / "run"):  # released with its holder
         pass
+
+
+def test_going_on_from_an_older_checkpoint_moves_the_newer_ones_aside(tmp_path, capfd):
+    """Resumed by hand from iteration 5 of a run that reached 10: the checkpoint at 10 belongs to the
+    continuation being replaced. Left in place, the next automatic resume would jump back onto it."""
+    short_run(tmp_path, "train.checkpoint_every=5", "train.keep_checkpoints=5")
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    capfd.readouterr()
+    short_run(tmp_path, "train.checkpoint_every=5", "train.keep_checkpoints=5", "train.iterations=8",
+              f"run.resume={ckpts / 'ckpt_00000005.pt'}")
+    assert "the newer ckpt_00000010.pt belongs to the continuation it replaces" in capfd.readouterr().err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000008.pt",
+                                                       "ckpt_00000010.pt.superseded"]
+    assert short_run(tmp_path, "train.iterations=8")["iteration"] == 8  # auto: the new branch's newest
