@@ -170,3 +170,21 @@ def test_the_address_space_limit_counts_as_memory_available(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"^one meta-iteration needs about 4\.\d\d GiB .*, more than the .* available "
                                           r"\(this process's address-space limit, ulimit -v\)"):
         train(config)
+
+
+class LossReadsValues(Planted):
+    def change(self, batch, iteration):
+        return batch
+
+    def loss(self, prediction, target):
+        # Reads a value: fine on real tensors, impossible on the meta tensors of the memory estimate.
+        return super().loss(prediction, target) / max(float(target.abs().max()), 1.0)
+
+
+def test_a_family_loss_that_cannot_run_on_shapes_alone_is_one_line_naming_the_way_out(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        train(polynomials(tmp_path, "LossReadsValues"))
+    assert str(refused.value).startswith(f"task.family = '{__name__}:LossReadsValues': LossReadsValues: "
+                                         "loss(prediction, target) failed on the meta device (shapes only, for the "
+                                         "memory estimate; engine.memory_check=false skips it): "), str(refused.value)
+    assert "\n" not in str(refused.value) and not (tmp_path / "checkpoints").exists()

@@ -101,9 +101,9 @@ def check_family(family: Any, tasks: int = 6, where: str = "task family", dtype:
     def fail(message: str) -> NoReturn:
         raise FamilyError(f"{where} {name}: {message}")
 
-    def sample(stream: int, indices: torch.Tensor, **counts):
+    def call(what: str, fn, *args, **kwargs):
         try:
-            return family.sample(stream, iteration, indices, **counts)
+            return fn(*args, **kwargs)
         except FamilyError:
             raise
         except Exception as err:  # noqa: BLE001 - the family's own code failed: one line, with where
@@ -111,7 +111,10 @@ def check_family(family: Any, tasks: int = 6, where: str = "task family", dtype:
             message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             on = "" if values else " on the meta device (shapes only, for the memory estimate; " \
                                    "engine.memory_check=false skips it)"
-            fail(f"sample() failed{on}: {type(err).__name__}: {message} ({frame.filename}:{frame.lineno})")
+            fail(f"{what} failed{on}: {type(err).__name__}: {message} ({frame.filename}:{frame.lineno})")
+
+    def sample(stream: int, indices: torch.Tensor, **counts):
+        return call("sample()", family.sample, stream, iteration, indices, **counts)
 
     indices = torch.arange(tasks, device=device)
     whole = sample(STREAM_TRAIN, indices)
@@ -121,7 +124,7 @@ def check_family(family: Any, tasks: int = 6, where: str = "task family", dtype:
         _check_examples(family, whole, lambda **counts: _fields(sample(STREAM_TRAIN, indices[:1], **counts)), fail)
         query_x, query_y = sets["query_x"][0], sets["query_y"][0]
         shape = query_y.shape + (family.num_outputs,) if family.is_classification else query_y.shape
-        loss = family.loss(query_x.new_zeros(shape), query_y)
+        loss = call("loss(prediction, target)", family.loss, query_x.new_zeros(shape), query_y)
         if not (torch.is_tensor(loss) and loss.dim() == 0):
             fail("loss(prediction, target) of one task must be a scalar tensor")
     if not values:
