@@ -1,10 +1,13 @@
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from examples.polynomials import PolynomialTasks
 
 REPO = Path(__file__).resolve().parents[1]
 # How far the memory estimate made before training may be from the peak it estimates, wherever that peak
@@ -146,3 +149,18 @@ def run_dir_held_by_another_process(run_dir):
     finally:
         holder.kill()  # kill -9: the kernel releases the lock with the process
         holder.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class Planted(PolynomialTasks):
+    """The example family with one thing broken, as a subclass's `change(batch, iteration)` says: the
+    user-family tests plant their bugs in it (named by import path, so each plant is a module-level
+    class of its test module)."""
+
+    @classmethod
+    def from_config(cls, config, device, dtype=torch.float32, degree: int = 3):
+        return cls(seed=config.train.seed, support=config.task.support, query=config.task.query, degree=degree,
+                   device=device, dtype=dtype)
+
+    def sample(self, stream, iteration, indices, support=None, query=None):
+        return self.change(super().sample(stream, iteration, indices, support, query), iteration)

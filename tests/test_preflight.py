@@ -1,34 +1,19 @@
 """What the trainer checks before its first iteration: a user's family on its first batch (shapes,
 dtype, finite values, purity), the problem's fit to it, and memory, each refused in one line."""
 
-import dataclasses
 
 import pytest
 import torch
 
 from distmaml.config import ConfigError, load_config
 from distmaml.train import train
-from examples.polynomials import PolynomialTasks
-from conftest import REPO
+from conftest import REPO, Planted
 
 
 def polynomials(tmp_path, family, *overrides):
     return load_config(REPO / "examples/polynomials.yaml",
                        [f"task.family={__name__}:{family}", f"run.dir={tmp_path}", "train.iterations=3",
                         "train.log_every=1", "logging.progress=false", "eval.at_end=false", *overrides])
-
-
-@dataclasses.dataclass(frozen=True)
-class Planted(PolynomialTasks):
-    """The example family with one thing broken, as `change(batch, iteration)` says."""
-
-    @classmethod
-    def from_config(cls, config, device, dtype=torch.float32, degree: int = 3):
-        return cls(seed=config.train.seed, support=config.task.support, query=config.task.query, degree=degree,
-                   device=device, dtype=dtype)
-
-    def sample(self, stream, iteration, indices, support=None, query=None):
-        return self.change(super().sample(stream, iteration, indices, support, query), iteration)
 
 
 class NoFeatureDimension(Planted):

@@ -1,6 +1,5 @@
 """End-to-end behaviour of the trainer in one process: learning, resume, checkpoints, errors."""
 
-import dataclasses
 import json
 import math
 import re
@@ -12,8 +11,7 @@ from distmaml.build import build_inner
 from distmaml.checkpoint import list_checkpoints, load_checkpoint
 from distmaml.config import ConfigError, load_config
 from distmaml.train import learning_rate, train
-from examples.polynomials import PolynomialTasks
-from conftest import REPO, run_cli
+from conftest import REPO, Planted, run_cli
 
 
 def debug_config(tmp_path, *overrides):
@@ -314,17 +312,10 @@ def test_anil_and_reptile_train_and_evaluate(tmp_path):
         assert summary["status"] == "complete" and steps[-1]["loss"] < steps[0]["loss"]
 
 
-@dataclasses.dataclass(frozen=True)
-class HarderFromIteration30(PolynomialTasks):
+class HarderFromIteration30(Planted):
     """Targets 30 times larger from iteration 30 on: the meta-loss jumps far above its first window's (900 x)."""
 
-    @classmethod
-    def from_config(cls, config, device, dtype=torch.float32, degree: int = 3):
-        return cls(seed=config.train.seed, support=config.task.support, query=config.task.query, degree=degree,
-                   device=device, dtype=dtype)
-
-    def sample(self, stream, iteration, indices, support=None, query=None):
-        batch = super().sample(stream, iteration, indices, support, query)
+    def change(self, batch, iteration):
         scale = 30.0 if int(iteration) >= 30 else 1.0
         return batch._replace(support_y=batch.support_y * scale, query_y=batch.query_y * scale)
 
