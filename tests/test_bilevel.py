@@ -100,16 +100,17 @@ def test_batched_engine_equals_the_per_task_reference(bed, method):
 def test_implicit_methods_approach_the_exact_hypergradient_as_the_inner_loop_and_the_solver_converge(bed):
     problem, phi, tasks = bed
     rule = make_rule("sgd", LR)
-    solution = unroll(problem, phi, tasks, Inner(rule, 5000), differentiated=0).weights  # w*, to rounding
+    solution = unroll(problem, phi, tasks, Inner(rule, 2000), differentiated=0).weights  # w*, to rounding
     exact = dense_ift(problem, phi, solution, tasks, 0, 0.0)
     by_steps = [relative(meta_gradient(problem, phi, tasks, Inner(rule, k, ImplicitCG(cg_steps=30, cg_tol=0.0)))
                          .grad_sum, exact) for k in (30, 100, 300, 1000)]
     assert all(later < earlier for earlier, later in zip(by_steps, by_steps[1:])), by_steps
     assert by_steps[-1] < 1e-8
-    # The solvers alone, at the (converged) inner solution: error falls with their iterations.
-    by_cg = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 1000, ImplicitCG(cg_steps=n, cg_tol=0.0)))
+    # The solvers alone, after 300 inner steps (close enough to w* that the solver's own error dominates
+    # until its last iterations): error falls with their iterations.
+    by_cg = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 300, ImplicitCG(cg_steps=n, cg_tol=0.0)))
                       .grad_sum, exact) for n in (1, 4, 10, 25)]
-    by_neumann = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 1000, Neumann(terms=n, alpha=4.0)))
+    by_neumann = [relative(meta_gradient(problem, phi, tasks, Inner(rule, 300, Neumann(terms=n, alpha=4.0)))
                            .grad_sum, exact) for n in (10, 50, 200, 1000)]
     for errors in (by_cg, by_neumann):
         assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
