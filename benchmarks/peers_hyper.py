@@ -108,6 +108,14 @@ def torchopt_lr(config, learner, tasks) -> torch.Tensor:
     return torch.autograd.grad(total, log_lr)[0]
 
 
+def _starting_at(model, params):
+    """`model` with its weights set to one task's starting weights: higher adapts a module, not a dict."""
+    with torch.no_grad():
+        for value, start in zip(model.parameters(), params):
+            value.copy_(start)
+    return model
+
+
 def higher_lr(config, learner, tasks) -> torch.Tensor:
     import higher
 
@@ -116,10 +124,7 @@ def higher_lr(config, learner, tasks) -> torch.Tensor:
     model = problem.to("cpu").model
     total = 0.0
     for task, params, names in _runs(learner, tasks):
-        with torch.no_grad():
-            for (name, value), start in zip(model.named_parameters(), params):
-                value.copy_(start)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.inner.lr)
+        optimizer = torch.optim.SGD(_starting_at(model, params).parameters(), lr=config.inner.lr)
         with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True,
                                   override={"lr": [log_lr[0].exp()]}) as (functional, differentiable):
             for step in range(config.inner.steps):
@@ -156,10 +161,7 @@ def higher_distill(config, learner, tasks) -> torch.Tensor:
     model = problem.to("cpu").model
     total = 0.0
     for task, params, names in _runs(learner, tasks):
-        with torch.no_grad():
-            for (name, value), start in zip(model.named_parameters(), params):
-                value.copy_(start)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.inner.lr)
+        optimizer = torch.optim.SGD(_starting_at(model, params).parameters(), lr=config.inner.lr)
         with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True) as (functional, differentiable):
             for step in range(config.inner.steps):
                 target = torch.softmax(meta["synthetic.label_logits"], -1)
