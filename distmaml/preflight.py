@@ -54,11 +54,17 @@ def shapes_only(config: Config, family) -> Learner | None:
 def check_shapes(config: Config, shapes: Learner) -> None:
     """On `meta` tensors, before the memory estimate runs the family and the problem on them: the
     first batch's shapes fit the family's protocol and the problem."""
-    meta = torch.device("meta")
-    check_family(shapes.family, tasks=_family_tasks(config), where=f"task.family = {config.task.family!r}:",
-                 dtype=DTYPES[config.engine.dtype][0], iteration=0, device=meta, values=False)
-    batch = shapes.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=meta))
-    check_problem(shapes.problem, shapes.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+    _family_and_problem(config, shapes, torch.device("meta"), values=False)
+
+
+def _family_and_problem(config: Config, learner: Learner, device: torch.device, values: bool):
+    """The family's protocol on the first batch (its values too, unless `values` is False), then the
+    problem on one of its tasks; returns that one-task batch."""
+    check_family(learner.family, tasks=_family_tasks(config), where=f"task.family = {config.task.family!r}:",
+                 dtype=DTYPES[config.engine.dtype][0], iteration=0, device=device, values=values)
+    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=device))
+    check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+    return batch
 
 
 def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
@@ -91,9 +97,5 @@ def probe_step_weights(config: Config) -> torch.Tensor | None:
 def check_first_batch(config: Config, learner: Learner) -> None:
     """The family, the problem and the method on real tasks of the first batch, each refused in one
     line naming the class (or setting) and what is wrong."""
-    device = next(iter(learner.theta.values())).device
-    check_family(learner.family, tasks=_family_tasks(config), where=f"task.family = {config.task.family!r}:",
-                 dtype=DTYPES[config.engine.dtype][0], iteration=0, device=device)
-    batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(1, device=device))
-    check_problem(learner.problem, learner.theta, task_at(batch, 0), where=f"problem.name = {config.problem.name!r}:")
+    batch = _family_and_problem(config, learner, next(iter(learner.theta.values())).device, values=True)
     check_method(learner.problem, learner.theta, batch, learner.inner)
