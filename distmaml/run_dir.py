@@ -94,22 +94,15 @@ def _locked(directory_fd: int, run_dir: Path) -> int:
     import fcntl
 
     fd = directory_fd
-    try:
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
-        except BlockingIOError:
-            raise
-        except OSError:
+        except OSError as err:
             os.close(fd)
-            fd = -1
-            fd = os.open(run_dir / FALLBACK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-    except OSError:
-        if fd >= 0:
-            os.close(fd)
-        raise
+            if isinstance(err, BlockingIOError) or fd != directory_fd:
+                raise  # held by another trainer, or even the file inside cannot be locked
+        fd = os.open(run_dir / FALLBACK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def is_run(run_dir: Path) -> bool:
