@@ -163,14 +163,21 @@ def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path |
         if not move_aside:
             log.warning("skipping %s", problem)
             continue
-        aside = path.with_name(f"{path.name}.{suffix}")
-        try:
-            os.replace(path, aside)
-        except OSError as err:
-            raise CheckpointError(f"{problem}; moving it aside to {aside.name} failed ({err.strerror}): move or "
-                                  "delete it by hand") from None
-        log.warning("%s; moved aside to %s", problem, aside.name)
+        set_aside(path, suffix, problem)
     return None
+
+
+def set_aside(path: Path, suffix: str, problem: str) -> Path:
+    """Rename checkpoint `path` to <name>.<suffix>, so that no listing counts it again, and warn with
+    `problem` (why); never deletes it. A rename that fails is one line."""
+    aside = path.with_name(f"{path.name}.{suffix}")
+    try:
+        os.replace(path, aside)
+    except OSError as err:
+        raise CheckpointError(f"{problem}; moving it aside to {aside.name} failed ({err.strerror}): move or "
+                              "delete it by hand") from None
+    log.warning("%s; moved aside to %s", problem, aside.name)
+    return aside
 
 
 def rng_state() -> dict[str, Any]:

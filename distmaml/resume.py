@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
 from distmaml.config import Config, ConfigError, flatten, source_of
-from distmaml.errors import CheckpointError
 from distmaml.engine import fit_optimizer_to, learning_rate
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
@@ -79,14 +78,8 @@ def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:
     for path in checkpoint.list_checkpoints(ckpt_dir):
         if checkpoint.checkpoint_iteration(path) <= iteration or path.resolve() == chosen.resolve():
             continue
-        aside = path.with_name(f"{path.name}.superseded")
-        try:
-            path.replace(aside)
-        except OSError as err:
-            raise CheckpointError(f"run.resume = {chosen}: cannot move the newer {path} aside ({err.strerror}); "
-                                  "move it by hand, or a later resume would continue from it") from None
-        log.warning("run.resume = %s: the newer %s belongs to the continuation it replaces; moved aside to %s",
-                    chosen, path.name, aside.name)
+        checkpoint.set_aside(path, "superseded", f"run.resume = {chosen}: the newer {path.name} belongs to the "
+                              "continuation it replaces, and a later resume would continue from it")
 
 
 def _first_window(saved: Any) -> dict | None:
