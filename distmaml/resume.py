@@ -79,7 +79,7 @@ def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:
         if checkpoint.checkpoint_iteration(path) <= iteration or path.resolve() == chosen.resolve():
             continue
         checkpoint.set_aside(path, "superseded", f"run.resume = {chosen}: the newer {path.name} belongs to the "
-                              "continuation it replaces, and a later resume would continue from it")
+                             "continuation it replaces, and a later resume would continue from it")
 
 
 def _first_window(saved: Any) -> dict | None:
