@@ -18,8 +18,9 @@ the same networks from the same initialisations with the same steps and mini-bat
 - weight_decay, logistic: no decay, and one global decay tuned on a log grid by validation loss;
 - hyperclean, distill: the problem's own baselines, from the run's evaluation (training on every
   noisy label -- stopped at its best validation accuracy --, on the validation set alone, on only the
-  correct labels; the same number of random real examples, the whole training set, one fixed
-  initialisation), and the detected flips' precision and recall.
+  correct labels; the same number of random real examples and the whole training set, each at its
+  own rate chosen by validation accuracy, and one fixed initialisation), and the detected flips'
+  precision and recall.
 
 Writes benchmarks/results/hyper_<problem>.json: per seed the learned values, the learned run's and
 each baseline's test accuracy and validation loss, and the training time.
@@ -111,7 +112,7 @@ def run_seed(problem_name: str, seed: int, out_dir: Path, overrides: list[str]) 
             accuracies[learned_name], dict) else None
         row["learned_run"]["test_accuracy"] = _accuracy(accuracies.pop(learned_name))
         row["baselines"].update({name: {"test_accuracy": _accuracy(value)} for name, value in accuracies.items()})
-        for key in ("flip_detection", "examples_per_class"):
+        for key in ("flip_detection", "examples_per_class", "baseline_lr"):
             if key in summary["eval"]:
                 row[key] = summary["eval"][key]
     if "grid" in summary["eval"]:

@@ -129,6 +129,8 @@ def hyper(name: str) -> str:
         parts = [f"learned {_summary(run['learned'])}"] if run.get("learned") else []
         if "flip_detection" in run:
             parts.append(f"flipped labels found: {_summary(run['flip_detection'])}")
+        if "baseline_lr" in run:
+            parts.append(f"baselines' tuned rates: {_summary(run['baseline_lr'])}")
         parts.append(f"training {run['train_seconds']:.0f} s")
         lines.append(f"- seed {run['seed']}: " + "; ".join(parts))
     config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")

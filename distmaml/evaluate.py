@@ -162,18 +162,22 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
         result["learned"] = learned
         result.update({key: learned[key] for key in getattr(problem, "headline", ()) if key in learned})
     if hasattr(problem, "baselines"):
-        result["test_accuracy"] = compare_with_baselines(problem, theta, batches, inner, counts, curves)
+        result["test_accuracy"], tuned_rates = compare_with_baselines(problem, theta, batches, inner, counts, curves)
+        if tuned_rates:
+            result["baseline_lr"] = tuned_rates
     if lr_grid:
         result["grid"] = rate_grid(problem, theta, batches, inner, steps, lr_grid)
     return result
 
 
 def compare_with_baselines(problem, theta: Params, batches: list, inner: Inner, counts: list[int],
-                           curves: dict[str, torch.Tensor]) -> dict[str, Any]:
+                           curves: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, float]]:
     """The learned run's test accuracy beside its problem's baselines (problem.baselines(theta): the
-    same tasks trained on other data, with the same rule and learned step sizes). A baseline the
-    problem names in `stopped_baselines` is also reported stopped at its best validation accuracy
-    (the strongest simple baseline), its last step as "<name>_unstopped"."""
+    same tasks trained on other data, with the same rule and learned step sizes), and the rate each
+    tuned baseline was trained at. A baseline the problem names in `tuned_baselines` is trained by
+    plain SGD at each of `problem.baseline_rates` instead and reported at the rate with the best
+    validation accuracy. A baseline it names in `stopped_baselines` is also reported stopped at its
+    best validation accuracy (the strongest simple baseline), its last step as "<name>_unstopped"."""
     rates = {name: value for name, value in theta.items() if name.startswith(LEARNED)}
     with_ci = getattr(problem, "accuracy_with_ci", False)
 
@@ -181,14 +185,31 @@ def compare_with_baselines(problem, theta: Params, batches: list, inner: Inner, 
         mean, ci95 = mean_ci95(values[row])
         return {"mean": mean, "ci95": ci95} if with_ci else mean
 
-    out = {getattr(problem, "learned_name", "learned"): at(curves["test_accuracy"], -1)}
+    out, tuned_rates = {getattr(problem, "learned_name", "learned"): at(curves["test_accuracy"], -1)}, {}
     for name, (other, phi) in problem.baselines(theta).items():
-        found = _curves(other, {**rates, **phi}, batches, inner, counts)
+        if name in getattr(problem, "tuned_baselines", ()):
+            tuned_rates[name], found = _best_rate(other, phi, batches, inner, counts, problem.baseline_rates)
+        else:
+            found = _curves(other, {**rates, **phi}, batches, inner, counts)
         out[name] = at(found["test_accuracy"], -1)
         if name in getattr(problem, "stopped_baselines", ()):
             best = int(found["accuracy"].mean(1).argmax())
             out[f"{name}_unstopped"], out[name] = out[name], at(found["test_accuracy"], best)
-    return out
+    return out, tuned_rates
+
+
+def _best_rate(problem, phi: Params, batches: list, inner: Inner, counts: list[int],
+               rates: tuple[float, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The rate of `rates` whose plain-SGD training reaches the best mean validation accuracy after
+    the last step (a diverged rate scores lowest), with that training's curves."""
+    best_score, best_rate, best_curves = -math.inf, rates[0], None
+    for rate in rates:
+        found = _curves(problem, phi, batches, dataclasses.replace(inner, rule=make_rule("sgd", rate)), counts)
+        score = found["accuracy"][-1].double().mean().item()
+        score = score if math.isfinite(score) else -math.inf
+        if best_curves is None or score > best_score:
+            best_score, best_rate, best_curves = score, rate, found
+    return best_rate, best_curves
 
 
 def rate_grid(problem, theta: Params, batches: list, inner: Inner, steps: int, rates: list[float]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 from distmaml import cli
 from distmaml.build import load_trained
 from distmaml.meta import Dataset, Inner, Reweighting, make_rule, meta_gradient, meta_parameters
+from distmaml.meta.problems.distillation import BASELINE_RATES
 from distmaml.models import MLP
 from distmaml.tasks.runs import flip_labels
 from conftest import REPO
@@ -79,8 +80,13 @@ def test_distillation_trains_evaluates_against_its_baselines_and_plots_its_examp
     accuracy = result["test_accuracy"]
     assert set(accuracy) == {"distilled", "random_real", "full", "fixed_init"}
     assert accuracy["fixed_init"]["ci95"] == 0  # one initialisation: no spread
-    # 30 outer steps already make 10 learned images teach far more than 10 random real ones.
-    assert accuracy["distilled"]["mean"] > accuracy["random_real"]["mean"] + 0.1
+    # The real-data baselines train at their own rate, the grid's best by validation accuracy: the
+    # whole training set then teaches a plain MLP well in 30 steps, whatever the distilled steps are.
+    assert set(result["baseline_lr"]) == {"random_real", "full"}
+    assert all(rate in BASELINE_RATES for rate in result["baseline_lr"].values())
+    assert accuracy["full"]["mean"] > 0.8, accuracy["full"]  # far above what the learned steps give it
+    # 30 outer steps already make 10 learned images teach more than 10 random real ones.
+    assert accuracy["distilled"]["mean"] > accuracy["random_real"]["mean"] + 0.05
     assert cli.main(["plot", str(tmp_path), str(tmp_path / "distilled.png")]) == 0
     assert (tmp_path / "distilled.png").stat().st_size > 10_000
 

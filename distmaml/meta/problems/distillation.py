@@ -12,8 +12,10 @@ A batch of tasks is a batch of random initialisations, sharded across processes 
 all-reduce of the examples' gradient -- the pattern of Wang et al.'s own code. The synthetic inputs
 start as M random real examples of each class (`initial` = "real") or as Gaussian noise ("noise");
 the labels start one-hot (logit `label_scale` on the class). `baselines` are the comparisons:
-the same number of real examples chosen at random, the whole training set, and the distilled set
-from one fixed initialisation.
+the same number of real examples chosen at random and the whole training set -- each trained by
+plain SGD at its own rate, the one of `baseline_rates` with the best validation accuracy (the
+learned step sizes suit the distilled examples, not real ones) --, and the distilled set from one
+fixed initialisation with the learned steps.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from distmaml.meta.problems.training import TrainingRun
 from distmaml.rng import hash_u32, seed_words, uniform
 
 INPUTS, LABELS = "synthetic.x", "synthetic.label_logits"
+BASELINE_RATES = tuple(1e-2 * 1e3 ** (i / 12) for i in range(13))  # 0.01 ... 10, four per decade
 LANE_OUTER, LANE_PICK, LANE_NOISE = 41, 42, 43
 
 
@@ -48,6 +51,8 @@ class Distillation(TrainingRun):
     learned_name = "distilled"
     headline = ("examples_per_class",)
     accuracy_with_ci = True  # evaluation reports each accuracy as a mean over fresh initialisations with its CI
+    tuned_baselines = ("random_real", "full")  # trained at their own best rate of baseline_rates
+    baseline_rates = BASELINE_RATES
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,9 +111,10 @@ class Distillation(TrainingRun):
             phi[LABELS].detach(), -1).max(-1).values.mean().item()}
 
     def baselines(self, phi: Params) -> dict[str, tuple[Any, Params]]:
-        """(problem, phi) pairs trained like the learned run (the same rule and learned step sizes)."""
+        """(problem, phi) pairs: the real-data ones are trained at their own tuned rate
+        (`tuned_baselines`), the fixed initialisation like the learned run."""
         real = self.synthetic_from(self.real_examples(self.data_seed + 1))
         everything = TrainingRun(self.model, self.data, self.loss_fn, self.accuracy_fn, self.batch_size,
                                  self.phi_prefixes)
-        return {"random_real": (self, {**phi, **real}), "full": (everything, {}),
+        return {"random_real": (self, real), "full": (everything, {}),
                 "fixed_init": (dataclasses.replace(self, fixed_init=True), phi)}
