@@ -25,8 +25,9 @@ function of each task's key). Their hypergradients must agree with distmaml's to
 float64 before anything is timed; a library that differs is reported and not timed. Times are
 medians of --windows windows in float32 on one thread. The memory rows run the learning-rate case
 at T = 1,000 and the distillation case at T = 300 in a fresh process per library and report the
-peak resident memory above the process's baseline: distmaml recomputes the unroll in sqrt(T)
-segments (inner.checkpoint=auto), the peers store it.
+peak resident memory above the process's baseline, and the same at T = 1: the difference is the
+unroll's own memory. distmaml recomputes the unroll in sqrt(T) segments (inner.checkpoint=auto),
+the peers store it.
 """
 
 from __future__ import annotations
@@ -258,20 +259,31 @@ print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 """
 
 
+def _peak_mib(case: str, library: str, steps: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, case, library, str(steps)], cwd=REPO,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                               "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if proc.returncode != 0:
+        raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def memory(case: str, steps: int) -> list[dict[str, Any]]:
+    """Each library's peak at T steps and at one step, both in fresh processes. What the first call
+    itself brings in (mostly the code pages of the kernels it runs for the first time, which count
+    as resident memory) is the same at any T, so the difference is what the unroll itself holds."""
     rows = []
     for library in ("distmaml", "distmaml-stored", *PEERS[case]):
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, case, library, str(steps)], cwd=REPO,
-                              capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                                                   "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
-        if proc.returncode != 0:
-            raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
+        peak = _peak_mib(case, library, steps)
+        seconds = time.perf_counter() - started
+        one_step = _peak_mib(case, library, 1)
         row = {"case": case, "library": library, "inner_steps": steps, "tasks": TASKS,
                "how": "recomputed, sqrt(T) segments" if library == "distmaml" else "stored unroll",
-               **json.loads(proc.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}
+               "peak_mib": peak, "peak_mib_one_step": one_step, "unroll_mib": peak - one_step, "seconds": seconds}
         rows.append(row)
-        print(f"memory {case} T={steps} {library:>16}: {row['peak_mib']:8.1f} MiB above baseline", flush=True)
+        print(f"memory {case} T={steps} {library:>16}: {peak:8.1f} MiB above baseline, {one_step:.1f} at T = 1",
+              flush=True)
     return rows
 
 

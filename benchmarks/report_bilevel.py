@@ -40,9 +40,17 @@ def peers_hyper() -> str:
     text = _table(["problem", "T", "library", "how", "hypergradient", "relative difference (float64)",
                    "ms (float32)", "× distmaml"], rows)
     if memory_rows:
-        text += "\n" + _table(["problem", "T", "library", "unroll", "peak memory above baseline (MiB)"],
-                              [[r["case"], f"{r['inner_steps']:,}", r["library"], r.get("how", ""),
-                                f"{r['peak_mib']:.0f}"] for r in memory_rows])
+        memory_table = []
+        for r in memory_rows:
+            mine = next(d for d in memory_rows if d["case"] == r["case"] and d["library"] == "distmaml")
+            own = r.get("unroll_mib")
+            memory_table.append([r["case"], f"{r['inner_steps']:,}", r["library"], r.get("how", ""),
+                                 f"{r['peak_mib']:.0f}", f"{r['peak_mib_one_step']:.0f}" if own is not None else "–",
+                                 f"{own:.0f}" if own is not None else "–",
+                                 f"{own / mine['unroll_mib']:.1f}×" if own is not None and mine.get("unroll_mib")
+                                 else ""])
+        text += "\n" + _table(["problem", "T", "library", "unroll", "peak memory above baseline (MiB)",
+                               "the same at T = 1", "the unroll's own (MiB)", "× distmaml"], memory_table)
     tasks = f"; {timed[0]['tasks']} random initialisations per hypergradient" if timed else ""
     return text + (f"\nA library's hypergradient must equal distmaml's (relative difference "
                    f"≤ {result['tolerance']:g}, float64) before it is timed{tasks}." + _source(result))
