@@ -201,6 +201,14 @@ def linear(model, family):
 
 def nothing(model, family):
     return object()
+
+class Branching(WeightDecay):
+    def inner_loss(self, weights, phi, task, step):  # a Python branch on a value: cannot run batched
+        loss = super().inner_loss(weights, phi, task, step)
+        return loss * 0 if loss.item() > 1e6 else loss
+
+def branching(model, family):
+    return Branching(model, family.dataset, binary_cross_entropy, binary_accuracy)
 '''
 
 
@@ -213,6 +221,9 @@ def nothing(model, family):
                                       "floating-point scalar tensor, got shape (100,)"),
     (["problem.name=mine.py:linear", "inner.mode=implicit"], "command line: inner.mode = 'implicit': needs an inner "
      "loss with second derivatives in the weights, and Linear's is linear in them or not twice differentiable"),
+    *[(["problem.name=mine.py:branching", f"engine.memory_check={check}"], "problem.name = 'mine.py:branching': "
+       "Branching: inner_loss reads a tensor's value (.item(), float(), a Python if on a tensor) at ")
+      for check in ("true", "false")],  # refused on shape-only tensors, or on the first batch under vmap
     (["inner.mode=neumann", "neumann.alpha=50"], "command line: neumann.alpha = 50.0: the Neumann series diverges"),
     (["inner.mode=finite_difference", "finite_difference.eps=0"], "command line: finite_difference.eps = 0.0: "
                                                                    "must be > 0"),

@@ -32,6 +32,7 @@ import traceback
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch.func import vmap
 
 from distmaml.errors import ConfigError
 from distmaml.meta.functional import Params
@@ -89,7 +90,13 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
         try:
             return function(*args)
         except Exception as err:  # noqa: BLE001 - the problem (or the task it was given) is broken: one line
-            frame = traceback.extract_tb(err.__traceback__)[-1]
+            frame = _user_frame(err)
+            if reads_values(err):
+                raise ProblemError(
+                    f"{where} {name}: {label} reads a tensor's value (.item(), float(), a Python if on a tensor) at "
+                    f"{frame.filename}:{frame.lineno}; problems run batched over tasks (torch.func.vmap) and, for the "
+                    "memory estimate, on shape-only tensors, where no value can be read: write it with tensor "
+                    "operations (torch.where, clamp) instead") from None
             message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             raise ProblemError(f"{where} {name}: {label} failed on a task of type {type(task).__name__}: "
                                f"{type(err).__name__}: {message} ({frame.filename}:{frame.lineno})") from None
@@ -120,3 +127,23 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
             got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
             raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, "
                                f"got {got}")
+    # The engine maps the losses over a batch of weights: a loss that reads a value fails only there.
+    batched = {key: value.unsqueeze(0) for key, value in weights.items()}
+    call("inner_loss", vmap(lambda w: problem.inner_loss(w, phi, task, 0)), batched)
+    call("outer_loss", vmap(lambda w: problem.outer_loss(w, phi, task)), batched)
+
+
+# What torch says when code reads a value under vmap, or from a shape-only (meta) tensor.
+_VALUE_READS = ("vmap: It looks like you're", "cannot be called on meta tensors", "on a meta tensor",
+                "Cannot copy out of meta tensor", "data-dependent")
+
+
+def reads_values(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _VALUE_READS)
+
+
+def _user_frame(err: BaseException) -> traceback.FrameSummary:
+    """The innermost frame outside torch: where the problem's own code failed."""
+    frames = traceback.extract_tb(err.__traceback__)
+    outside = [frame for frame in frames if "/torch/" not in frame.filename.replace("\\", "/")]
+    return (outside or frames)[-1]
