@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
 from distmaml.config import Config, ConfigError, flatten, source_of
@@ -35,6 +37,9 @@ class Resumed(NamedTuple):
     # The first logged window's median meta-loss, {"meta_loss": x, "first": i, "last": j}, that
     # train.max_meta_loss_factor is relative to; None until a window was logged.
     reference: dict | None = None
+    # Until then, the meta-losses of that window so far (a checkpoint written before the first log
+    # step: a preemption, or checkpoint_every below log_every), so that the window goes on where it was.
+    first_window: torch.Tensor | None = None
 
 
 def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
@@ -68,7 +73,10 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     fit_optimizer_to(optimizer, ctx.device)
     checkpoint.set_rng_state(state["rng"])
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
-    return Resumed(int(state["iteration"]), _first_window(state.get("meta_loss_reference")))
+    reference = _first_window(state.get("meta_loss_reference"))
+    partial = state.get("first_window_losses")
+    usable = reference is None and torch.is_tensor(partial) and partial.dim() == 1
+    return Resumed(int(state["iteration"]), reference, partial if usable else None)
 
 
 def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:

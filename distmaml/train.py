@@ -125,7 +125,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
     params = learner.theta
-    start, reference = resumed
+    start, reference, partial_window = resumed
 
     def bound_loss(reference: dict | None) -> None:
         # On the device, where the step compares every iteration's meta-loss with it (no host sync).
@@ -142,6 +142,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
                      "config": to_dict(config), "rng": checkpoint.rng_state(), "meta_loss_reference": reference}
+            if reference is None and first_window:
+                state["first_window_losses"] = torch.stack(first_window).cpu()
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -154,7 +156,9 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     train_start = window_time
     iteration, status, reason, diverged_at, warned_sharp = start, "complete", None, -1, False
     # The first window's meta-losses, for its median: a blow-up inside the window would dominate a mean.
-    first_window: list[torch.Tensor] = []
+    # A resumed run goes on with the window its checkpoint had begun.
+    first_window: list[torch.Tensor] = [] if partial_window is None else list(partial_window.to(ctx.device).unbind())
+    first_window_start = start - len(first_window)
     with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
@@ -185,7 +189,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
                 if reference is None:
                     median = torch.stack(first_window).median().item()
-                    reference = {"meta_loss": median, "first": window_start + 1, "last": iteration}
+                    reference = {"meta_loss": median, "first": first_window_start + 1, "last": iteration}
                     bound_loss(reference)
                     first_window.clear()
                 logger.log(metrics)

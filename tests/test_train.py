@@ -342,6 +342,24 @@ def test_a_meta_loss_far_above_its_first_window_ends_the_run_as_diverged(tmp_pat
         "logging.progress=false", "logging.sharpness=false"]))["diverged_at"] == 31
 
 
+def test_a_checkpoint_inside_the_first_logged_window_keeps_its_meta_losses_for_the_bound(tmp_path):
+    # A run stopped at once by its time limit checkpoints at iteration 1, before the first log at 10:
+    # resumed, it must take the median of the same iterations 1..10 as a run that never stopped.
+    common = ["train.iterations=12", "train.log_every=10", "eval.at_end=false", "logging.progress=false",
+              "logging.sharpness=false"]
+    whole = tmp_path / "whole"
+    train(load_config(REPO / "examples/polynomials.yaml", [*common, f"run.dir={whole}"]))
+    parts = tmp_path / "parts"
+    assert train(load_config(REPO / "examples/polynomials.yaml", [*common, f"run.dir={parts}",
+                                                                  "train.time_limit=1e-9"]))["iteration"] == 1
+    assert load_checkpoint(parts / "checkpoints/ckpt_00000001.pt")["first_window_losses"].shape == (1,)
+    train(load_config(REPO / "examples/polynomials.yaml", [*common, f"run.dir={parts}"]))
+    expected = load_checkpoint(whole / "checkpoints/ckpt_00000012.pt")["meta_loss_reference"]
+    assert expected["first"] == 1 and expected["last"] == 10
+    assert load_checkpoint(parts / "checkpoints/ckpt_00000012.pt")["meta_loss_reference"] == expected
+    assert "first_window_losses" not in load_checkpoint(parts / "checkpoints/ckpt_00000012.pt")
+
+
 def test_an_evaluation_in_which_most_tasks_diverge_ends_the_run_as_diverged(tmp_path, capsys):
     """inner.lr = 20: training "completed" and exit 0 although every evaluation task blew up from step 1."""
     from distmaml.cli import main
