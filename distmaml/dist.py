@@ -29,6 +29,11 @@ from distmaml.errors import ConfigError, DistmamlError, TrainingError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The other ranks wait at the end while the main process evaluates, which may take longer than any
+# collective should (dist.timeout). This group's barrier waits until the main process arrives; if
+# it dies instead, its closed connections end the wait at once (and launchers stop every rank).
+PATIENT = datetime.timedelta(days=7)
+_PATIENT_GROUP = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ def init(device_preference: str = "auto", timeout_s: float = 600.0, threads: int
     torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                   rank=launch.rank, world_size=launch.world_size,
                                   timeout=datetime.timedelta(seconds=timeout_s))
+    global _PATIENT_GROUP
+    _PATIENT_GROUP = torch_dist.new_group(backend="gloo", timeout=PATIENT)  # every rank creates it, in order
     log.info("rank %d/%d on %s (%s)", launch.rank, launch.world_size, device, launch.launcher)
     return Context(launch.rank, launch.world_size, launch.local_rank, device)
 
@@ -298,3 +305,10 @@ def peak_memory_mb(ctx: Context) -> float:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         torch_dist.barrier()
+
+
+
+def wait_for_main(ctx: Context) -> None:
+    """A barrier for ranks waiting on work only the main process does (the final evaluation)."""
+    if ctx.distributed:
+        torch_dist.barrier(group=_PATIENT_GROUP)

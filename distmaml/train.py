@@ -236,8 +236,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         logger.summary(summary)
     # Ranks leave together: a launcher that stops all tasks once one exits with an error status
     # (srun --kill-on-bad-exit, torchrun; a preempted run exits 128+signum) must not cut rank 0
-    # short while it writes the summary.
-    dist.barrier(ctx)
+    # short while it evaluates and writes the summary, however long that takes.
+    dist.wait_for_main(ctx)
     if status == "preempted":
         summary["signal"] = int(reason)
     return summary

@@ -237,6 +237,32 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
         assert "swapped: iteration 7: weights of rank(s) [1] diverged" in out, out
 
 
+WAIT_SCRIPT = """
+import time
+from distmaml import dist
+ctx = dist.init("cpu", timeout_s=1.0)
+try:
+    if ctx.is_main:
+        time.sleep(4.0)  # the final evaluation, longer than dist.timeout
+    dist.wait_for_main(ctx)
+    print("waited", flush=True)
+finally:
+    dist.teardown()
+"""
+
+
+def test_ranks_wait_for_the_main_process_evaluation_beyond_the_collective_timeout():
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", WAIT_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    for proc in procs:
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "waited" in out, out
+
+
 # ----------------------------------------------------------------------------- runs end to end
 
 
