@@ -134,7 +134,8 @@ def hyper(name: str) -> str:
               "validation loss (mean)"]
     lines = [_table(header, rows)]
     for run in runs:
-        parts = [f"learned {_summary(run['learned'])}"] if run.get("learned") else []
+        learned = {key: value for key, value in run.get("learned", {}).items() if key not in run}  # said below
+        parts = [f"learned {_summary(learned)}"] if learned else []
         if "flip_detection" in run:
             parts.append(f"flipped labels found: {_summary(run['flip_detection'])}")
         if "baseline_lr" in run:
