@@ -220,10 +220,11 @@ finally:
 """
 
 
-def test_all_reduce_and_replica_check_detect_a_diverged_rank():
-    """Two gloo processes joined from torchrun-style environment variables."""
+def two_gloo_processes(script: str) -> list[str]:
+    """`script` run by two processes joined from torchrun-style environment variables; what each
+    printed, once both exited successfully."""
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", REPLICA_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT,
                               env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -231,6 +232,11 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out
+    return outputs
+
+
+def test_all_reduce_and_replica_check_detect_a_diverged_rank():
+    for out in two_gloo_processes(REPLICA_SCRIPT):
         assert "identical: passed" in out, out
         # Every rank raises (not only rank 0), naming the diverged rank and the iteration.
         assert "perturbed: iteration 6: weights of rank(s) [1] diverged from rank 0's" in out, out
@@ -240,10 +246,10 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
 WAIT_SCRIPT = """
 import time
 from distmaml import dist
-ctx = dist.init("cpu", timeout_s=1.0)
+ctx = dist.init("cpu", timeout_s=3.0)
 try:
     if ctx.is_main:
-        time.sleep(4.0)  # the final evaluation, longer than dist.timeout
+        time.sleep(6.0)  # the final evaluation, longer than dist.timeout
     dist.wait_for_main(ctx)
     print("waited", flush=True)
 finally:
@@ -252,15 +258,7 @@ finally:
 
 
 def test_ranks_wait_for_the_main_process_evaluation_beyond_the_collective_timeout():
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", WAIT_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for rank in range(2)]
-    for proc in procs:
-        out = proc.communicate(timeout=120)[0]
-        assert proc.returncode == 0 and "waited" in out, out
+    assert all("waited" in out for out in two_gloo_processes(WAIT_SCRIPT))
 
 
 # ----------------------------------------------------------------------------- runs end to end
