@@ -165,7 +165,8 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
              "test accuracy with learned example weights / training on every label / on only the correct ones",
              ("noisy", "oracle")),
             ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
-             "30 steps from random initialisations: test accuracy", ())):
+             "30 steps from random initialisations: test accuracy / one random real example per class",
+             ("random_real",))):
         path = common.RESULTS / f"{name}.json"
         if not path.exists():
             continue
