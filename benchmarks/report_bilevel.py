@@ -90,6 +90,8 @@ def _summary(value: Any) -> str:
     """A learned value as a report line states it: a number, or a long list by its range and median."""
     if isinstance(value, (int, float)):
         return f"{value:.3g}"
+    while isinstance(value, list) and value and all(isinstance(v, list) for v in value):  # a matrix: its entries
+        value = [entry for row in value for entry in row]
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
         if len(value) <= 4:
             return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
