@@ -307,7 +307,6 @@ def barrier(ctx: Context) -> None:
         torch_dist.barrier()
 
 
-
 def wait_for_main(ctx: Context) -> None:
     """A barrier for ranks waiting on work only the main process does (the final evaluation)."""
     if ctx.distributed:
