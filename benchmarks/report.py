@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from benchmarks import common
 from benchmarks.common import REPO, read
-from benchmarks.report_bilevel import HYPER, headline_rows, hyper, mnist1d_baselines, peers_hyper, unrolls
+from benchmarks.report_bilevel import (HYPER, headline_rows, hyper, hyper_methods, mnist1d_baselines, peers_hyper,
+                                      unrolls)
 from benchmarks.tables import finite as _finite, group_rows as _rows, machine as _machine, markdown_table as _table, number as _ms, source as _source
 
 README = REPO / "README.md"
@@ -302,6 +303,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "versions-cpu": versions, "mnist1d-baselines": mnist1d_baselines, "peers-hyper-cpu": peers_hyper,
     "unrolls-cpu": unrolls,
     **{f"hyper-{name}": (lambda name=name: hyper(name)) for name in HYPER},
+    "hyper-methods-weight_decay": lambda: hyper_methods("weight_decay"),
     "headline": headline,
 }
 

@@ -81,7 +81,7 @@ def unrolls() -> str:
 
 
 # benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
-HYPER = ("learning_rate", "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean",
+HYPER = ("learning_rate", "learning_rate_schedule", "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean",
          "digits_distill", "digits_distill_m10", "mnist1d_distill")
 _CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
 
@@ -149,6 +149,17 @@ def hyper(name: str) -> str:
     chosen = "; v: the value a grid chose for that seed" if grids else ""
     return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
             + _source(result, "see the benchmark's docstring").lstrip("\n"))
+
+
+def hyper_methods(name: str) -> str:
+    """One problem's hypergradient by each method: cost and distance from the unrolled one (benchmarks.hyper_methods)."""
+    result = read(common.RESULTS / f"hyper_methods_{name}.json")
+    rows = [[r["method"], f"{r['inner_steps']:,}", str(r["tasks"]), f"{r['seconds_per_outer_step']:.2f}",
+             f"{r['cosine_to_unrolled']:+.3f}" if "cosine_to_unrolled" in r else "–",
+             f"{r['norm_ratio_to_unrolled']:.3f}" if "norm_ratio_to_unrolled" in r else "–"] for r in result["rows"]]
+    config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+    return (_table(["method", "T", "tasks", "s per outer step", "cosine to unrolled", "norm ÷ unrolled's"], rows)
+            + f"\nConfig: {config}. " + _source(result, "medians, see the benchmark's docstring").lstrip("\n"))
 
 
 def headline_rows() -> tuple[list[list[str]], list[str]]:

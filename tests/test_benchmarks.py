@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks import common, distributed, memory, peers, report, speed
+from benchmarks import common, distributed, hyper_methods, memory, peers, report, speed
 from conftest import ESTIMATE_BOUND
 
 
@@ -112,6 +112,20 @@ def test_a_peer_that_is_not_installed_is_skipped_and_one_whose_import_breaks_is_
         peers.main(["--steps", "1", "--kinds", "sine", "--windows", "1", "--seconds", "0.01", "--out", str(out)])
     statuses = {row["library"]: row["status"] for row in strict(out)["rows"] if row["rule"] == "sgd"}
     assert statuses["higher"] == peers.IMPORT_FAILED and statuses["torchopt"] == peers.NOT_INSTALLED
+
+
+def test_implicit_hypergradients_equal_the_unrolled_one_only_once_the_training_run_has_converged(tmp_path):
+    # Logistic regression is convex: 300 steps reach its minimum, where the implicit function theorem
+    # holds; after 5 steps it does not, and the benchmark must show the difference.
+    for steps, agree in ((300, True), (5, False)):
+        out = tmp_path / f"methods_{steps}.json"
+        hyper_methods.main(["logistic", f"inner.steps={steps}", "--quick", "--out", str(out)])
+        rows = {row["method"]: row for row in strict(out)["rows"]}
+        assert rows["second_order"]["cosine_to_unrolled"] == pytest.approx(1.0)
+        for method in ("implicit", "neumann"):
+            close = (rows[method]["cosine_to_unrolled"] > 0.999
+                     and abs(rows[method]["norm_ratio_to_unrolled"] - 1) < 0.01)
+            assert close == agree, (steps, rows[method])
 
 
 def test_the_readme_tables_are_what_the_committed_results_say():
