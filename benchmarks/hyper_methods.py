@@ -4,7 +4,7 @@ outer step, and how far each is from the exact (unrolled) hypergradient.
     python -m benchmarks.hyper_methods weight_decay       # configs/mnist1d_weight_decay.yaml
     python -m benchmarks.hyper_methods weight_decay --quick inner.steps=20
 
-For each method (inner.mode) the config's meta-batch of tasks (iteration 0) is drawn once and the
+For each method (inner.mode; truncated: the last 50 steps) the config's meta-batch of tasks (iteration 0) is drawn once and the
 hypergradient of the config's initial phi computed by distmaml.meta.meta_gradient: the median over
 --windows calls of its seconds (one thread) is the outer step's cost (the outer Adam update is
 negligible beside it). Against the unrolled second-order hypergradient (recomputed in sqrt(T)
@@ -31,8 +31,9 @@ from distmaml.build import build
 from distmaml.meta import meta_gradient
 from distmaml.rng import STREAM_TRAIN
 
-METHODS = {"second_order": ["inner.mode=second_order", "inner.checkpoint=auto"], "implicit": ["inner.mode=implicit"],
-           "neumann": ["inner.mode=neumann"]}
+METHODS = {"second_order": ["inner.mode=second_order", "inner.checkpoint=auto"],
+           "truncated": ["inner.mode=truncated", "inner.truncate=50", "inner.checkpoint=auto"],
+           "implicit": ["inner.mode=implicit"], "neumann": ["inner.mode=neumann"]}
 
 
 def hypergradient(problem_name: str, method: str, overrides: list[str], windows: int) -> dict[str, Any]:
