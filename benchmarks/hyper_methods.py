@@ -31,13 +31,17 @@ from distmaml.build import build
 from distmaml.meta import meta_gradient
 from distmaml.rng import STREAM_TRAIN
 
+TRUNCATE = 50  # the truncated method's steps (all of them where T is shorter)
 METHODS = {"second_order": ["inner.mode=second_order", "inner.checkpoint=auto"],
-           "truncated": ["inner.mode=truncated", "inner.truncate=50", "inner.checkpoint=auto"],
+           "truncated": ["inner.mode=truncated", "inner.checkpoint=auto"],
            "implicit": ["inner.mode=implicit"], "neumann": ["inner.mode=neumann"]}
 
 
 def hypergradient(problem_name: str, method: str, overrides: list[str], windows: int) -> dict[str, Any]:
     config = config_for(REPO / CONFIGS[problem_name], [*overrides, *METHODS[method]])
+    if method == "truncated":
+        config = config_for(REPO / CONFIGS[problem_name], [*overrides, *METHODS[method],
+                                                          f"inner.truncate={min(TRUNCATE, config.inner.steps)}"])
     torch.manual_seed(config.train.seed)
     learner = build(config)
     tasks = learner.family.sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch))
