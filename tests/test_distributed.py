@@ -246,10 +246,10 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
 WAIT_SCRIPT = """
 import time
 from distmaml import dist
-ctx = dist.init("cpu", timeout_s=3.0)
+ctx = dist.init("cpu", timeout_s=8.0)  # room for the two processes to start apart
 try:
     if ctx.is_main:
-        time.sleep(6.0)  # the final evaluation, longer than dist.timeout
+        time.sleep(12.0)  # the final evaluation, longer than dist.timeout
     dist.wait_for_main(ctx)
     print("waited", flush=True)
 finally:
