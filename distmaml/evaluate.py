@@ -198,13 +198,18 @@ def compare_with_baselines(problem, theta: Params, batches: list, inner: Inner, 
     return out, tuned_rates
 
 
+def _at_rates(problem, phi: Params, batches: list, inner: Inner, counts: list[int], rates):
+    """(rate, curves) for the same tasks trained by plain SGD at each fixed rate, one rate at a time."""
+    for rate in rates:
+        yield rate, _curves(problem, phi, batches, dataclasses.replace(inner, rule=make_rule("sgd", rate)), counts)
+
+
 def _best_rate(problem, phi: Params, batches: list, inner: Inner, counts: list[int],
                rates: tuple[float, ...]) -> tuple[float, dict[str, torch.Tensor]]:
     """The rate of `rates` whose plain-SGD training reaches the best mean validation accuracy after
     the last step (a diverged rate scores lowest), with that training's curves."""
     best_score, best_rate, best_curves = -math.inf, rates[0], None
-    for rate in rates:
-        found = _curves(problem, phi, batches, dataclasses.replace(inner, rule=make_rule("sgd", rate)), counts)
+    for rate, found in _at_rates(problem, phi, batches, inner, counts, rates):
         score = found["accuracy"][-1].double().mean().item()
         score = score if math.isfinite(score) else -math.inf
         if best_curves is None or score > best_score:
@@ -217,9 +222,7 @@ def rate_grid(problem, theta: Params, batches: list, inner: Inner, steps: int, r
     learned rate is compared with. Accuracy is the test split's where the problem has one."""
     fixed = {name: value for name, value in theta.items() if not name.startswith(LEARNED)}  # no learned rates
     accuracy, loss = [], []
-    for rate in rates:
-        plain = dataclasses.replace(inner, rule=make_rule("sgd", rate))
-        curves = _curves(problem, fixed, batches, plain, [steps])
+    for _, curves in _at_rates(problem, fixed, batches, inner, [steps], rates):
         metric = curves.get("test_accuracy", curves.get("accuracy", -curves["loss"]))
         accuracy.append(distribution(metric[-1])[""])
         loss.append(distribution(curves["loss"][-1])[""])

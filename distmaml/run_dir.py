@@ -45,7 +45,6 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-
         try:
             if self.run_dir.exists() and not self.run_dir.is_dir():
                 raise CheckpointError(f"run.dir = {self.run_dir}: exists and is not a directory")
