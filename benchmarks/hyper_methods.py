@@ -4,14 +4,15 @@ outer step, and how far each is from the exact (unrolled) hypergradient.
     python -m benchmarks.hyper_methods weight_decay       # configs/mnist1d_weight_decay.yaml
     python -m benchmarks.hyper_methods weight_decay --quick inner.steps=20
 
-For each method (inner.mode; truncated: the last 50 steps) the config's meta-batch of tasks (iteration 0) is drawn once and the
-hypergradient of the config's initial phi computed by distmaml.meta.meta_gradient: the median over
---windows calls of its seconds (one thread) is the outer step's cost (the outer Adam update is
-negligible beside it). Against the unrolled second-order hypergradient (recomputed in sqrt(T)
-segments: exact for the T-step training run that the outer loss measures), each method reports the
-cosine of the angle between them and the ratio of their norms. The implicit methods assume the
-training run ends at a stationary point of its loss; where T steps leave it far from one, they
-answer a different question, and the cosine says how different.
+For each method (inner.mode; truncated: the last 50 steps) the config's meta-batch of tasks
+(iteration 0) is drawn once and the hypergradient of the config's initial phi computed by
+distmaml.meta.meta_gradient: the median over --windows calls of its seconds (one thread) is the
+outer step's cost (the outer Adam update is negligible beside it). Against the unrolled
+second-order hypergradient (recomputed in sqrt(T) segments: exact for the T-step training run that
+the outer loss measures), each method reports the cosine of the angle between them and the ratio
+of their norms. The implicit methods assume the training run ends at a stationary point of its
+loss; where T steps leave it far from one, they answer a different question, and the cosine says
+how different.
 
 Writes benchmarks/results/hyper_methods_<problem>.json.
 """
@@ -19,6 +20,7 @@ Writes benchmarks/results/hyper_methods_<problem>.json.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one window")
-    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/hyper_methods_<problem>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON file (default benchmarks/results/hyper_methods_<problem>.json)")
     args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(1)
     started = time.time()
@@ -79,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f["norm_ratio_to_unrolled"] = float(vector.norm() / exact.norm())
         rows.append(f)
         print(f"{f['method']:>13}: {f['seconds_per_outer_step']:8.2f} s per outer step, cosine to unrolled "
-              f"{f.get('cosine_to_unrolled', float('nan')):+.3f}, norm ratio {f.get('norm_ratio_to_unrolled', float('nan')):.3f}",
-              flush=True)
+              f"{f.get('cosine_to_unrolled', math.nan):+.3f}, "
+              f"norm ratio {f.get('norm_ratio_to_unrolled', math.nan):.3f}", flush=True)
     result = {"benchmark": "hyper_methods", "problem": args.problem, "config": CONFIGS[args.problem],
               "overrides": args.overrides,
-              "command": " ".join(["python -m benchmarks.hyper_methods", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python -m benchmarks.hyper_methods",
+                                   *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "windows": 1 if args.quick else args.windows,
               "wall_seconds": time.time() - started, "rows": rows}
     print(f"wrote {write(result, args.out or RESULTS / f'hyper_methods_{args.problem}.json')}")

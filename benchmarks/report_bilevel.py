@@ -81,8 +81,8 @@ def unrolls() -> str:
 
 
 # benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
-HYPER = ("learning_rate", "learning_rate_schedule", "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean",
-         "digits_distill", "digits_distill_m10", "mnist1d_distill")
+HYPER = ("learning_rate", "learning_rate_schedule", "activation", "weight_decay", "logistic", "digits_hyperclean",
+         "mnist1d_hyperclean", "digits_distill", "digits_distill_m10", "mnist1d_distill")
 _CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
 
 
@@ -101,6 +101,11 @@ def _summary(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key}: {_summary(inner)}" for key, inner in value.items())
     return str(value)
+
+
+def _config(result: dict[str, Any]) -> str:
+    """The config a result ran, with the overrides it was given."""
+    return result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
 
 
 def hyper(name: str) -> str:
@@ -144,7 +149,7 @@ def hyper(name: str) -> str:
             parts.append(f"baselines' tuned rates: {_summary(run['baseline_lr'])}")
         parts.append(f"training {run['train_seconds']:.0f} s")
         lines.append(f"- seed {run['seed']}: " + "; ".join(parts))
-    config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+    config = _config(result)
     grids = any(_CHOSEN.match(key) for keys in variants.values() for key in keys)
     chosen = "; v: the value a grid chose for that seed" if grids else ""
     return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
@@ -152,12 +157,13 @@ def hyper(name: str) -> str:
 
 
 def hyper_methods(name: str) -> str:
-    """One problem's hypergradient by each method: cost and distance from the unrolled one (benchmarks.hyper_methods)."""
+    """One problem's hypergradient by each method: its cost and its distance from the unrolled one
+    (benchmarks.hyper_methods)."""
     result = read(common.RESULTS / f"hyper_methods_{name}.json")
     rows = [[r["method"], f"{r['inner_steps']:,}", str(r["tasks"]), f"{r['seconds_per_outer_step']:.2f}",
              f"{r['cosine_to_unrolled']:+.3f}" if "cosine_to_unrolled" in r else "–",
              f"{r['norm_ratio_to_unrolled']:.3f}" if "norm_ratio_to_unrolled" in r else "–"] for r in result["rows"]]
-    config = result["config"] + (" " + " ".join(result["overrides"]) if result.get("overrides") else "")
+    config = _config(result)
     return (_table(["method", "T", "tasks", "s per outer step", "cosine to unrolled", "norm ÷ unrolled's"], rows)
             + f"\nConfig: {config}. " + _source(result, "medians, see the benchmark's docstring").lstrip("\n"))
 
