@@ -17,6 +17,7 @@ from typing import Any
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
 from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
+from distmaml.meta.problems import soft_error
 from distmaml.meta.problem import ProblemError, missing_members
 
 PROBLEMS = {name: f"distmaml.problems:build_{name}"
@@ -42,7 +43,17 @@ def training_data(config, family):
 def _training(config, model, family) -> dict[str, Any]:
     return dict(model=model, data=training_data(config, family), loss_fn=family.loss,
                 accuracy_fn=family.accuracy if family.is_classification else None,
-                batch_size=config.problem.batch_size)
+                batch_size=config.problem.batch_size, outer_fn=_outer_loss(config, family))
+
+
+def _outer_loss(config, family):
+    """The outer loss problem.outer names (None: the family's own loss)."""
+    if config.problem.outer == "loss":
+        return None
+    if not family.is_classification or getattr(family, "num_outputs", 0) < 2:
+        raise SettingError("problem.outer", config.problem.outer, f"soft_error scores a softmax over two or more "
+                           f"classes; task.family = {config.task.family!r} has no class logits")
+    return soft_error
 
 
 def build_learning_rate(config, model, family) -> TrainingRun:

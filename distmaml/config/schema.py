@@ -44,6 +44,9 @@ class ProblemConfig:
     batch_size: int = _opt(0, "training-run problems: examples per inner step, drawn with replacement from the "
                            "training split (0: the whole split: gradient descent); distill: the real mini-batch of "
                            "the outer loss")
+    outer: str = _opt("loss", "training-run problems: the outer loss on held-out data: the task family's loss, or "
+                      "soft_error = 1 - mean softmax probability of the true class (classification; for "
+                      "hyperparameters chosen for accuracy rather than cross-entropy)", ("loss", "soft_error"))
     example_init: float = _opt(0.0, "hyperclean: every example's weight logit starts here (weight sigmoid(logit))")
     per_class: int = _opt(1, "distill: synthetic examples per class (M)")
     distill_init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or "

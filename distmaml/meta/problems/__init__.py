@@ -2,10 +2,10 @@
 
 from distmaml.meta.problems.maml import MAML
 from distmaml.meta.problems.training import (Dataset, TrainingRun, binary_accuracy, binary_cross_entropy,
-                                             class_accuracy, cross_entropy)
+                                             class_accuracy, cross_entropy, soft_error)
 from distmaml.meta.problems.distillation import Distillation
 from distmaml.meta.problems.reweighting import Reweighting
 from distmaml.meta.problems.weight_decay import WeightDecay
 
 __all__ = ["MAML", "Dataset", "Distillation", "Reweighting", "TrainingRun", "WeightDecay", "binary_accuracy", "binary_cross_entropy",
-           "class_accuracy", "cross_entropy"]
+           "class_accuracy", "cross_entropy", "soft_error"]

@@ -104,7 +104,7 @@ class Distillation(TrainingRun):
         index = self.batch_index(task, 0, lane=LANE_OUTER)
         x, y = (self.data.train_x, self.data.train_y) if index is None else (self.data.train_x[index],
                                                                               self.data.train_y[index])
-        return self.loss_fn(self.predict(weights, phi, x), y)
+        return self.held_out_loss(self.predict(weights, phi, x), y)
 
     def describe(self, phi: Params) -> dict:
         return {"examples_per_class": self.per_class, "soft_label_confidence": F.softmax(

@@ -9,6 +9,7 @@ of random initialisations and mini-batch orders, vmapped, sharded and all-reduce
     start(phi, task)               fresh weights from task["seed"]
     inner_loss(w, phi, task, k)    the loss on step k's mini-batch (subclasses add what phi changes)
     outer_loss(w, phi, task)       the loss on the validation split (never the test split)
+                                   (or outer_fn's, e.g. soft_error = 1 - mean p(label), for accuracy)
     metrics(w, phi, task)          validation and test loss and accuracy, for logs and evaluation
 """
 
@@ -53,6 +54,14 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).to(logits.dtype).mean()
 
 
+def soft_error(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The expected error of a prediction drawn from the softmax: 1 - mean p(label | x). A smooth stand-in
+    for the error rate that, unlike cross-entropy, an overconfident wrong prediction cannot dominate: an
+    outer loss for hyperparameters chosen for accuracy (a large learning rate can raise the validation
+    cross-entropy while it lowers the error)."""
+    return 1 - torch.exp(-F.cross_entropy(logits, labels, reduction="none")).mean()
+
+
 def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Logistic loss of one logit per example [n, 1] against labels in {0, 1} [n]."""
     return F.binary_cross_entropy_with_logits(logits.squeeze(-1), labels.to(logits.dtype))
@@ -79,6 +88,7 @@ class TrainingRun:
     accuracy_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = class_accuracy
     batch_size: int = 0
     phi_prefixes: tuple[str, ...] = ()
+    outer_fn: LossFn | None = None  # the outer loss on held-out predictions; None: loss_fn
 
     outer_name = "validation"
 
@@ -128,8 +138,11 @@ class TrainingRun:
     def inner_loss(self, weights: Params, phi: Params, task: Any, step: int) -> torch.Tensor:
         return self.training_loss(weights, phi, task, step)
 
+    def held_out_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.outer_fn or self.loss_fn)(prediction, target)
+
     def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
-        return self.loss_fn(self.predict(weights, phi, self.data.val_x), self.data.val_y)
+        return self.held_out_loss(self.predict(weights, phi, self.data.val_x), self.data.val_y)
 
     def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
         out = {}
