@@ -11,8 +11,9 @@ relative error of 1e-10: the comparison is of the same computation. Then one met
 (sample the batch, the meta-gradient, an Adam step) is timed in float32 for each, the peers in
 the per-task loop their documentation shows. A library that is not installed is reported so and
 skipped; one that is installed but whose import fails is an error (its rows say why, and the
-command exits 1 after writing its results). Betty (betty-ml) is named as not installable on
-Python 3.11 and newer: its 0.2 releases require Python < 3.11.
+command exits 1 after writing its results). Betty (betty-ml) is named with the reason it is not
+compared: its unrolled problems, which MAML needs, fail to start in 0.2.1 (benchmarks/peers_betty.py
+runs them on a toy problem and reports their errors).
 Differentiable Adam inner steps are compared with higher's DifferentiableAdam the same way.
 """
 
@@ -54,7 +55,7 @@ def load_learn2learn():
         import learn2learn
         return learn2learn.algorithms.MAML, f"import learn2learn {learn2learn.__version__}"
     except Exception as err:  # noqa: BLE001 - the package's own __init__; its MAML is loaded alone below
-        why = _one_line(err)
+        why = one_line(err)
     for name in ("learn2learn", "learn2learn.algorithms"):
         package = types.ModuleType(name)
         package.__path__ = [str(spec.submodule_search_locations[0]) + ("/algorithms" if "." in name else "")]
@@ -63,7 +64,7 @@ def load_learn2learn():
     return maml.MAML, f"learn2learn.algorithms.maml alone (import learn2learn: {why})"
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
 
 
@@ -129,9 +130,20 @@ class Peer(NamedTuple):
 
 
 LOADED, NOT_INSTALLED, IMPORT_FAILED = "loaded", "not installed", "import failed"
-# Peers that cannot be installed with this Python at all: named in the output, never compared.
-NOT_INSTALLABLE = ({"betty": "not installable here: betty-ml 0.2 requires Python < 3.11"}
-                   if sys.version_info >= (3, 11) else {})
+
+
+def not_compared() -> dict[str, str]:
+    """Peers named in the output but never compared, and why (Betty: as found by running it)."""
+    try:
+        from benchmarks.peers_betty import unrolled_failure
+
+        why = unrolled_failure() or "its unrolled problems run; not yet compared here"
+    except ImportError as err:
+        why = (f"not installed ({one_line(err)}); .ci/run installs betty-ml 0.2.1" if err.name == "betty"
+               else f"import failed ({one_line(err)})")
+    except Exception as err:  # noqa: BLE001 - installed but its import breaks (a dependency, higher, included)
+        why = f"import failed ({one_line(err)})"
+    return {"betty": why}
 
 
 def load_peer(name: str, load: Callable[[], tuple[Callable, str]]) -> Peer:
@@ -141,10 +153,10 @@ def load_peer(name: str, load: Callable[[], tuple[Callable, str]]) -> Peer:
         fn, how = load()
     except ImportError as err:
         if err.name == name and not _installed(name):
-            return Peer(None, NOT_INSTALLED, f"not installed ({_one_line(err)})")
-        return Peer(None, IMPORT_FAILED, f"import failed ({_one_line(err)})")
+            return Peer(None, NOT_INSTALLED, f"not installed ({one_line(err)})")
+        return Peer(None, IMPORT_FAILED, f"import failed ({one_line(err)})")
     except Exception as err:  # noqa: BLE001 - installed but broken: an error, reported as one
-        return Peer(None, IMPORT_FAILED, f"import failed ({_one_line(err)})")
+        return Peer(None, IMPORT_FAILED, f"import failed ({one_line(err)})")
     return Peer(fn, LOADED, how)
 
 
@@ -268,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     libraries, rows, started = peers(), [], time.time()
     for name, peer in libraries.items():
         print(f"{name}: {peer.how}", flush=True)
-    for name, why in NOT_INSTALLABLE.items():
+    skipped = not_compared()
+    for name, why in skipped.items():
         print(f"{name}: {why}", flush=True)
     for kind in args.kinds:
         for first_order in (False, True):
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows += compare_and_time("sine", 5, False, adam_peers, args.windows, args.seconds, rule="adam")
     result = {"benchmark": "peers", "command": " ".join(["python -m benchmarks.peers", *(argv or sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE,
-              "libraries": {name: peer.how for name, peer in libraries.items()}, "not_installable": NOT_INSTALLABLE,
+              "libraries": {name: peer.how for name, peer in libraries.items()}, "not_compared": skipped,
               "wall_seconds": time.time() - started, "rows": rows}
     out = write(result, args.out or RESULTS / "peers_cpu.json")
     print(f"wrote {out}")

@@ -43,9 +43,10 @@ import torch
 from torch.func import functional_call
 
 from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
+from benchmarks.peers_betty import PeerFailed
 from distmaml.build import build
 from distmaml.config import load_config
-from distmaml.meta import ImplicitCG, Inner, meta_gradient, task_at
+from distmaml.meta import ImplicitCG, Inner, Neumann, meta_gradient, task_at
 from distmaml.meta.problems.distillation import LANE_OUTER
 
 TOLERANCE = 1e-6
@@ -59,31 +60,45 @@ CASES = {
 }
 
 
-def setup(case: str, dtype: str, steps: int | None = None, checkpoint: str = "none"):
+def setup(case: str, dtype: str, steps: int | None = None, checkpoint: str = "none", tasks: int = TASKS,
+          more: tuple[str, ...] = ()):
+    """(config, learner, tasks) of a case; `more`: further overrides (the tests' smaller data)."""
     path, overrides = CASES[case]
-    extra = [f"inner.steps={steps}"] if steps else []
+    extra = [f"inner.steps={steps}", *more] if steps else list(more)
     if steps and case == "distill":  # a learned step size per inner step (Wang et al.), as the peers index it
         extra.append(f"inner.schedule_blocks={steps}")
     config = load_config(REPO / path, [*overrides, *extra, f"engine.dtype={dtype}", f"inner.checkpoint={checkpoint}",
-                                       f"train.meta_batch={TASKS}"])
+                                       f"train.meta_batch={tasks}"])
     torch.manual_seed(0)
     learner = build(config)
-    tasks = learner.family.sample(0, 0, torch.arange(TASKS))
-    return config, learner, tasks
+    return config, learner, learner.family.sample(0, 0, torch.arange(tasks))
 
 
-def distmaml_grad(config, learner, tasks) -> torch.Tensor:
+# The implicit cases' linear solves, each a fixed number of iterations as the peers run them: TorchOpt's
+# ridge-1 CG, and Betty's Neumann series and its "cg" (neither damped; NEUMANN_ALPHA times the Hessian's
+# largest eigenvalue stays below 2 on both data sets).
+NEUMANN_ALPHA = 0.01
+SOLVES = {"cg": ImplicitCG(damping=1.0, cg_steps=20, cg_tol=0.0),
+          "neumann": Neumann(damping=0.0, terms=20, alpha=NEUMANN_ALPHA),
+          "cg-undamped": ImplicitCG(damping=0.0, cg_steps=20, cg_tol=0.0)}
+
+
+def distmaml_grad(config, learner, tasks, solve: str = "cg") -> torch.Tensor:
     inner = learner.inner
-    if isinstance(inner.method, ImplicitCG):  # a fixed number of CG iterations, as the peer runs
-        inner = Inner(inner.rule, inner.steps, ImplicitCG(damping=1.0, cg_steps=20, cg_tol=0.0))
+    if isinstance(inner.method, ImplicitCG):
+        inner = Inner(inner.rule, inner.steps, SOLVES[solve])
     result = meta_gradient(learner.problem, learner.theta, tasks, inner)
     return torch.cat([g.reshape(-1) for g in result.grad_sum.values()])
+
+
+def distmaml_neumann(config, learner, tasks) -> torch.Tensor:
+    return distmaml_grad(config, learner, tasks, "neumann")
 
 
 def _runs(learner, tasks):
     problem = learner.problem
     names = list(problem.inner_template())
-    for i in range(TASKS):
+    for i in range(tasks["seed"].shape[0]):
         task = task_at(tasks, i)
         start = problem.start({}, task)
         yield task, tuple(start[name].detach().clone().requires_grad_() for name in names), names
@@ -206,44 +221,80 @@ def torchopt_implicit(config, learner, tasks) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, decays)])
 
 
-PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr},
-         "weight_decay": {"torchopt": torchopt_implicit},
-         "distill": {"torchopt": torchopt_distill, "higher": higher_distill},
-         "hyperclean": {"torchopt": torchopt_implicit}}
-HOW = {"distmaml": "distmaml.meta.meta_gradient, 16 tasks batched", "torchopt": "per initialisation",
-       "higher": "per initialisation"}
+def _betty(kind: str, **method):
+    def run(config, learner, tasks) -> torch.Tensor:
+        from benchmarks import peers_betty
+
+        problem, total = learner.problem, 0.0
+        for task, params, names in _runs(learner, tasks):
+            total = total + peers_betty.hypergradient(problem, learner.theta, task, dict(zip(names, params)),
+                                                      config.inner.steps, kind, lr=config.inner.lr, **method)
+        return total
+
+    return run
 
 
-def compare_and_time(case: str, windows: int, seconds: float) -> list[dict[str, Any]]:
-    config, learner, tasks = setup(case, "float64")
-    reference = distmaml_grad(config, learner, tasks)
-    config32, learner32, tasks32 = setup(case, "float32")
+betty_unrolled = _betty("unrolled")
+betty_neumann = _betty("implicit", type="neumann", neumann_iterations=SOLVES["neumann"].terms,
+                       neumann_alpha=NEUMANN_ALPHA)
+betty_cg = _betty("implicit", type="cg", cg_iterations=SOLVES["cg-undamped"].cg_steps, cg_alpha=1.0)
+
+PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr, "betty": betty_unrolled},
+         "weight_decay": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
+                          "betty-cg": betty_cg},
+         "distill": {"torchopt": torchopt_distill, "higher": higher_distill, "betty": betty_unrolled},
+         "hyperclean": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
+                        "betty-cg": betty_cg}}
+# What each library's hypergradient is checked against and timed beside: distmaml with the same solve.
+SOLVE_OF = {"distmaml-neumann": "neumann", "betty": "neumann", "betty-cg": "cg-undamped"}
+HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched", "torchopt": "per initialisation",
+       "higher": "per initialisation", "distmaml-neumann": "the same, Neumann series",
+       "betty": "an Engine per initialisation", "betty-cg": "an Engine per initialisation, its cg"}
+
+
+def compare_and_time(case: str, windows: int, seconds: float, steps: int | None = None, tasks: int = TASKS,
+                     more: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    config, learner, batch = setup(case, "float64", steps, tasks=tasks, more=more)
+    implicit = isinstance(learner.inner.method, ImplicitCG)
+    references = {}
+    config32, learner32, batch32 = setup(case, "float32", steps, tasks=tasks, more=more)
     rows = []
     for name, fn in {"distmaml": distmaml_grad, **PEERS[case]}.items():
-        row = {"case": case, "library": name, "how": HOW[name], "tasks": TASKS, "inner_steps": config.inner.steps}
+        solve = SOLVE_OF.get(name, "cg") if implicit else "cg"
+        if solve not in references:
+            references[solve] = distmaml_grad(config, learner, batch, solve)
+        row = {"case": case, "library": name, "how": HOW[name], "tasks": tasks, "inner_steps": config.inner.steps}
+        if implicit:
+            row["solve"] = solve
         try:
-            got = fn(config, learner, tasks)
+            got = fn(config, learner, batch)
         except ImportError as err:
             rows.append({**row, "status": f"not installed ({err})"})
             continue
-        error = float((got.reshape(-1) - reference).norm() / reference.norm())
+        except PeerFailed as err:
+            rows.append({**row, "status": str(err)})
+            print(f"{case:>14} {name:>16}: {err}", flush=True)
+            continue
+        error = float((got.reshape(-1) - references[solve]).norm() / references[solve].norm())
         row.update(relative_error=error, status="equal" if error <= TOLERANCE else "DIFFERS")
         if error <= TOLERANCE:
-            row["ms_per_hypergradient"] = 1e3 * median_seconds(lambda: fn(config32, learner32, tasks32), windows,
+            row["ms_per_hypergradient"] = 1e3 * median_seconds(lambda: fn(config32, learner32, batch32), windows,
                                                                seconds)
         rows.append(row)
-        print(f"{case:>14} {name:>9}: relative difference {error:.1e}, "
+        print(f"{case:>14} {name:>16}: relative difference {error:.1e}, "
               f"{row.get('ms_per_hypergradient', float('nan')):9.1f} ms", flush=True)
-    fastest_peer = min((r["ms_per_hypergradient"] for r in rows if r["library"] != "distmaml"
-                        and "ms_per_hypergradient" in r), default=None)
-    if fastest_peer:
-        rows[0]["speedup_over_fastest_peer"] = fastest_peer / rows[0]["ms_per_hypergradient"]
+    for mine in (r for r in rows if r["library"].startswith("distmaml") and "ms_per_hypergradient" in r):
+        peers_times = [r["ms_per_hypergradient"] for r in rows if not r["library"].startswith("distmaml")
+                       and r.get("solve") == mine.get("solve") and "ms_per_hypergradient" in r]
+        if peers_times:
+            mine["speedup_over_fastest_peer"] = min(peers_times) / mine["ms_per_hypergradient"]
     return rows
 
 
 MEMORY_CASE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
+from benchmarks.peers_betty import PeerFailed
 from benchmarks.peers_hyper import PEERS, setup, distmaml_grad
 case, library, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 checkpoint = "auto" if library == "distmaml" else "none"
@@ -254,7 +305,11 @@ def status(field):
             return int(line.split()[1]) * 1024
 before = status("VmRSS")
 fn = {"distmaml": distmaml_grad, "distmaml-stored": distmaml_grad, **PEERS[case]}[library]
-fn(config, learner, tasks)
+try:
+    fn(config, learner, tasks)
+except PeerFailed as err:  # reported by the timing rows
+    print(json.dumps({"failed": str(err)}))
+    sys.exit(0)
 print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 """
 
@@ -265,7 +320,10 @@ def _peak_mib(case: str, library: str, steps: int) -> float:
                                                                "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
     if proc.returncode != 0:
         raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "failed" in out:
+        raise PeerFailed(out["failed"])
+    return out["peak_mib"]
 
 
 def memory(case: str, steps: int) -> list[dict[str, Any]]:
@@ -275,7 +333,11 @@ def memory(case: str, steps: int) -> list[dict[str, Any]]:
     rows = []
     for library in ("distmaml", "distmaml-stored", *PEERS[case]):
         started = time.perf_counter()
-        peak = _peak_mib(case, library, steps)
+        try:
+            peak = _peak_mib(case, library, steps)
+        except PeerFailed as err:
+            print(f"memory {case} T={steps} {library:>16}: {err}", flush=True)
+            continue
         seconds = time.perf_counter() - started
         one_step = _peak_mib(case, library, 1)
         row = {"case": case, "library": library, "inner_steps": steps, "tasks": TASKS,
