@@ -221,16 +221,24 @@ def rate_grid(problem, theta: Params, batches: list, inner: Inner, steps: int, r
     """The same tasks trained for `steps` steps of plain SGD at each fixed rate: the grid search a
     learned rate is compared with. Accuracy is the test split's where the problem has one."""
     fixed = {name: value for name, value in theta.items() if not name.startswith(LEARNED)}  # no learned rates
-    accuracy, loss = [], []
+    accuracy, loss, outer, validation_accuracy = [], [], [], []
     for _, curves in _at_rates(problem, fixed, batches, inner, [steps], rates):
         metric = curves.get("test_accuracy", curves.get("accuracy", -curves["loss"]))
         accuracy.append(distribution(metric[-1])[""])
         loss.append(distribution(curves["loss"][-1])[""])
-    # The grid's choice is made as hyperparameter learning makes it: by the outer (validation) loss.
-    finite = [(value, rate) for value, rate in zip(loss, rates) if math.isfinite(value)]
+        outer.append(distribution(curves.get("outer_loss", curves["loss"])[-1])[""])
+        if "accuracy" in curves:
+            validation_accuracy.append(distribution(curves["accuracy"][-1])[""])
+    # The grid's choice is made as hyperparameter learning makes it: by the outer loss on validation data.
+    finite = [(value, rate) for value, rate in zip(outer, rates) if math.isfinite(value)]
     best = min(finite)[1] if finite else None
-    return {"lrs": list(rates), "test_accuracy": accuracy, "validation_loss": loss, "best_lr": best,
-            "test_accuracy_at_best": accuracy[list(rates).index(best)] if best is not None else None}
+    out = {"lrs": list(rates), "test_accuracy": accuracy, "validation_loss": loss, "best_lr": best,
+           "test_accuracy_at_best": accuracy[list(rates).index(best)] if best is not None else None}
+    if outer != loss:
+        out["validation_outer_loss"] = outer
+    if validation_accuracy:
+        out["validation_accuracy"] = validation_accuracy
+    return out
 
 
 def evaluation_settings(config) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from conftest import REPO
 SMALL = ["task.args.train=200", "inner.steps=12", "engine.dtype=float64", "train.meta_batch=3"]
 CONFIGS = {
     "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.schedule_blocks=3", "model.hidden=[8]"]),
+    "learning_rate_soft_error": ("configs/mnist1d_lr.yaml", ["model.hidden=[8]", "problem.outer=soft_error"]),
     "activation": ("configs/mnist1d_activation.yaml", ["inner.truncate=12", "model.hidden=[8]"]),
     "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["model.hidden=[8]", "implicit.cg_steps=500",
                                                           "implicit.cg_tol=0", "implicit.damping=0.5"]),
@@ -46,7 +47,7 @@ def test_gradcheck_finds_every_exact_method_exact(problem, tmp_path, capsys):
         assert not report["methods"]["implicit"]["exact"]
     if problem == "weight_decay":  # a 418-weight net: the Hessian is formed densely
         assert exact["implicit"]["reference"] == "dense_ift" and exact["implicit"]["rel_error"] <= 1e-4
-    if problem == "learning_rate":  # the solution of training does not depend on the learning rate
+    if problem.startswith("learning_rate"):  # the solution of training does not depend on the learning rate
         assert "learned step sizes" in report["skipped"]["implicit"]
 
 
@@ -71,6 +72,38 @@ def test_a_trained_run_s_evaluation_reports_the_learned_rate_its_accuracy_and_a_
     assert result["grid"]["lrs"] == pytest.approx([0.001, 0.001 * 3000 ** (1 / 3), 0.001 * 3000 ** (2 / 3), 3.0])
     assert len(result["grid"]["test_accuracy"]) == 4 and result["grid"]["best_lr"] in result["grid"]["lrs"]
     assert "validation loss" in capsys.readouterr().out
+
+
+def test_soft_error_is_one_minus_the_mean_probability_of_the_true_class():
+    from distmaml.meta.problems import soft_error
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 5.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 2, 0])
+    p = [math.exp(2) / (math.exp(2) + 1 + math.exp(-1)), 1 / 3, math.exp(-3) / (math.exp(-3) + math.exp(5) + math.e)]
+    assert soft_error(logits, labels).item() == pytest.approx(1 - sum(p) / 3, rel=1e-12)
+    # Bounded where cross-entropy is not: a confident mistake costs at most 1/n.
+    confident = torch.tensor([[0.0, 60.0]], dtype=torch.float64)
+    assert soft_error(confident, torch.tensor([0])).item() == pytest.approx(1.0)
+
+
+def test_a_soft_error_grid_is_chosen_by_the_soft_error_and_reports_validation_accuracy(tmp_path):
+    assert cli.main(["train", str(REPO / "configs/mnist1d_lr.yaml"), f"run.dir={tmp_path}", *SMALL[:3],
+                     "model.hidden=[16]", "problem.outer=soft_error", "train.iterations=2", "eval.tasks=3",
+                     "eval.steps=12", "logging.progress=false"]) == 0
+    assert cli.main(["eval", str(tmp_path), "--json", str(tmp_path / "eval.json"), "--lr-grid", "0.001", "3",
+                     "5"]) == 0
+    grid = json.loads((tmp_path / "eval.json").read_text())["grid"]
+    soft = grid["validation_outer_loss"]
+    assert len(soft) == len(grid["validation_accuracy"]) == 5 and all(0 <= v <= 1 for v in soft)
+    assert soft != grid["validation_loss"] and grid["best_lr"] == grid["lrs"][soft.index(min(soft))]
+
+
+def test_soft_error_on_a_family_without_class_logits_is_one_line(tmp_path, capsys):
+    code = cli.main(["train", str(REPO / "configs/logistic_weight_decay.yaml"), f"run.dir={tmp_path}",
+                     "problem.outer=soft_error"])
+    assert code == 2 and capsys.readouterr().err.strip().endswith(
+        "problem.outer = 'soft_error': soft_error scores a softmax over two or more classes; task.family = "
+        "'logistic' has no class logits")
 
 
 @pytest.mark.parametrize("overrides, flags, message", [

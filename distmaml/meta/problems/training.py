@@ -149,6 +149,8 @@ class TrainingRun:
         for split, x, y in (("", self.data.val_x, self.data.val_y), ("test_", self.data.test_x, self.data.test_y)):
             prediction = self.predict(weights, phi, x)
             out[split + "loss"] = self.loss_fn(prediction, y)
+            if self.outer_fn is not None and not split:  # what phi is chosen by, where it is not the loss
+                out["outer_loss"] = self.outer_fn(prediction, y)
             if self.accuracy_fn is not None:
                 out[split + "accuracy"] = self.accuracy_fn(prediction, y)
         return out
