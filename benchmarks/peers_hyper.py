@@ -1,22 +1,26 @@
-"""Hyperparameter and learned-data hypergradients against TorchOpt and higher: equal first, then time and memory.
+"""Hyperparameter and learned-data hypergradients against TorchOpt, higher and Betty: equal first, then time and memory.
 
-    python -m benchmarks.peers_hyper                   # both cases, the memory rows, this CPU
+    python -m benchmarks.peers_hyper                   # every case, the memory rows, this CPU
     python -m benchmarks.peers_hyper --only learning_rate --quick
 
-Two problems on MNIST-1D, each over 16 random initialisations (tasks) of the 40-100-100-10 MLP:
+Four problems, each over 16 random initialisations (tasks): two on MNIST-1D (the 40-100-100-10 MLP), two on
+scikit-learn's digits:
 
 - learning_rate: the hypergradient of the validation loss with respect to the log learning rate of
   T = 100 SGD steps (batch 100), unrolled and exact. distmaml: one batched meta_gradient; TorchOpt:
   its functional SGD (torchopt.sgd with the rate as a tensor) unrolled per initialisation; higher:
   innerloop_ctx with the rate overridden by a tensor, per initialisation.
 - weight_decay: the implicit hypergradient of one L2 decay per weight after 100 full-batch gradient
-  steps: (H + I) v = grad L_val by 20 conjugate-gradient iterations. distmaml: ImplicitCG;
-  TorchOpt: torchopt.diff.implicit.custom_root with linear_solve.solve_cg (ridge 1, 20 iterations)
-  per initialisation. higher has no implicit differentiation.
+  steps (plain SGD steps, as the peers take them: implicit.inner_safeguard=false): (H + I) v =
+  grad L_val by 20 conjugate-gradient iterations. distmaml: ImplicitCG; TorchOpt:
+  torchopt.diff.implicit.custom_root with linear_solve.solve_cg (ridge 1, 20 iterations) per
+  initialisation. higher has no implicit differentiation. Betty: an ImplicitProblem per
+  initialisation, its Neumann series H^-1 v ~ alpha sum_j (I - alpha H)^j v (20 terms) against
+  distmaml's Neumann, and its "cg" against distmaml's CG without a ridge (benchmarks/peers_betty.py).
 - distill (scikit-learn's digits, a 64-64-10 MLP): the hypergradient of the loss on a real batch with
   respect to 10 distilled images, their soft labels and a learned rate for each of T = 30 steps,
   unrolled. TorchOpt: torchopt.sgd with the step's rate from a schedule; higher: one override of the
-  rate per step.
+  rate per step. Betty's unrolled problems do not start (its rows give the error).
 - hyperclean (digits, half the labels flipped): the implicit hypergradient of the clean validation
   loss with respect to one weight per training example, as weight_decay.
 
@@ -53,7 +57,8 @@ TOLERANCE = 1e-6
 TASKS = 16
 CASES = {
     "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.steps=100", "inner.lr=0.1"]),
-    "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["inner.steps=100", "implicit.damping=1.0"]),
+    "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["inner.steps=100", "implicit.damping=1.0",
+                                                          "implicit.inner_safeguard=false"]),
     "distill": ("configs/digits_distill.yaml", ["inner.steps=30"]),
     "hyperclean": ("configs/digits_hyperclean.yaml", ["inner.mode=implicit", "implicit.damping=1.0",
                                                       "implicit.inner_safeguard=false"]),

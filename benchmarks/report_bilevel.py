@@ -23,8 +23,12 @@ def mnist1d_baselines() -> str:
             + _source(result, f"{result['steps']:,} Adam steps per run, see the benchmark's docstring"))
 
 
+SOLVE_LABELS = {"cg": "CG, 20 iterations, ridge 1", "neumann": "Neumann series, 20 terms",
+                "cg-undamped": "CG, 20 iterations, no ridge"}
+
+
 def peers_hyper() -> str:
-    """Hyperparameter and learned-data hypergradients against TorchOpt and higher (benchmarks.peers_hyper)."""
+    """Hyperparameter and learned-data hypergradients against TorchOpt, higher and Betty (benchmarks.peers_hyper)."""
     result = read(common.RESULTS / "peers_hyper_cpu.json")
     timed = [r for r in result["rows"] if "peak_mib" not in r]
     memory_rows = [r for r in result["rows"] if "peak_mib" in r]
@@ -32,13 +36,18 @@ def peers_hyper() -> str:
     for r in timed:
         error = r.get("relative_error")
         ms = r.get("ms_per_hypergradient")
-        distmaml = next((d for d in timed if d["case"] == r["case"] and d["library"] == "distmaml"), {})
+        distmaml = next((d for d in timed if d["case"] == r["case"] and d["library"].startswith("distmaml")
+                         and d.get("solve") == r.get("solve")), {})
         ratio = (f"{ms / distmaml['ms_per_hypergradient']:.1f}×"
                  if ms is not None and distmaml.get("ms_per_hypergradient") else "")
-        rows.append([r["case"], str(r["inner_steps"]), r["library"], r.get("how", ""), r["status"],
+        status = r["status"] if len(r["status"]) < 60 else r["status"].split(": ")[0] + ": fails (see below)"
+        rows.append([r["case"], str(r["inner_steps"]), r["library"], r.get("how", ""),
+                     SOLVE_LABELS.get(r.get("solve"), "unrolled"), status,
                      f"{error:.1e}" if error is not None else "–", _ms(ms), ratio])
-    text = _table(["problem", "T", "library", "how", "hypergradient", "relative difference (float64)",
+    text = _table(["problem", "T", "library", "how", "hypergradient by", "result", "relative difference (float64)",
                    "ms (float32)", "× distmaml"], rows)
+    failures = sorted({r["status"] for r in timed if len(r["status"]) >= 60})
+    text += "".join(f"\n{failure}" for failure in failures) + ("\n" if failures else "")
     if memory_rows:
         memory_table = []
         for r in memory_rows:
@@ -199,9 +208,10 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
     if path.exists():
         result = read(path)
         ratios = [row["speedup_over_fastest_peer"] for row in result["rows"] if "speedup_over_fastest_peer" in row]
-        cases = ", ".join(row["case"].replace("_", " ") for row in result["rows"] if "speedup_over_fastest_peer" in row)
+        cases = ", ".join(dict.fromkeys(row["case"].replace("_", " ") for row in result["rows"]
+                                        if "speedup_over_fastest_peer" in row))
         if ratios:
-            rows.append([f"hypergradient time of the fastest of TorchOpt and higher ÷ distmaml's, 16 random "
+            rows.append([f"hypergradient time of the fastest of TorchOpt, higher and Betty ÷ distmaml's, 16 random "
                          f"initialisations ({cases})", f"{min(ratios):.1f}× to {max(ratios):.1f}×"])
             files.append(path.name)
     return rows, files
