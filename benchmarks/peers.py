@@ -64,8 +64,8 @@ def load_learn2learn():
     return maml.MAML, f"learn2learn.algorithms.maml alone (import learn2learn: {why})"
 
 
-def one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+def one_line(err: BaseException, limit: int | None = 100) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:limit]}"
 
 
 def learn2learn_step(MAML) -> Callable:

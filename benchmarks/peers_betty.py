@@ -117,7 +117,7 @@ def _run_engine(Engine, EngineConfig, upper, lower, steps: int) -> None:
         Engine(problems=[upper, lower], config=EngineConfig(train_iters=steps, strategy="cpu"),
                dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
     except Exception as err:  # noqa: BLE001 - Betty's own failure, reported in the row
-        raise PeerFailed(f"Betty {_version()} fails: {one_line(err)}") from err
+        raise PeerFailed(f"Betty {_version()} fails: {one_line(err, None)}") from err
 
 
 def _version() -> str:
@@ -152,5 +152,5 @@ def unrolled_failure() -> str | None:
         try:
             _run_engine(Engine, EngineConfig, upper, lower, 2)
         except PeerFailed as err:
-            failures.append(f"{kind.__name__}: {err.__cause__ and one_line(err.__cause__)}")
+            failures.append(f"{kind.__name__}: {err.__cause__ and one_line(err.__cause__, None)}")
     return f"Betty {_version()}: its unrolled problems fail to start ({'; '.join(failures)})" if failures else None

@@ -40,14 +40,15 @@ def peers_hyper() -> str:
                          and d.get("solve") == r.get("solve")), {})
         ratio = (f"{ms / distmaml['ms_per_hypergradient']:.1f}×"
                  if ms is not None and distmaml.get("ms_per_hypergradient") else "")
-        status = r["status"] if len(r["status"]) < 60 else r["status"].split(": ")[0] + ": fails (see below)"
+        status = r["status"] if len(r["status"]) < 60 else "fails (below)"
         rows.append([r["case"], str(r["inner_steps"]), r["library"], r.get("how", ""),
                      SOLVE_LABELS.get(r.get("solve"), "unrolled"), status,
                      f"{error:.1e}" if error is not None else "–", _ms(ms), ratio])
     text = _table(["problem", "T", "library", "how", "hypergradient by", "result", "relative difference (float64)",
                    "ms (float32)", "× distmaml"], rows)
-    failures = sorted({r["status"] for r in timed if len(r["status"]) >= 60})
-    text += "".join(f"\n{failure}" for failure in failures) + ("\n" if failures else "")
+    failures = sorted({(r["library"], r["status"]) for r in timed if len(r["status"]) >= 60})
+    text += "".join(f"\n{library}, {', '.join(r['case'] for r in timed if (r['library'], r['status']) == (library, why))}: "
+                    f"{why}\n" for library, why in failures)
     if memory_rows:
         memory_table = []
         for r in memory_rows:
