@@ -46,9 +46,11 @@ def peers_hyper() -> str:
                      f"{error:.1e}" if error is not None else "–", _ms(ms), ratio])
     text = _table(["problem", "T", "library", "how", "hypergradient by", "result", "relative difference (float64)",
                    "ms (float32)", "× distmaml"], rows)
-    failures = sorted({(r["library"], r["status"]) for r in timed if len(r["status"]) >= 60})
-    text += "".join(f"\n{library}, {', '.join(r['case'] for r in timed if (r['library'], r['status']) == (library, why))}: "
-                    f"{why}\n" for library, why in failures)
+    failures: dict[tuple[str, str], list[str]] = {}  # (library, error): the cases it failed on
+    for r in timed:
+        if len(r["status"]) >= 60:
+            failures.setdefault((r["library"], r["status"]), []).append(r["case"])
+    text += "".join(f"\n{library}, {', '.join(cases)}: {why}\n" for (library, why), cases in failures.items())
     if memory_rows:
         memory_table = []
         for r in memory_rows:
