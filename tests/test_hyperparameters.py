@@ -17,7 +17,7 @@ from conftest import REPO
 SMALL = ["task.args.train=200", "inner.steps=12", "engine.dtype=float64", "train.meta_batch=3"]
 CONFIGS = {
     "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.schedule_blocks=3", "model.hidden=[8]"]),
-    "learning_rate_soft_error": ("configs/mnist1d_lr.yaml", ["model.hidden=[8]", "problem.outer=soft_error"]),
+    "learning_rate_cross_entropy": ("configs/mnist1d_lr.yaml", ["model.hidden=[8]", "problem.outer=loss"]),
     "activation": ("configs/mnist1d_activation.yaml", ["inner.truncate=12", "model.hidden=[8]"]),
     "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["model.hidden=[8]", "implicit.cg_steps=500",
                                                           "implicit.cg_tol=0", "implicit.damping=0.5"]),
