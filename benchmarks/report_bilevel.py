@@ -93,8 +93,9 @@ def unrolls() -> str:
 
 
 # benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
-HYPER = ("learning_rate", "learning_rate_schedule", "activation", "weight_decay", "logistic", "digits_hyperclean",
-         "mnist1d_hyperclean", "digits_distill", "digits_distill_m10", "mnist1d_distill")
+HYPER = ("learning_rate", "learning_rate_truncated", "learning_rate_cross_entropy", "learning_rate_schedule",
+         "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean", "digits_distill",
+         "digits_distill_m10", "mnist1d_distill")
 _CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
 
 
@@ -105,7 +106,7 @@ def _summary(value: Any) -> str:
     while isinstance(value, list) and value and all(isinstance(v, list) for v in value):  # a matrix: its entries
         value = [entry for row in value for entry in row]
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        if len(value) <= 4:
+        if len(value) <= 8:  # a schedule's few blocks: every value, in order
             return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
         ordered = sorted(value)
         return (f"{len(value):,} values from {ordered[0]:.3g} to {ordered[-1]:.3g}, median "
@@ -188,8 +189,12 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
     def accuracy(result, get) -> list[float]:
         return [100 * get(row) for row in result["rows"]]
 
-    def baseline(result, name) -> float:
-        return statistics.mean(accuracy(result, lambda row: row["baselines"][name]["test_accuracy"]))
+    def baseline(result, name) -> float:  # `name`, or else the one baseline whose name starts with it
+        def value(row):
+            (key,) = [name] if name in row["baselines"] else [key for key in row["baselines"] if key.startswith(name)]
+            return row["baselines"][key]["test_accuracy"]
+
+        return statistics.mean(accuracy(result, value))
 
     for name, label, others in (
             ("hyper_digits_hyperclean", "hyper-cleaning on scikit-learn's digits, half the training labels flipped: "
@@ -197,7 +202,10 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
              ("noisy", "oracle")),
             ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
              "30 steps from random initialisations: test accuracy / one random real example per class",
-             ("random_real",))):
+             ("random_real",)),
+            ("hyper_learning_rate_schedule", "a learned learning-rate schedule (5 blocks of 200 SGD steps) on MNIST-1D: "
+             "test accuracy / the best of 16 fixed rates by validation accuracy",
+             ("SGD rate grid (best by validation accuracy,",))):
         path = common.RESULTS / f"{name}.json"
         if not path.exists():
             continue
