@@ -203,8 +203,8 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
             ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
              "30 steps from random initialisations: test accuracy / one random real example per class",
              ("random_real",)),
-            ("hyper_learning_rate_schedule", "a learned learning-rate schedule (5 blocks of 200 SGD steps) on MNIST-1D: "
-             "test accuracy / the best of 16 fixed rates by validation accuracy",
+            ("hyper_learning_rate_schedule", "a learned learning-rate schedule (5 blocks of 200 SGD steps) on "
+             "MNIST-1D: test accuracy / the best of 16 fixed rates by validation accuracy",
              ("SGD rate grid (best by validation accuracy,",))):
         path = common.RESULTS / f"{name}.json"
         if not path.exists():
