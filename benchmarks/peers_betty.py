@@ -7,10 +7,11 @@ the case's T steps from that initialisation (the same mini-batches: a batch is t
 the problem's own inner loss draws the step's examples), and reads phi's gradient in the upper
 problem's `grad_callback`, before its optimizer would step.
 
-- unrolled (learning_rate, distill): the lower level is an `IterativeProblem`, whose functional
-  parameters carry the graph of every step, with a `custom_optimizer_step` that takes the step size
-  from phi (exp of the step's log rate); the upper one sets `first_order=False`, so its gradient is
-  the exact derivative through the T steps.
+- unrolled (learning_rate, distill): the lower level is Betty's `HigherIterativeProblem` (higher's
+  differentiable SGD underneath), the step's rate set from phi (exp of the step's log rate) as a
+  tensor in the optimizer's parameter group before each step; the upper one sets
+  `first_order=False`, so its gradient is the derivative through the T steps. This path has never
+  produced a hypergradient: Betty 0.2.1 fails before its first step (below).
 - implicit (weight_decay, hyperclean): the lower level is an `ImplicitProblem` trained by
   torch.optim.SGD; the upper problem's hypergradient is Betty's `neumann` (the series
   alpha sum_j (I - alpha H)^j v, the same polynomial as distmaml's Neumann) or its `cg`. Betty 0.2.1's
@@ -41,6 +42,20 @@ from benchmarks.peers import one_line
 
 class PeerFailed(RuntimeError):
     """Betty itself raised: the row reports its error instead of a hypergradient."""
+
+
+class _OursFailed(Exception):
+    """Our own code, called back by Betty, raised: re-raised as itself, never blamed on Betty."""
+
+
+def _ours(method):
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as err:
+            raise _OursFailed() from err
+
+    return call
 
 
 def _quiet_betty():
@@ -82,11 +97,14 @@ def hypergradient(problem, phi: dict[str, torch.Tensor], task: Any, start: dict[
     captured: list[torch.Tensor] = []
 
     class Upper(ImplicitProblem):
+        @_ours
         def training_step(self, batch):
             return problem.outer_loss(self.lower.weights(), self.module.as_dict(), task)
 
+        @_ours
         def grad_callback(self):
-            captured.extend(value.grad.detach().clone() for value in self.module.values)
+            captured.extend(torch.zeros_like(value) if value.grad is None else value.grad.detach().clone()
+                            for value in self.module.values)
 
     class Lower(HigherIterativeProblem if lower_kind == "unrolled" else ImplicitProblem):
         def weights(self):
@@ -94,6 +112,7 @@ def hypergradient(problem, phi: dict[str, torch.Tensor], task: Any, start: dict[
                 return dict(zip(names, self.module.fast_params))
             return dict(self.module.named_parameters())
 
+        @_ours
         def training_step(self, batch):
             step, phi_now = int(batch[0]), self.upper.module.as_dict()
             if lower_kind == "unrolled":  # the step's rate, a tensor in phi: higher's update differentiates it
@@ -116,6 +135,8 @@ def _run_engine(Engine, EngineConfig, upper, lower, steps: int) -> None:
     try:
         Engine(problems=[upper, lower], config=EngineConfig(train_iters=steps, strategy="cpu"),
                dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}).run()
+    except _OursFailed as err:  # a bug of ours: its own traceback, not a row blaming Betty
+        raise err.__cause__ from None
     except Exception as err:  # noqa: BLE001 - Betty's own failure, reported in the row
         raise PeerFailed(f"Betty {_version()} fails: {one_line(err, None)}") from err
 

@@ -250,6 +250,7 @@ PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr, "betty"
          "distill": {"torchopt": torchopt_distill, "higher": higher_distill, "betty": betty_unrolled},
          "hyperclean": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
                         "betty-cg": betty_cg}}
+PEER_PACKAGES = ("torchopt", "higher", "betty")
 # What each library's hypergradient is checked against and timed beside: distmaml with the same solve.
 SOLVE_OF = {"distmaml-neumann": "neumann", "betty": "neumann", "betty-cg": "cg-undamped"}
 HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched", "torchopt": "per initialisation",
@@ -274,10 +275,12 @@ def compare_and_time(case: str, windows: int, seconds: float, steps: int | None 
         try:
             got = fn(config, learner, batch)
         except ImportError as err:
+            if err.name not in PEER_PACKAGES:  # a broken import, not a missing peer: an error
+                raise
             rows.append({**row, "status": f"not installed ({err})"})
             continue
         except PeerFailed as err:
-            rows.append({**row, "status": str(err)})
+            rows.append({**row, "status": "fails", "error": str(err)})
             print(f"{case:>14} {name:>16}: {err}", flush=True)
             continue
         error = float((got.reshape(-1) - references[solve]).norm() / references[solve].norm())
@@ -300,7 +303,7 @@ MEMORY_CASE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
 from benchmarks.peers_betty import PeerFailed
-from benchmarks.peers_hyper import PEERS, setup, distmaml_grad
+from benchmarks.peers_hyper import PEER_PACKAGES, PEERS, setup, distmaml_grad
 case, library, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 checkpoint = "auto" if library == "distmaml" else "none"
 config, learner, tasks = setup(case, "float32", steps, checkpoint)
@@ -314,6 +317,11 @@ try:
     fn(config, learner, tasks)
 except PeerFailed as err:  # reported by the timing rows
     print(json.dumps({"failed": str(err)}))
+    sys.exit(0)
+except ImportError as err:
+    if err.name not in PEER_PACKAGES:
+        raise
+    print(json.dumps({"failed": f"not installed ({err})"}))
     sys.exit(0)
 print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 """

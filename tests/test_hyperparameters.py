@@ -98,12 +98,17 @@ def test_a_soft_error_grid_is_chosen_by_the_soft_error_and_reports_validation_ac
     assert soft != grid["validation_loss"] and grid["best_lr"] == grid["lrs"][soft.index(min(soft))]
 
 
-def test_soft_error_on_a_family_without_class_logits_is_one_line(tmp_path, capsys):
+def test_soft_error_where_it_cannot_apply_is_one_line(tmp_path, capsys):
     code = cli.main(["train", str(REPO / "configs/logistic_weight_decay.yaml"), f"run.dir={tmp_path}",
                      "problem.outer=soft_error"])
     assert code == 2 and capsys.readouterr().err.strip().endswith(
         "problem.outer = 'soft_error': soft_error scores a softmax over two or more classes; task.family = "
         "'logistic' has no class logits")
+    code = cli.main(["train", str(REPO / "configs/sine_maml.yaml"), f"run.dir={tmp_path / 'maml'}",
+                     "problem.outer=soft_error"])
+    assert code == 2 and capsys.readouterr().err.strip().endswith(
+        "problem.outer = 'soft_error': chooses the outer loss of a network trained from scratch (learning_rate, "
+        "activation, weight_decay, hyperclean, distill); problem.name = 'maml' has its own")
 
 
 @pytest.mark.parametrize("overrides, flags, message", [
