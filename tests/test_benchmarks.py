@@ -151,6 +151,25 @@ def test_a_peer_s_hypergradient_equals_distmaml_s_before_it_is_timed(peers_hyper
             assert cg["status"] == "DIFFERS" and cg["relative_error"] > 0.1 and "ms_per_hypergradient" not in cg, cg
 
 
+def test_an_error_of_ours_inside_a_betty_engine_is_raised_as_ours_not_blamed_on_betty():
+    pytest.importorskip("betty")
+    from benchmarks import peers_betty
+
+    config, learner, tasks = peers_hyper.setup("hyperclean", "float64", 2, tasks=1)
+
+    class Broken:  # the problem's inner loss has a bug
+        def __getattr__(self, name):
+            return getattr(learner.problem, name)
+
+        def inner_loss(self, *args):
+            raise ValueError("a bug in our inner loss")
+
+    task, params, names = next(peers_hyper._runs(learner, tasks))
+    with pytest.raises(ValueError, match="a bug in our inner loss"):
+        peers_betty.hypergradient(Broken(), learner.theta, task, dict(zip(names, params)), 2, "implicit", lr=0.1,
+                                  type="neumann", neumann_iterations=2, neumann_alpha=0.01)
+
+
 def test_implicit_hypergradients_equal_the_unrolled_one_only_once_the_training_run_has_converged(tmp_path):
     # Logistic regression is convex: 300 steps reach its minimum, where the implicit function theorem
     # holds; after 5 steps it does not, and the benchmark must show the difference.
