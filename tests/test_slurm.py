@@ -66,6 +66,9 @@ class Cluster:
         r = self.root
         self.conf.write_text(f"""\
 ClusterName=distmaml-test
+# Each pytest-xdist worker may start its own cluster: distinct job ids keep their jobs' rendezvous
+# ports (slurm/train_multi_node.sbatch: 29400 + job id mod 1000) apart.
+FirstJobId={first_job_id()}
 SlurmctldHost={host}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
@@ -152,6 +155,12 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def first_job_id() -> int:
+    """1 for the main process or worker gw0, 101 for gw1, ...: job ids no other worker's cluster uses."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 1 + 100 * int(worker.removeprefix("gw") or 0)
 
 
 @pytest.fixture(scope="module")
