@@ -85,8 +85,7 @@ def hypergradient(problem, phi: dict[str, torch.Tensor], task: Any, start: dict[
     """One initialisation's hypergradient by a Betty engine. `lower_kind`: "unrolled" (the step sizes
     come from phi) or "implicit" (SGD at `lr`; `method`: Betty's Config fields of the hypergradient,
     such as type="neumann", neumann_iterations=20, neumann_alpha=0.1)."""
-    from betty.configs import Config, EngineConfig
-    from betty.engine import Engine
+    from betty.configs import Config
     from betty.problems import HigherIterativeProblem, ImplicitProblem
 
     names = list(start)
@@ -126,11 +125,14 @@ def hypergradient(problem, phi: dict[str, torch.Tensor], task: Any, start: dict[
                   train_data_loader=[(torch.tensor(0),)], config=Config(first_order=lower_kind != "unrolled"))
     lower = Lower(name="lower", module=module, optimizer=torch.optim.SGD(module.parameters(), lr=lr),
                   train_data_loader=_steps(steps), config=Config(**method, unroll_steps=steps))
-    _run_engine(Engine, EngineConfig, upper, lower, steps)
+    _run_engine(upper, lower, steps)
     return torch.cat([g.reshape(-1) for g in captured])
 
 
-def _run_engine(Engine, EngineConfig, upper, lower, steps: int) -> None:
+def _run_engine(upper, lower, steps: int) -> None:
+    from betty.configs import EngineConfig
+    from betty.engine import Engine
+
     _quiet_betty()
     try:
         Engine(problems=[upper, lower], config=EngineConfig(train_iters=steps, strategy="cpu"),
@@ -150,8 +152,7 @@ def _version() -> str:
 def unrolled_failure() -> str | None:
     """Why Betty cannot differentiate through unrolled steps here (each unrolled problem class's
     error on a toy problem: a linear lower level trained two steps), or None when both run."""
-    from betty.configs import Config, EngineConfig
-    from betty.engine import Engine
+    from betty.configs import Config
     from betty.problems import HigherIterativeProblem, ImplicitProblem, IterativeProblem
 
     data = [(torch.linspace(-1, 1, 12).reshape(4, 3),)]
@@ -171,7 +172,7 @@ def unrolled_failure() -> str | None:
         lower = Lower(name="lower", module=lower_module, optimizer=torch.optim.SGD(lower_module.parameters(), lr=0.1),
                       train_data_loader=data, config=Config(unroll_steps=2))
         try:
-            _run_engine(Engine, EngineConfig, upper, lower, 2)
+            _run_engine(upper, lower, 2)
         except PeerFailed as err:
             failures.append(f"{kind.__name__}: {err.__cause__ and one_line(err.__cause__, None)}")
     return f"Betty {_version()}: its unrolled problems fail to start ({'; '.join(failures)})" if failures else None

@@ -251,6 +251,14 @@ PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr, "betty"
          "hyperclean": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
                         "betty-cg": betty_cg}}
 PEER_PACKAGES = ("torchopt", "higher", "betty")
+
+
+def not_installed(err: ImportError) -> str:
+    """A missing peer's status; any other failed import (a broken one, or ours) is raised as the error it is."""
+    if err.name not in PEER_PACKAGES:
+        raise err
+    return f"not installed ({err})"
+
 # What each library's hypergradient is checked against and timed beside: distmaml with the same solve.
 SOLVE_OF = {"distmaml-neumann": "neumann", "betty": "neumann", "betty-cg": "cg-undamped"}
 HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched", "torchopt": "per initialisation",
@@ -275,9 +283,7 @@ def compare_and_time(case: str, windows: int, seconds: float, steps: int | None 
         try:
             got = fn(config, learner, batch)
         except ImportError as err:
-            if err.name not in PEER_PACKAGES:  # a broken import, not a missing peer: an error
-                raise
-            rows.append({**row, "status": f"not installed ({err})"})
+            rows.append({**row, "status": not_installed(err)})
             continue
         except PeerFailed as err:
             rows.append({**row, "status": "fails", "error": str(err)})
@@ -303,7 +309,7 @@ MEMORY_CASE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
 from benchmarks.peers_betty import PeerFailed
-from benchmarks.peers_hyper import PEER_PACKAGES, PEERS, setup, distmaml_grad
+from benchmarks.peers_hyper import PEERS, distmaml_grad, not_installed, setup
 case, library, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 checkpoint = "auto" if library == "distmaml" else "none"
 config, learner, tasks = setup(case, "float32", steps, checkpoint)
@@ -319,9 +325,7 @@ except PeerFailed as err:  # reported by the timing rows
     print(json.dumps({"failed": str(err)}))
     sys.exit(0)
 except ImportError as err:
-    if err.name not in PEER_PACKAGES:
-        raise
-    print(json.dumps({"failed": f"not installed ({err})"}))
+    print(json.dumps({"failed": not_installed(err)}))
     sys.exit(0)
 print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 """

@@ -20,9 +20,8 @@ from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDe
 from distmaml.meta.problems import soft_error
 from distmaml.meta.problem import ProblemError, missing_members
 
-PROBLEMS = {name: f"distmaml.problems:build_{name}"
-            for name in ("maml", "learning_rate", "activation", "weight_decay", "hyperclean", "distill")}
 TRAINING_RUNS = ("learning_rate", "activation", "weight_decay", "hyperclean", "distill")  # problem.outer applies
+PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in ("maml", *TRAINING_RUNS)}
 ACTIVATION_PREFIX = "activation."  # distmaml.models.MLP's learned activation
 
 
