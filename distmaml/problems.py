@@ -77,6 +77,7 @@ def build_weight_decay(config, model, family) -> WeightDecay:
 def build_hyperclean(config, model, family) -> Reweighting:
     """Per-example weights of the training split, learned on a clean validation split."""
     return Reweighting(**_training(config, model, family), initial=config.problem.example_init,
+                       normalised=config.problem.example_weighting == "normalised",
                        flipped=getattr(family, "flipped", None))
 
 

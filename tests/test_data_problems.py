@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distmaml import cli
-from distmaml.build import load_trained
+from distmaml.build import build, load_trained
+from distmaml.config import load_config
 from distmaml.meta import Dataset, Inner, Reweighting, make_rule, meta_gradient, meta_parameters
 from distmaml.meta.problems.distillation import BASELINE_RATES
 from distmaml.models import MLP
@@ -28,9 +29,15 @@ def test_gradcheck_finds_every_exact_method_exact(config, extra, tmp_path, capsy
     assert "truncated" in report["methods"] and "finite_difference" in report["methods"]
 
 
-def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_problem():
+@pytest.mark.parametrize("normalised", [True, False])
+def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_problem(normalised):
     """Two well-separated Gaussian classes, 40 % of the training labels flipped: a few dozen outer
-    steps of the second-order hypergradient rank the flipped examples below the clean ones."""
+    steps of the second-order hypergradient rank the flipped examples below the clean ones.
+
+    The inner rate keeps full-weight training stable (rate x the loss's largest curvature, about
+    0.25 x 19 at the start, below 2). Above that, with normalised weights, the flipped examples'
+    pull against the clean ones is what keeps the steps from oscillating, and the hypergradient
+    rightly raises their weights."""
     generator = torch.Generator().manual_seed(0)
 
     def points(n):
@@ -42,8 +49,8 @@ def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_probl
     train_y, flipped = flip_labels(clean_y, 0.4, 2, data_seed=1)
     torch.manual_seed(0)
     problem = Reweighting(MLP(2, [], 2).double(), Dataset(train_x, train_y, val_x, val_y, test_x, test_y),
-                          flipped=flipped)
-    inner = Inner(make_rule("sgd", 0.5), 20)
+                          flipped=flipped, normalised=normalised)
+    inner = Inner(make_rule("sgd", 0.2), 20)
     phi = meta_parameters(problem, inner)
     optimizer = torch.optim.Adam(phi.values(), lr=0.3)
     tasks = {"seed": torch.arange(4, dtype=torch.int64)}
@@ -56,6 +63,32 @@ def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_probl
     clean, dirty = weights[~flipped], weights[flipped]
     auroc = (clean[:, None] > dirty[None, :]).double().mean().item()  # P(a clean weight > a flipped one)
     assert auroc >= 0.9, auroc
+
+
+@pytest.mark.parametrize("weighting", ["normalised", "mean"])
+def test_the_weighted_loss_is_normalised_by_the_batch_weight_or_averaged(weighting):
+    """Normalised, equal weights train like no weights at all, whatever their value; the plain mean
+    scales the loss (and so the step) with them. Both against the formula written out here."""
+    config = load_config(HYPERCLEAN, [f"problem.example_weighting={weighting}", "model.hidden=[8]",
+                                      "engine.dtype=float64"])
+    problem = build(config).problem
+    task, weights = {"seed": torch.tensor(3)}, problem.start({}, {"seed": torch.tensor(3)})
+    x, y = problem.batch(task, 5)
+    per_example = torch.nn.functional.cross_entropy(problem.predict(weights, {}, x), y, reduction="none")
+    index = problem.batch_index(task, 5)
+    logits = torch.linspace(-3, 3, problem.data.train_x.shape[0], dtype=torch.float64)
+    weight = torch.sigmoid(logits[index])
+    expected = (weight * per_example).sum() / weight.sum() if weighting == "normalised" else (
+        weight * per_example).mean()
+    torch.testing.assert_close(problem.inner_loss(weights, {"example_logit": logits}, task, 5), expected,
+                               rtol=1e-12, atol=0)
+    constant = problem.inner_loss(weights, {"example_logit": torch.full_like(logits, -2.0)}, task, 5)
+    plain = problem.training_loss(weights, {}, task, 5)
+    if weighting == "normalised":
+        torch.testing.assert_close(constant, plain, rtol=1e-12, atol=0)
+    else:
+        torch.testing.assert_close(constant, torch.sigmoid(torch.tensor(-2.0, dtype=torch.float64)) * plain,
+                                   rtol=1e-12, atol=0)
 
 
 def test_hyperclean_evaluation_reports_the_learned_weights_beside_its_baselines(tmp_path):

@@ -48,6 +48,9 @@ class ProblemConfig:
                       "soft_error = 1 - mean softmax probability of the true class (classification; for "
                       "hyperparameters chosen for accuracy rather than cross-entropy)", ("loss", "soft_error"))
     example_init: float = _opt(0.0, "hyperclean: every example's weight logit starts here (weight sigmoid(logit))")
+    example_weighting: str = _opt("normalised", "hyperclean: a mini-batch's weighted loss is sum w_i l_i / sum w_i "
+                                  "(normalised: the weights choose which examples train the network, not how fast; "
+                                  "Ren et al. 2018) or the mean of w_i l_i", ("normalised", "mean"))
     per_class: int = _opt(1, "distill: synthetic examples per class (M)")
     distill_init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or "
                              "as Gaussian noise", ("real", "noise"))

@@ -2,12 +2,16 @@
 Franceschi et al. 2017; learning to reweight, Ren et al. 2018).
 
     phi_i = the logit of training example i's weight sigma(phi_i)
-    inner_loss(w, phi, task, k) = mean over step k's batch of sigma(phi_i) * l_i(w)
+    inner_loss(w, phi, task, k) = sum_i sigma(phi_i) * l_i(w) / sum_i sigma(phi_i) over step k's batch
+                                  (normalised, Ren et al. 2018), or the mean of sigma(phi_i) * l_i(w)
     outer_loss(w, phi, task)    = the loss on a clean validation split
 
 An example whose label was flipped pulls the network away from the clean validation set, so its
 weight's hypergradient pushes it down: after meta-training, sigma(phi_i) < 1/2 marks a detected flip.
 The weights enter the inner loss, so every hypergradient method applies (the implicit ones too).
+Normalised, the weights decide which examples the network learns from but not how fast it learns:
+with the plain mean, weighing down the flipped half of the data also halves the effective step
+size, and the network trained on the learned weights ends its steps less trained than the baselines.
 `flipped` (which labels the data set flipped, when known) lets describe() report how well the
 learned weights find them; `baselines` are the standard comparisons: training on everything
 ("noisy"), on the clean validation split alone, and on only the examples whose labels are right
@@ -32,6 +36,7 @@ NAME = "example_logit"
 @dataclass(frozen=True, eq=False)
 class Reweighting(TrainingRun):
     initial: float = 0.0  # every weight starts at sigma(initial)
+    normalised: bool = True  # a batch's loss is divided by its total weight, not by its size
     flipped: torch.Tensor | None = None
 
     learned_name = "learned_weights"  # what evaluation calls the learned run beside its baselines
@@ -48,7 +53,10 @@ class Reweighting(TrainingRun):
         x, y = self.batch(task, step)
         logits = phi[NAME] if index is None else phi[NAME][index]
         per_example = F.cross_entropy(self.predict(weights, phi, x), y, reduction="none")
-        return (torch.sigmoid(logits) * per_example).mean()
+        weight = torch.sigmoid(logits)
+        if self.normalised:
+            return (weight * per_example).sum() / weight.sum()
+        return (weight * per_example).mean()
 
     def describe(self, phi: Params) -> dict:
         weight = torch.sigmoid(phi[NAME].detach())
