@@ -12,7 +12,7 @@ import torch
 
 from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
-from distmaml.config import Config, ConfigError, flatten, source_of
+from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
 from distmaml.engine import fit_optimizer_to, learning_rate
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
@@ -100,10 +100,10 @@ def _first_window(saved: Any) -> dict | None:
 
 
 def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
-    now = flatten(config)
-    for key, value in flatten(Config()).items():
-        section, name = key.split(".")
-        before = saved.get(section, {}).get(name, value)
+    # The saved settings as that run ran them: an earlier version's config migrated, its missing keys
+    # at their defaults (or at what the run did before the key existed).
+    now, ran = flatten(config), flatten(from_dict(saved, str(path)))
+    for key, before in ran.items():
         if now[key] == before or key.startswith(RESUMABLE_CHANGES):
             continue
         if key in RECOVERY_CHANGES:

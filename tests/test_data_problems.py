@@ -91,6 +91,23 @@ def test_the_weighted_loss_is_normalised_by_the_batch_weight_or_averaged(weighti
                                    rtol=1e-12, atol=0)
 
 
+def test_a_hyperclean_checkpoint_from_before_example_weighting_keeps_the_mean_it_trained_with(tmp_path, capsys):
+    """A run saved before problem.example_weighting existed trained on the plain mean: loading it
+    builds that loss, and resuming it under today's default (normalised) is refused in one line."""
+    common = [str(HYPERCLEAN), f"run.dir={tmp_path}", "inner.steps=5", "eval.at_end=false", "logging.progress=false"]
+    assert cli.main(["train", *common, "train.iterations=2", "train.checkpoint_every=2"]) == 0
+    path = tmp_path / "checkpoints" / "ckpt_00000002.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["problem"]["example_weighting"]
+    torch.save(state, path)
+    assert load_trained(path).learner.problem.normalised is False
+    capsys.readouterr()
+    assert cli.main(["train", *common, "train.iterations=4"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was trained with problem.example_weighting = 'mean'" in error, error
+    assert cli.main(["train", *common, "train.iterations=4", "problem.example_weighting=mean"]) == 0
+
+
 def test_hyperclean_evaluation_reports_the_learned_weights_beside_its_baselines(tmp_path):
     assert cli.main(["train", str(HYPERCLEAN), f"run.dir={tmp_path}", "inner.steps=20", "train.iterations=6",
                      "train.log_every=3", "eval.tasks=2", "eval.steps=20", "logging.progress=false"]) == 0

@@ -182,7 +182,10 @@ def from_dict(tree: dict[str, Any], source: str, changes: dict[str, tuple[Any, s
 
 def _migrated(raw: dict[str, Any]) -> dict[str, Any]:
     """Version 0.1's implicit.lam was iMAML's proximal strength, and implicit.cg_damping was added to
-    I + H / lam: today the proximal term belongs to the maml problem and the damping to H itself."""
+    I + H / lam: today the proximal term belongs to the maml problem and the damping to H itself.
+    A hyperclean run saved before problem.example_weighting existed trained on the plain mean."""
+    if raw.get("problem.name") == "hyperclean":
+        raw.setdefault("problem.example_weighting", "mean")
     lam = raw.pop("implicit.lam", None)
     damping = raw.pop("implicit.cg_damping", None)
     if lam is not None and raw.get("inner.mode") in VERSION_0_1_PROXIMAL_MODES:
