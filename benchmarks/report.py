@@ -275,10 +275,19 @@ def headline() -> str:
                          f"{max(ratios):.1f}×"])
     bilevel_rows, bilevel_files = headline_rows()
     rows += bilevel_rows
-    sources = ", ".join(["seeds_sine_maml_paper.json", "peers_cpu.json", *bilevel_files])
-    return (_table(["result", "distmaml"], rows) + f"\nGenerated from benchmarks/results/seeds_sine_maml.json, "
-            f"{sources} ({_machine(peers_result)}); "
-            "[docs/results.md](docs/results.md) has every table with its command and machine.\n")
+    return (_table(["result", "distmaml"], rows) + "\nGenerated from benchmarks/results/"
+            + _by_machine(["seeds_sine_maml.json", "seeds_sine_maml_paper.json", "peers_cpu.json", *bilevel_files])
+            + "; [docs/results.md](docs/results.md) has every table with its command and machine.\n")
+
+
+def _by_machine(files: list[str]) -> str:
+    """Result files grouped by the machine each was measured on: "a.json, b.json (machine 1), c.json (machine 2)";
+    a seeds study records none (its numbers are training quality, not time) and is named alone."""
+    groups: dict[str, list[str]] = {}
+    for name in files:
+        result = read(common.RESULTS / name)
+        groups.setdefault(_machine(result) if "machine" in result else "", []).append(name)
+    return ", ".join(", ".join(names) + (f" ({where})" if where else "") for where, names in groups.items())
 
 
 RENDERERS: dict[str, Callable[[], str]] = {

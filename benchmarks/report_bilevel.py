@@ -94,8 +94,8 @@ def unrolls() -> str:
 
 # benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
 HYPER = ("learning_rate", "learning_rate_truncated", "learning_rate_cross_entropy", "learning_rate_schedule",
-         "activation", "weight_decay", "logistic", "digits_hyperclean", "mnist1d_hyperclean", "digits_distill",
-         "digits_distill_m10", "mnist1d_distill")
+         "activation", "weight_decay", "logistic", "digits_hyperclean", "digits_hyperclean_mean", "mnist1d_hyperclean",
+         "mnist1d_hyperclean_mean", "digits_distill", "digits_distill_m10", "mnist1d_distill")
 _CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
 
 
@@ -199,6 +199,8 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
     for name, label, others in (
             ("hyper_digits_hyperclean", "hyper-cleaning on scikit-learn's digits, half the training labels flipped: "
              "test accuracy with learned example weights / training on every label / on only the correct ones",
+             ("noisy", "oracle")),
+            ("hyper_mnist1d_hyperclean", "the same on MNIST-1D (300 SGD steps of an MLP, 3,600 training sequences)",
              ("noisy", "oracle")),
             ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
              "30 steps from random initialisations: test accuracy / one random real example per class",
