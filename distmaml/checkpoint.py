@@ -4,11 +4,14 @@ that make a run write one (preemption). The run directory around them is distmam
 A checkpoint is plain data (tensors, numbers, strings, dicts) loaded with weights_only=True, so a
 file from elsewhere cannot run code. It is written to a temporary name, flushed to disk and renamed,
 so a crash at any moment leaves either the old set of checkpoints or the old set plus a complete new
-one, never a torn file under a checkpoint's name.
+one, never a torn file under a checkpoint's name. It carries a checksum of its contents and whether its
+values were finite, so that a file altered since (a bad disk, a hand edit) or saved with NaN or inf is
+refused on load, and a resume goes on from the newest good one instead of diverging again from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -27,6 +30,9 @@ from distmaml.files import atomic_write, stale_temporaries
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: learned inner-rule parameters under "rule"; 1 (no "rule") still loads
+# "checksum" and "finite" are optional keys, not a new format: files without them (written before)
+# still load, and a distmaml from before them reads today's files, ignoring both.
+_CHECKSUM = "sha256:"
 _READABLE = (1, 2)
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 _REQUIRED = ("format_version", "iteration", "model", "optimizer", "config", "rng")
@@ -42,10 +48,22 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | No
     Pruning only removes checkpoints numbered below the one just written: a file numbered above
     (left by an earlier run, or unreadable) is never counted, so the checkpoint just written is
     never the one removed.
+
+    Along with `state` it stores a checksum of everything in it and whether all its floating-point
+    tensors are finite, which load_checkpoint checks. A state that is not finite is still written
+    (and refused on load), but prunes nothing: the good checkpoints before it are the ones a resume needs.
     """
     path = checkpoint_path(directory, state["iteration"])
-    atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
-    if keep is not None:
+    state = {key: value for key, value in state.items() if key not in ("checksum", "finite")}
+    state = {"format_version": FORMAT_VERSION, **state}
+    non_finite = _first_non_finite(state)
+    state["finite"] = non_finite is None
+    state["checksum"] = _checksum(state)
+    atomic_write(path, lambda handle: torch.save(state, handle))
+    if non_finite is not None:
+        log.warning("%s: written with non-finite values (NaN or inf) in %s; it will be refused on load, and "
+                    "no older checkpoint was pruned for it", path, non_finite)
+    elif keep is not None:
         older = [p for p in list_checkpoints(directory) if checkpoint_iteration(p) < state["iteration"]]
         for old in older[:max(len(older) - (keep - 1), 0)]:
             old.unlink(missing_ok=True)
@@ -86,11 +104,74 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: written by a newer distmaml (checkpoint format {state['format_version']}; "
                               f"this one reads {' and '.join(map(str, _READABLE))}): resume it with that version, or "
                               "move it away to resume from the checkpoints before it")
-    state.setdefault("rule", {})
-    problem = _type_problem(state)
+    problem = _content_problem(state) or _type_problem(state)
     if problem:
         raise CheckpointError(f"{path}: damaged checkpoint: {problem}", damaged=True)
+    state.setdefault("rule", {})
     return state
+
+
+def _content_problem(state: dict[str, Any]) -> str | None:
+    """Whether a loaded checkpoint's contents are what was saved and finite, or what is wrong.
+
+    A file from before checksums has none to compare; its values are still checked."""
+    if "checksum" in state and state["checksum"] != _checksum(state):
+        return "its contents do not match the checksum written with it (altered after saving)"
+    non_finite = _first_non_finite(state)
+    if non_finite is not None:
+        return f"holds non-finite values (NaN or inf) in {non_finite}"
+    if state.get("finite", True) is not True:
+        return "was saved with non-finite values (NaN or inf)"
+    return None
+
+
+def _checksum(state: dict[str, Any]) -> str:
+    """sha256 over everything in `state` but its "checksum": each tensor's dtype, shape and bytes, and
+    the plain data, dict keys in sorted order, so that the same contents always give the same digest."""
+    digest = hashlib.sha256()
+    _digest(digest, {key: value for key, value in state.items() if key != "checksum"})
+    return _CHECKSUM + digest.hexdigest()
+
+
+def _digest(digest: Any, value: Any) -> None:
+    # Each item is tagged with its kind and containers with their length, so that different
+    # structures cannot run together into the same byte stream.
+    if torch.is_tensor(value):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        # The raw bytes, not a pickle: pickling would hash torch's framing too, and cost a copy more.
+        # Viewed as bytes first, since numpy has no bfloat16.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):  # an OrderedDict too: state_dict()'s order is not the contents
+        digest.update(f"dict {len(value)}\n".encode())
+        for key in sorted(value, key=lambda key: (type(key).__name__, repr(key))):
+            _digest(digest, key)
+            _digest(digest, value[key])
+    elif isinstance(value, (list, tuple)):  # torch.Size too
+        digest.update(f"list {len(value)}\n".encode())
+        for item in value:
+            _digest(digest, item)
+    else:  # None, bool, int, float, str, torch.dtype: repr tells them apart and round-trips floats
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+
+def _first_non_finite(value: Any, name: str = "") -> str | None:
+    """The dotted name (model.net.0.weight) of the first floating-point tensor in `value`, in sorted
+    key order, that holds a NaN or an infinity; None if there is none."""
+    if torch.is_tensor(value):
+        floating = value.is_floating_point() or value.is_complex()
+        return name if floating and not bool(torch.isfinite(value.detach()).all()) else None
+    if isinstance(value, dict):
+        items = [(key, value[key]) for key in sorted(value, key=lambda key: (type(key).__name__, repr(key)))]
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _type_problem(state: dict[str, Any]) -> str | None:
@@ -135,8 +216,10 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path | None:
-    """The newest checkpoint that loads and holds the iteration its name says.
+def latest_checkpoint(directory: str | Path, move_aside: bool = False, at_most: int | None = None) -> Path | None:
+    """The newest checkpoint that loads and holds the iteration its name says; with `at_most`, the
+    newest such of those numbered at most that iteration (the ones above are passed over unread, and
+    never moved aside for it: e.g. the last good checkpoint before a given iteration went wrong).
 
     A newer damaged one is skipped with a warning, and so is one whose name disagrees with the
     iteration stored in it (a copy renamed by hand: the iteration inside is the truth, and its name
@@ -144,9 +227,12 @@ def latest_checkpoint(directory: str | Path, move_aside: bool = False) -> Path |
     main process) such a file is also renamed <name>.unusable or <name>.misnamed, so that no later
     listing sees it, and the warning says so. One that cannot be read right now, or was written by
     a newer distmaml, is not passed over: its error is raised, rather than a run silently resuming
-    from an older checkpoint.
+    from an older checkpoint. A file altered since it was saved, or saved with non-finite values, is
+    damaged like a truncated one.
     """
     for path in reversed(list_checkpoints(directory)):
+        if at_most is not None and checkpoint_iteration(path) > at_most:
+            continue
         try:
             stored = load_checkpoint(path)["iteration"]
         except CheckpointError as err:

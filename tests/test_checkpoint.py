@@ -225,7 +225,7 @@ def test_weights_that_do_not_fit_their_config_are_refused_in_one_line(tmp_path):
     path = tmp_path / "checkpoints/ckpt_00000005.pt"
     saved = torch.load(path, weights_only=True)
     saved["model"]["net.0.weight"] = torch.zeros(7, 1)  # the config says 40 hidden units
-    torch.save(saved, path)
+    save_checkpoint(path.parent, saved)  # with its checksum: a whole file, only not of this config
     proc = run_cli(["eval", str(tmp_path), "--tasks", "5"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"distmaml eval: error: {path}: its weights do not fit the model its config "
@@ -411,3 +411,146 @@ def test_sighup_under_nohup_stays_ignored_and_only_a_second_ctrl_c_exits_at_once
     watch._handle(signal.SIGINT)
     watch._handle(signal.SIGINT)
     assert exits == [128 + signal.SIGINT]
+
+
+# ------------------------------------------------------------------ values checked on load
+
+
+def altered_message(path):
+    return f"{path}: damaged checkpoint: its contents do not match the checksum written with it (altered after saving)"
+
+
+def non_finite_message(path, name):
+    return f"{path}: damaged checkpoint: holds non-finite values (NaN or inf) in {name}"
+
+
+def with_nan(iteration):
+    weights = torch.ones(3, 2)
+    weights[1, 0] = float("nan")
+    return {**state(iteration), "model": {"net.0.weight": weights, "net.0.bias": torch.zeros(3)}}
+
+
+def flip_a_bit_of(path, value):
+    """Flip one bit inside the stored bytes of a float32 tensor that holds `value`, as a bad disk would;
+    torch.load itself does not notice."""
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.tensor([value], dtype=torch.float32).numpy().tobytes())
+    assert at > 0
+    data[at + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_altered_after_saving_is_refused_as_altered(tmp_path):
+    path = save_checkpoint(tmp_path, state(3))
+    saved = torch.load(path, weights_only=True)
+    saved["model"]["w"][4] = 7.0  # another value, the checksum written with the old ones kept
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert refused.value.damaged and str(refused.value) == altered_message(path)
+
+    flipped = save_checkpoint(tmp_path, state(5))
+    flip_a_bit_of(flipped, 5.0)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(flipped)
+    assert refused.value.damaged and str(refused.value) == altered_message(flipped)
+    assert load_checkpoint(save_checkpoint(tmp_path, state(6)))["iteration"] == 6  # an untouched one loads
+
+
+def test_a_checkpoint_saved_with_non_finite_values_is_refused_naming_the_tensor(tmp_path):
+    path = save_checkpoint(tmp_path, with_nan(3))
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert refused.value.damaged and str(refused.value) == non_finite_message(path, "model.net.0.weight")
+    inf_in_optimizer = {**state(4), "optimizer": {"state": {0: {"exp_avg_sq": torch.tensor([1.0, float("inf")])}},
+                                                  "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    path = save_checkpoint(tmp_path, inf_in_optimizer)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value) == non_finite_message(path, "optimizer.state.0.exp_avg_sq")
+
+
+def test_saving_non_finite_values_prunes_none_of_the_good_checkpoints(tmp_path, caplog):
+    """A resume needs the good checkpoints before a non-finite one: keep=1 must not delete them for it."""
+    save_checkpoint(tmp_path, state(1), keep=1)
+    with caplog.at_level("WARNING", logger="distmaml.checkpoint"):
+        save_checkpoint(tmp_path, with_nan(2), keep=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'ckpt_00000002.pt'}: written with non-finite values (NaN or inf) in model.net.0.weight; it "
+        "will be refused on load, and no older checkpoint was pruned for it"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert latest_checkpoint(tmp_path).name == "ckpt_00000001.pt"
+
+
+def test_latest_checkpoint_skips_or_moves_aside_altered_and_non_finite_ones(tmp_path, caplog):
+    save_checkpoint(tmp_path, state(1))
+    save_checkpoint(tmp_path, with_nan(2))
+    flip_a_bit_of(save_checkpoint(tmp_path, state(3)), 3.0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distmaml.checkpoint"):
+        assert latest_checkpoint(tmp_path).name == "ckpt_00000001.pt"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping {altered_message(tmp_path / 'ckpt_00000003.pt')}",
+        f"skipping {non_finite_message(tmp_path / 'ckpt_00000002.pt', 'model.net.0.weight')}"]
+    assert len(list_checkpoints(tmp_path)) == 3  # only skipped
+    assert latest_checkpoint(tmp_path, move_aside=True).name == "ckpt_00000001.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt", "ckpt_00000002.pt.unusable",
+                                                          "ckpt_00000003.pt.unusable"]
+
+
+def test_latest_checkpoint_at_most_an_iteration_skips_newer_ones_without_moving_them(tmp_path):
+    for i in (5, 10, 15):
+        save_checkpoint(tmp_path, state(i))
+    assert latest_checkpoint(tmp_path, at_most=15).name == "ckpt_00000015.pt"
+    assert latest_checkpoint(tmp_path, at_most=14).name == "ckpt_00000010.pt"
+    assert latest_checkpoint(tmp_path, at_most=4) is None
+    save_checkpoint(tmp_path, with_nan(12))
+    (tmp_path / "ckpt_00000020.pt").write_bytes(b"damaged, but past at_most")
+    assert latest_checkpoint(tmp_path, move_aside=True, at_most=14).name == "ckpt_00000010.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000005.pt", "ckpt_00000010.pt",
+                                                          "ckpt_00000012.pt.unusable", "ckpt_00000015.pt",
+                                                          "ckpt_00000020.pt"]
+
+
+def test_a_checkpoint_from_before_checksums_still_loads_and_is_still_checked_for_finiteness(tmp_path):
+    old = tmp_path / "ckpt_00000003.pt"
+    torch.save({"format_version": 2, **state(3)}, old)  # as distmaml wrote them before: no checksum
+    assert load_checkpoint(old)["iteration"] == 3
+    assert latest_checkpoint(tmp_path) == old
+    old_nan = tmp_path / "ckpt_00000004.pt"
+    torch.save({"format_version": 2, **with_nan(4)}, old_nan)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(old_nan)
+    assert refused.value.damaged and str(refused.value) == non_finite_message(old_nan, "model.net.0.weight")
+    assert latest_checkpoint(tmp_path) == old
+
+
+def test_a_damaged_newest_checkpoint_is_refused_by_eval_and_resumed_past(tmp_path, capfd):
+    """A NaN written into the newest checkpoint after saving: eval refuses that file in one line and,
+    given the run, evaluates the one before; a resume goes on from the one before and sets it aside."""
+    from distmaml.cli import main
+
+    ckpt = tmp_path / "checkpoints"
+    common = ["configs/sine_debug.yaml", f"run.dir={tmp_path}", "train.checkpoint_every=2", "train.log_every=2",
+              "eval.at_end=false", "logging.progress=false"]
+    assert main(["train", *common, "train.iterations=4"]) == 0
+    newest = ckpt / "ckpt_00000004.pt"
+    saved = torch.load(newest, weights_only=True)
+    saved["model"]["net.0.weight"][0, 0] = float("nan")
+    torch.save(saved, newest)
+    capfd.readouterr()
+
+    assert main(["eval", str(newest), "--tasks", "2", "--steps", "1"]) == 2
+    err = capfd.readouterr().err
+    assert err == f"distmaml eval: error: {altered_message(newest)}\n"
+    assert main(["eval", str(tmp_path), "--tasks", "2", "--steps", "1"]) == 0
+    err = capfd.readouterr().err
+    assert f"skipping {altered_message(newest)}" in err and "Traceback" not in err
+
+    assert main(["train", *common, "train.iterations=6"]) == 0
+    err = capfd.readouterr().err
+    assert f"{altered_message(newest)}; moved aside to ckpt_00000004.pt.unusable" in err
+    assert f"resuming from {ckpt / 'ckpt_00000002.pt'} (iteration 2)" in err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_00000002.pt", "ckpt_00000004.pt",
+                                                      "ckpt_00000004.pt.unusable", "ckpt_00000006.pt"]
+    assert load_checkpoint(ckpt / "ckpt_00000006.pt")["iteration"] == 6
