@@ -21,12 +21,21 @@ import torch
 from distmaml import dist
 from distmaml.build import DTYPES, Learner
 from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
+from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 from distmaml.rng import STREAM_TRAIN
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
 # NCCL communicators) that must not happen while a graph is being captured.
 WARMUP_ITERATIONS = 3
 MULTI_STEP_FLOOR = 0.03  # MAML++: the earlier steps' loss weights never fall below 0.03 / K
+
+
+class Unreached(Exception):
+    """The first meta-batch's hypergradient is exactly zero in every element of these tensors of phi."""
+
+    def __init__(self, names: list[str], cause: str | None = None):
+        super().__init__(", ".join(names))
+        self.names, self.cause = names, cause  # cause: what the method itself can tell of the zero
 
 
 class StepOutput(NamedTuple):
@@ -117,6 +126,7 @@ class MetaStep:
     def __init__(self, learner: Learner, optimizer, config, ctx: dist.Context, static: bool = False,
                  stop_reasons: int = 1):
         self.problem, self.params, self.family = learner.problem, learner.theta, learner.family
+        self.model = learner.model
         self.inner, self.optimizer, self.config, self.ctx = learner.inner, optimizer, config, ctx
         # MAML++'s derivative-order annealing: first order before inner.first_order_iterations.
         self.first_order_inner = dataclasses.replace(self.inner, method=FirstOrder())
@@ -136,6 +146,14 @@ class MetaStep:
         self.diverged_loss = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)
         # train.max_meta_loss_factor times the first logged window's meta-loss, once the trainer knows it.
         self.loss_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
+        # train.max_grad_norm_factor times the previous logged window's median meta-gradient norm (the
+        # first iteration's norm during the first window), and the norm at the diverged iteration.
+        self.grad_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
+        self.diverged_norm = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)
+        # Per tensor of phi, whether its meta-gradient was non-zero anywhere in this logging window.
+        self.reached = torch.zeros(len(self.params), dtype=torch.bool, device=ctx.device)
+        # Set by the trainer for a fresh run: check the first meta-batch's hypergradient reaches phi.
+        self.check_reachable = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured: StepOutput | None = None
         self.captured_inner: Inner | None = None
@@ -191,16 +209,26 @@ class MetaStep:
                                                            self.ctx)
         for param, grad in zip(self.params.values(), grads):
             param.grad = grad.to(param.dtype) / train.meta_batch
+        if self.check_reachable:  # once, eagerly, before the first outer step changes anything
+            self.check_reachable = False
+            allowed = [*self.config.train.allow_unreached, *zero_at_start(self.model)]
+            names = unreached(self.params, reached_flags(grads), allowed)
+            if names:
+                cause = getattr(inner.method, "zero_cause", lambda stats: None)(result.stats)
+                raise Unreached(names, cause)
+        self.reached |= reached_flags(grads)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), train.grad_clip or math.inf)
         meta_loss = loss_sum[0] / train.meta_batch
         # The all-reduced values are the same on every rank, so every rank flags the same iteration.
-        diverged = ~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm) | (meta_loss > self.loss_bound)
+        diverged = (~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm) | (meta_loss > self.loss_bound)
+                    | (grad_norm > self.grad_bound))
         if train.max_meta_loss:
             diverged = diverged | (meta_loss > train.max_meta_loss)
         first = diverged & (self.diverged_at < 0)
         self.diverged_at.copy_(torch.where(first, torch.as_tensor(iteration, device=self.diverged_at.device),
                                            self.diverged_at))
         self.diverged_loss.copy_(torch.where(first, meta_loss.to(self.diverged_loss.dtype), self.diverged_loss))
+        self.diverged_norm.copy_(torch.where(first, grad_norm.to(self.diverged_norm.dtype), self.diverged_norm))
         self.optimizer.step()
         return StepOutput(batch, result, grad_norm, stop_votes, meta_loss)
 

@@ -24,6 +24,10 @@ class LearnedActivation(nn.Module):
         nn.init.zeros_(self.offset[2].weight)
         nn.init.zeros_(self.offset[2].bias)
 
+    # Behind the zero-initialised last layer the first layer gets no gradient until that layer moves
+    # (distmaml.meta.reachability).
+    zero_at_start = ("offset.0.weight", "offset.0.bias")
+
     def forward(self, x):
         return nn.functional.elu(x) + self.offset(x.unsqueeze(-1)).squeeze(-1)
 

@@ -18,7 +18,7 @@ import torch
 
 from distmaml import dist, memory
 from distmaml.build import DTYPES, Learner, build, build_inner
-from distmaml.config import Config, ConfigError
+from distmaml.config import Config, ConfigError, source_of
 from distmaml.engine import compute_meta_gradient
 from distmaml.evaluate import evaluation_settings
 from distmaml.meta import check_method, check_problem, task_at
@@ -99,3 +99,38 @@ def check_first_batch(config: Config, learner: Learner) -> None:
     line naming the class (or setting) and what is wrong."""
     batch = _family_and_problem(config, learner, next(iter(learner.theta.values())).device, values=True)
     check_method(learner.problem, learner.theta, batch, learner.inner)
+    # A method may also say where a setting, though valid, is far from what its estimate needs.
+    advise = getattr(learner.inner.method, "warnings", None)
+    for line in advise(learner.problem, learner.theta, task_at(batch, 0), learner.inner) if advise else ():
+        log.warning("%s", line)
+
+
+def _unreached_causes(config: Config, cause: str | None = None) -> str:
+    if cause:
+        return cause
+    if config.inner.steps == 0:
+        return "inner.steps = 0: phi acts through the inner steps, and there are none"
+    return ("likely an outer loss or start that detaches phi, an inner loss that ignores phi, weights saturated by "
+            "their initial value (a sigmoid of a large logit has zero slope), or a task family whose outputs the "
+            "problem cannot use (distill on a family with one output)")
+
+
+def unreached_error(config: Config, names: list[str], cause: str | None = None) -> ConfigError:
+    """The refusal of a run whose first meta-batch's hypergradient is exactly 0 in every element of
+    the tensors `names` of phi (distmaml.meta.reachability), naming the likely cause."""
+    key = "inner.steps" if config.inner.steps == 0 else "problem.name"
+    where = source_of(config, key)
+    where = source_of(config, "problem.name") if where == "default" else where
+    value = getattr(config.inner, "steps") if key == "inner.steps" else config.problem.name
+    them = "it" if len(names) == 1 else "them"
+    return ConfigError(f"{where}: {key} = {value!r}: the first meta-batch's hypergradient is exactly 0 in every "
+                       f"element of {', '.join(names)} (inner.mode = {config.inner.mode}), so training cannot change "
+                       f"{them}: {_unreached_causes(config, cause)}; if only some tasks use {them}, list {them} in "
+                       "train.allow_unreached")
+
+
+def unreached_warning(config: Config, names: list[str], first: int, last: int) -> str:
+    """The warning for tensors of phi whose meta-gradient stayed exactly 0 for a whole logging window."""
+    return (f"the meta-gradient of {', '.join(names)} was exactly 0 at every iteration from {first} to {last}: "
+            f"training no longer changes {'it' if len(names) == 1 else 'them'} ({_unreached_causes(config)}; "
+            "train.allow_unreached silences this for tensors only some tasks use)")

@@ -179,3 +179,22 @@ def _move_aside(run_dir: Path, names: list[str]) -> Path:
             raise CheckpointError(f"run.dir = {run_dir}: cannot move {name} aside into {aside} ({err.strerror})") \
                 from None
     return aside
+
+
+def discard_new(run_dir: str | Path) -> None:
+    """Remove what a run refused at its first iteration wrote into the directory it created itself, so
+    that a refused run leaves nothing on disk (a directory that existed before is never passed here).
+    Only distmaml's own names are removed, and the directory only once it is empty."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for name in (*RUN_FILES, MARKER, PID_FILE, FALLBACK_LOCK):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        log.warning("left %s in place: it holds files the run did not write", run_dir)

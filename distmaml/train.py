@@ -31,7 +31,7 @@ from distmaml.build import DTYPES, Learner, build, checkpoint_state
 from distmaml.checkpoint import PreemptionWatch
 from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
 from distmaml.errors import SettingError, TrainingError
-from distmaml.engine import MetaStep, StepOutput, learning_rate, make_optimizer, set_learning_rate
+from distmaml.engine import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
 from distmaml.resume import Resumed, restore_run
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
@@ -40,7 +40,8 @@ from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
-from distmaml.run_dir import RunLock, claim
+from distmaml.meta.reachability import unreached
+from distmaml.run_dir import RunLock, claim, discard_new
 from distmaml.tasks import build_task_family
 
 log = logging.getLogger("distmaml.train")
@@ -74,6 +75,16 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
+    new_dir = ctx.is_main and not Path(config.run.dir).exists()
+    try:
+        return _run(config, ctx, preemption)
+    except Unreached as err:  # a refusal at the first outer step: the run leaves nothing behind
+        if new_dir:
+            discard_new(config.run.dir)
+        raise preflight.unreached_error(config, err.names, err.cause) from None
+
+
+def _run(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         resumed, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
         start = resumed.iteration
@@ -83,6 +94,7 @@ def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> di
                                 "run.dir (a file system shared by all nodes)")
         dist.check_replicas(list(learner.theta.values()), ctx, start)
         step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))
+        step.check_reachable = start == 0
         logger = stack.enter_context(contextlib.closing(_make_logger(config, ctx)))
         logger.start(start, config.train.iterations)
         if config.inner.steps >= INNER_BAR_STEPS:  # one outer step takes seconds: show its inner steps too
@@ -97,10 +109,8 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
     """Everything before the first iteration that can fail on one rank: lock, checks, build, restore."""
     if config.engine.cuda_graph and ctx.device.type != "cuda":
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
-    if ctx.is_main:  # one trainer per run directory; the other ranks only read it
-        lock = stack.enter_context(RunLock(config.run.dir))
-        claim(config.run.dir, config.run.resume, config_file(config))
-        lock.write_pid()
+    # Every check that can refuse the run comes before the run directory is touched, so that a
+    # refused run leaves nothing on disk.
     family = build_task_family(config, ctx.device, DTYPES[config.engine.dtype][0])
     try:  # a refusal names the setting and where it came from (the config file, the command line)
         shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
@@ -114,6 +124,10 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
         preflight.check_first_batch(config, learner)
     except SettingError as err:
         raise sourced(config, err) from None
+    if ctx.is_main:  # one trainer per run directory; the other ranks only read it
+        lock = stack.enter_context(RunLock(config.run.dir))
+        claim(config.run.dir, config.run.resume, config_file(config))
+        lock.write_pid()
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
     return restore_run(config, ctx, learner, optimizer), learner, optimizer
 
@@ -134,6 +148,13 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             step.loss_bound.fill_(train_cfg.max_meta_loss_factor * value)
 
     bound_loss(reference)
+    # The meta-gradient's norms of the current logging window; their median bounds the next window's.
+    window_norms: list[torch.Tensor] = []
+
+    def bound_grad_norm(norms: list[torch.Tensor]) -> None:
+        value = torch.stack(norms).median().item() if norms else 0.0
+        if train_cfg.max_grad_norm_factor and math.isfinite(value) and value > 0:
+            step.grad_bound.fill_(train_cfg.max_grad_norm_factor * value)
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
@@ -155,6 +176,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     window_start, window_time = start, time.perf_counter()
     train_start = window_time
     iteration, status, reason, diverged_at, warned_sharp = start, "complete", None, -1, False
+    warned_unreached: set[str] = set()
     # The first window's meta-losses, for its median: a blow-up inside the window would dominate a mean.
     # A resumed run goes on with the window its checkpoint had begun.
     first_window: list[torch.Tensor] = [] if partial_window is None else list(partial_window.to(ctx.device).unbind())
@@ -166,6 +188,9 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             requests = (*(preemption.signum == signum for signum in PreemptionWatch.SIGNALS), time_up)
             out = step(iteration, requests)
             window_loss += out.meta_loss
+            window_norms.append(out.grad_norm.detach().clone())
+            if iteration == start:  # until a window's median is known, the first norm is the reference
+                bound_grad_norm(window_norms)
             if reference is None:
                 first_window.append(out.meta_loss.detach().clone())  # a CUDA graph reuses its output tensor
             iteration += 1
@@ -193,6 +218,14 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                     bound_loss(reference)
                     first_window.clear()
                 logger.log(metrics)
+                bound_grad_norm(window_norms)
+                window_norms.clear()
+                never = [name for name in unreached(params, step.reached, train_cfg.allow_unreached)
+                         if name not in warned_unreached]
+                if never:
+                    log.warning("%s", preflight.unreached_warning(config, never, window_start + 1, iteration))
+                    warned_unreached.update(never)
+                step.reached.zero_()
                 sharp = None if warned_sharp else _sharpness_warning(config, learner, metrics)
                 if sharp:
                     log.warning("%s", sharp)
@@ -217,7 +250,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx)}
     if status == "diverged":  # the CLI prints summary["error"]
-        summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), reference))
+        summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), reference,
+                                   step.diverged_norm.item(), out.result.stats))
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
                                    **evaluation_settings(config))
@@ -244,14 +278,22 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
 
 
 def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: int, loss: float,
-                reference: dict | None) -> dict[str, Any]:
+                reference: dict | None, norm: float, stats: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The summary's account of a diverged run: where and why it diverged, and where to go back to."""
-    good = checkpoint.latest_checkpoint(ckpt_dir)
+    # The last good checkpoint precedes the iteration whose meta-loss or meta-gradient ran away:
+    # one written after it (a GPU looks for divergence only at log and checkpoint steps) holds
+    # weights already moved by the runaway steps.
+    good = checkpoint.latest_checkpoint(ckpt_dir, at_most=diverged_at)
     where = (f"the last good checkpoint is {good} (iteration {checkpoint.checkpoint_iteration(good)})" if good
              else "no checkpoint was written before it")
     train = config.train
-    hint = ("starting again resumes from it: with a smaller train.lr, or train.grad_clip" if good else
-            "run.resume=false starts over, moving this run's files aside: with a smaller train.lr, or train.grad_clip")
+    fix = "with a smaller train.lr, or train.grad_clip"
+    # A method that can tell its own setting is at fault (a Neumann series whose terms grow) says so.
+    cause = getattr(learner.inner.method, "divergence_cause", lambda stats: None)(stats)
+    if cause:
+        fix = cause
+    hint = (f"starting again resumes from it: {fix}" if good else
+            f"run.resume=false starts over, moving this run's files aside: {fix}")
     if not math.isfinite(loss):
         why = "the meta-loss or meta-gradient was not finite"
         bad_data = _non_finite_data(learner, diverged_at, train.meta_batch)
@@ -263,6 +305,10 @@ def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: i
         why = (f"the meta-loss {loss:.4g} was above train.max_meta_loss_factor = {train.max_meta_loss_factor:g} times "
                f"its median over the first logged window, {reference['meta_loss']:.4g} (iterations "
                f"{reference['first']}..{reference['last']})")
+    elif math.isfinite(norm):
+        why = (f"the meta-gradient's norm {norm:.4g} was above train.max_grad_norm_factor = "
+               f"{train.max_grad_norm_factor:g} times its median over the previous logged window (or the first "
+               "iteration's norm, within the first window)")
     else:
         why = "the meta-gradient was not finite"
     error = (f"training diverged at iteration {diverged_at + 1}: {why}; stopped without writing a checkpoint; "
@@ -292,9 +338,12 @@ def _sharpness_warning(config: Config, learner: Learner, metrics: dict[str, Any]
     sharpness, limit = metrics.get("sharpness"), learner.inner.rule.curvature_limit()
     if sharpness is None or limit is None or sharpness <= limit:
         return None
+    steps = config.inner.steps
     return (f"iteration {metrics['iteration']}: the inner loss at its start has curvature {sharpness:.0f} (top "
-            f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {limit:.0f}: plain inner "
-            "steps at inner.lr oscillate along it, and adapting with more steps than training uses can diverge")
+            f"Hessian eigenvalue, mean over tasks), above 2 / inner.lr = {limit:.0f}: plain inner steps at inner.lr "
+            f"grow along it, which the {steps} step(s) of training absorb, but adapting with many more steps can "
+            f"diverge. The final evaluation counts diverged tasks; to adapt with more steps than {steps}, train "
+            "with them (inner.steps) or with a smaller inner.lr")
 
 
 def _make_logger(config: Config, ctx: dist.Context):

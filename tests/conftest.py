@@ -28,6 +28,27 @@ def _deterministic_threads():
 
 
 @pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory):
+    """omniglot_cache(root) -> a cache folder holding Omniglot decoded from `root`, shared by every test
+    of the session and every xdist worker: the decode takes tens of seconds, so it runs once, under
+    a lock the other workers wait on."""
+    import fcntl
+
+    from distmaml.tasks.omniglot_data import load_omniglot
+
+    shared = tmp_path_factory.getbasetemp().parent / "omniglot-cache"  # the parent is common to all workers
+
+    def decoded(root: Path) -> Path:
+        shared.mkdir(parents=True, exist_ok=True)
+        with open(shared / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            load_omniglot(root, shared)
+        return shared
+
+    return decoded
+
+
+@pytest.fixture(scope="session")
 def sine_run(tmp_path_factory):
     """One tiny trained run, shared by the tests that only read it (eval, plot, the command line's flags):
     configs/sine_debug.yaml for 60 meta-iterations, in this process, its last checkpoint at 60 and its

@@ -16,11 +16,11 @@ REAL_ROOT = Path(os.environ.get("DISTMAML_OMNIGLOT") or REPO.parent / "shared/da
 
 
 @pytest.mark.slow
-def test_debug_config_learns_real_omniglot(tmp_path):
+def test_debug_config_learns_real_omniglot(tmp_path, omniglot_cache):
     if not (REAL_ROOT / "images_background.zip").is_file() and not (REAL_ROOT / "images_background").is_dir():
         pytest.skip(f"real Omniglot not found at {REAL_ROOT} (set DISTMAML_OMNIGLOT to its folder)")
     config = load_config(REPO / "configs/omniglot_debug.yaml", [
-        f"data.root={REAL_ROOT}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}",
+        f"data.root={REAL_ROOT}", f"data.cache_dir={omniglot_cache(REAL_ROOT)}", f"run.dir={tmp_path / 'run'}",
         "logging.progress=false", "engine.device=cpu"])
     summary = train(config)
     # One row per number of inner steps 0..eval.steps on held-out characters.

@@ -110,6 +110,11 @@ def check_values(config, source) -> None:
     if 0 < train.max_meta_loss_factor <= 1:
         fail("train.max_meta_loss_factor", "must be 0 (off) or above 1: it bounds a rise")
     at_least("train.max_meta_loss_factor", 0)
+    if 0 < train.max_grad_norm_factor <= 1:
+        fail("train.max_grad_norm_factor", "must be 0 (off) or above 1: it bounds a rise")
+    at_least("train.max_grad_norm_factor", 0)
+    if any(not isinstance(prefix, str) or not prefix for prefix in train.allow_unreached):
+        fail("train.allow_unreached", "must list non-empty names or name prefixes of phi's tensors")
     positive("dist.timeout")
     positive("logging.wandb_timeout")
     at_least("task.support", 1)

@@ -170,6 +170,13 @@ class TrainConfig:
     max_meta_loss_factor: float = _opt(100.0, "stop as diverged once the meta-loss of an iteration exceeds this many "
                                        "times its median over the first logged window (train.log_every iterations; "
                                        "0: off)")
+    max_grad_norm_factor: float = _opt(1000.0, "stop as diverged once the meta-gradient's norm exceeds this many times its "
+                                        "median over the previous logged window (over the first iteration during "
+                                        "the first window; 0: off); a run stopped by it names the last checkpoint "
+                                        "written before the runaway")
+    allow_unreached: list[str] = _opt([], "names (or name prefixes) of phi's tensors whose hypergradient may be exactly "
+                                      "0 on the first meta-batch and for whole logging windows (entries only some "
+                                      "tasks use); any other such tensor stops the run before its first outer step")
 
 
 @dataclass

@@ -41,6 +41,27 @@ class FiniteDifference(WithoutUnrollGraph):
             raise MethodError("inner.rule", rule.name, "the finite-difference method needs a last step linear in "
                               "the inner gradient (w - step size * g: sgd, meta_sgd, lslr, momentum)")
 
+    def warnings(self, problem, phi: Params, task, inner) -> list[str]:
+        """Where eps sits far outside the range in which a central difference of the inner gradient
+        estimates its derivative: above a tenth of the inner weights' norm at their start (the step
+        leaves the neighbourhood the last step's second derivatives describe), or below the square
+        root of the dtype's precision times it (rounding swamps the difference)."""
+        if any(value.device.type == "meta" for value in phi.values()):
+            return []
+        weights = problem.start(detached(phi), task)
+        norm = math.sqrt(sum(float((value.detach().double() ** 2).sum()) for value in weights.values()))
+        dtype = next(iter(weights.values())).dtype
+        if not norm > 0 or not math.isfinite(norm):
+            return []
+        low, high = math.sqrt(torch.finfo(dtype).eps) * norm, 0.1 * norm
+        if low <= self.eps <= high:
+            return []
+        why = ("the central difference then spans far more than the last step's neighbourhood, and its estimate "
+               "is off" if self.eps > high else f"rounding in {str(dtype).removeprefix('torch.')} then swamps the "
+               "difference")
+        return [f"finite_difference.eps = {self.eps:g} is {self.eps / norm:.3g} times the norm of the inner weights "
+                f"at their start ({norm:.4g}): {why}; an eps between {low:.2g} and {high:.2g} suits these weights"]
+
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None) -> MetaGradient:
         refuse_step_weights(self, step_weights)
         rule, last = inner.rule, inner.steps - 1

@@ -140,6 +140,12 @@ class _Implicit(WithoutUnrollGraph):
     def check(self, rule, steps: int) -> None:
         if not (self.damping >= 0 and math.isfinite(self.damping)):
             raise MethodError("implicit.damping", self.damping, "must be >= 0")
+        if steps < 1:
+            # With no inner step the weights are where they started, not at a solution of the inner
+            # problem, and nothing depends on phi through them: the implicit formula would answer anyway.
+            raise MethodError("inner.steps", steps, f"{self.name} differentiates the solution the inner steps reach; "
+                              "with none, the inner weights are their start, where the formula does not hold: give "
+                              "inner.steps >= 1")
         if rule.learns:
             raise MethodError("inner.rule", rule.name, f"{self.name} differentiates the solution of the inner "
                               "problem, which does not depend on learned step sizes: they would get no gradient")
@@ -219,6 +225,16 @@ class ImplicitCG(_Implicit):
         """Whether CG reached its solution on every task (relative residual at most `tolerance`)."""
         return bool((stats["cg_residual"] <= tolerance).all())
 
+    def zero_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        """Why the hypergradient came out exactly 0, where CG can tell: it stopped before its first step
+        on every task, the inner Hessian having no positive curvature along the outer gradient there."""
+        steps, residual = stats.get("cg_steps"), stats.get("cg_residual")
+        # A zero right-hand side also takes no step, and leaves no residual: that zero is the outer loss's.
+        if steps is None or steps.numel() == 0 or bool((steps > 0).any()) or not bool((residual > 0).all()):
+            return None
+        return ("conjugate gradient found no positive curvature along the outer gradient on any task and took no "
+                "step (the inner loop ended far from a minimum): give more inner.steps, or implicit.damping > 0")
+
     def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
         solution, residual, taken = batched_cg(matvec, rhs, self.cg_steps, self.cg_tol, self.stop_early)
         return solution, {"cg_residual": residual.detach(), "cg_steps": taken}
@@ -260,6 +276,15 @@ class Neumann(_Implicit):
     def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
         """Whether the series reached the solution on every task (relative residual at most `tolerance`)."""
         return bool((stats["neumann_residual"] <= tolerance).all())
+
+    def divergence_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        """What to change when a run diverged while the series' terms grew (growth above 1 on a task)."""
+        growth = stats.get("neumann_growth")
+        if growth is None or not bool(((growth > 1) | ~torch.isfinite(growth)).any()):
+            return None
+        worst = float(growth.nan_to_num(math.inf).max())
+        return (f"the Neumann series diverged (its last term {worst:.3g} times its first, above 1), so neumann.alpha = "
+                f"{self.alpha:g} is too large for the inner Hessian the run reached: use a smaller neumann.alpha")
 
     def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
         solution, growth = neumann_series(matvec, rhs, self.terms, self.alpha)

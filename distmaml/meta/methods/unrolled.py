@@ -21,6 +21,7 @@ import torch
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.methods.base import MethodError, gradient_sum, plain_adapt
+from distmaml.meta.rules import LEARNED
 from distmaml.meta.unrolling import task_values, unroll
 
 
@@ -36,6 +37,27 @@ def unrolled_objective(problem: Any, phi: Params, tasks: Tasks, inner: Any,
         per_step = torch.stack([task_values(problem.outer_loss, point, phi, tasks) for point in result.trajectory])
         objective = (step_weights.to(per_step.dtype)[:, None] * per_step).sum(0)
     return objective, final, result.weights
+
+
+def refuse_path_only(method: Any, problem: Any, phi: Params, task: Any) -> None:
+    """Refuse a method that differentiates no inner step for a problem some of whose meta-parameters
+    reach the outer loss only through the inner steps' gradients (a weight decay, example weights,
+    distilled data): their whole hypergradient would be zero by construction. The learned step sizes
+    are left out: the path carries their gradient."""
+    if any(value.device.type == "meta" for value in phi.values()):
+        return  # shapes only: checked again on a real task
+    meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
+    probed = [name for name in meta if meta[name].requires_grad and not name.startswith(LEARNED)]
+    with torch.enable_grad():
+        loss = problem.outer_loss(problem.start(meta, task), meta, task)
+        grads = (torch.autograd.grad(loss, [meta[name] for name in probed], allow_unused=True)
+                 if loss.requires_grad else [None] * len(probed))
+    dropped = [name for name, grad in zip(probed, grads) if grad is None]
+    if dropped:
+        raise MethodError("inner.mode", method.name, f"differentiates no inner step, and {type(problem).__name__}'s "
+                          f"{', '.join(dropped)} {'reaches' if len(dropped) == 1 else 'reach'} the outer loss only through the "
+                          "inner steps, so all of its hypergradient would be 0: use second_order, truncated (inner.truncate >= 1), implicit or "
+                          "neumann")
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,10 @@ class FirstOrder(_ThroughUnroll):
     def differentiated(self, steps: int) -> int:
         return 0
 
+    def check_problem(self, problem, phi, task, inner) -> None:
+        if inner.steps > 0:  # with none, the trainer's reachability check names inner.steps = 0 instead
+            refuse_path_only(self, problem, phi, task)
+
     def exact(self, steps: int) -> bool:
         return steps == 0
 
@@ -100,6 +126,10 @@ class Truncated(_ThroughUnroll):
 
     def differentiated(self, steps: int) -> int:
         return min(self.truncate, steps)
+
+    def check_problem(self, problem, phi, task, inner) -> None:
+        if self.differentiated(inner.steps) == 0 and inner.steps > 0:
+            refuse_path_only(self, problem, phi, task)
 
     def exact(self, steps: int) -> bool:
         return self.truncate >= steps
