@@ -1,9 +1,10 @@
 """The `distmaml` command: parse, call the library, print. Every subcommand is a thin layer.
 
     distmaml train CONFIG [key.sub=value ...]
-    distmaml eval CHECKPOINT [--tasks 600] [--shots N] [--steps S] [--json PATH]
+    distmaml eval CHECKPOINT [--tasks N] [--shots N] [--query N] [--steps S] [--json PATH]   # default: the run's eval.*
     distmaml plot CHECKPOINT OUT.png [--tasks 3] [--shots N]
     distmaml study inner-steps CONFIG [--steps 1 5 10 20 50 100] [--iterations N] [--out DIR]
+    distmaml study seeds CONFIG [--seeds 0 1 2 3 4] [--shots 5 10] [--steps S] [--tasks 600] [--out DIR]
     distmaml gradcheck CONFIG [key.sub=value ...] [--tasks 4] [--json PATH]
     distmaml config [CONFIG] [key.sub=value ...]      # print the resolved config with every key's doc
 """
@@ -35,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_p = commands.add_parser("eval", help="adapt a trained model to fresh tasks and report query metrics")
     eval_p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest checkpoint)")
     eval_p.add_argument("--tasks", type=int, help="fresh tasks (default: eval.tasks of the run)")
-    eval_p.add_argument("--shots", type=int, help="support examples per task (default: the training K)")
+    eval_p.add_argument("--shots", type=int, help="support examples per task (default: the training K); few-shot "
+                        "tasks only")
     eval_p.add_argument("--steps", type=int, help="inner steps; metrics are reported after 0..S")
-    eval_p.add_argument("--query", type=int, help="query examples per task (default: eval.query)")
+    eval_p.add_argument("--query", type=int, help="query examples per task (default: eval.query); few-shot tasks only")
     eval_p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     eval_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
     eval_p.add_argument("--json", type=Path, help="also write the result here")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_p.add_argument("out", type=Path, help="image file to write; its extension gives the format (.png, .pdf, "
                         ".svg, ...; PNG without one)")
     plot_p.add_argument("--tasks", type=int, default=3, help="tasks to draw, one panel each")
-    plot_p.add_argument("--shots", type=int, help="support points (default: the training K)")
+    plot_p.add_argument("--shots", type=int, help="support points (default: the training K); few-shot tasks only")
     plot_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
 
     study_p = commands.add_parser("study", help="several training runs compared in one table")
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds_p.add_argument("overrides", nargs="*", help="key.sub=value settings shared by every run")
     seeds_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="train.seed values")
     seeds_p.add_argument("--threads", type=int, nargs="+", default=[1], help="engine.threads values")
-    seeds_p.add_argument("--shots", type=int, nargs="+", default=[5, 10], help="support points at evaluation")
-    seeds_p.add_argument("--steps", type=int, default=10, help="inner steps at evaluation (reported after 0..S)")
+    seeds_p.add_argument("--shots", type=int, nargs="+", help="support points at evaluation (default: 5 10); few-shot "
+                         "tasks only")
+    seeds_p.add_argument("--steps", type=int, help="inner steps at evaluation, reported after 0..S (default: 10 for "
+                         "few-shot tasks, the config's eval.steps for training runs)")
     seeds_p.add_argument("--tasks", type=int, default=600, help="fresh evaluation tasks (the same for every run)")
     seeds_p.add_argument("--jobs", type=int, default=1, help="training runs at once")
     seeds_p.add_argument("--out", type=Path, default=Path("runs/study_seeds"), help="output folder")
@@ -153,7 +157,8 @@ _PLOT_FLAGS = {**_EVAL_FLAGS, "query": "eval.query"}  # plot has no --query: its
 def _eval(args) -> int:
     from distmaml import memory
     from distmaml.build import load_trained
-    from distmaml.evaluate import divergence_warning, evaluate, evaluation_settings, format_table
+    from distmaml.evaluate import (divergence_warning, evaluate, evaluated, evaluation_settings, format_table,
+                                   refuse_shots)
     from distmaml.files import check_file_path
     from distmaml.log import write_json
 
@@ -166,15 +171,17 @@ def _eval(args) -> int:
         "eval.query": (args.query, "--query"), "eval.lr_grid": (_log_grid(args.lr_grid), "--lr-grid")})
     config, learner = trained.config, trained.learner
     settings = evaluation_settings(config)
+    refuse_shots(learner.family, settings, {key: _EVAL_FLAGS[key] if given is not None else f"eval.{key}"
+                                            for key, given in (("shots", args.shots), ("query", args.query))},
+                 config.task.family)
     memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner, settings, config,
                                  device, _EVAL_FLAGS)
     result = evaluate(learner.problem, learner.theta, learner.family, learner.inner, **settings)
-    print(f"{trained.checkpoint}: {result['tasks']} fresh tasks, {result['shots']}-shot, inner rule "
-          f"{config.inner.rule} (lr {config.inner.lr})")
+    print(f"{trained.checkpoint}: {evaluated(result)}, inner rule {config.inner.rule} (lr {config.inner.lr})")
     print(format_table(result))
-    warning = divergence_warning(result)
-    if warning:
-        print(f"distmaml eval: warning: {warning}", file=sys.stderr)
+    for warning in (result.get("beyond_trained_steps"), divergence_warning(result)):
+        if warning:
+            print(f"distmaml eval: warning: {warning}", file=sys.stderr)
     if args.json:
         write_json(args.json, result)
     return 0
@@ -199,6 +206,7 @@ def _plot(args) -> int:
 
     from distmaml import memory
     from distmaml.build import load_trained
+    from distmaml.evaluate import refuse_shots
     from distmaml.meta.problems.distillation import INPUTS
     from distmaml.models import LearnedActivation
     from distmaml.plots import MAX_TASKS, STEPS, check_output, plot_sine_adaptation
@@ -209,6 +217,7 @@ def _plot(args) -> int:
     trained = load_trained(args.checkpoint, changes={"data.root": (args.data_root, "--data-root"),
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
+    refuse_shots(learner.family, {"shots": args.shots}, {"shots": "--shots"}, config.task.family)
     if INPUTS in learner.theta:
         from distmaml.plots import plot_distilled
 
@@ -250,17 +259,18 @@ def _study(args) -> int:
         run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
         return 0
     from distmaml.study import run_seeds_study
-    from distmaml.study.seeds import check_evaluation, format_report
+    from distmaml.study.seeds import check_evaluation, format_report, study_evaluation
 
     _with_flags(config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks")})
-    for count in args.shots:
+    for count in args.shots or ():
         _with_flags(config, {"eval.shots": (count, "--shots")})
     for count in args.threads:
         _with_flags(config, {"engine.threads": (count, "--threads")})
-    check_evaluation(config, args.shots, args.steps, args.tasks)  # before training, not after it
+    shots, steps = study_evaluation(config, args.shots, args.steps)
+    check_evaluation(config, shots, steps, args.tasks)  # before training, not after it
     print(f"{len(args.seeds) * len(args.threads)} training runs; results in {args.out}", flush=True)
-    report = run_seeds_study(args.config, args.out, args.seeds, args.threads, args.shots, args.steps, args.tasks,
-                             args.jobs, args.overrides)
+    report = run_seeds_study(args.config, args.out, args.seeds, args.threads, shots, steps, args.tasks, args.jobs,
+                             args.overrides)
     print(format_report(report))
     return 0
 

@@ -4,7 +4,8 @@ For MAML the tasks are new few-shot tasks and the report is the query loss (and 
 0..S inner steps; for a training-run problem (weight_decay) they are new random initialisations
 trained with the learned phi, reported on the validation and test splits. Both are the same
 computation: adapt fresh tasks of the evaluation stream as the run's method adapts, and measure
-the problem's metrics along the way.
+the problem's metrics along the way. Only few-shot tasks have shots and a query set to size (the
+family's `episodic`, distmaml.tasks.TaskFamily); a number of either is refused for the others.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from distmaml.errors import ConfigError
 from distmaml.meta import (LEARNED, MAML, Inner, Params, TaskBatch, Tasks, detached, make_rule, mse, start_weights,
                            task_values)
 from distmaml.rng import STREAM_EVAL
+from distmaml.tasks.protocol import is_episodic
 
 CURVE_POINTS = 10  # a long unroll is reported after this many evenly spaced numbers of steps (and 0)
 # A trained model whose adaptation diverges on more than this fraction of fresh tasks has not learned
@@ -119,6 +122,22 @@ def _curves(problem, theta: Params, batches: list, inner: Inner, counts: list[in
     return {name: torch.cat([c[name] for c in per_chunk], dim=1) for name in per_chunk[0]}
 
 
+def refuse_shots(family, settings: dict[str, Any], names: dict[str, str], family_name: str | None = None) -> None:
+    """Refuse, in one line naming the flag or key (`names`: {"shots": "--shots", "query": "--query"}), a
+    number of shots or query examples in `settings` for a family whose tasks have neither (its
+    `episodic` is False: a task is a training run on the family's fixed data set). `family_name` is
+    the family as the config names it (default: its class)."""
+    if is_episodic(family):
+        return
+    name = family_name or type(family).__name__
+    for key, missing in (("shots", "shots"), ("query", "query set to size")):
+        value = settings.get(key)
+        if value is not None and value != []:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"{names[key]} = {shown}: the tasks of family {name} are training runs on a fixed data "
+                              f"set, not few-shot tasks; they have no {missing}")
+
+
 def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: int = 600,
              shots: int | None = None, query: int | None = None, stream: int = STREAM_EVAL,
              chunk: int = 200, seed: int | None = None, diverged_factor: float = 10.0,
@@ -132,7 +151,13 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
     the problem reports a test accuracy, the result also holds its mean after the last step
     ("test_accuracy"), the learned values of phi ("learned"), and with `lr_grid` the same tasks
     trained by plain SGD at each of those fixed rates instead ("grid": a grid search beside them).
+
+    "shots" is the support examples per task of few-shot tasks, null for training runs (whose
+    `shots` and `query` are refused), which give "training_examples" instead: the size of the
+    family's training split. Where `steps` runs past the steps the rule's learned parameters were
+    trained for, "beyond_trained_steps" says what those steps use (the rule's `beyond`).
     """
+    refuse_shots(family, {"shots": shots, "query": query}, {"shots": "shots", "query": "query"})
     if seed is not None:
         family = family.with_seed(seed)
     device = next(iter({**theta, **problem.inner_template()}.values())).device  # theta may be empty (a baseline)
@@ -152,9 +177,16 @@ def evaluate(problem, theta: Params, family, inner: Inner, steps: int, tasks: in
         row["diverged"] = int(diverged[row_index])
         row["diverged_fraction"] = int(diverged[row_index]) / tasks
         rows.append(row)
-    result = {"tasks": tasks, "shots": shots if shots is not None else family.support, "rule": inner.rule.name,
-              "inner_lr": inner.rule.lr, "outer": getattr(problem, "outer_name", "outer"),
+    episodic = is_episodic(family)
+    result = {"tasks": tasks, "shots": (shots if shots is not None else family.support) if episodic else None,
+              "rule": inner.rule.name, "inner_lr": inner.rule.lr, "outer": getattr(problem, "outer_name", "outer"),
               "diverged_factor": diverged_factor, "steps": rows}
+    if not episodic:
+        result["training_examples"] = family.support
+    beyond = getattr(inner.rule, "beyond", None)  # optional: rules whose learned parameters belong to steps
+    note = beyond(theta, steps) if beyond is not None else None
+    if note:
+        result["beyond_trained_steps"] = note
     if "test_accuracy" in rows[-1]:
         result["test_accuracy"] = rows[-1]["test_accuracy"]
     learned = {**(problem.describe(theta) if hasattr(problem, "describe") else {}), **inner.rule.describe(theta)}
@@ -245,6 +277,15 @@ def evaluation_settings(config) -> dict[str, Any]:
     """evaluate()'s keyword arguments (beyond problem, theta, family and inner) as a run's config asks for them."""
     return dict(steps=config.eval.steps, tasks=config.eval.tasks, shots=config.eval.shots, query=config.eval.query,
                 seed=config.eval.seed, diverged_factor=config.eval.diverged_factor, lr_grid=config.eval.lr_grid)
+
+
+def evaluated(result: dict[str, Any]) -> str:
+    """What an evaluation evaluated, for its header: "600 fresh tasks, 5-shot", or "20 fresh training
+    runs of 30 inner steps on a data set of 1078 training examples"."""
+    if result["shots"] is not None:
+        return f"{result['tasks']} fresh tasks, {result['shots']}-shot"
+    return (f"{result['tasks']} fresh training runs of {result['steps'][-1]['step']} inner steps on a data set of "
+            f"{result['training_examples']} training examples")
 
 
 def _number(value: float, scale: float = 1.0, unit: str = "") -> str:

@@ -137,3 +137,61 @@ def test_a_seeds_study_evaluation_that_would_not_fit_is_refused_before_training(
     assert code == 2 and line.startswith("distmaml study: error: --tasks = 1000000000, --shots = 5, eval.query = 100: "
                                          "evaluating needs about ")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ training runs: no shots; steps past the trained ones
+
+
+@pytest.fixture(scope="module")
+def schedule_run(tmp_path_factory):
+    """test_evaluate.SCHEDULE_RUN trained in this process: a learned schedule of 3 inner steps on logistic runs."""
+    from distmaml.config import load_config
+    from distmaml.train import train
+    from test_evaluate import SCHEDULE_RUN
+
+    run = tmp_path_factory.mktemp("schedule_run")
+    train(load_config(REPO / "configs/logistic_weight_decay.yaml", [*SCHEDULE_RUN, f"run.dir={run}"]))
+    return run
+
+
+def test_shots_and_query_of_training_runs_are_refused_before_the_work(schedule_run, capsys, tmp_path):
+    """Failed before: eval --shots / --query were accepted and ignored, plot --shots too."""
+    why = "the tasks of family logistic are training runs on a fixed data set, not few-shot tasks; they have no"
+    for command, expected in [
+        (["eval", schedule_run, "--shots", "5"], f"distmaml eval: error: --shots = 5: {why} shots"),
+        (["eval", schedule_run, "--query", "3", "--json", tmp_path / "eval.json"],
+         f"distmaml eval: error: --query = 3: {why} query set to size"),
+        (["plot", schedule_run, tmp_path / "fig.png", "--shots", "5"],
+         f"distmaml plot: error: --shots = 5: {why} shots"),
+    ]:
+        assert one_line(capsys, [str(arg) for arg in command]) == (2, expected, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_run_evaluation_says_what_it_evaluated_and_what_steps_past_the_schedule_use(schedule_run, capsys,
+                                                                                               tmp_path):
+    """Failed before: the header said "20-shot" and the JSON "shots": 20; steps 4-5 ran without a word."""
+    code, out, err = distmaml(capsys, "eval", schedule_run, "--steps", "5", "--json", tmp_path / "eval.json")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert code == 0 and result["shots"] is None and result["training_examples"] == 20
+    assert out.splitlines()[0].endswith(": 4 fresh training runs of 5 inner steps on a data set of 20 training "
+                                        "examples, inner rule schedule (lr 1.0)") and "shot" not in out
+    rate = result["learned"]["learning_rate"]
+    assert result["beyond_trained_steps"] == (f"steps 4–5 use the schedule's one learned rate, {rate:.3g}, learned "
+                                              "for steps 1–3")
+    assert err == f"distmaml eval: warning: {result['beyond_trained_steps']}\n"
+    code, out, err = distmaml(capsys, "eval", schedule_run)  # the steps it was trained for: nothing to say
+    assert code == 0 and err == "" and ": 4 fresh training runs of 3 inner steps on " in out
+
+
+def test_a_seeds_study_of_training_runs_refuses_shots_before_training(capsys, tmp_path):
+    """Failed before: --shots (default 5 10) was accepted, and gave identical "5" and "10" rows."""
+    from test_evaluate import SCHEDULE_RUN
+
+    config = str(REPO / "configs/logistic_weight_decay.yaml")
+    why = "the tasks of family logistic are training runs on a fixed data set, not few-shot tasks; they have no"
+    for extra, expected in [(["--shots", "5", "10"], f"--shots = 5 10: {why} shots"),
+                            (["eval.query=3"], f"eval.query = 3: {why} query set to size")]:
+        code, line, out = one_line(capsys, ["study", "seeds", config, *SCHEDULE_RUN, *extra, "--out", str(tmp_path)])
+        assert (code, line, out) == (2, f"distmaml study: error: {expected}", "")
+    assert list(tmp_path.iterdir()) == []

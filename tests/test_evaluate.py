@@ -8,6 +8,7 @@ from distmaml.meta import MAML, ImplicitCG, Inner, make_rule, meta_gradient_loop
 from distmaml.models import MLP
 from distmaml.rng import STREAM_EVAL
 from distmaml.tasks.sine import SineTasks
+from conftest import REPO
 
 
 def sgd(lr):
@@ -192,3 +193,81 @@ def test_a_long_evaluation_needs_no_memory_per_step(setup):
     long, short = (memory.estimate_evaluation(problem, params, family, sgd(0.1), steps, tasks=50, shots=5, query=20)
                    for steps in (10 ** 9, 100))
     assert long == short  # both report eleven numbers of steps; adapting keeps no graph
+
+
+# ------------------------------------------------------------------ tasks without shots; steps past the trained ones
+
+# A training-run problem in miniature: a learned schedule of 3 inner steps on the logistic family's 20
+# training examples (configs/logistic_weight_decay.yaml, which needs no optional data package).
+SCHEDULE_RUN = ["problem.name=learning_rate", "inner.rule=schedule", "inner.steps=3", "inner.mode=second_order",
+                "inner.checkpoint=none", "train.iterations=2", "train.meta_batch=2", "train.log_every=1",
+                "train.checkpoint_every=2", "eval.tasks=4", "eval.steps=3", "logging.progress=false",
+                "logging.sharpness=false", "task.args.samples=40", "task.args.train=20", "task.args.test=20"]
+
+
+def schedule_learner(*overrides):
+    """The SCHEDULE_RUN learner as built before training (no run directory, nothing trained)."""
+    from distmaml.build import build
+    from distmaml.config import load_config
+
+    return build(load_config(REPO / "configs/logistic_weight_decay.yaml", [*SCHEDULE_RUN, *overrides]))
+
+
+def test_training_runs_are_evaluated_without_shots_and_a_number_of_them_is_refused():
+    """Failed before: "shots" was the training split's size, and shots= / query= were ignored."""
+    from distmaml.config import ConfigError
+
+    learner = schedule_learner()
+    result = ev.evaluate(learner.problem, learner.theta, learner.family, learner.inner, steps=3, tasks=4)
+    assert result["shots"] is None and result["training_examples"] == 20 == learner.family.support
+    assert ev.evaluated(result) == "4 fresh training runs of 3 inner steps on a data set of 20 training examples"
+    assert "beyond_trained_steps" not in result  # 3 steps: those the schedule was trained for
+    for asked, expected in (({"shots": 5}, "shots = 5: the tasks of family LogisticRuns are training runs on a fixed "
+                                           "data set, not few-shot tasks; they have no shots"),
+                            ({"query": 3}, "query = 3: the tasks of family LogisticRuns are training runs on a fixed "
+                                           "data set, not few-shot tasks; they have no query set to size")):
+        with pytest.raises(ConfigError) as refused:
+            ev.evaluate(learner.problem, learner.theta, learner.family, learner.inner, steps=3, tasks=4, **asked)
+        assert str(refused.value) == expected
+
+
+def test_few_shot_evaluation_says_its_shots(setup):
+    problem, params, family = setup
+    result = ev.evaluate(problem, params, family, sgd(0.02), steps=1, tasks=4, shots=3)
+    assert result["shots"] == 3 and "training_examples" not in result
+    assert ev.evaluated(result) == "4 fresh tasks, 3-shot"
+
+
+def test_steps_past_a_learned_schedule_use_its_last_block_as_the_warning_says():
+    """Failed before: nothing said what rate an evaluation past the trained steps used."""
+    from distmaml.meta import LEARNED
+
+    learner = schedule_learner("inner.schedule_blocks=2")  # blocks: step 1-2, step 3
+    theta = {**learner.theta, LEARNED + "log_schedule": torch.tensor([0.5, 0.25]).log()}
+    result = ev.evaluate(learner.problem, theta, learner.family, learner.inner, steps=5, tasks=4)
+    assert result["beyond_trained_steps"] == ("steps 4–5 use the schedule's last learned rate (block 2 of 2), 0.25, "
+                                              "learned for step 3")
+    # What the sentence says: the same as a schedule of five one-step blocks whose last three are that rate.
+    spelled_out = Inner(make_rule("schedule", 1.0, steps=5, blocks=5), 5, learner.inner.method)
+    rates = {**theta, LEARNED + "log_schedule": torch.tensor([0.5, 0.5, 0.25, 0.25, 0.25]).log()}
+    again = ev.evaluate(learner.problem, rates, learner.family, spelled_out, steps=5, tasks=4)
+    assert [row["loss"] for row in again["steps"]] == [row["loss"] for row in result["steps"]]
+    one_block = schedule_learner()
+    assert ev.evaluate(one_block.problem, one_block.theta, one_block.family, one_block.inner, steps=4,
+                       tasks=2)["beyond_trained_steps"] == ("step 4 uses the schedule's one learned rate, 1, learned "
+                                                            "for steps 1–3")
+
+
+def test_steps_past_lslr_s_learned_sizes_use_the_last_step_s_as_the_warning_says(setup):
+    problem, params, family = setup
+    trained = Inner(make_rule("lslr", 0.02, steps=2), steps=2)
+    learned = {name: torch.tensor([0.02, 0.05 if name.endswith("weight") else 0.04], dtype=torch.float64)
+               for name in trained.rule.parameters(params)}
+    result = ev.evaluate(problem, {**params, **learned}, family, trained, steps=4, tasks=4)
+    assert result["beyond_trained_steps"] == ("steps 3–4 use the step sizes learned for step 2, the last one trained "
+                                              "(one per weight tensor, 0.04 to 0.05)")
+    spelled_out = {name: torch.cat([value, value[-1:], value[-1:]]) for name, value in learned.items()}
+    again = ev.evaluate(problem, {**params, **spelled_out}, family, Inner(make_rule("lslr", 0.02, steps=4), steps=4),
+                        steps=4, tasks=4)
+    assert again["steps"] == result["steps"] and "beyond_trained_steps" not in again
+    assert "beyond_trained_steps" not in ev.evaluate(problem, params, family, sgd(0.02), steps=4, tasks=4)

@@ -105,3 +105,35 @@ def test_a_run_that_diverged_is_shown_as_diverged_and_the_study_goes_on(tmp_path
     assert rows[0]["status"] == "diverged" and rows[0]["diverged_at"] == 1
     assert "| first_order | 1 | diverged in training (iteration 1) | diverged |" in \
         (tmp_path / "steps/study.md").read_text()
+
+
+def test_a_seeds_study_of_training_runs_has_no_shot_rows_and_shows_the_steps_it_evaluated(tmp_path, monkeypatch):
+    """Failed before: a study needed shots (5 and 10 by default: two identical rows) and showed the
+    paper's 1, 5 and 10 steps whatever the run trained for. The runs train in this process here (how
+    a study starts its processes is the other tests' business)."""
+    from distmaml.study import seeds
+    from distmaml.train import train
+    from test_evaluate import SCHEDULE_RUN
+
+    def train_here(config_path, runs, run_dirs, jobs=1, log_dir=None):
+        return [train(load_config(config_path, overrides))["status"] for overrides in runs]
+
+    monkeypatch.setattr(seeds, "train_runs", train_here)
+    config = REPO / "configs/logistic_weight_decay.yaml"
+    report = seeds.run_seeds_study(config, tmp_path, seeds=[0], threads=[1], tasks=4, overrides=SCHEDULE_RUN)
+    (run,) = report["runs"]
+    assert report["shots"] is None and report["steps"] == 3 and "--shots" not in report["command"]  # eval.steps
+    assert run["eval"]["shots"] is None and [row["step"] for row in report["over_runs"]] == [0, 1, 2, 3]
+    assert report["over_runs"][3]["mean"] == run["eval"]["steps"][3]["accuracy"]
+    table = (tmp_path / "seeds.md").read_text()
+    assert "shot" not in table and "Past the" not in table
+    assert "fresh training runs of 3 inner steps" in table and "| 0 steps | 3 steps | diverged tasks" in table
+    assert "| seed | threads | 3 steps | sharpness" in table
+    # Past the trained steps (the finished run evaluated again, not retrained): those steps are shown, and said.
+    report = seeds.run_seeds_study(config, tmp_path, seeds=[0], threads=[1], steps=5, tasks=4, overrides=SCHEDULE_RUN)
+    note = report["runs"][0]["eval"]["beyond_trained_steps"]
+    assert note.startswith("steps 4–5 use the schedule's one learned rate, ")
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| 0 steps | 3 steps | 5 steps | diverged tasks" in table
+    assert "| seed | threads | 3 steps | 5 steps |" in table
+    assert f"Past the 3 inner steps the runs trained:\n- seed 0, 1 thread(s): {note}.\n" in table

@@ -67,6 +67,16 @@ class Rule(Protocol):
     def step(self, weights: Params, grads: Params, state: State, learned: Params,
              step: int) -> tuple[Params, State]: ...
 
+    # Optional, for rules whose learned parameters belong to the inner steps they were trained for:
+    # beyond(learned, steps) -> str | None says in one sentence what adapting for `steps` steps uses
+    # past those (evaluation warns with it); None within them. A rule without it has nothing to say.
+
+
+def _past(trained: int, steps: int) -> str:
+    """The inner steps after the first `trained`, counted from 1 as reports count them, with their verb:
+    "steps 11–25 use", "step 11 uses"."""
+    return f"step {steps} uses" if steps == trained + 1 else f"steps {trained + 1}–{steps} use"
+
 
 @dataclass(frozen=True)
 class SGD:
@@ -152,6 +162,16 @@ class LSLR:
     def step(self, weights, grads, state, learned, step):
         return {name: value - learned[LEARNED + name] * grads[name] for name, value in weights.items()}, state
 
+    def beyond(self, learned: Params, steps: int) -> str | None:
+        """What steps past `self.steps` use: the unroll hands each the last entry (meta.unrolling.step_views)."""
+        if steps <= self.steps:
+            return None
+        if not self.steps:
+            return f"{_past(0, steps)} step sizes that no inner step trained (the run took 0 inner steps)"
+        last = [value[-1].item() for name, value in learned.items() if name.startswith(LEARNED)]
+        return (f"{_past(self.steps, steps)} the step sizes learned for step {self.steps}, the last one "
+                f"trained (one per weight tensor, {min(last):.3g} to {max(last):.3g})")
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -189,6 +209,23 @@ class Schedule:
     def step(self, weights, grads, state, learned, step):
         size = learned[LEARNED + "log_schedule"][self.block(step)].exp()
         return {name: value - size * grads[name] for name, value in weights.items()}, state
+
+    def beyond(self, learned: Params, steps: int) -> str | None:
+        """What steps past `self.steps` use: `block` clamps them to the last block."""
+        if steps <= self.steps:
+            return None
+        if not self.steps:
+            return f"{_past(0, steps)} rates that no inner step trained (the run took 0 inner steps)"
+        rates = learned[LEARNED + "log_schedule"].detach().exp().tolist()
+        if self.blocks == 1:
+            return (f"{_past(self.steps, steps)} the schedule's one learned rate, {rates[0]:.3g}, learned for "
+                    f"steps 1–{self.steps}")
+        # The last block's first step: the least s (counted from 0) with s * blocks // steps >= blocks - 1.
+        start = -(-(self.blocks - 1) * self.steps // self.blocks) + 1
+        learned_for = (f"step {self.steps}" if start == self.steps else f"steps {start}–{self.steps}"
+                       if start < self.steps else f"no step ({self.blocks} blocks for {self.steps} inner steps)")
+        return (f"{_past(self.steps, steps)} the schedule's last learned rate (block {self.blocks} of {self.blocks}), "
+                f"{rates[-1]:.3g}, learned for {learned_for}")
 
 
 @dataclass(frozen=True)

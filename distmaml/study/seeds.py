@@ -9,6 +9,11 @@ Hessian eigenvalue of the support loss at theta) over training. Results: seeds.j
 seeds.md (mean ± std over runs, and one row per run), seeds.png (sharpness over training). A run
 that diverged in training is reported as such (its last good checkpoint is not evaluated in its
 place), and makes every statistic over runs "diverged".
+
+Few-shot tasks are evaluated at each number of shots: a run's "eval" and the report's "over_runs"
+are keyed by it ("5", "10"). Tasks without shots (training runs on a fixed data set, the family's
+`episodic` False) have one evaluation: "shots" is null, a run's "eval" is that evaluation and
+"over_runs" its rows.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import torch
 from distmaml.files import write_figure, write_text
 from distmaml.log import strict_json
 from distmaml.study.runs import train_runs
+from distmaml.tasks.protocol import is_episodic
 
 REPORTED_STEPS = (1, 5, 10)  # the MAML paper's sine protocol reports these
+# Few-shot tasks are evaluated as the MAML paper's sine protocol does, unless the study says otherwise.
+DEFAULT_SHOTS, DEFAULT_STEPS = (5, 10), 10
 
 
 def reported_steps(steps: int) -> list[int]:
@@ -33,15 +41,37 @@ def reported_steps(steps: int) -> list[int]:
     return sorted({s for s in REPORTED_STEPS if s <= steps} | {steps} - {0})
 
 
+def study_evaluation(config, shots: list[int] | None, steps: int | None) -> tuple[list[int] | None, int]:
+    """The numbers of shots (None: tasks without shots) and inner steps a study of `config` evaluates at:
+    those given, else DEFAULT_SHOTS after DEFAULT_STEPS for few-shot tasks, and for training runs the
+    config's eval.steps (what its runs evaluate). Shots or query examples asked of training runs
+    (--shots, eval.shots, eval.query) are refused in one line, before anything is trained."""
+    from distmaml.evaluate import refuse_shots
+    from distmaml.imports import resolve
+    from distmaml.tasks import FAMILIES
+
+    family = resolve(config.task.family, FAMILIES, "task.family")  # the class: `episodic` is a class attribute
+    if is_episodic(family):
+        return list(shots or DEFAULT_SHOTS), DEFAULT_STEPS if steps is None else steps
+    refuse_shots(family, {"shots": shots}, {"shots": "--shots"}, config.task.family)
+    refuse_shots(family, {"shots": config.eval.shots, "query": config.eval.query},
+                 {"shots": "eval.shots", "query": "eval.query"}, config.task.family)
+    return None, config.eval.steps if steps is None else steps
+
+
 def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[int], threads: list[int],
-                    shots: list[int], steps: int = 10, tasks: int = 600, jobs: int = 1,
+                    shots: list[int] | None = None, steps: int | None = None, tasks: int = 600, jobs: int = 1,
                     overrides: list[str] | None = None) -> dict[str, Any]:
     """Train every (seed, threads) pair, evaluate each on the same tasks, write and return the results.
 
-    A run directory that already holds a finished run is evaluated again without retraining (the
-    trainer resumes from its checkpoint and has nothing left to do), so a study can be extended or
-    re-reported cheaply.
+    `shots` and `steps` default as `study_evaluation` says. A run directory that already holds a
+    finished run is evaluated again without retraining (the trainer resumes from its checkpoint and
+    has nothing left to do), so a study can be extended or re-reported cheaply.
     """
+    from distmaml.config import load_config
+
+    config = load_config(config_path, overrides)
+    shots, steps = study_evaluation(config, shots, steps)
     out_dir = Path(out_dir)
     runs = [(seed, count) for count in threads for seed in seeds]
     run_dirs = {run: out_dir / f"threads{run[1]}_seed{run[0]}" for run in runs}
@@ -51,14 +81,15 @@ def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[in
                           [run_dirs[run] for run in runs], jobs=jobs, log_dir=out_dir / "logs")
     results = [evaluate_run(run_dirs[run], run[0], run[1], shots, steps, tasks) if status != "diverged" else
                diverged_run(run_dirs[run], run[0], run[1]) for run, status in zip(runs, statuses)]
-    evaluated = [result for result in results if result["eval"] is not None]
-    metric = ("accuracy" if evaluated and "accuracy" in evaluated[0]["eval"][str(shots[0])]["steps"][0]
-              else "loss")
+    evaluated = [next(iter(_by_shots(result["eval"], shots).values())) for result in results
+                 if result["eval"] is not None]
+    metric = "accuracy" if evaluated and "accuracy" in evaluated[0]["steps"][0] else "loss"
     command = " ".join(["distmaml study seeds", str(config_path), *(overrides or []), "--seeds", *map(str, seeds),
-                        "--threads", *map(str, threads), "--shots", *map(str, shots), "--steps", str(steps),
-                        "--tasks", str(tasks)])
+                        "--threads", *map(str, threads), *(["--shots", *map(str, shots)] if shots else []),
+                        "--steps", str(steps), "--tasks", str(tasks)])
     report = {"command": command, "config": str(config_path), "overrides": overrides or [], "shots": shots,
-              "steps": steps, "tasks": tasks, "metric": metric, "runs": results,
+              "steps": steps, "inner_steps": config.inner.steps, "tasks": tasks, "metric": metric,
+              "outer": evaluated[0].get("outer", "query") if evaluated else "query", "runs": results,
               "over_runs": over_runs(results, shots, steps, metric)}
     write_text(out_dir / "seeds.json", strict_json(report))
     write_text(out_dir / "seeds.md", format_report(report) + "\n")
@@ -66,16 +97,27 @@ def run_seeds_study(config_path: str | Path, out_dir: str | Path, seeds: list[in
     return report
 
 
-def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int], steps: int, tasks: int) -> dict[str, Any]:
-    """One finished run: its evaluation at each number of shots and what it logged while training."""
+def _by_shots(value: Any, shots: list[int] | None) -> dict[str, Any]:
+    """A run's evaluations, or the rows over runs, by number of shots ({"5": ..., "10": ...}); for tasks
+    without shots the one evaluation (or its rows) as {"": ...}."""
+    return value if shots is not None else {"": value}
+
+
+def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int] | None, steps: int,
+                 tasks: int) -> dict[str, Any]:
+    """One finished run: its evaluation at each number of shots (or its one evaluation, for tasks
+    without shots) and what it logged while training."""
     from distmaml.build import load_trained
     from distmaml.evaluate import evaluate, evaluation_settings
 
     torch.set_num_threads(1)
     config, learner, _ = load_trained(run_dir)
     settings = {**evaluation_settings(config), "steps": steps, "tasks": tasks}
-    evaluations = {str(count): evaluate(learner.problem, learner.theta, learner.family, learner.inner,
-                                        **{**settings, "shots": count}) for count in shots}
+
+    def at(count: int | None) -> dict[str, Any]:
+        return evaluate(learner.problem, learner.theta, learner.family, learner.inner, **{**settings, "shots": count})
+
+    evaluations = {str(count): at(count) for count in shots} if shots is not None else at(None)
     return {"seed": seed, "threads": threads, "run_dir": str(run_dir), "status": "complete",
             "inner_lr": config.inner.lr, **_logged(run_dir), "eval": evaluations}
 
@@ -102,7 +144,7 @@ def _logged(run_dir: Path) -> dict[str, Any]:
             "sharpness": [(m["iteration"], m.get("sharpness", math.nan)) for m in logged]}
 
 
-def check_evaluation(config, shots: list[int], steps: int, tasks: int) -> None:
+def check_evaluation(config, shots: list[int] | None, steps: int, tasks: int) -> None:
     """Refuse, before any run is trained, an evaluation (--tasks, --shots) that would not fit in memory."""
     from distmaml import memory
     from distmaml.build import DTYPES
@@ -112,22 +154,29 @@ def check_evaluation(config, shots: list[int], steps: int, tasks: int) -> None:
     learner = shapes_only(config, build_task_family(config, "cpu", DTYPES[config.engine.dtype][0]))
     if learner is None:  # a model that cannot be built without memory: its runs' own checks remain
         return
-    for count in shots:
+    for count in shots if shots is not None else [None]:
         memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
                                      {"tasks": tasks, "shots": count, "query": config.eval.query, "steps": steps},
                                      config, torch.device("cpu"), {"tasks": "--tasks", "shots": "--shots",
                                                                    "query": "eval.query"})
 
 
-def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int,
-              metric: str = "loss") -> dict[str, list[dict[str, Any]]]:
-    """Per number of shots and inner steps: mean and standard deviation over runs of each run's mean
-    query loss (or accuracy; NaN where any run diverged), the runs' medians, and diverged tasks in all."""
+def over_runs(results: list[dict[str, Any]], shots: list[int] | None, steps: int,
+              metric: str = "loss") -> dict[str, list[dict[str, Any]]] | list[dict[str, Any]]:
+    """Per number of shots and reported number of inner steps: mean and standard deviation over runs of
+    each run's mean query loss (or accuracy; NaN where any run diverged), the runs' medians, and
+    diverged tasks in all. For tasks without shots, the one list of rows."""
+    from distmaml.evaluate import report_steps
+
     table: dict[str, list[dict[str, Any]]] = {}
-    for count in map(str, shots):
+    for count in [""] if shots is None else map(str, shots):
+        per_run_rows = [_by_shots(result["eval"], shots)[count]["steps"] for result in results
+                        if result["eval"] is not None]
+        # Every run reports the same numbers of steps (every one up to 20, else eleven of them).
+        counts = [row["step"] for row in per_run_rows[0]] if per_run_rows else report_steps(steps)
         rows = []
-        for step in range(steps + 1):
-            per_run = [result["eval"][count]["steps"][step] for result in results if result["eval"] is not None]
+        for index, step in enumerate(counts):
+            per_run = [run_rows[index] for run_rows in per_run_rows]
             untrained = len(results) - len(per_run)  # runs that diverged in training
             means = [row[metric] for row in per_run]
             clean = (not untrained and all(math.isfinite(m) for m in means)
@@ -140,42 +189,64 @@ def over_runs(results: list[dict[str, Any]], shots: list[int], steps: int,
                          "diverged_tasks": sum(row["diverged"] for row in per_run),
                          "runs_with_divergence": untrained + sum(1 for row in per_run if row["diverged"])})
         table[count] = rows
-    return table
+    return table if shots is not None else table[""]
 
 
 def _cell(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else "diverged"
 
 
+def shown_steps(report: dict[str, Any], counts: list[int]) -> list[int]:
+    """The numbers of inner steps the report's tables show, of those evaluated (`counts`): 0, and for
+    few-shot tasks the paper's reported steps and S; for training runs S, and the steps the runs
+    trained (inner.steps) where the evaluation went past them."""
+    steps = report["steps"]
+    if report["shots"] is not None:
+        wanted = set(reported_steps(steps))
+    else:
+        trained = report.get("inner_steps")
+        wanted = {steps} | ({trained} if trained is not None and 0 < trained < steps else set())
+    return [0, *sorted(step for step in wanted if step in counts and step)]
+
+
 def format_report(report: dict[str, Any]) -> str:
-    runs, steps, metric = report["runs"], report["steps"], report.get("metric", "loss")
-    what = "query accuracy" if metric == "accuracy" else "query loss"
-    shown = [0, *reported_steps(steps)]
+    runs, steps, metric, shots = report["runs"], report["steps"], report.get("metric", "loss"), report["shots"]
+    what = f"{report.get('outer', 'query')} {'accuracy' if metric == 'accuracy' else 'loss'}"
+    over = _by_shots(report["over_runs"], shots)
+    shown = shown_steps(report, [row["step"] for row in next(iter(over.values()))])
+    evaluated = (f"the same {report['tasks']} fresh tasks (eval.seed)" if shots is not None else
+                 f"the same {report['tasks']} fresh training runs of {steps} inner steps (eval.seed)")
     lines = [f"{len(runs)} runs of {report['config']} {' '.join(report['overrides'])}".rstrip() + "; "
-             f"evaluated on the same {report['tasks']} fresh tasks (eval.seed), {what}.", "",
-             f"Over runs: mean ± std of the runs' mean {what} (diverged where any task of any run diverged); "
-             "diverged tasks in all runs.", "",
-             "| shots | " + " | ".join(f"{s} steps" for s in shown) + " | diverged tasks (runs) at each step |",
-             "|---|" + "---|" * (len(shown) + 1)]
-    for count, rows in report["over_runs"].items():
-        cells = [f"{_cell(rows[s]['mean'])} ± {_cell(rows[s]['std'])}" if math.isfinite(rows[s]["mean"])
-                 else f"diverged (median {_cell(rows[s]['median_of_medians'])})" for s in shown]
-        counts = ", ".join(f"{rows[s]['diverged_tasks']} ({rows[s]['runs_with_divergence']})" for s in shown)
-        lines.append(f"| {count} | " + " | ".join(cells) + f" | {counts} |")
+             f"evaluated on {evaluated}, {what}.", ""]
+    notes = [f"- seed {run['seed']}, {run['threads']} thread(s): {note}." for run in runs if run["eval"] is not None
+             for note in [next(iter(_by_shots(run["eval"], shots).values())).get("beyond_trained_steps")] if note]
+    if notes:
+        lines += [f"Past the {report.get('inner_steps')} inner steps the runs trained:", *notes, ""]
+    first = ["shots"] if shots is not None else []
+    lines += [f"Over runs: mean ± std of the runs' mean {what} (diverged where any task of any run diverged); "
+              "diverged tasks in all runs.", "",
+              "| " + " | ".join([*first, *(f"{s} steps" for s in shown)]) + " | diverged tasks (runs) at each step |",
+              "|" + "---|" * (len(first) + len(shown) + 1)]
+    for count, rows in over.items():
+        at = {row["step"]: row for row in rows}
+        cells = [f"{_cell(at[s]['mean'])} ± {_cell(at[s]['std'])}" if math.isfinite(at[s]["mean"])
+                 else f"diverged (median {_cell(at[s]['median_of_medians'])})" for s in shown]
+        counts = ", ".join(f"{at[s]['diverged_tasks']} ({at[s]['runs_with_divergence']})" for s in shown)
+        lines.append("| " + " | ".join([*([count] if shots is not None else []), *cells]) + f" | {counts} |")
     lines += ["", f"Per run ({what} mean, or the number of diverged tasks; sharpness = top Hessian eigenvalue of "
               "the support loss at theta, mean over the meta-batch, at the last log step and the largest seen; "
               "inner SGD steps at inner.lr are unstable above 2 / inner.lr):", ""]
-    header = ["seed", "threads"] + [f"{c}-shot, {s} steps" for c in report["shots"] for s in reported_steps(steps)]
+    header = ["seed", "threads"] + [f"{c}-shot, {s} steps" if c else f"{s} steps" for c in over for s in shown[1:]]
     header += ["sharpness (last / max)", "2 / inner.lr", "meta-loss first → last window", "s / iteration"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = [str(run["seed"]), str(run["threads"])]
-        for count in map(str, report["shots"]):
-            for step in reported_steps(steps):
+        for count in over:
+            for step in shown[1:]:
                 if run["eval"] is None:
                     cells.append(f"diverged in training (iteration {run['diverged_at']})")
                     continue
-                row = run["eval"][count]["steps"][step]
+                row = next(row for row in _by_shots(run["eval"], shots)[count]["steps"] if row["step"] == step)
                 cells.append(_cell(row[metric]) if not row["diverged"] else f"{row['diverged']} diverged")
         values = [value for _, value in run["sharpness"] if math.isfinite(value)]
         cells.append(f"{values[-1]:.0f} / {max(values):.0f}" if values else "not logged")

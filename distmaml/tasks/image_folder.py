@@ -45,6 +45,7 @@ class ImageFolderTasks:
     loss = staticmethod(cross_entropy)
     accuracy = staticmethod(accuracy)
     is_classification = True
+    episodic = True  # few-shot tasks: shots and a query set of a chosen size
 
     def __init__(self, train: SplitData | None, evaluation: SplitData, ways: int = 5, support: int = 1,
                  query: int = 15, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

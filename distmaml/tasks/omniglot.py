@@ -62,6 +62,7 @@ class OmniglotTasks:
     loss = staticmethod(cross_entropy)
     accuracy = staticmethod(accuracy)
     is_classification = True
+    episodic = True  # few-shot tasks: shots and a query set of a chosen size
     input_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __init__(self, data: OmniglotData, split: str = "paper", ways: int = 5, support: int = 1,

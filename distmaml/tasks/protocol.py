@@ -32,6 +32,12 @@ class TaskFamily(Protocol):
     (3, 84, 84)); `num_outputs`, what the model must output per example (1 target, or N classes).
     The model is sized from `input_shape` and `num_outputs`, so any model fits any family whose
     shapes it accepts.
+
+    Optional: `episodic`, a class attribute (read before the family is built, e.g. by `distmaml
+    study seeds`): True, the default for a family that does not set it, for few-shot tasks whose
+    support and query sets `sample(support=, query=)` sizes (evaluation's shots and query); False
+    for tasks that are training runs on the family's fixed data set (`support` is then the size of
+    its training split), which have no shots: evaluation refuses a number of shots or query examples.
     """
 
     seed: int
@@ -68,10 +74,23 @@ class TaskFamily(Protocol):
 
 METHODS = ("from_config", "sample", "loss", "with_seed", "to")
 REQUIRED = ("seed", "support", "query", "is_classification", "input_shape", "num_outputs", *METHODS)
+# A family that does not say has few-shot tasks: every family was read so before `episodic` existed.
+EPISODIC_DEFAULT = True
 
 
 class FamilyError(ConfigError):
     """A task family that does not do what the protocol asks, in one line."""
+
+
+def is_episodic(family: Any) -> bool:
+    """Whether the tasks of `family` (a family or its class) are few-shot tasks with shots and a query
+    set of a chosen size: its `episodic` attribute, EPISODIC_DEFAULT where it has none."""
+    value = getattr(family, "episodic", EPISODIC_DEFAULT)
+    if not isinstance(value, bool):
+        name = family.__name__ if isinstance(family, type) else type(family).__name__
+        raise FamilyError(f"task family {name}: episodic = {value!r}; it must be True or False, set on the class "
+                          "(see distmaml.tasks.TaskFamily)")
+    return value
 
 
 def missing_members(family: Any) -> list[str]:
@@ -97,6 +116,7 @@ def check_family(family: Any, tasks: int = 6, where: str = "task family", dtype:
     name = type(family).__name__
     if missing := missing_members(family):
         raise FamilyError(f"{where} {name} lacks {', '.join(missing)} (see distmaml.tasks.TaskFamily)")
+    is_episodic(family)  # a wrong `episodic` is refused here, not when an evaluation first reads it
 
     def fail(message: str) -> NoReturn:
         raise FamilyError(f"{where} {name}: {message}")

@@ -44,6 +44,9 @@ class TrainingRuns:
     is_classification: bool = True
     flipped: torch.Tensor | None = None  # which training labels were flipped (label-noise studies), else None
 
+    # A task trains on the whole fixed training split: no shots, no query set to size (TaskFamily.episodic).
+    episodic = False
+
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(prediction, target)
 

@@ -32,6 +32,7 @@ class SineTasks:
 
     loss = staticmethod(mse)
     is_classification = False
+    episodic = True  # few-shot tasks: shots and a query set of a chosen size
     input_shape = (1,)
     num_outputs = 1
 
