@@ -18,7 +18,7 @@ from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
 from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
 from distmaml.meta.problems import soft_error
-from distmaml.meta.problem import ProblemError, missing_members
+from distmaml.meta.problem import ProblemError, check_meta_parameters, missing_members
 
 TRAINING_RUNS = ("learning_rate", "activation", "weight_decay", "hyperclean", "distill")  # problem.outer applies
 PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in ("maml", *TRAINING_RUNS)}
@@ -40,17 +40,32 @@ def training_data(config, family):
     return data
 
 
-def _training(config, model, family) -> dict[str, Any]:
-    return dict(model=model, data=training_data(config, family), loss_fn=family.loss,
+def _training(config, model, family, kind: type = TrainingRun) -> dict[str, Any]:
+    """The arguments of a training-run problem of class `kind`, once the family gives what it needs."""
+    data = training_data(config, family)
+    if getattr(kind, "needs_class_logits", False) and (lacks := _no_class_logits(family)):
+        raise SettingError("problem.name", config.problem.name, f"task.family = {config.task.family!r} {lacks}; "
+                           f"{config.problem.name} needs class logits (a family with >= 2 classes)")
+    return dict(model=model, data=data, loss_fn=family.loss,
                 accuracy_fn=family.accuracy if family.is_classification else None,
                 batch_size=config.problem.batch_size, outer_fn=_outer_loss(config, family))
+
+
+def _no_class_logits(family) -> str | None:
+    """What keeps the family's outputs from being logits over two or more classes, or None."""
+    if not family.is_classification:
+        return "is not a classification family"
+    outputs = getattr(family, "num_outputs", 0)
+    if outputs == 1:
+        return "has one output (a logistic regression's logit)"
+    return None if outputs >= 2 else f"has {outputs} outputs"
 
 
 def _outer_loss(config, family):
     """The outer loss problem.outer names (None: the family's own loss)."""
     if config.problem.outer == "loss":
         return None
-    if not family.is_classification or getattr(family, "num_outputs", 0) < 2:
+    if _no_class_logits(family):
         raise SettingError("problem.outer", config.problem.outer, f"soft_error scores a softmax over two or more "
                            f"classes; task.family = {config.task.family!r} has no class logits")
     return soft_error
@@ -76,7 +91,7 @@ def build_weight_decay(config, model, family) -> WeightDecay:
 
 def build_hyperclean(config, model, family) -> Reweighting:
     """Per-example weights of the training split, learned on a clean validation split."""
-    return Reweighting(**_training(config, model, family), initial=config.problem.example_init,
+    return Reweighting(**_training(config, model, family, Reweighting), initial=config.problem.example_init,
                        normalised=config.problem.example_weighting == "normalised",
                        flipped=getattr(family, "flipped", None))
 
@@ -104,4 +119,7 @@ def build_problem(config, model, family) -> Any:
     if missing := missing_members(problem):
         raise ProblemError(f"problem.name = {name!r}: the problem built ({type(problem).__name__}) lacks "
                            f"{', '.join(missing)} (see distmaml.meta.Problem)")
+    # Where phi is first read: a number or an integer tensor in it would fail as it is made trainable.
+    where = f"problem.name = {name!r}: {type(problem).__name__}"
+    check_meta_parameters(call_user(problem.meta_parameters, f"{where}: meta_parameters()", ProblemError), where)
     return problem

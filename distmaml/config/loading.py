@@ -24,6 +24,7 @@ import yaml
 from distmaml.config.checks import check_values
 from distmaml.config.schema import Config
 from distmaml.errors import ConfigError, SettingError
+from distmaml.imports import absolute_specs
 
 # Version 0.1 applied implicit.lam (as iMAML's proximal term) in these modes only.
 VERSION_0_1_PROXIMAL_MODES = frozenset({"implicit"})
@@ -46,7 +47,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         raw[key] = value
         sources[key] = "command line"
-    config = from_flat(raw, sources)
+    # A relative file path in an import spec (problem.name: own/mine.py:build) is read from the
+    # directory the run is started in, once, here: config.yaml and the checkpoints then hold the
+    # absolute path, and a resume or an evaluation started elsewhere imports the file that trained.
+    # A config restored from a checkpoint (from_dict) is left as saved.
+    config = from_flat(absolute_specs(raw), sources)
     object.__setattr__(config, "_file", path)
     return config
 

@@ -21,13 +21,18 @@ losses may take several inputs. The inner optimizer is a Rule; its learned param
 are entries of phi like any other. How phi's gradient is computed is a Method's business
 (distmaml.meta.methods): the problem never knows which one differentiates it.
 
-`check_problem` runs each function once on one task and names, in one line, what breaks the protocol;
-a problem may add its own `check_task(phi, task) -> str | None` (what is wrong with the task it is
-given: MAML's says so when a model's outputs and the targets would broadcast in the loss).
+`check_problem` runs each function once on one task and names, in one line, what breaks the protocol
+(phi not a dict of floating-point tensors, a loss or metric that is not one floating-point number, a
+to() that returns no problem, a describe() whose result the evaluation's JSON cannot hold); a problem
+may add its own `check_task(phi, task) -> str | None` (what is wrong with the task it is given:
+MAML's says so when a model's outputs and the targets would broadcast in the loss).
+`check_meta_parameters` checks meta_parameters()'s result where phi is first read.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import traceback
 from typing import Any, Protocol, runtime_checkable
 
@@ -76,6 +81,33 @@ def missing_members(problem: Any) -> list[str]:
     return [name for name in REQUIRED if not callable(getattr(problem, name, None))]
 
 
+def check_meta_parameters(phi: Any, where: str, label: str = "meta_parameters()") -> None:
+    """Raise ProblemError unless `phi` (what `label` returned) is a dict of floating-point tensors:
+    phi is what the meta-gradient differentiates, and only floating-point tensors have gradients."""
+    if not isinstance(phi, dict):
+        raise ProblemError(f"{where}: {label} must return a dict of floating-point tensors, got {type(phi).__name__}")
+    for key, value in phi.items():
+        if not torch.is_tensor(value):
+            raise ProblemError(f"{where}: {label} gives {key!r} as {_a(type(value).__name__)}; phi must be a dict of "
+                               f"floating-point tensors (torch.tensor({value!r}) if a number)")
+        if not value.is_floating_point():
+            raise ProblemError(f"{where}: {label} gives {key!r} of dtype {value.dtype}; phi must be a dict of "
+                               "floating-point tensors, the only ones with a gradient")
+
+
+def not_a_scalar(value: Any) -> str | None:
+    """What keeps `value` from being one floating-point number of one task ("got dtype torch.int64"),
+    or None for a 0-dim floating-point tensor."""
+    if not torch.is_tensor(value):
+        return f"got {type(value).__name__}"
+    wrong = []
+    if not value.is_floating_point():
+        wrong.append(f"dtype {value.dtype}")
+    if value.dim() != 0:
+        wrong.append(f"shape {tuple(value.shape)}")
+    return f"got {' and '.join(wrong)}" if wrong else None
+
+
 def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") -> None:
     """Raise ProblemError unless `problem` follows the protocol on one `task` (no task dimension):
     the task is what the problem reads (its optional `check_task(phi, task)` says what is wrong,
@@ -86,21 +118,23 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
     if missing := missing_members(problem):
         raise ProblemError(f"{where} {name} lacks {', '.join(missing)} (see distmaml.meta.Problem)")
 
-    def call(label: str, function, *args):
+    def call(label: str, function, *args, on_task: bool = True):
         try:
             return function(*args)
         except Exception as err:  # noqa: BLE001 - the problem (or the task it was given) is broken: one line
             frame = _user_frame(err)
-            if reads_values(err):
+            if reads_values(err) and on_task:
                 raise ProblemError(
                     f"{where} {name}: {label} reads a tensor's value (.item(), float(), a Python if on a tensor) at "
                     f"{frame.filename}:{frame.lineno}; problems run batched over tasks (torch.func.vmap) and, for the "
                     "memory estimate, on shape-only tensors, where no value can be read: write it with tensor "
                     "operations (torch.where, clamp) instead") from None
             message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            raise ProblemError(f"{where} {name}: {label} failed on a task of type {type(task).__name__}: "
-                               f"{type(err).__name__}: {message} ({frame.filename}:{frame.lineno})") from None
+            what = f" on a task of type {type(task).__name__}" if on_task else ""
+            raise ProblemError(f"{where} {name}: {label} failed{what}: {type(err).__name__}: {message} "
+                               f"({frame.filename}:{frame.lineno})") from None
 
+    check_meta_parameters(phi, f"{where} {name}", "phi")
     check_task = getattr(problem, "check_task", None)
     if callable(check_task):
         with torch.no_grad():
@@ -120,17 +154,91 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
             raise ProblemError(f"{where} {name}: start() gives {key} of shape {shape}, inner_template() says "
                                f"{tuple(template[key].shape)}")
     metrics = call("metrics", problem.metrics, weights, phi, task)
+    if not isinstance(metrics, dict):
+        raise ProblemError(f"{where} {name}: metrics() must return a dict of floating-point scalar tensors "
+                           f"({{'loss': ..., ...}}), got {type(metrics).__name__}")
     for label, value in (("inner_loss", call("inner_loss", problem.inner_loss, weights, phi, task, 0)),
                          ("outer_loss", call("outer_loss", problem.outer_loss, weights, phi, task)),
-                         ("metrics()['loss']", metrics.get("loss") if isinstance(metrics, dict) else metrics)):
-        if not (torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()):
-            got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
-            raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, "
-                               f"got {got}")
+                         ("metrics()['loss']", metrics.get("loss"))):
+        if wrong := not_a_scalar(value):
+            raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, {wrong}")
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise ProblemError(f"{where} {name}: metrics() names a metric {key!r}; its names must be strings")
+        # Logs and evaluation average each metric over tasks and report it as one number.
+        if wrong := not_a_scalar(value):
+            raise ProblemError(f"{where} {name}: metrics()[{key!r}] must be a scalar (a 0-dim floating-point tensor, "
+                               f"one number per task), {wrong}")
     # The engine maps the losses over a batch of weights: a loss that reads a value fails only there.
     batched = {key: value.unsqueeze(0) for key, value in weights.items()}
     call("inner_loss", vmap(lambda w: problem.inner_loss(w, phi, task, 0)), batched)
     call("outer_loss", vmap(lambda w: problem.outer_loss(w, phi, task)), batched)
+    _check_to(problem, phi, weights, where, name, call)
+    # describe() reports phi's values, which shape-only tensors do not have: checked on real ones.
+    if callable(getattr(problem, "describe", None)) and not any(value.is_meta for value in phi.values()):
+        _check_described(call("describe", problem.describe, phi, on_task=False), f"{where} {name}")
+
+
+def _check_to(problem: Any, phi: Params, weights: Params, where: str, name: str, call) -> None:
+    """to() returns the problem on a device (the memory estimate moves it to "meta", evaluation to
+    another device): tried on the device phi is on, where it may also be a copy."""
+    device = next(iter({**phi, **weights}.values())).device
+    moved = call("to", problem.to, device, on_task=False)
+    if moved is None or (missing := missing_members(moved)):
+        got = "None" if moved is None else f"a {type(moved).__name__}, which lacks {', '.join(missing)}"
+        raise ProblemError(f"{where} {name}: to({str(device)!r}) returned {got}; it must return the problem on that "
+                           "device (an object that follows distmaml.meta.Problem, e.g. self or a copy)")
+
+
+def _check_described(described: Any, where: str) -> None:
+    """describe(phi)'s result goes into the evaluation's result (summary.json, `distmaml eval --json`)
+    as it is: JSON, in which only NaN and infinities are turned into null (as the writer does). Refused
+    here, not after the training that it would have ended."""
+    wants = ("describe(phi) must return a dict of numbers, strings, lists and dicts (a tensor as its .tolist() or "
+             ".item())")
+    if not isinstance(described, dict):
+        raise ProblemError(f"{where}: {wants}, got {type(described).__name__}")
+    try:
+        found = _not_json(described, "describe()")
+        if found is None:
+            json.dumps(_finite(described), allow_nan=False)
+    except (RecursionError, ValueError):
+        raise ProblemError(f"{where}: {wants}; its result contains itself") from None
+    if found is not None:
+        path, value = found
+        raise ProblemError(f"{where}: {wants}; {path} is {_a(type(value).__name__)}, which JSON cannot hold")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _not_json(value: Any, path: str) -> tuple[str, Any] | None:
+    """The first part of `value` that json.dumps cannot write, as (where, the part), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key is not None and not isinstance(key, (str, int, float, bool)):
+                return f"{path}'s key {key!r}", key
+            if found := _not_json(item, f"{path}[{key!r}]"):
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if found := _not_json(item, f"{path}[{index}]"):
+                return found
+        return None
+    return None if value is None or isinstance(value, (str, int, float, bool)) else (path, value)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null, as the evaluation's JSON writer turns them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 # What torch says when code reads a value under vmap, or from a shape-only (meta) tensor.

@@ -21,12 +21,14 @@ learned weights find them; `baselines` are the standard comparisons: training on
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from distmaml.errors import SettingError
 from distmaml.meta.functional import Params
 from distmaml.meta.problems.training import Dataset, TrainingRun
 
@@ -42,6 +44,32 @@ class Reweighting(TrainingRun):
     learned_name = "learned_weights"  # what evaluation calls the learned run beside its baselines
     headline = ("flip_detection",)  # what evaluation reports at the top of its result
     stopped_baselines = ("noisy",)  # reported at its best validation accuracy (and its last step beside it)
+    needs_class_logits = True  # the inner loss is a cross-entropy per example, over the model's class logits
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalised:
+            self._check_initial_weights()
+
+    def _check_initial_weights(self) -> None:
+        """The normalised loss divides by the total weight, and its hypergradient by the total weight
+        squared; sigma(x) ~ exp(x) for x << 0. Below the square root of the dtype's smallest normal
+        number that square flushes to 0 (a batch may hold a single example, whose weight is the total),
+        and the first step is 0/0."""
+        dtype = self.data.train_x.dtype
+        tiny = torch.finfo(dtype).tiny
+        lowest = math.log(tiny) / 2
+        if self.initial >= lowest:
+            return
+        name = str(dtype).removeprefix("torch.")
+        if self.initial < math.log(tiny):
+            what = f"which underflows to 0 in {name} (the run's dtype), so the normalised loss sum w_i l_i / sum w_i"
+        else:
+            what = (f"whose square underflows to 0 in {name} (the run's dtype), so the hypergradient of the normalised "
+                    "loss sum w_i l_i / sum w_i, which divides by the total weight squared,")
+        raise SettingError("problem.example_init", self.initial, f"every weight starts at sigmoid({self.initial:g}), "
+                           f"{what} is 0/0; give problem.example_init >= {math.ceil(lowest)} (sigmoid({lowest:.1f})"
+                           f" squared is {name}'s smallest normal number, {tiny:.1e})")
 
     def meta_parameters(self) -> Params:
         train = self.data.train_x
