@@ -1,7 +1,7 @@
 """distmaml against the MAML libraries people use, side by side in one process: learn2learn's
 MAML.clone()/adapt(), higher's innerloop_ctx, TorchOpt's MetaSGD.
 
-    pip install -e ".[peers]"                      # higher and torchopt; learn2learn: README.md
+    pip install -e ".[peers]"                      # higher and torchopt; learn2learn: docs/results.md, .ci/run
     python -m benchmarks.peers                     # this CPU, one thread: the README's peers table
 
 Every library gets the same initial weights, the same task batches (distmaml's families) and the

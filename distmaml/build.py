@@ -20,7 +20,7 @@ from torch import nn
 from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
 from distmaml.config import Config, from_dict, sourced
 from distmaml.errors import SettingError
-from distmaml.imports import resolve
+from distmaml.imports import check_user_files, resolve
 from distmaml.meta import Inner, Method, learned_names, make_method, make_rule, meta_parameters
 
 # Weights' dtype, and the autocast dtype of the model's matmuls/convolutions (None: no autocast).
@@ -130,6 +130,8 @@ def load_trained(path: str | Path, device: str = "cpu", changes: dict[str, tuple
         path = found
     state = load_checkpoint(path)
     config = from_dict(state["config"], str(path), {k: v for k, v in (changes or {}).items() if v[0] is not None})
+    if config.run.user_code != "any":  # before the files are imported: no changed code runs
+        check_user_files(state.get("user_files", {}), str(path), config, override="give --user-code any")
     learner = build(config, device)
     restore(learner, state, path)
     return Trained(config, learner, path)

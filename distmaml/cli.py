@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     eval_p.add_argument("--data-root", help="where the data set is now, if it moved since training (data.root)")
     eval_p.add_argument("--json", type=Path, help="also write the result here")
+    eval_p.add_argument("--user-code", choices=("same", "any"), help="files the run imported by path: same (default) "
+                        "refuses one changed since the checkpoint was written; any runs it as it is now")
     eval_p.add_argument("--lr-grid", nargs=3, type=float, metavar=("LOW", "HIGH", "COUNT"),
                         help="also train the tasks by plain SGD at COUNT rates spaced evenly in log from LOW to HIGH "
                              "(a grid search beside a learned rate)")
@@ -124,8 +126,9 @@ def _train(args) -> int:
     if summary["status"] == "preempted":
         return 128 + summary["signal"]  # as a shell reports a job ended by that signal
     if "eval" in summary:
-        from distmaml.evaluate import format_table
+        from distmaml.evaluate import evaluated, format_table
 
+        print(f"evaluation at the end of training: {evaluated(summary['eval'])}")  # which row of a results table
         print(format_table(summary["eval"]))
     if summary["status"] == "diverged":
         raise TrainingError(summary["error"])
@@ -168,7 +171,8 @@ def _eval(args) -> int:
     trained = load_trained(args.checkpoint, str(device), {
         "data.root": (args.data_root, "--data-root"), "eval.steps": (args.steps, "--steps"),
         "eval.tasks": (args.tasks, "--tasks"), "eval.shots": (args.shots, "--shots"),
-        "eval.query": (args.query, "--query"), "eval.lr_grid": (_log_grid(args.lr_grid), "--lr-grid")})
+        "eval.query": (args.query, "--query"), "eval.lr_grid": (_log_grid(args.lr_grid), "--lr-grid"),
+        "run.user_code": (args.user_code, "--user-code")})
     config, learner = trained.config, trained.learner
     settings = evaluation_settings(config)
     refuse_shots(learner.family, settings, {key: _EVAL_FLAGS[key] if given is not None else f"eval.{key}"
@@ -283,6 +287,7 @@ def _gradcheck(args) -> int:
     from distmaml.log import write_json
     from distmaml.meta import METHODS, check_problem, task_at
     from distmaml.meta.gradcheck import format_report, gradcheck
+    from distmaml.preflight import refuse_unreached
     from distmaml.rng import STREAM_TRAIN
 
     config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"])
@@ -296,6 +301,7 @@ def _gradcheck(args) -> int:
     learner = build(config)
     tasks = learner.family.sample(STREAM_TRAIN, 0, torch.arange(args.tasks))
     check_problem(learner.problem, learner.theta, task_at(tasks, 0), where=f"problem.name = {config.problem.name!r}:")
+    refuse_unreached(config, learner, tasks)  # the trainer's refusal, in its words: there is nothing to check
     methods, skipped = {}, {}
     for name in dict.fromkeys([*METHODS, config.inner.mode]):
         try:

@@ -20,8 +20,9 @@ from distmaml import dist, memory
 from distmaml.build import DTYPES, Learner, build, build_inner
 from distmaml.config import Config, ConfigError, source_of
 from distmaml.engine import compute_meta_gradient
-from distmaml.evaluate import evaluation_settings
+from distmaml.evaluate import evaluation_settings, refuse_shots
 from distmaml.meta import check_method, check_problem, task_at
+from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 from distmaml.rng import STREAM_TRAIN
 from distmaml.tasks import check_family
 
@@ -69,6 +70,8 @@ def _family_and_problem(config: Config, learner: Learner, device: torch.device, 
 
 def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
     """Refuse a run whose meta-iteration, or whose evaluation at the end, would not fit (engine.memory_check)."""
+    if config.eval.at_end:  # the evaluation at the end refuses shots its tasks do not have: say so now
+        refuse_shots(learner.family, evaluation_settings(config), EVAL_KEYS, config.task.family)
     if not config.engine.memory_check:
         return
     tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
@@ -103,6 +106,17 @@ def check_first_batch(config: Config, learner: Learner) -> None:
     advise = getattr(learner.inner.method, "warnings", None)
     for line in advise(learner.problem, learner.theta, task_at(batch, 0), learner.inner) if advise else ():
         log.warning("%s", line)
+
+
+def refuse_unreached(config: Config, learner: Learner, tasks) -> None:
+    """The trainer's first-iteration refusal (distmaml.engine.MetaStep), for a hypergradient of
+    `tasks` computed here: gradcheck's, which holds no optimizer to step."""
+    result = compute_meta_gradient(learner.problem, learner.theta, tasks, learner.inner)
+    allowed = [*config.train.allow_unreached, *zero_at_start(learner.model)]
+    names = unreached(learner.theta, reached_flags(list(result.grad_sum.values())), allowed)
+    if names:
+        cause = getattr(learner.inner.method, "zero_cause", lambda stats: None)(result.stats)
+        raise unreached_error(config, names, cause)
 
 
 def _unreached_causes(config: Config, cause: str | None = None) -> str:

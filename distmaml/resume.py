@@ -14,6 +14,7 @@ from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
 from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
 from distmaml.engine import fit_optimizer_to, learning_rate
+from distmaml.imports import absolute_specs, check_user_files
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
 log = logging.getLogger("distmaml.train")
@@ -22,7 +23,7 @@ log = logging.getLogger("distmaml.train")
 # would silently change the experiment, so resuming refuses it.
 RESUMABLE_CHANGES = ("run.", "train.iterations", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.check_every", "train.time_limit", "train.max_meta_loss",
-                     "train.max_meta_loss_factor",
+                     "train.max_meta_loss_factor", "train.max_grad_norm_factor", "train.allow_unreached",
                      "eval.", "logging.", "engine.device", "engine.batched", "engine.cuda_graph", "engine.threads",
                      "engine.memory_check", "engine.memory_budget", "dist.", "data.root", "data.cache_dir",
                      "data.storage")
@@ -40,6 +41,10 @@ class Resumed(NamedTuple):
     # Until then, the meta-losses of that window so far (a checkpoint written before the first log
     # step: a preemption, or checkpoint_every below log_every), so that the window goes on where it was.
     first_window: torch.Tensor | None = None
+    # train.max_grad_norm_factor's bound on the meta-gradient's norm, and the norms of the logging
+    # window the checkpoint was written in (the next window's bound is their median).
+    grad_norm_bound: float = math.inf
+    window_grad_norms: torch.Tensor | None = None
 
 
 def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
@@ -62,6 +67,8 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
         return Resumed(0)
     state = checkpoint.load_checkpoint(path)
     _check_compatible(config, state["config"], path, state["iteration"])
+    if config.run.user_code != "any":
+        check_user_files(state.get("user_files", {}), str(path), config)
     if state["iteration"] > config.train.iterations:
         raise ConfigError(f"{source_of(config, 'train.iterations')}: train.iterations = {config.train.iterations}: "
                           f"below iteration {state['iteration']}, where {path} already is; give train.iterations >= "
@@ -76,7 +83,11 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     reference = _first_window(state.get("meta_loss_reference"))
     partial = state.get("first_window_losses")
     usable = reference is None and torch.is_tensor(partial) and partial.dim() == 1
-    return Resumed(int(state["iteration"]), reference, partial if usable else None)
+    norms = state.get("window_grad_norms")  # absent from checkpoints written before the bound existed
+    bound = state.get("grad_norm_bound")
+    return Resumed(int(state["iteration"]), reference, partial if usable else None,
+                   float(bound) if isinstance(bound, float) and bound > 0 else math.inf,
+                   norms if torch.is_tensor(norms) and norms.dim() == 1 else None)
 
 
 def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:
@@ -102,7 +113,8 @@ def _first_window(saved: Any) -> dict | None:
 def _check_compatible(config: Config, saved: dict, path: Path, iteration: int) -> None:
     # The saved settings as that run ran them: an earlier version's config migrated, its missing keys
     # at their defaults (or at what the run did before the key existed).
-    now, ran = flatten(config), flatten(from_dict(saved, str(path)))
+    # A checkpoint from before import specs were made absolute holds the relative path it ran.
+    now, ran = flatten(config), absolute_specs(flatten(from_dict(saved, str(path))))
     for key, before in ran.items():
         if now[key] == before or key.startswith(RESUMABLE_CHANGES):
             continue

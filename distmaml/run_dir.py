@@ -117,21 +117,38 @@ def claim(run_dir: str | Path, resume, config_file: Path | None) -> None:
     the files of an earlier run (or anyone's files of those names) are moved aside first.
     """
     run_dir = Path(run_dir)
-    if config_file is not None and _same_file(config_file, run_dir / "config.yaml"):
-        raise ConfigError(f"run.dir = {run_dir}: the run writes its resolved config to {run_dir / 'config.yaml'}, "
-                          f"which is the config file given ({config_file}); choose another run.dir")
-    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    present = check_claimable(run_dir, resume, config_file)
     if resume is False and present:
         aside = _move_aside(run_dir, present)
         log.warning("run.resume = false: starting over in %s; moved the earlier %s into %s", run_dir,
                     ", ".join(present), aside)
-    elif present and not is_run(run_dir):
-        raise ConfigError(f"run.dir = {run_dir}: holds {', '.join(present)} that distmaml did not write (it has no "
-                          f"{MARKER}); choose another run.dir, or set run.resume=false to start a run there, moving "
-                          "those files aside")
     if not (run_dir / MARKER).exists():
         write_text(run_dir / MARKER, json.dumps({"written_by": "distmaml", "what": "a training run's directory",
                                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def check_claimable(run_dir: str | Path, resume, config_file: Path | None) -> list[str]:
+    """claim's refusals, reading only: the trainer asks before any other check and before it builds
+    anything, so that a run refused for its directory has done no work, and claims (writes) only once
+    every check passed. Returns the run files already present."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.stat()
+    except FileNotFoundError:
+        return []
+    except OSError as err:  # a name too long, a folder that cannot be searched
+        raise CheckpointError(f"run.dir = {run_dir}: cannot write there ({err.strerror})") from None
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run.dir = {run_dir}: exists and is not a directory")
+    if config_file is not None and _same_file(config_file, run_dir / "config.yaml"):
+        raise ConfigError(f"run.dir = {run_dir}: the run writes its resolved config to {run_dir / 'config.yaml'}, "
+                          f"which is the config file given ({config_file}); choose another run.dir")
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present and resume is not False and not is_run(run_dir):
+        raise ConfigError(f"run.dir = {run_dir}: holds {', '.join(present)} that distmaml did not write (it has no "
+                          f"{MARKER}); choose another run.dir, or set run.resume=false to start a run there, moving "
+                          "those files aside")
+    return present
 
 
 def refuse_finished_without_checkpoint(run_dir: str | Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,13 @@ from distmaml.resume import Resumed, restore_run
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
+from distmaml.imports import user_files
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
 from distmaml.meta.reachability import unreached
-from distmaml.run_dir import RunLock, claim, discard_new
+from distmaml.run_dir import RunLock, check_claimable, claim, discard_new
 from distmaml.tasks import build_task_family
 
 log = logging.getLogger("distmaml.train")
@@ -75,7 +77,7 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
-    new_dir = ctx.is_main and not Path(config.run.dir).exists()
+    new_dir = ctx.is_main and not os.path.lexists(config.run.dir)
     try:
         return _run(config, ctx, preemption)
     except Unreached as err:  # a refusal at the first outer step: the run leaves nothing behind
@@ -110,7 +112,9 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
     if config.engine.cuda_graph and ctx.device.type != "cuda":
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
     # Every check that can refuse the run comes before the run directory is touched, so that a
-    # refused run leaves nothing on disk.
+    # refused run leaves nothing on disk; the directory's own refusals come first of all.
+    if ctx.is_main:
+        check_claimable(config.run.dir, config.run.resume, config_file(config))
     family = build_task_family(config, ctx.device, DTYPES[config.engine.dtype][0])
     try:  # a refusal names the setting and where it came from (the config file, the command line)
         shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
@@ -139,7 +143,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
     params = learner.theta
-    start, reference, partial_window = resumed
+    start, reference, partial_window, grad_bound, partial_norms = resumed
 
     def bound_loss(reference: dict | None) -> None:
         # On the device, where the step compares every iteration's meta-loss with it (no host sync).
@@ -149,7 +153,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
 
     bound_loss(reference)
     # The meta-gradient's norms of the current logging window; their median bounds the next window's.
-    window_norms: list[torch.Tensor] = []
+    window_norms = [] if partial_norms is None else list(partial_norms.to(ctx.device).unbind())
+    step.grad_bound.fill_(grad_bound)
 
     def bound_grad_norm(norms: list[torch.Tensor]) -> None:
         value = torch.stack(norms).median().item() if norms else 0.0
@@ -162,9 +167,13 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                 f"the good ones in {ckpt_dir}")
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
-                     "config": to_dict(config), "rng": checkpoint.rng_state(), "meta_loss_reference": reference}
+                     "config": to_dict(config), "user_files": user_files(config), "rng": checkpoint.rng_state(),
+                     "meta_loss_reference": reference}
             if reference is None and first_window:
                 state["first_window_losses"] = torch.stack(first_window).cpu()
+            state["grad_norm_bound"] = float(step.grad_bound)
+            if window_norms:
+                state["window_grad_norms"] = torch.stack(window_norms).cpu()
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -189,7 +198,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             out = step(iteration, requests)
             window_loss += out.meta_loss
             window_norms.append(out.grad_norm.detach().clone())
-            if iteration == start:  # until a window's median is known, the first norm is the reference
+            if iteration == 0:  # until a window's median is known, the first norm is the reference
                 bound_grad_norm(window_norms)
             if reference is None:
                 first_window.append(out.meta_loss.detach().clone())  # a CUDA graph reuses its output tensor
@@ -256,10 +265,12 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
                                    **evaluation_settings(config))
         log.info(final_line(summary["eval"]))
-        warning = divergence_warning(summary["eval"])
-        if warning:
+        warnings = [line for line in (summary["eval"].get("beyond_trained_steps"), divergence_warning(summary["eval"]))
+                    if line]
+        for warning in warnings:
             log.warning("eval: %s", warning)
-            summary["warnings"] = [f"eval: {warning}"]
+        if warnings:
+            summary["warnings"] = [f"eval: {warning}" for warning in warnings]
         failed = diverged_evaluation(summary["eval"])
         if failed:  # a model that cannot adapt is no result, however its training loss went
             good = checkpoint.latest_checkpoint(ckpt_dir)

@@ -40,7 +40,8 @@ def regularised_adapt(model: nn.Module, params, support_x: torch.Tensor, support
                       inner_steps: int, lam: float, safeguard: bool = False):
     """Every task's inner weights after K (safeguarded) SGD steps on L_support + lam/2 |w - theta|^2,
     as the implicit method adapts them (the query set is not read)."""
-    inner = implicit_inner(inner_lr, inner_steps, lam, inner_safeguard=safeguard)
+    # Training refuses an implicit method at K = 0 (no solve to differentiate); adapting for 0 steps is a start.
+    inner = implicit_inner(inner_lr, max(inner_steps, 1), lam, inner_safeguard=safeguard)
     tasks = TaskBatch(support_x, support_y, support_x, support_y)
     return inner.method.adapt(MAML(model, proximal=lam), params, tasks, inner, inner_steps).weights
 

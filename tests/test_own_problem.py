@@ -138,8 +138,6 @@ def test_a_relative_path_is_the_file_of_the_directory_the_run_started_in_whereve
     assert json.loads((root / "eval.json").read_text())["learned"]["source"] == "a"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the checkpoint to record imports.user_files() (build.py/train.py) and "
-                   "load_trained / restore_run to call imports.check_user_files: remove this mark once wired")
 def test_a_file_changed_since_the_checkpoint_is_refused_at_eval_and_at_resume_in_one_line(relative_run, capsys):
     root = relative_run
     file = root / "a" / "own" / "mine.py"

@@ -67,7 +67,6 @@ def test_the_flags_name_every_tensor_that_is_zero_everywhere():
 
 
 @pytest.mark.parametrize("overrides, names", [
-    (["problem.name=mine.py:detached", "inner.mode=second_order"], "log_decay.net.0.weight"),
     (["problem.name=mine.py:ignoring", "inner.mode=second_order"], "log_decay.net.0.weight"),
     # the binary family: distilled examples whose labels never move the one output
     (["problem.name=distill", "inner.mode=second_order"], "synthetic.x, synthetic.label_logits"),
@@ -86,6 +85,38 @@ def test_meta_parameters_the_hypergradient_never_reaches_stop_the_run_before_its
     assert not (tmp_path / "run").exists()  # the refused run left nothing on disk
 
 
+@pytest.mark.parametrize("overrides", [["inner.steps=0"], ["problem.example_weighting=mean", "problem.example_init=1e6"],
+                                       ["problem.example_weighting=mean", "problem.example_init=-200"]])
+def test_hyper_cleaning_without_steps_or_with_saturated_weights_stops_before_its_first_step(overrides, tmp_path,
+                                                                                            capsys):
+    pytest.importorskip("sklearn")
+    code, errors = _train(tmp_path, capsys, *overrides, config=REPO / "configs/digits_hyperclean.yaml")
+    assert code == 2 and len(errors) == 1, errors
+    assert "the first meta-batch's hypergradient is exactly 0 in every element of example_logit " in errors[0]
+    assert ("there are none" in errors[0]) == ("inner.steps=0" in overrides)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["second_order", "implicit", "finite_difference"])
+def test_a_detached_outer_loss_is_named_as_such_whatever_the_method(mode, tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine.py").write_text(MINE)
+    monkeypatch.chdir(tmp_path)
+    code, errors = _train(tmp_path, capsys, "problem.name=mine.py:detached", f"inner.mode={mode}")
+    assert code == 2 and len(errors) == 1, errors
+    assert "Detached: outer_loss is detached from the graph" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_gradcheck_refuses_an_unreached_phi_in_the_trainer_s_words(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine.py").write_text(MINE)
+    monkeypatch.chdir(tmp_path)
+    settings = ["problem.name=mine.py:ignoring", "inner.mode=second_order", "inner.steps=3"]
+    assert cli.main(["gradcheck", str(LOGISTIC), *settings]) == 2
+    checked = capsys.readouterr().err.strip().removeprefix("distmaml gradcheck: error: ")
+    code, errors = _train(tmp_path, capsys, *settings)
+    assert code == 2 and errors == [f"distmaml train: error: {checked}"]
+
+
 def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(tmp_path, monkeypatch, capsys):
     (tmp_path / "mine.py").write_text(MINE)
     monkeypatch.chdir(tmp_path)
@@ -96,7 +127,7 @@ def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(
     warned = [line for line in errors if "WARNING" in line]
     assert len(warned) == 1 and "the meta-gradient of gate was exactly 0 at every iteration from 3 to 4" in warned[0]
     (tmp_path / "run").rename(tmp_path / "first")
-    code, errors = _train(tmp_path, capsys, "problem.name=mine.py:detached", "inner.mode=second_order",
+    code, errors = _train(tmp_path, capsys, "problem.name=mine.py:ignoring", "inner.mode=second_order",
                           "train.allow_unreached=[log_decay]")
     assert code == 0 and not [line for line in errors if "WARNING" in line], errors
 
@@ -109,7 +140,8 @@ def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(
     (["inner.mode=truncated", "inner.truncate=0"], "command line: inner.mode = 'truncated': differentiates no inner"),
     (["inner.steps=0"], "command line: inner.steps = 0: implicit differentiates the solution the inner steps reach"),
     # a default the config file does not set is not blamed on the file
-    (["inner.rule=momentum", "inner.momentum=0.9"], "implicit.inner_safeguard = True (the default): caps plain SGD"),
+    (["inner.rule=momentum", "inner.momentum=0.9"], "logistic_weight_decay.yaml, with implicit.inner_safeguard at its "
+                                                    "default: implicit.inner_safeguard = True: caps plain SGD"),
 ])
 def test_a_method_that_cannot_work_is_refused_before_the_run_directory_exists(overrides, message, tmp_path, capsys):
     code, errors = _train(tmp_path, capsys, *overrides)

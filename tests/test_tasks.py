@@ -67,9 +67,12 @@ def test_the_check_names_what_breaks_the_protocol(family, message):
                                          "from_config, sample, loss, with_seed (see"),
     ("polynomials", "task.family = 'polynomials': not one of sine, omniglot, image_folder, logistic, mnist1d, digits "
                     "and not an import path 'package.module:Name' or 'path/to/file.py:Name'"),
-    ("examples/missing.py:Tasks", "task.family = 'examples/missing.py:Tasks': no such file examples/missing.py"),
+    # A relative file path is read from the working directory once, as the config is loaded.
+    ("examples/missing.py:Tasks", f"task.family = '{REPO}/examples/missing.py:Tasks': no such file "
+                                  f"{REPO}/examples/missing.py"),
 ])
-def test_import_paths_that_do_not_work_are_one_line(family, expected):
+def test_import_paths_that_do_not_work_are_one_line(family, expected, monkeypatch):
+    monkeypatch.chdir(REPO)
     config = load_config(REPO / "examples/polynomials.yaml", [f"task.family={family}"])
     with pytest.raises(ConfigError) as refused:
         build_task_family(config, "cpu")

@@ -164,9 +164,10 @@ def sourced(config: Config, err: SettingError, cause: str = "inner.mode") -> Con
     """A setting's error from a component (a method, a problem), prefixed with where its value came
     from -- or, for a value left at its default, where the setting that makes it wrong (`cause`) came from."""
     where = source_of(config, err.key)
-    if where == "default":
-        where = source_of(config, cause)
-    return ConfigError(f"{where}: {err}")
+    if where != "default":
+        return ConfigError(f"{where}: {err}")
+    # Nobody set the value at fault: say so, rather than let the source of `cause` seem to set it.
+    return ConfigError(f"{source_of(config, cause)}, with {err.key} at its default: {err}")
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:

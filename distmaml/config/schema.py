@@ -26,6 +26,9 @@ class RunConfig:
     resume: bool | str = _opt(
         "auto", "auto: continue from the newest complete checkpoint in run.dir if any; true: must "
         "continue; false: start fresh; or the path of a checkpoint to continue from")
+    user_code: str = _opt("same", "files named by path in problem.name, task.family, model.kind, inner.mode: same: "
+                          "resuming or evaluating a checkpoint refuses a file changed since it was written; any: runs "
+                          "the file as it is now", ("same", "any"))
 
 
 @dataclass

@@ -32,7 +32,6 @@ MAML's says so when a model's outputs and the targets would broadcast in the los
 from __future__ import annotations
 
 import json
-import math
 import traceback
 from typing import Any, Protocol, runtime_checkable
 
@@ -169,6 +168,14 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
         if wrong := not_a_scalar(value):
             raise ProblemError(f"{where} {name}: metrics()[{key!r}] must be a scalar (a 0-dim floating-point tensor, "
                                f"one number per task), {wrong}")
+    # A loss cut from the graph (.detach(), .item() wrapped back into a tensor) gives every method a
+    # hypergradient of 0, or nothing to differentiate at all: say so here, before any method meets it.
+    with torch.enable_grad():
+        tracked = {key: value.detach().requires_grad_() for key, value in weights.items()}
+        outer = call("outer_loss", problem.outer_loss, tracked, phi, task)
+    if not outer.requires_grad:
+        raise ProblemError(f"{where} {name}: outer_loss is detached from the graph: it depends on neither the inner "
+                           "weights nor phi, so no hypergradient can reach phi (return the loss without .detach())")
     # The engine maps the losses over a batch of weights: a loss that reads a value fails only there.
     batched = {key: value.unsqueeze(0) for key, value in weights.items()}
     call("inner_loss", vmap(lambda w: problem.inner_loss(w, phi, task, 0)), batched)
@@ -201,7 +208,7 @@ def _check_described(described: Any, where: str) -> None:
     try:
         found = _not_json(described, "describe()")
         if found is None:
-            json.dumps(_finite(described), allow_nan=False)
+            json.dumps(described)  # a part that contains itself; NaN is fine, the writer makes it null
     except (RecursionError, ValueError):
         raise ProblemError(f"{where}: {wants}; its result contains itself") from None
     if found is not None:
@@ -228,17 +235,6 @@ def _not_json(value: Any, path: str) -> tuple[str, Any] | None:
                 return found
         return None
     return None if value is None or isinstance(value, (str, int, float, bool)) else (path, value)
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as null, as the evaluation's JSON writer turns them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
 
 
 # What torch says when code reads a value under vmap, or from a shape-only (meta) tensor.
