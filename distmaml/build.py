@@ -140,6 +140,7 @@ def load_trained(path: str | Path, device: str = "cpu", changes: dict[str, tuple
 def checkpoint_state(learner: Learner) -> dict[str, Any]:
     """What a checkpoint keeps of phi: the model's weights, the rule's and the problem's own parameters."""
     return {"model": learner.model.state_dict(),
+            "buffers": sorted(name for name, _ in learner.model.named_buffers()),  # not checked for finiteness
             "rule": {name: value.detach() for name, value in learner.learned.items()},
             "problem": {name: value.detach() for name, value in learner.problem_parameters.items()}}
 

@@ -56,7 +56,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int | No
     path = checkpoint_path(directory, state["iteration"])
     state = {key: value for key, value in state.items() if key not in ("checksum", "finite")}
     state = {"format_version": FORMAT_VERSION, **state}
-    non_finite = _first_non_finite(state)
+    non_finite = _first_non_finite(_learned_values(state))
     state["finite"] = non_finite is None
     state["checksum"] = _checksum(state)
     atomic_write(path, lambda handle: torch.save(state, handle))
@@ -117,7 +117,7 @@ def _content_problem(state: dict[str, Any]) -> str | None:
     A file from before checksums has none to compare; its values are still checked."""
     if "checksum" in state and state["checksum"] != _checksum(state):
         return "its contents do not match the checksum written with it (altered after saving)"
-    non_finite = _first_non_finite(state)
+    non_finite = _first_non_finite(_learned_values(state))
     if non_finite is not None:
         return f"holds non-finite values (NaN or inf) in {non_finite}"
     if state.get("finite", True) is not True:
@@ -153,6 +153,17 @@ def _digest(digest: Any, value: Any) -> None:
             _digest(digest, item)
     else:  # None, bool, int, float, str, torch.dtype: repr tells them apart and round-trips floats
         digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+
+def _learned_values(state: dict[str, Any]) -> dict[str, Any]:
+    """The state less the model's buffers it names under "buffers": a buffer may hold an infinity by
+    design (a -inf attention mask, a running maximum that starts at -inf), the weights and the
+    optimizer's moments never."""
+    buffers = set(state.get("buffers", ()))
+    model = state.get("model")
+    if not buffers or not isinstance(model, dict):
+        return state
+    return {**state, "model": {name: value for name, value in model.items() if name not in buffers}}
 
 
 def _first_non_finite(value: Any, name: str = "") -> str | None:

@@ -12,6 +12,7 @@ at once instead of in a traceback later, or worse, trains on something meaningle
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -19,9 +20,10 @@ import torch
 from distmaml import dist, memory
 from distmaml.build import DTYPES, Learner, build, build_inner
 from distmaml.config import Config, ConfigError, source_of
+from distmaml.errors import SettingError
 from distmaml.engine import compute_meta_gradient
 from distmaml.evaluate import evaluation_settings, refuse_shots
-from distmaml.meta import check_method, check_problem, task_at
+from distmaml.meta import FirstOrder, SecondOrder, check_method, check_problem, task_at
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 from distmaml.rng import STREAM_TRAIN
 from distmaml.tasks import check_family
@@ -102,6 +104,13 @@ def check_first_batch(config: Config, learner: Learner) -> None:
     line naming the class (or setting) and what is wrong."""
     batch = _family_and_problem(config, learner, next(iter(learner.theta.values())).device, values=True)
     check_method(learner.problem, learner.theta, batch, learner.inner)
+    if config.inner.first_order_iterations:  # MAML++'s annealing starts first order: it must work too
+        first_order = dataclasses.replace(learner.inner, method=FirstOrder())
+        try:
+            check_method(learner.problem, learner.theta, batch, first_order)
+        except SettingError as err:
+            raise SettingError("inner.first_order_iterations", config.inner.first_order_iterations,
+                               f"starts training with inner.mode = first_order, which {err.reason}") from None
     # A method may also say where a setting, though valid, is far from what its estimate needs.
     advise = getattr(learner.inner.method, "warnings", None)
     for line in advise(learner.problem, learner.theta, task_at(batch, 0), learner.inner) if advise else ():
@@ -109,14 +118,16 @@ def check_first_batch(config: Config, learner: Learner) -> None:
 
 
 def refuse_unreached(config: Config, learner: Learner, tasks) -> None:
-    """The trainer's first-iteration refusal (distmaml.engine.MetaStep), for a hypergradient of
-    `tasks` computed here: gradcheck's, which holds no optimizer to step."""
-    result = compute_meta_gradient(learner.problem, learner.theta, tasks, learner.inner)
+    """The trainer's first-iteration refusal (distmaml.engine.MetaStep), in its words, for gradcheck:
+    where even the exact hypergradient of the unrolled objective (second order) is 0 in a whole
+    tensor of phi, there is nothing to check. The method under test is not asked: a method that
+    wrongly returns 0 is what gradcheck exists to fail."""
+    exact = dataclasses.replace(learner.inner, method=SecondOrder())
+    result = compute_meta_gradient(learner.problem, learner.theta, tasks, exact)
     allowed = [*config.train.allow_unreached, *zero_at_start(learner.model)]
     names = unreached(learner.theta, reached_flags(list(result.grad_sum.values())), allowed)
     if names:
-        cause = getattr(learner.inner.method, "zero_cause", lambda stats: None)(result.stats)
-        raise unreached_error(config, names, cause)
+        raise unreached_error(config, names)
 
 
 def _unreached_causes(config: Config, cause: str | None = None) -> str:
@@ -137,7 +148,8 @@ def unreached_error(config: Config, names: list[str], cause: str | None = None) 
     where = source_of(config, "problem.name") if where == "default" else where
     value = getattr(config.inner, "steps") if key == "inner.steps" else config.problem.name
     them = "it" if len(names) == 1 else "them"
-    return ConfigError(f"{where}: {key} = {value!r}: the first meta-batch's hypergradient is exactly 0 in every "
+    where = "" if where == "default" else f"{where}: "  # a key nobody set has no source to name
+    return ConfigError(f"{where}{key} = {value!r}: the first meta-batch's hypergradient is exactly 0 in every "
                        f"element of {', '.join(names)} (inner.mode = {config.inner.mode}), so training cannot change "
                        f"{them}: {_unreached_causes(config, cause)}; if only some tasks use {them}, list {them} in "
                        "train.allow_unreached")

@@ -14,7 +14,7 @@ from distmaml import checkpoint, dist
 from distmaml.build import Learner, restore
 from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
 from distmaml.engine import fit_optimizer_to, learning_rate
-from distmaml.imports import absolute_specs, check_user_files
+from distmaml.imports import SPEC_KEYS, absolute_specs, check_user_files, file_of
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
 log = logging.getLogger("distmaml.train")
@@ -88,6 +88,25 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     return Resumed(int(state["iteration"]), reference, partial if usable else None,
                    float(bound) if isinstance(bound, float) and bound > 0 else math.inf,
                    norms if torch.is_tensor(norms) and norms.dim() == 1 else None)
+
+
+def check_resumed_code(config: Config) -> None:
+    """Before anything imports a user's file (the build): the checkpoint a resume will go on from was
+    written by the files the config names, as they are now (run.user_code=any runs them as they are).
+    Reads only; a checkpoint that cannot be used is restore_run's to report."""
+    if config.run.user_code == "any" or config.run.resume is False:
+        return
+    if not any(file_of(value) for key, value in flatten(config).items() if key in SPEC_KEYS):
+        return  # no user file to compare
+    ckpt_dir = Path(config.run.dir) / "checkpoints"
+    path = (checkpoint.latest_checkpoint(ckpt_dir) if config.run.resume in ("auto", True)
+            else Path(config.run.resume))
+    try:
+        state = checkpoint.load_checkpoint(path) if path is not None else None
+    except checkpoint.CheckpointError:
+        return
+    if state is not None:
+        check_user_files(state.get("user_files", {}), str(path), config)
 
 
 def _supersede(ckpt_dir: Path, iteration: int, chosen: Path) -> None:

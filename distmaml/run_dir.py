@@ -198,20 +198,39 @@ def _move_aside(run_dir: Path, names: list[str]) -> Path:
     return aside
 
 
-def discard_new(run_dir: str | Path) -> None:
-    """Remove what a run refused at its first iteration wrote into the directory it created itself, so
-    that a refused run leaves nothing on disk (a directory that existed before is never passed here).
-    Only distmaml's own names are removed, and the directory only once it is empty."""
-    import shutil
+class Before:
+    """What of a run directory existed before this trainer started, so that a run refused before its
+    first iteration takes back all it wrote and leaves nothing on disk: the files of distmaml's own
+    names it created, then the directory and its parents if it created them and they are empty.
+    Nothing else is ever removed."""
 
-    run_dir = Path(run_dir)
-    for name in (*RUN_FILES, MARKER, PID_FILE, FALLBACK_LOCK):
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()
-    except OSError:
-        log.warning("left %s in place: it holds files the run did not write", run_dir)
+    OWN = (*RUN_FILES, MARKER, PID_FILE, FALLBACK_LOCK)
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.created: list[Path] = []  # the run directory and the parents it would create, innermost first
+        path = self.run_dir.absolute()
+        while not os.path.lexists(path) and path != path.parent:
+            self.created.append(path)
+            path = path.parent
+        self.present = {name for name in self.OWN if os.path.lexists(self.run_dir / name)} if not self.created \
+            else set()
+
+    def restore(self) -> None:
+        import shutil
+
+        if not os.path.isdir(self.run_dir):
+            return
+        for name in self.OWN:
+            path = self.run_dir / name
+            if name in self.present or not os.path.lexists(path):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for path in self.created:
+            try:
+                path.rmdir()
+            except OSError:  # holds something the run did not write: left in place
+                break

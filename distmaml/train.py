@@ -33,7 +33,7 @@ from distmaml.checkpoint import PreemptionWatch
 from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
 from distmaml.errors import SettingError, TrainingError
 from distmaml.engine import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
-from distmaml.resume import Resumed, restore_run
+from distmaml.resume import Resumed, check_resumed_code, restore_run
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
@@ -43,13 +43,16 @@ from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
 from distmaml.meta.reachability import unreached
-from distmaml.run_dir import RunLock, check_claimable, claim, discard_new
+from distmaml.run_dir import Before, RunLock, check_claimable, claim
 from distmaml.tasks import build_task_family
 
 log = logging.getLogger("distmaml.train")
 
 # From this many inner steps on, the progress bar also shows the inner steps of each outer step.
 INNER_BAR_STEPS = 100
+# Within the first logging window, the meta-gradient's norm is bounded by the median of the norms so
+# far once there are this many: one iteration's norm alone is no reference.
+FIRST_NORMS = 3
 
 # Why training may stop early, in order of precedence: the signals of a preemption, Ctrl-C or a
 # closed terminal, then the time limit.
@@ -77,16 +80,19 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
-    new_dir = ctx.is_main and not os.path.lexists(config.run.dir)
+    before = Before(config.run.dir) if ctx.is_main else None
+    trained: list[int] = []  # the iterations this process completed (the first one is enough to know)
     try:
-        return _run(config, ctx, preemption)
-    except Unreached as err:  # a refusal at the first outer step: the run leaves nothing behind
-        if new_dir:
-            discard_new(config.run.dir)
-        raise preflight.unreached_error(config, err.names, err.cause) from None
+        return _run(config, ctx, preemption, trained)
+    except Exception as err:
+        if before is not None and not trained:  # refused before its first iteration: it leaves nothing behind
+            before.restore()
+        if isinstance(err, Unreached):
+            raise preflight.unreached_error(config, err.names, err.cause) from None
+        raise
 
 
-def _run(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict[str, Any]:
+def _run(config: Config, ctx: dist.Context, preemption: PreemptionWatch, trained: list[int]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         resumed, learner, optimizer = dist.on_every_rank(ctx, lambda: _start(config, ctx, stack))
         start = resumed.iteration
@@ -104,7 +110,7 @@ def _run(config: Config, ctx: dist.Context, preemption: PreemptionWatch) -> dict
         log.info("training %s from iteration %d to %d; %d process(es), tasks %d..%d of %d on this one (%s, "
                  "%d CPU thread(s))", config.run.dir, start, config.train.iterations, ctx.world_size,
                  step.tasks.start, step.tasks.stop - 1, config.train.meta_batch, ctx.device, torch.get_num_threads())
-        return _loop(config, ctx, learner, optimizer, step, logger, resumed, preemption)
+        return _loop(config, ctx, learner, optimizer, step, logger, resumed, preemption, trained)
 
 
 def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tuple[Resumed, Learner, Any]:
@@ -113,8 +119,12 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
         raise ConfigError(f"engine.cuda_graph = true: needs a CUDA device, this process has {ctx.device}")
     # Every check that can refuse the run comes before the run directory is touched, so that a
     # refused run leaves nothing on disk; the directory's own refusals come first of all.
+    lock = None
     if ctx.is_main:
         check_claimable(config.run.dir, config.run.resume, config_file(config))
+        if os.path.isdir(config.run.dir):  # a second trainer is refused before any work: the lock writes nothing
+            lock = stack.enter_context(RunLock(config.run.dir))
+    check_resumed_code(config)  # before the build imports a user's file that changed since the checkpoint
     family = build_task_family(config, ctx.device, DTYPES[config.engine.dtype][0])
     try:  # a refusal names the setting and where it came from (the config file, the command line)
         shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
@@ -129,7 +139,7 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
     except SettingError as err:
         raise sourced(config, err) from None
     if ctx.is_main:  # one trainer per run directory; the other ranks only read it
-        lock = stack.enter_context(RunLock(config.run.dir))
+        lock = lock or stack.enter_context(RunLock(config.run.dir))
         claim(config.run.dir, config.run.resume, config_file(config))
         lock.write_pid()
     optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device, tuple(config.train.betas))
@@ -137,7 +147,7 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
 
 
 def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: MetaStep, logger,
-          resumed: Resumed, preemption: PreemptionWatch) -> dict[str, Any]:
+          resumed: Resumed, preemption: PreemptionWatch, trained: list[int]) -> dict[str, Any]:
     """Meta-iterations from where `resumed` says until done, preempted, out of time or diverged; then
     evaluate and summarise."""
     run_dir, train_cfg = Path(config.run.dir), config.train
@@ -155,11 +165,15 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     # The meta-gradient's norms of the current logging window; their median bounds the next window's.
     window_norms = [] if partial_norms is None else list(partial_norms.to(ctx.device).unbind())
     step.grad_bound.fill_(grad_bound)
+    first_norm_window = not math.isfinite(grad_bound)  # no window's median yet: the norms so far serve
 
     def bound_grad_norm(norms: list[torch.Tensor]) -> None:
-        value = torch.stack(norms).median().item() if norms else 0.0
-        if train_cfg.max_grad_norm_factor and math.isfinite(value) and value > 0:
-            step.grad_bound.fill_(train_cfg.max_grad_norm_factor * value)
+        # On the device, without a host sync: kept where the median is not a usable reference.
+        if not (train_cfg.max_grad_norm_factor and norms):
+            return
+        median = torch.stack(norms).median().to(step.grad_bound.dtype)
+        usable = torch.isfinite(median) & (median > 0)
+        step.grad_bound.copy_(torch.where(usable, train_cfg.max_grad_norm_factor * median, step.grad_bound))
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
@@ -196,9 +210,11 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             time_up = bool(train_cfg.time_limit) and time.perf_counter() - train_start > train_cfg.time_limit
             requests = (*(preemption.signum == signum for signum in PreemptionWatch.SIGNALS), time_up)
             out = step(iteration, requests)
+            if not trained:
+                trained.append(iteration)
             window_loss += out.meta_loss
             window_norms.append(out.grad_norm.detach().clone())
-            if iteration == 0:  # until a window's median is known, the first norm is the reference
+            if first_norm_window and len(window_norms) >= FIRST_NORMS:  # until the first window's median
                 bound_grad_norm(window_norms)
             if reference is None:
                 first_window.append(out.meta_loss.detach().clone())  # a CUDA graph reuses its output tensor
@@ -229,6 +245,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                 logger.log(metrics)
                 bound_grad_norm(window_norms)
                 window_norms.clear()
+                first_norm_window = False
                 never = [name for name in unreached(params, step.reached, train_cfg.allow_unreached)
                          if name not in warned_unreached]
                 if never:

@@ -470,6 +470,16 @@ def test_a_checkpoint_saved_with_non_finite_values_is_refused_naming_the_tensor(
     assert str(refused.value) == non_finite_message(path, "optimizer.state.0.exp_avg_sq")
 
 
+def test_a_model_buffer_may_hold_an_infinity_by_design(tmp_path):
+    """A -inf attention mask or a running maximum that starts at -inf is no divergence: the buffers the
+    checkpoint names are not held to finiteness, the weights still are."""
+    masked = {**state(5), "model": {"w": torch.ones(3), "mask": torch.tensor([0.0, float("-inf")])}, "buffers": ["mask"]}
+    assert torch.isinf(load_checkpoint(save_checkpoint(tmp_path, masked))["model"]["mask"][1])
+    masked["model"]["w"] = torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        load_checkpoint(save_checkpoint(tmp_path, {**masked, "iteration": 6}))
+
+
 def test_saving_non_finite_values_prunes_none_of_the_good_checkpoints(tmp_path, caplog):
     """A resume needs the good checkpoints before a non-finite one: keep=1 must not delete them for it."""
     save_checkpoint(tmp_path, state(1), keep=1)

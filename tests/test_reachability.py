@@ -53,7 +53,8 @@ SMALL = ["inner.steps=3", "train.iterations=2", "train.meta_batch=2", "eval.task
 
 
 def _train(tmp_path, capsys, *overrides, config=LOGISTIC):
-    code = cli.main(["train", str(config), f"run.dir={tmp_path / 'run'}", *SMALL, *overrides])
+    # A run directory two levels below what exists: a refused run must take back both.
+    code = cli.main(["train", str(config), f"run.dir={tmp_path / 'new' / 'run'}", *SMALL, *overrides])
     captured = capsys.readouterr()
     return code, [line for line in captured.err.splitlines() if " INFO " not in line]
 
@@ -82,7 +83,7 @@ def test_meta_parameters_the_hypergradient_never_reaches_stop_the_run_before_its
     assert "train.allow_unreached" in errors[0]
     if "inner.steps=0" in overrides:
         assert "command line: inner.steps = 0:" in errors[0] and "there are none" in errors[0]
-    assert not (tmp_path / "run").exists()  # the refused run left nothing on disk
+    assert not (tmp_path / "new").exists()  # the refused run left nothing on disk
 
 
 @pytest.mark.parametrize("overrides", [["inner.steps=0"], ["problem.example_weighting=mean", "problem.example_init=1e6"],
@@ -94,7 +95,7 @@ def test_hyper_cleaning_without_steps_or_with_saturated_weights_stops_before_its
     assert code == 2 and len(errors) == 1, errors
     assert "the first meta-batch's hypergradient is exactly 0 in every element of example_logit " in errors[0]
     assert ("there are none" in errors[0]) == ("inner.steps=0" in overrides)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("mode", ["second_order", "implicit", "finite_difference"])
@@ -104,7 +105,7 @@ def test_a_detached_outer_loss_is_named_as_such_whatever_the_method(mode, tmp_pa
     code, errors = _train(tmp_path, capsys, "problem.name=mine.py:detached", f"inner.mode={mode}")
     assert code == 2 and len(errors) == 1, errors
     assert "Detached: outer_loss is detached from the graph" in errors[0]
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_gradcheck_refuses_an_unreached_phi_in_the_trainer_s_words(tmp_path, monkeypatch, capsys):
@@ -126,7 +127,7 @@ def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(
     assert code == 0, errors
     warned = [line for line in errors if "WARNING" in line]
     assert len(warned) == 1 and "the meta-gradient of gate was exactly 0 at every iteration from 3 to 4" in warned[0]
-    (tmp_path / "run").rename(tmp_path / "first")
+    (tmp_path / "new").rename(tmp_path / "first")
     code, errors = _train(tmp_path, capsys, "problem.name=mine.py:ignoring", "inner.mode=second_order",
                           "train.allow_unreached=[log_decay]")
     assert code == 0 and not [line for line in errors if "WARNING" in line], errors
@@ -139,6 +140,11 @@ def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(
                                  "steps"),
     (["inner.mode=truncated", "inner.truncate=0"], "command line: inner.mode = 'truncated': differentiates no inner"),
     (["inner.steps=0"], "command line: inner.steps = 0: implicit differentiates the solution the inner steps reach"),
+    # MAML++'s annealing starts first order, which a decay cannot be trained by either
+    (["inner.mode=second_order", "inner.first_order_iterations=2"], "inner.first_order_iterations = 2: starts "
+     "training with inner.mode = first_order, which differentiates no inner step"),
+    # a resume that finds nothing to resume from, in a directory the run would have created
+    (["run.resume=true"], "run.resume = true: no checkpoint in"),
     # a default the config file does not set is not blamed on the file
     (["inner.rule=momentum", "inner.momentum=0.9"], "logistic_weight_decay.yaml, with implicit.inner_safeguard at its "
                                                     "default: implicit.inner_safeguard = True: caps plain SGD"),
@@ -146,7 +152,7 @@ def test_allowed_tensors_train_and_a_tensor_unreached_for_a_window_is_a_warning(
 def test_a_method_that_cannot_work_is_refused_before_the_run_directory_exists(overrides, message, tmp_path, capsys):
     code, errors = _train(tmp_path, capsys, *overrides)
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_finite_difference_step_far_outside_the_weights_scale_is_a_warning(tmp_path, capsys):
@@ -165,11 +171,11 @@ def test_a_runaway_neumann_series_stops_the_run_on_the_gradient_norm_and_names_i
     assert code == 1 and len(errors) == 1, errors
     assert "the meta-gradient's norm" in errors[0] and "above train.max_grad_norm_factor = 1000" in errors[0]
     assert "neumann.alpha = 4.9 is too large" in errors[0]
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    summary = json.loads((tmp_path / "new/run/summary.json").read_text())
     diverged_at = summary["diverged_at"]
     good = summary["last_good_checkpoint"]
     assert good is not None and int(Path(good).stem.split("_")[-1]) < diverged_at
-    assert sorted(path.name for path in (tmp_path / "run/checkpoints").iterdir())[-1] == Path(good).name
+    assert sorted(path.name for path in (tmp_path / "new/run/checkpoints").iterdir())[-1] == Path(good).name
 
 
 def test_an_implicit_hypergradient_that_cg_left_at_zero_says_why(tmp_path, capsys):

@@ -43,9 +43,10 @@ class FiniteDifference(WithoutUnrollGraph):
 
     def warnings(self, problem, phi: Params, task, inner) -> list[str]:
         """Where eps sits far outside the range in which a central difference of the inner gradient
-        estimates its derivative: above a tenth of the inner weights' norm at their start (the step
-        leaves the neighbourhood the last step's second derivatives describe), or below the square
-        root of the dtype's precision times it (rounding swamps the difference)."""
+        estimates its derivative: above the inner weights' whole norm at their start (the step leaves
+        the neighbourhood the last step's second derivatives describe), or a hundred times below the
+        square root of the dtype's precision times it (rounding swamps the difference). The margins
+        are wide: this names a setting that is far off, not one a tuning would move."""
         if any(value.device.type == "meta" for value in phi.values()):
             return []
         weights = problem.start(detached(phi), task)
@@ -53,7 +54,7 @@ class FiniteDifference(WithoutUnrollGraph):
         dtype = next(iter(weights.values())).dtype
         if not norm > 0 or not math.isfinite(norm):
             return []
-        low, high = math.sqrt(torch.finfo(dtype).eps) * norm, 0.1 * norm
+        low, high = 0.01 * math.sqrt(torch.finfo(dtype).eps) * norm, norm
         if low <= self.eps <= high:
             return []
         why = ("the central difference then spans far more than the last step's neighbourhood, and its estimate "
