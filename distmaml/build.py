@@ -21,7 +21,8 @@ from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpo
 from distmaml.config import Config, from_dict, sourced
 from distmaml.errors import SettingError
 from distmaml.imports import check_user_files, resolve
-from distmaml.meta import Inner, Method, learned_names, make_method, make_rule, meta_parameters
+from distmaml.meta import (METHODS, Inner, Method, learned_names, make_method, make_rule, meta_parameters, method_settings,
+                           rule_settings)
 
 # Weights' dtype, and the autocast dtype of the model's matmuls/convolutions (None: no autocast).
 DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16)}
@@ -43,28 +44,40 @@ class Learner(NamedTuple):
                 if id(value) not in own and name not in self.learned}
 
 
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _built_in_method(config: Config, mode: str) -> Method:
+    """A built-in method with the settings its component takes, each read from the key it names."""
+    settings = {name: _setting(config, key) for name, key in method_settings(mode).items() if key is not None}
+    if "stop_early" in method_settings(mode):
+        # Stopping CG early needs the host to look at the residual each step; a CUDA graph cannot.
+        settings["stop_early"] = not config.engine.cuda_graph
+    return make_method(mode, **settings)
+
+
 def build_method(config: Config, mode: str | None = None) -> Method:
     """The hypergradient method inner.mode (or `mode`) names, with its settings from the config."""
     mode = config.inner.mode if mode is None else mode
-    implicit = config.implicit
-    settings = dict(truncate=config.inner.truncate, damping=implicit.damping, safeguard=implicit.inner_safeguard,
-                    cg_steps=implicit.cg_steps, cg_tol=implicit.cg_tol, terms=config.neumann.terms,
-                    alpha=config.neumann.alpha, eps=config.finite_difference.eps,
-                    # Stopping CG early needs the host to look at the residual each step; a CUDA graph cannot.
-                    stop_early=not config.engine.cuda_graph)
     if ":" not in mode:
-        return make_method(mode, **settings)
+        return _built_in_method(config, mode)
     found = resolve(mode, {}, "inner.mode")
     return found() if isinstance(found, type) else found
 
 
 def build_inner(config: Config, mode: str | None = None) -> Inner:
     """The inner loop config.inner describes, with the hypergradient method inner.mode (or `mode`) names.
-    A rule or setting the method cannot work with is refused in one line naming where it came from."""
+    A rule or setting the method cannot work with is refused in one line naming where it came from.
+    Every built-in method's settings are checked by their component, whichever method the run uses."""
     inner = config.inner
     try:
-        rule = make_rule(inner.rule, inner.lr, inner.steps, inner.momentum or 0.0, tuple(inner.betas), inner.eps,
-                         inner.schedule_blocks)
+        for other in METHODS:
+            _built_in_method(config, other)
+        keys = rule_settings(inner.rule)
+        rule = make_rule(inner.rule, **{name: _setting(config, key) for name, key in keys.items()
+                                        if _setting(config, key) is not None})
         built = Inner(rule, inner.steps, build_method(config, mode), inner.checkpoint, inner.checkpoint_segment)
         method = built.method
         if inner.multi_step_loss and not method.trajectory_objective:

@@ -152,13 +152,12 @@ def test_the_finite_difference_method_approaches_truncated_one_step_like_eps_squ
 def test_gradcheck_fails_a_method_that_drops_a_term(tmp_path, capsys):
     (tmp_path / "broken.py").write_text(
         "import dataclasses\n"
-        "from distmaml.meta import ImplicitCG\n"
+        "from distmaml.meta import CG, Implicit\n"
         "@dataclasses.dataclass(frozen=True)\n"
-        "class DropsTheMixedTerm(ImplicitCG):\n"
+        "class DropsTheMixedTerm(Implicit):\n"
         "    '''The implicit hypergradient without -(d_phi grad_w L_in)^T v: only the direct term.'''\n"
         "    name = 'drops_the_mixed_term'\n"
-        "    cg_steps: int = 30\n"
-        "    cg_tol: float = 0.0\n"
+        "    solve: CG = CG(cg_steps=30, cg_tol=0.0)\n"
         "    def hypergradient(self, problem, phi, tasks, inner, step_weights=None):\n"
         "        result = super().hypergradient(problem, phi, tasks, inner, step_weights)\n"
         "        return result._replace(grad_sum={n: 0 * g for n, g in result.grad_sum.items()})\n")

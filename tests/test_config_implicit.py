@@ -32,8 +32,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
     ("neumann.alpha=.nan", "command line: neumann.alpha = nan: must be a finite number"),
 ])
 def test_implicit_settings_are_checked_with_one_line_errors(override, message):
+    """By the config's loading (types, unknown keys) or by the method that owns the setting, as the
+    inner loop is built (ranges), whichever method the run uses."""
     with pytest.raises(ConfigError) as caught:
-        load_config(None, [override])
+        build_inner(load_config(None, [override]))
     assert str(caught.value) == message
 
 

@@ -254,7 +254,7 @@ def test_meta_gradient_dispatches_to_the_implicit_method():
     spec = Inner(make_rule("sgd", 0.01), 3, "implicit")
     assert spec.method == ImplicitCG(cg_steps=5, cg_tol=1e-10)  # a method named: its default settings
     # The config's settings reach the fields they name.
-    assert make_method("implicit", damping=0.3, safeguard=True, cg_steps=7, cg_tol=1e-6, truncate=2, eps=0.1) == \
+    assert make_method("implicit", damping=0.3, safeguard=True, cg_steps=7, cg_tol=1e-6) == \
         ImplicitCG(damping=0.3, safeguard=True, stop_early=True, cg_steps=7, cg_tol=1e-6)
     direct = spec.method.hypergradient(problem, params, batch, spec)
     dispatched = meta_gradient(problem, params, batch, spec)

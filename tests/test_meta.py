@@ -15,7 +15,8 @@ from torch.func import functional_call
 from distmaml.engine import multi_step_weights
 from distmaml.meta import (LEARNED, MAML, METHODS, RULES, FirstOrder, Inner, MethodError, SecondOrder, Truncated,
                            detached, functional_forward, inner_loop, make_method, make_rule, meta_gradient,
-                           meta_gradient_loop, meta_loss, meta_parameters, mse, reference_unroll, task_at, unroll)
+                           meta_gradient_loop, meta_loss, meta_parameters, method_settings, mse, reference_unroll,
+                           task_at, unroll)
 from distmaml.models import MLP, Conv4
 from distmaml.rng import STREAM_TRAIN
 from distmaml.tasks.omniglot import accuracy, cross_entropy
@@ -26,7 +27,8 @@ LR = 0.05
 SETTINGS = {"sgd": {}, "meta_sgd": {}, "lslr": {}, "schedule": {"blocks": 2}, "momentum": {"momentum": 0.8},
             "adam": {"betas": (0.8, 0.9)}}
 # Settings under which each method is exact for its own definition on these small problems.
-METHOD_SETTINGS = dict(truncate=2, cg_steps=8, cg_tol=0.0, damping=0.5, terms=10, alpha=0.05, eps=1e-3)
+METHOD_SETTINGS = dict(truncate=2, cg_steps=8, cg_tol=0.0, damping=0.5, safeguard=False, terms=10, alpha=0.05,
+                       eps=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,8 @@ def setup():
 
 def inner(rule="sgd", steps=1, mode="second_order", truncate=None, **kwargs):
     lr = 0.02 if rule == "adam" else LR
-    method = make_method(mode, **{**METHOD_SETTINGS, **({"truncate": truncate} if truncate is not None else {})})
+    settings = {**METHOD_SETTINGS, **({"truncate": truncate} if truncate is not None else {})}
+    method = make_method(mode, **{key: value for key, value in settings.items() if key in method_settings(mode)})
     return Inner(make_rule(rule, lr, steps, **SETTINGS[rule]), steps, method, **kwargs)
 
 
@@ -122,7 +125,9 @@ def test_batched_engine_equals_the_per_task_reference_on_conv4(mode):
 
     batch = TaskBatch(x, y, x.flip(1), y)
     problem = MAML(model, cross_entropy, proximal=1.0 if mode == "implicit" else 0.0, accuracy_fn=accuracy)
-    spec = Inner(make_rule("sgd", 0.1), 2, make_method(mode, truncate=1, cg_steps=4, cg_tol=0.0, damping=1.0))
+    settings = dict(truncate=1, cg_steps=4, cg_tol=0.0, damping=1.0, safeguard=False)
+    spec = Inner(make_rule("sgd", 0.1), 2, make_method(mode, **{k: v for k, v in settings.items()
+                                                                if k in method_settings(mode)}))
     batched = meta_gradient(problem, params, batch, spec)
     looped = meta_gradient_loop(problem, params, batch, spec)
     torch.testing.assert_close(flat(batched.grad_sum), flat(looped.grad_sum), rtol=1e-10, atol=1e-13)

@@ -271,7 +271,8 @@ def _conv4_problem(real_data):
 
 
 def _inner(steps, mode="second_order", truncate=1, **kwargs):
-    return meta.Inner(meta.make_rule("sgd", 0.4), steps, meta.make_method(mode, truncate=truncate), **kwargs)
+    settings = {"truncate": truncate} if "truncate" in meta.method_settings(mode) else {}
+    return meta.Inner(meta.make_rule("sgd", 0.4), steps, meta.make_method(mode, **settings), **kwargs)
 
 
 @pytest.mark.parametrize("mode,truncate", [("second_order", 1), ("first_order", 1), ("truncated", 1)])

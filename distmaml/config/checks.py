@@ -72,7 +72,6 @@ def check_values(config, source) -> None:
     at_least("inner.steps", 0)
     positive("inner.lr")
     _check_inner(config, fail, at_least, positive)
-    at_least("inner.truncate", 0)
     if inner.checkpoint == "segments" and inner.checkpoint_segment is None:
         fail("inner.checkpoint_segment", "inner.checkpoint=segments needs a segment length",
              cause="inner.checkpoint")
@@ -88,12 +87,8 @@ def check_values(config, source) -> None:
         fail("problem.name", "must name a problem")
     if not config.inner.mode.strip():
         fail("inner.mode", "must name a hypergradient method")
-    at_least("implicit.cg_steps", 1)
-    at_least("implicit.damping", 0)
-    at_least("implicit.cg_tol", 0)
-    at_least("neumann.terms", 1)
-    positive("neumann.alpha")
-    positive("finite_difference.eps")
+    # implicit.*, neumann.*, finite_difference.* and inner.truncate are checked by the methods that own
+    # them (distmaml.meta.methods), each section whichever method the run uses, when build_inner builds them.
     at_least("train.iterations", 0)
     at_least("train.meta_batch", 1)
     positive("train.lr")

@@ -130,13 +130,18 @@ class InnerConfig:
 
 @dataclass
 class ImplicitConfig:
-    cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task")
-    cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this")
-    damping: float = _opt(0.0, "implicit and neumann modes: added to the diagonal of the inner Hessian before "
-                          "solving (stability where it is far from positive definite)")
-    inner_safeguard: bool = _opt(True, "implicit and neumann modes: cap each plain SGD inner step at the exact line "
-                                 "minimiser of the local quadratic model (one Hessian-vector product), so a sharp task "
-                                 "cannot diverge; the inner problem's solution is unchanged")
+    # Each section below holds a method's settings; the method's dataclass (distmaml.meta.methods) is
+    # their one source of defaults and range checks, and tests/meta/test_settings.py holds these to it.
+    cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task (the CG solver's)")
+    cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this (the CG "
+                          "solver's)")
+    damping: float = _opt(0.0, "implicit and neumann modes (the Implicit method's, whichever solver): added to the "
+                          "diagonal of the inner Hessian before solving (stability where it is far from positive "
+                          "definite)")
+    inner_safeguard: bool = _opt(True, "implicit and neumann modes (the Implicit method's safeguard): cap each plain "
+                                 "SGD inner step at the exact line minimiser of the local quadratic model (one "
+                                 "Hessian-vector product), so a sharp task cannot diverge; the inner problem's "
+                                 "solution is unchanged")
 
 
 @dataclass

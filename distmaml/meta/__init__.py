@@ -14,23 +14,24 @@ from distmaml.meta.functional import (LossFn, MetaGradient, Params, TaskBatch, T
                                       mse, num_tasks, task_at, tasks_slice)
 from distmaml.meta.gradient import check_method, meta_gradient, meta_parameters
 from distmaml.meta.inner import Inner
-from distmaml.meta.methods import (METHODS, FiniteDifference, FirstOrder, ImplicitCG, Method, MethodError, Neumann,
-                                   Reptile, SecondOrder, Truncated, make_method, unrolled_objective)
+from distmaml.meta.methods import (CG, METHODS, FiniteDifference, FirstOrder, Implicit, ImplicitCG, Method, MethodError,
+                                   Neumann, NeumannSeries, Reptile, SecondOrder, Solver, Truncated, make_method,
+                                   method_settings, unrolled_objective)
 from distmaml.meta.problem import Problem, ProblemError, check_problem
 from distmaml.meta.problems import MAML, Dataset, Distillation, Reweighting, TrainingRun, WeightDecay
 from distmaml.meta.reference import inner_loop, meta_gradient_loop, reference_unroll
-from distmaml.meta.rules import LEARNED, RULES, Rule, learned_names, make_rule
+from distmaml.meta.rules import LEARNED, RULES, BaseRule, Rule, learned_names, make_rule, rule_settings
 from distmaml.meta.unrolling import Unrolled, start_weights, step_views, task_values, unroll
 
 meta_loss = unrolled_objective  # (objective [n], outer loss after the last step [n], weights): MAML's name
 
 __all__ = [
-    "CHECKPOINTS", "LEARNED", "MAML", "METHODS", "RULES", "Dataset", "Distillation", "FiniteDifference", "FirstOrder", "ImplicitCG",
-    "Inner", "LossFn", "Method", "MethodError", "MetaGradient", "Neumann", "Params", "Problem", "ProblemError",
-    "Reptile", "Reweighting", "Rule", "SecondOrder", "TaskBatch", "Tasks", "TrainingRun", "Truncated", "Unrolled",
-    "WeightDecay",
+    "BaseRule", "CG", "CHECKPOINTS", "LEARNED", "MAML", "METHODS", "RULES", "Dataset", "Distillation", "FiniteDifference",
+    "FirstOrder", "Implicit", "ImplicitCG", "Inner", "LossFn", "Method", "MethodError", "MetaGradient", "Neumann",
+    "NeumannSeries", "Params", "Problem", "ProblemError", "Reptile", "Reweighting", "Rule", "SecondOrder", "Solver",
+    "TaskBatch", "Tasks", "TrainingRun", "Truncated", "Unrolled", "WeightDecay",
     "check_method", "check_problem", "detached", "functional_forward", "inner_loop", "learned_names", "make_method",
-    "make_rule", "meta_gradient", "meta_gradient_loop", "meta_loss", "meta_parameters", "mse", "num_tasks",
-    "plan_segments", "reference_unroll", "start_weights", "step_views", "task_at", "task_values", "tasks_slice",
+    "make_rule", "method_settings", "meta_gradient", "meta_gradient_loop", "meta_loss", "meta_parameters", "mse", "num_tasks",
+    "plan_segments", "reference_unroll", "rule_settings", "start_weights", "step_views", "task_at", "task_values", "tasks_slice",
     "unroll", "unrolled_objective",
 ]

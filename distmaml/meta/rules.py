@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from distmaml.errors import SettingError
 from distmaml.meta.functional import Params
 
 # Names of learned rule parameters in the meta-parameter dict: "inner.lr.<weight name>". No model
@@ -78,18 +79,22 @@ def _past(trained: int, steps: int) -> str:
     return f"step {steps} uses" if steps == trained + 1 else f"steps {trained + 1}–{steps} use"
 
 
-@dataclass(frozen=True)
-class SGD:
-    """Plain gradient descent at a fixed step size: MAML's inner loop."""
+class BaseRule:
+    """What a rule has unless it says otherwise, as optax's `stateless` gives a transformation its
+    empty state: no state between steps, no learned parameters, nothing to report, no known curvature
+    limit, a step linear in the gradient. A rule subclasses it and overrides only what it has.
 
-    lr: float
-    name: str = "sgd"
+    `setting_keys` names the config key of each setting (a dataclass field), which its one-line errors
+    name and against which tests/meta/test_settings.py holds the config schema."""
+
+    name = "base"
     per_step = False
     learns = False
     linear_in_gradient = True
+    setting_keys: dict[str, str] = {"lr": "inner.lr"}
 
     def curvature_limit(self) -> float | None:
-        return 2.0 / self.lr
+        return None
 
     def parameters(self, weights: Params) -> Params:
         return {}
@@ -100,22 +105,28 @@ class SGD:
     def init(self, weights: Params) -> State:
         return {}
 
+
+@dataclass(frozen=True)
+class SGD(BaseRule):
+    """Plain gradient descent at a fixed step size: MAML's inner loop."""
+
+    lr: float = 0.01
+    name = "sgd"
+
+    def curvature_limit(self) -> float | None:
+        return 2.0 / self.lr
+
     def step(self, weights, grads, state, learned, step):
         return {name: value - self.lr * grads[name] for name, value in weights.items()}, state
 
 
 @dataclass(frozen=True)
-class MetaSGD:
+class MetaSGD(BaseRule):
     """A learned step size for every weight element, starting at `lr` (Meta-SGD)."""
 
-    lr: float
-    name: str = "meta_sgd"
-    per_step = False
+    lr: float = 0.01
+    name = "meta_sgd"
     learns = True
-    linear_in_gradient = True
-
-    def curvature_limit(self) -> float | None:
-        return None
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full_like(value, self.lr) for name, value in weights.items()}
@@ -124,29 +135,23 @@ class MetaSGD:
         return {"step_size_mean": {name[len(LEARNED):]: value.mean().item() for name, value in learned.items()
                                    if name.startswith(LEARNED)}}
 
-    def init(self, weights: Params) -> State:
-        return {}
-
     def step(self, weights, grads, state, learned, step):
         return {name: value - learned[LEARNED + name] * grads[name] for name, value in weights.items()}, state
 
 
 @dataclass(frozen=True)
-class LSLR:
+class LSLR(BaseRule):
     """A learned step size per weight tensor and per inner step, starting at `lr` (MAML++'s LSLR).
 
     Adaptation with more steps than `steps` (at test time) keeps using the last step's sizes.
     """
 
-    lr: float
-    steps: int
-    name: str = "lslr"
+    lr: float = 0.01
+    steps: int = 1
+    name = "lslr"
     per_step = True  # learned[name] arrives as this step's size, a scalar
     learns = True
-    linear_in_gradient = True
-
-    def curvature_limit(self) -> float | None:
-        return None
+    setting_keys = {"lr": "inner.lr", "steps": "inner.steps"}
 
     def parameters(self, weights: Params) -> Params:
         return {LEARNED + name: torch.full((max(self.steps, 1),), self.lr, dtype=value.dtype, device=value.device)
@@ -155,9 +160,6 @@ class LSLR:
     def describe(self, learned: Params) -> dict:
         return {"step_sizes": {name[len(LEARNED):]: value.tolist() for name, value in learned.items()
                                if name.startswith(LEARNED)}}
-
-    def init(self, weights: Params) -> State:
-        return {}
 
     def step(self, weights, grads, state, learned, step):
         return {name: value - learned[LEARNED + name] * grads[name] for name, value in weights.items()}, state
@@ -174,22 +176,22 @@ class LSLR:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(BaseRule):
     """A learned learning-rate schedule: one log step size for each of `blocks` equal blocks of the
     `steps` inner steps, shared by every weight; each starts at log(lr). The log keeps every rate
     positive and makes the hypergradient scale-free. Adapting for longer than `steps` (at test
     time) keeps the last block's rate."""
 
-    lr: float
-    steps: int
+    lr: float = 0.01
+    steps: int = 1
     blocks: int = 1
-    name: str = "schedule"
-    per_step = False
+    name = "schedule"
     learns = True
-    linear_in_gradient = True
+    setting_keys = {"lr": "inner.lr", "steps": "inner.steps", "blocks": "inner.schedule_blocks"}
 
-    def curvature_limit(self) -> float | None:
-        return None
+    def __post_init__(self) -> None:
+        if not (isinstance(self.blocks, int) and self.blocks >= 1):
+            raise SettingError("inner.schedule_blocks", self.blocks, "must be an integer >= 1")
 
     def parameters(self, weights: Params) -> Params:
         first = next(iter(weights.values()))
@@ -199,9 +201,6 @@ class Schedule:
     def describe(self, learned: Params) -> dict:
         rates = learned[LEARNED + "log_schedule"].detach().exp().tolist()
         return {"learning_rate": rates[0] if len(rates) == 1 else rates}
-
-    def init(self, weights: Params) -> State:
-        return {}
 
     def block(self, step: int) -> int:
         return min(step * self.blocks // max(self.steps, 1), self.blocks - 1)
@@ -229,25 +228,14 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Momentum:
+class Momentum(BaseRule):
     """Heavy-ball momentum, b = momentum * b + g, w - lr * b; b starts at zero (so b = g at the first
     step, as torch.optim.SGD and higher's DifferentiableSGD do)."""
 
-    lr: float
-    momentum: float
-    name: str = "momentum"
-    per_step = False
-    learns = False
-    linear_in_gradient = True
-
-    def curvature_limit(self) -> float | None:
-        return None
-
-    def parameters(self, weights: Params) -> Params:
-        return {}
-
-    def describe(self, learned: Params) -> dict:
-        return {}
+    lr: float = 0.01
+    momentum: float = 0.9
+    name = "momentum"
+    setting_keys = {"lr": "inner.lr", "momentum": "inner.momentum"}
 
     def init(self, weights: Params) -> State:
         return {"velocity": {name: torch.zeros_like(value) for name, value in weights.items()}}
@@ -258,7 +246,7 @@ class Momentum:
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(BaseRule):
     """Adam's step with bias correction, differentiable through every operation.
 
     epsilon sits outside the square root, as in torch.optim.Adam and higher's DifferentiableAdam:
@@ -271,22 +259,15 @@ class Adam:
     sqrt(tiny) / eps relative (1e-11 in float32), below the dtype's resolution.
     """
 
-    lr: float
+    lr: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    name: str = "adam"
-    per_step = False
-    learns = False
+    name = "adam"
     linear_in_gradient = False
+    setting_keys = {"lr": "inner.lr", "betas": "inner.betas", "eps": "inner.eps"}
 
-    def curvature_limit(self) -> float | None:
-        return None
-
-    def parameters(self, weights: Params) -> Params:
-        return {}
-
-    def describe(self, learned: Params) -> dict:
-        return {}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list from a config compares equal, and hashes
 
     def init(self, weights: Params) -> State:
         return {"m": {name: torch.zeros_like(value) for name, value in weights.items()},
@@ -307,22 +288,30 @@ class Adam:
         return new, {"m": m, "v": v}
 
 
-_BUILDERS = {
-    "sgd": lambda lr, steps, momentum, betas, eps, blocks: SGD(lr),
-    "meta_sgd": lambda lr, steps, momentum, betas, eps, blocks: MetaSGD(lr),
-    "lslr": lambda lr, steps, momentum, betas, eps, blocks: LSLR(lr, steps),
-    "schedule": lambda lr, steps, momentum, betas, eps, blocks: Schedule(lr, steps, blocks),
-    "momentum": lambda lr, steps, momentum, betas, eps, blocks: Momentum(lr, momentum),
-    "adam": lambda lr, steps, momentum, betas, eps, blocks: Adam(lr, tuple(betas), eps),
-}
-RULES = tuple(_BUILDERS)
+_RULES = {rule.name: rule for rule in (SGD, MetaSGD, LSLR, Schedule, Momentum, Adam)}
+RULES = tuple(_RULES)
 
 
-def make_rule(name: str, lr: float, steps: int = 1, momentum: float = 0.9,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, blocks: int = 1) -> Rule:
-    """The rule called `name` (one of RULES) with its settings; each takes the ones it needs."""
-    if name not in _BUILDERS:
-        raise ValueError(f"inner rule must be one of {', '.join(RULES)}, got {name!r}")
-    if not (isinstance(blocks, int) and blocks >= 1):
-        raise ValueError(f"a schedule needs blocks >= 1, got {blocks!r}")
-    return _BUILDERS[name](lr, steps, momentum, betas, eps, blocks)
+def rule_settings(name: str) -> dict[str, str]:
+    """The settings make_rule(name, ...) takes, each with the config key that sets it."""
+    return dict(_RULES[name].setting_keys)
+
+
+def make_rule(name: str, lr: float | None = None, steps: int | None = None, **settings) -> Rule:
+    """The rule called `name` (one of RULES), built as its class is: make_rule("momentum", 0.1, momentum=0.8)
+    is Momentum(lr=0.1, momentum=0.8); a setting left out keeps the class's default.
+
+    `steps`, the inner steps the rule is made for, reaches only the rules whose learned parameters
+    depend on it (lslr, schedule), so that one call fits every rule. A setting the rule does not take
+    is refused in one line naming those it does."""
+    if name not in _RULES:
+        raise SettingError("inner.rule", name, f"must be one of {', '.join(RULES)}")
+    keys = _RULES[name].setting_keys
+    settings = {**({} if lr is None else {"lr": lr}), **settings}
+    if steps is not None and "steps" in keys:
+        settings["steps"] = steps
+    unknown = sorted(set(settings) - set(keys))
+    if unknown:
+        raise SettingError(f"{name}.{unknown[0]}", settings[unknown[0]], f"is not a setting of the {name} rule "
+                           f"(its settings: {', '.join(keys)})")
+    return _RULES[name](**settings)

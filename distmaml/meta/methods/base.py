@@ -5,10 +5,12 @@
     method.differentiated(K)                           # inner steps whose graph the backward pass keeps
     method.check(rule, steps)                          # refuse a rule it cannot differentiate (one line)
     method.check_problem(problem, phi, task, inner)    # refuse a problem it cannot differentiate
+    method.at_steps(k)                                 # the same method as it runs with k inner steps
 
 Every method returns the sum over the batch's tasks, so that shards of a meta-batch add up exactly
 across processes; the caller divides by the global meta-batch size. A method owns its typed
-settings (its dataclass fields), its checks, its diagnostics (`stat_names`, one value per task in
+settings (its dataclass fields, each with its default and its range check, written once: the config
+schema is held to them by tests/meta/test_settings.py; `setting_keys` names each one's config key), its checks, its diagnostics (`stat_names`, one value per task in
 MetaGradient.stats), and what gradcheck holds it to (`reference`, `exact`). The problem never knows
 which method differentiates it, and nothing outside distmaml.meta asks which method it holds.
 
@@ -33,6 +35,14 @@ class MethodError(SettingError):
     """A rule, problem or setting a method cannot differentiate: "key = value: reason"."""
 
 
+def at_least(key: str, value: Any, low: float, integer: bool = False) -> None:
+    """A setting's range check, in the words the config checks use (NaN fails it)."""
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MethodError(key, value, "must be an integer")
+    if not value >= low:
+        raise MethodError(key, value, f"must be >= {low}")
+
+
 class Method(Protocol):
     name: str
     stat_names: tuple[str, ...]
@@ -50,6 +60,10 @@ class Method(Protocol):
     def differentiated(self, steps: int) -> int: ...
 
     def check(self, rule: Rule, steps: int) -> None: ...
+
+    def at_steps(self, steps: int) -> "Method":
+        """The method as it would run an inner loop of `steps` steps (a memory estimate probes small
+        ones): itself, unless a setting is bounded by the steps (truncated mode's truncate)."""
 
     def check_problem(self, problem: Any, phi: Params, task: Any, inner: Any) -> None: ...
 
@@ -83,6 +97,10 @@ class WithoutUnrollGraph:
     trajectory_objective = False
     differentiates_steps = False
     reference = "finite_difference"
+    setting_keys: dict[str, str | None] = {}
+
+    def at_steps(self, steps: int) -> Method:
+        return self
 
     def exact(self, steps: int) -> bool:
         return False

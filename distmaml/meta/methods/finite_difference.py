@@ -33,10 +33,13 @@ from distmaml.meta.unrolling import start_weights, step_views, task_values, unro
 class FiniteDifference(WithoutUnrollGraph):
     eps: float = 0.01
     name = "finite_difference"
+    setting_keys = {"eps": "finite_difference.eps"}
 
-    def check(self, rule, steps: int) -> None:
+    def __post_init__(self) -> None:
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise MethodError("finite_difference.eps", self.eps, "must be > 0")
+
+    def check(self, rule, steps: int) -> None:
         if not rule.linear_in_gradient:
             raise MethodError("inner.rule", rule.name, "the finite-difference method needs a last step linear in "
                               "the inner gradient (w - step size * g: sgd, meta_sgd, lslr, momentum)")

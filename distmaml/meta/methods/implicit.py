@@ -9,8 +9,8 @@ gives dw*/dphi = -A^-1 d_phi grad_w L_in with A = grad^2_w L_in, so
 evaluated at w_K, the end of K inner steps that keep no graph: memory does not grow with K. Both
 products come from one retained double-backward graph of the batched inner gradient
 (distmaml.meta.hessian), so every task gets its own H_i p_i from one backward pass. The linear
-system is solved by conjugate gradient (`ImplicitCG`) or by a truncated Neumann series
-(`Neumann`); `damping` adds to A's diagonal.
+system is solved by the method's `solve`, a value: conjugate gradient (`CG`) or a truncated Neumann
+series (`NeumannSeries`); `damping` adds to A's diagonal.
 
 iMAML (Rajeswaran et al. 2019) is the MAML problem with a proximal inner loss
 L_support(w) + lam/2 ||w - phi||^2: then A = H + lam I and d_phi grad_w L_in = -lam I, so the
@@ -27,15 +27,15 @@ the solution, and so the hypergradient formula, is unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Collection
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Protocol
 
 import torch
 from torch.utils._pytree import tree_map
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
 from distmaml.meta.hessian import inner_hessian, per_task, task_dot, top_eigenvalue
-from distmaml.meta.methods.base import MethodError, WithoutUnrollGraph, plain_adapt, refuse_step_weights
+from distmaml.meta.methods.base import MethodError, WithoutUnrollGraph, at_least, plain_adapt, refuse_step_weights
 from distmaml.meta.rules import LEARNED
 from distmaml.meta.unrolling import Unrolled, start_weights, task_values
 
@@ -126,20 +126,160 @@ def _relative(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tenso
                        torch.zeros_like(numerator))
 
 
-@dataclass(frozen=True)
-class _Implicit(WithoutUnrollGraph):
-    damping: float = 0.0
-    safeguard: bool = False
-    stop_early: bool = True  # host syncs allowed (not under CUDA graph capture)
+class Solver(Protocol):
+    """A linear solver for the implicit method, TorchOpt's `linear_solve` in shape: x, stats = solve(matvec, rhs)
+    solves A_i x_i = rhs_i for every task at once, A given by `matvec`. It names the method it makes
+    (`name`, the inner.mode users type) and its diagnostics (`stat_names`, one value per task in
+    stats). Optional: solved(stats, tolerance), zero_cause(stats), divergence_cause(stats), and
+    check_problem(problem, phi, task, damping) to refuse a problem before training."""
 
+    name: str
+    stat_names: tuple[str, ...]
+
+    def __call__(self, matvec: Callable[[Params], Params], rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class CG:
+    """x by conjugate gradient: `cg_steps` iterations, or fewer once r.r <= `cg_tol` (every task).
+    `stop_early` allows the host sync that ends the loop once every task has stopped (not under
+    CUDA graph capture: the trainer sets it from engine.cuda_graph)."""
+
+    cg_steps: int = 5
+    cg_tol: float = 1e-10
+    stop_early: bool = True
+    name = "implicit"
+    stat_names = ("cg_residual", "cg_steps")
+    setting_keys = {"cg_steps": "implicit.cg_steps", "cg_tol": "implicit.cg_tol", "stop_early": None}
+
+    def __post_init__(self) -> None:
+        at_least("implicit.cg_steps", self.cg_steps, 1, integer=True)
+        at_least("implicit.cg_tol", self.cg_tol, 0)
+
+    def __call__(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
+        solution, residual, taken = batched_cg(matvec, rhs, self.cg_steps, self.cg_tol, self.stop_early)
+        return solution, {"cg_residual": residual.detach(), "cg_steps": taken}
+
+    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
+        """Whether CG reached its solution on every task (relative residual at most `tolerance`)."""
+        return bool((stats["cg_residual"] <= tolerance).all())
+
+    def zero_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        """Why the hypergradient came out exactly 0, where CG can tell: it stopped before its first step
+        on every task, the inner Hessian having no positive curvature along the outer gradient there."""
+        steps, residual = stats.get("cg_steps"), stats.get("cg_residual")
+        # A zero right-hand side also takes no step, and leaves no residual: that zero is the outer loss's.
+        if steps is None or steps.numel() == 0 or bool((steps > 0).any()) or not bool((residual > 0).all()):
+            return None
+        return ("conjugate gradient found no positive curvature along the outer gradient on any task and took no "
+                "step (the inner loop ended far from a minimum): give more inner.steps, or implicit.damping > 0")
+
+
+@dataclass(frozen=True)
+class NeumannSeries:
+    """x by the truncated Neumann series alpha sum_j (I - alpha A)^j b (Lorraine et al. 2020).
+
+    It converges when every eigenvalue of A lies in (0, 2 / alpha). Before training, the largest
+    eigenvalue at the first task's start is estimated and a diverging alpha is refused; during
+    training the `neumann_growth` statistic (|last term| / |b|, above 1 when diverging) and the
+    residual |A x - b| / |b| are logged.
+    """
+
+    terms: int = 20
+    alpha: float = 0.1
+    name = "neumann"
+    stat_names = ("neumann_residual", "neumann_growth")
+    setting_keys = {"terms": "neumann.terms", "alpha": "neumann.alpha"}
+
+    def __post_init__(self) -> None:
+        at_least("neumann.terms", self.terms, 1, integer=True)
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise MethodError("neumann.alpha", self.alpha, "must be > 0")
+
+    def __call__(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
+        solution, growth = neumann_series(matvec, rhs, self.terms, self.alpha)
+        product = matvec(solution)
+        error = {name: product[name] - rhs[name] for name in rhs}
+        residual = _relative(task_dot(error, error).sqrt(), task_dot(rhs, rhs).sqrt())
+        return solution, {"neumann_residual": residual.detach(), "neumann_growth": growth.detach()}
+
+    def check_problem(self, problem, phi: Params, task, damping: float) -> None:
+        """Refuse an alpha the series diverges at, by the largest eigenvalue at the first task's start."""
+        if any(value.device.type == "meta" for value in phi.values()):
+            return  # shapes only: no eigenvalue to estimate
+        largest = float(top_eigenvalue(problem, phi, _unsqueezed(task)).abs().max()) + damping
+        if self.alpha * largest >= 2:
+            raise MethodError("neumann.alpha", self.alpha, f"the Neumann series diverges: the inner Hessian's largest "
+                              f"eigenvalue at the first task's start is about {largest:.4g} (damping included), and "
+                              f"alpha times it must stay below 2; use neumann.alpha < {2 / largest:.3g}")
+
+    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
+        """Whether the series reached the solution on every task (relative residual at most `tolerance`)."""
+        return bool((stats["neumann_residual"] <= tolerance).all())
+
+    def divergence_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        """What to change when a run diverged while the series' terms grew (growth above 1 on a task)."""
+        growth = stats.get("neumann_growth")
+        if growth is None or not bool(((growth > 1) | ~torch.isfinite(growth)).any()):
+            return None
+        worst = float(growth.nan_to_num(math.inf).max())
+        return (f"the Neumann series diverged (its last term {worst:.3g} times its first, above 1), so neumann.alpha = "
+                f"{self.alpha:g} is too large for the inner Hessian the run reached: use a smaller neumann.alpha")
+
+
+@dataclass(frozen=True)
+class Implicit(WithoutUnrollGraph):
+    """The implicit hypergradient with the linear solve `solve` (CG or NeumannSeries, or your own Solver).
+
+    The settings every solve shares live here: `damping` (implicit.damping) is added to A's diagonal,
+    and `safeguard` (implicit.inner_safeguard) caps the plain SGD inner steps (safeguarded_descent).
+    The solver owns its own (implicit.cg_steps, implicit.cg_tol; neumann.terms, neumann.alpha), and
+    gives the method its name (the inner.mode users type), its statistics and its diagnoses.
+    """
+
+    solve: Solver = field(default_factory=CG)
+    damping: float = 0.0
+    safeguard: bool = True
+    setting_keys = {"damping": "implicit.damping", "safeguard": "implicit.inner_safeguard"}
     reference = "dense_ift"
+
+    def __post_init__(self) -> None:
+        if not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise MethodError("implicit.damping", self.damping, "must be >= 0")
+
+    @property
+    def name(self) -> str:
+        return self.solve.name
+
+    def __getattr__(self, attribute: str) -> Any:
+        """The solver's settings read off the method (method.cg_steps, method.alpha), as they were when
+        ImplicitCG and Neumann were classes of their own. Only public names: copy and pickle probe
+        private ones before `solve` exists."""
+        if attribute.startswith("_") or attribute == "solve":
+            raise AttributeError(attribute)
+        return getattr(self.solve, attribute)
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        return (*self.solve.stat_names, "inner_grad_norm")
 
     def exact(self, steps: int) -> bool:
         return True
 
+    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
+        """Whether the solve reached its solution on every task (a solver that cannot tell: True)."""
+        solved = getattr(self.solve, "solved", None)
+        return True if solved is None else solved(stats, tolerance)
+
+    def zero_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        cause = getattr(self.solve, "zero_cause", None)
+        return None if cause is None else cause(stats)
+
+    def divergence_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
+        cause = getattr(self.solve, "divergence_cause", None)
+        return None if cause is None else cause(stats)
+
     def check(self, rule, steps: int) -> None:
-        if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise MethodError("implicit.damping", self.damping, "must be >= 0")
         if steps < 1:
             # With no inner step the weights are where they started, not at a solution of the inner
             # problem, and nothing depends on phi through them: the implicit formula would answer anyway.
@@ -154,7 +294,8 @@ class _Implicit(WithoutUnrollGraph):
                               f"{rule.name} set implicit.inner_safeguard=false")
 
     def check_problem(self, problem, phi: Params, task, inner) -> None:
-        """The inner loss must have second derivatives in w and depend on phi (else so does not its solution)."""
+        """The inner loss must have second derivatives in w and depend on phi (else so does not its
+        solution); then the solver's own check, if it has one."""
         weights = {name: value.detach().clone().requires_grad_() for name, value in problem.start(phi, task).items()}
         meta = {name: value.detach().requires_grad_(value.is_floating_point()) for name, value in phi.items()}
         with torch.enable_grad():
@@ -174,6 +315,9 @@ class _Implicit(WithoutUnrollGraph):
             raise MethodError("inner.mode", self.name, f"differentiates the solution of the inner problem, and "
                               f"{kind}'s inner loss does not depend on phi, so neither does its solution"
                               + (f": {hint}" if hint else ""))
+        solver_check = getattr(self.solve, "check_problem", None)
+        if solver_check is not None:
+            solver_check(problem, phi, task, self.damping)
 
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None) -> MetaGradient:
         refuse_step_weights(self, step_weights)
@@ -205,93 +349,15 @@ class _Implicit(WithoutUnrollGraph):
         return plain_adapt(problem, phi, tasks, inner, steps, trajectory)
 
 
-@dataclass(frozen=True)
-class ImplicitCG(_Implicit):
-    """v by conjugate gradient: `cg_steps` iterations, or fewer once r.r <= `cg_tol` (every task)."""
-
-    cg_steps: int = 5
-    cg_tol: float = 1e-10
-    name = "implicit"
-    stat_names = ("cg_residual", "cg_steps", "inner_grad_norm")
-
-    def check(self, rule, steps: int) -> None:
-        super().check(rule, steps)
-        if self.cg_steps < 1:
-            raise MethodError("implicit.cg_steps", self.cg_steps, "must be >= 1")
-        if not self.cg_tol >= 0:
-            raise MethodError("implicit.cg_tol", self.cg_tol, "must be >= 0")
-
-    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
-        """Whether CG reached its solution on every task (relative residual at most `tolerance`)."""
-        return bool((stats["cg_residual"] <= tolerance).all())
-
-    def zero_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
-        """Why the hypergradient came out exactly 0, where CG can tell: it stopped before its first step
-        on every task, the inner Hessian having no positive curvature along the outer gradient there."""
-        steps, residual = stats.get("cg_steps"), stats.get("cg_residual")
-        # A zero right-hand side also takes no step, and leaves no residual: that zero is the outer loss's.
-        if steps is None or steps.numel() == 0 or bool((steps > 0).any()) or not bool((residual > 0).all()):
-            return None
-        return ("conjugate gradient found no positive curvature along the outer gradient on any task and took no "
-                "step (the inner loop ended far from a minimum): give more inner.steps, or implicit.damping > 0")
-
-    def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
-        solution, residual, taken = batched_cg(matvec, rhs, self.cg_steps, self.cg_tol, self.stop_early)
-        return solution, {"cg_residual": residual.detach(), "cg_steps": taken}
+def ImplicitCG(*, damping: float = 0.0, safeguard: bool = True, stop_early: bool = True, cg_steps: int = 5,
+               cg_tol: float = 1e-10) -> Implicit:
+    """Implicit(CG(cg_steps, cg_tol, stop_early), damping, safeguard): inner.mode = implicit, by its earlier name."""
+    return Implicit(CG(cg_steps, cg_tol, stop_early), damping, safeguard)
 
 
-@dataclass(frozen=True)
-class Neumann(_Implicit):
-    """v by the truncated Neumann series alpha sum_j (I - alpha A)^j b (Lorraine et al. 2020).
-
-    It converges when every eigenvalue of A lies in (0, 2 / alpha). Before training, the largest
-    eigenvalue at the first task's start is estimated and a diverging alpha is refused; during
-    training the `neumann_growth` statistic (|last term| / |b|, above 1 when diverging) and the
-    residual |A v - b| / |b| are logged.
-    """
-
-    terms: int = 20
-    alpha: float = 0.1
-    name = "neumann"
-    stat_names = ("neumann_residual", "neumann_growth", "inner_grad_norm")
-
-    def check(self, rule, steps: int) -> None:
-        super().check(rule, steps)
-        if self.terms < 1:
-            raise MethodError("neumann.terms", self.terms, "must be >= 1")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise MethodError("neumann.alpha", self.alpha, "must be > 0")
-
-    def check_problem(self, problem, phi: Params, task, inner) -> None:
-        super().check_problem(problem, phi, task, inner)
-        one = _unsqueezed(task)
-        if any(value.device.type == "meta" for value in phi.values()):
-            return  # shapes only: no eigenvalue to estimate
-        largest = float(top_eigenvalue(problem, phi, one).abs().max()) + self.damping
-        if self.alpha * largest >= 2:
-            raise MethodError("neumann.alpha", self.alpha, f"the Neumann series diverges: the inner Hessian's largest "
-                              f"eigenvalue at the first task's start is about {largest:.4g} (damping included), and "
-                              f"alpha times it must stay below 2; use neumann.alpha < {2 / largest:.3g}")
-
-    def solved(self, stats: dict[str, torch.Tensor], tolerance: float = 1e-6) -> bool:
-        """Whether the series reached the solution on every task (relative residual at most `tolerance`)."""
-        return bool((stats["neumann_residual"] <= tolerance).all())
-
-    def divergence_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
-        """What to change when a run diverged while the series' terms grew (growth above 1 on a task)."""
-        growth = stats.get("neumann_growth")
-        if growth is None or not bool(((growth > 1) | ~torch.isfinite(growth)).any()):
-            return None
-        worst = float(growth.nan_to_num(math.inf).max())
-        return (f"the Neumann series diverged (its last term {worst:.3g} times its first, above 1), so neumann.alpha = "
-                f"{self.alpha:g} is too large for the inner Hessian the run reached: use a smaller neumann.alpha")
-
-    def solve(self, matvec, rhs: Params) -> tuple[Params, dict[str, torch.Tensor]]:
-        solution, growth = neumann_series(matvec, rhs, self.terms, self.alpha)
-        product = matvec(solution)
-        error = {name: product[name] - rhs[name] for name in rhs}
-        residual = _relative(task_dot(error, error).sqrt(), task_dot(rhs, rhs).sqrt())
-        return solution, {"neumann_residual": residual.detach(), "neumann_growth": growth.detach()}
+def Neumann(*, damping: float = 0.0, safeguard: bool = True, terms: int = 20, alpha: float = 0.1) -> Implicit:
+    """Implicit(NeumannSeries(terms, alpha), damping, safeguard): inner.mode = neumann, by its earlier name."""
+    return Implicit(NeumannSeries(terms, alpha), damping, safeguard)
 
 
 def _unsqueezed(task: Any) -> Any:

@@ -15,12 +15,12 @@ after each inner step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from distmaml.meta.functional import MetaGradient, Params, Tasks, detached
-from distmaml.meta.methods.base import MethodError, gradient_sum, plain_adapt
+from distmaml.meta.methods.base import MethodError, at_least, gradient_sum, plain_adapt
 from distmaml.meta.rules import LEARNED
 from distmaml.meta.unrolling import task_values, unroll
 
@@ -65,6 +65,10 @@ class _ThroughUnroll:
     stat_names = ()
     trajectory_objective = True
     reference = "finite_difference"
+    setting_keys: ClassVar[dict[str, str | None]] = {}
+
+    def at_steps(self, steps: int):
+        return self
 
     def check(self, rule, steps: int) -> None:
         pass
@@ -119,6 +123,14 @@ class Truncated(_ThroughUnroll):
     truncate: int = 1
     name = "truncated"
     differentiates_steps = True
+    setting_keys = {"truncate": "inner.truncate"}
+
+    def __post_init__(self) -> None:
+        at_least("inner.truncate", self.truncate, 0, integer=True)
+
+    def at_steps(self, steps: int) -> Truncated:
+        """With fewer steps than it truncates to, it differentiates all of them (what check() allows)."""
+        return Truncated(min(self.truncate, steps))
 
     def check(self, rule, steps: int) -> None:
         if not 0 <= self.truncate <= steps:
