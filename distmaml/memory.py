@@ -21,9 +21,7 @@ A run that would not fit is refused before it starts, with what would fit instea
 from __future__ import annotations
 
 import dataclasses
-import os
 import weakref
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -31,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from distmaml.errors import ConfigError
+from distmaml.machine_memory import GIB, available_bytes, describe_size  # noqa: F401 (describe_size: memory.describe_size)
 from distmaml.meta import Tasks, num_tasks, plan_segments
 
-GIB = 2 ** 30
 RECOMPUTE_NODE = "_RecomputeBackward"  # the autograd node of distmaml.meta.checkpointing's recomputation
 
 
@@ -144,65 +142,11 @@ def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) 
     return Estimate(peak + fixed + data, fixed, step, boundary)
 
 
-def available_bytes(device: torch.device) -> tuple[int, str]:
-    """(bytes this process may still allocate, where the number comes from): the tightest of the
-    machine's available memory, the job's cgroup limit and this process's address-space limit."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"free memory of {device}"
-    available, source = _meminfo_available(), "MemAvailable in /proc/meminfo"
-    for limit, where in ((_cgroup_headroom(), "this job's cgroup memory limit"),
-                         (_address_space_headroom(), "this process's address-space limit, ulimit -v")):
-        if limit is not None and limit < available:
-            available, source = max(limit, 0), where
-    return available, source
-
-
 def budget_bytes(config, device: torch.device) -> tuple[int, str]:
     """(bytes a run may use, where the number comes from): engine.memory_budget, else what is available."""
     if config.engine.memory_budget:
         return int(config.engine.memory_budget * GIB), f"engine.memory_budget = {config.engine.memory_budget:g} GiB"
     return available_bytes(device)
-
-
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _address_space_headroom() -> int | None:
-    """RLIMIT_AS (ulimit -v) minus this process's virtual size: past it every allocation fails, however
-    much memory the machine has free."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return soft - int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return soft
-
-
-def _cgroup_headroom() -> int | None:
-    """memory.max - memory.current of this process's cgroup (v2), as SLURM and containers set it."""
-    try:
-        relative = Path("/proc/self/cgroup").read_text().strip().split("::")[-1]
-        group = Path("/sys/fs/cgroup") / relative.lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((group / "memory.current").read_text())
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def check_fits(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable, world_size: int,
@@ -235,13 +179,6 @@ def check_fits(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable
                       f"for inner.steps = {config.inner.steps}, inner.mode = {config.inner.mode}, inner.checkpoint = "
                       f"{config.inner.checkpoint} and {tasks_here} task(s) on this process), more than the "
                       f"{describe_size(budget)} available ({where}){hint}; engine.memory_check=false skips this check")
-
-
-def describe_size(size: float) -> str:
-    """Bytes as the unit that reads best: 2.41 GiB, 310 MiB, 96 KiB."""
-    if size >= GIB:
-        return f"{size / GIB:.2f} GiB"
-    return f"{size / 2 ** 20:.0f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
 
 
 class EvaluationEstimate(NamedTuple):

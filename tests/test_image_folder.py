@@ -273,9 +273,9 @@ def test_a_folder_holding_only_the_evaluation_split_is_enough_to_evaluate(folder
 
 def test_an_image_size_that_cannot_fit_is_refused_before_decoding(folders, tmp_path, monkeypatch):
     """task.image_size = 30000 once failed inside PIL without naming the setting."""
-    from distmaml import memory
+    from distmaml import machine_memory
 
-    monkeypatch.setattr(memory, "available_bytes", lambda device: (8 * 2 ** 30, "MemAvailable in /proc/meminfo"))
+    monkeypatch.setattr(machine_memory, "available_bytes", lambda device: (8 * 2 ** 30, "MemAvailable in /proc/meminfo"))
     with pytest.raises(ConfigError) as refused:
         load_split(folders, "train", image_size=30000, cache_dir=tmp_path)
     assert str(refused.value) == (f"task.image_size = 30000: the 47 images of {folders}/train take 118.18 GiB decoded "

@@ -141,14 +141,14 @@ def test_the_address_space_limit_counts_as_memory_available(tmp_path, monkeypatc
     import resource
     from pathlib import Path
 
-    from distmaml import memory
+    from distmaml import machine_memory
 
     status = Path("/proc/self/status").read_text()
     virtual = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
     real = resource.getrlimit
     monkeypatch.setattr(resource, "getrlimit", lambda which: (virtual + 2 ** 30,) * 2 if which == resource.RLIMIT_AS
                         else real(which))
-    available, source = memory.available_bytes(torch.device("cpu"))
+    available, source = machine_memory.available_bytes(torch.device("cpu"))
     assert source == "this process's address-space limit, ulimit -v" and available < 2 ** 31
     config = load_config(REPO / "configs/sine_debug.yaml", [f"run.dir={tmp_path}", "model.hidden=[4000, 4000]",
                                                             "train.iterations=0", "eval.at_end=false"])

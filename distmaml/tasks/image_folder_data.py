@@ -129,7 +129,7 @@ def _check_decoded_size(root: Path, split: str, images: int, image_size: int, ch
     """Refuse a split whose decoded array (uint8, images x channels x size x size) cannot fit in memory."""
     import torch
 
-    from distmaml.memory import available_bytes, describe_size
+    from distmaml.machine_memory import available_bytes, describe_size
 
     needed = images * channels * image_size ** 2
     available, where = available_bytes(torch.device("cpu"))
