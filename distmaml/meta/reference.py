@@ -16,6 +16,7 @@ from torch import nn
 
 from distmaml.meta.functional import (LossFn, MetaGradient, Params, Tasks, detached, functional_forward, mse,
                                       num_tasks, task_at)
+from distmaml.meta.methods.implicit import CG  # which solver's settings to read, nothing of its solve
 
 LEARNED = "inner.lr."  # the rules' naming of learned step sizes, spelled out again
 
@@ -182,10 +183,11 @@ def _implicit_task(problem: Any, phi: Params, task: Any, inner) -> tuple[Params,
         products = torch.autograd.grad(inner_grads, [point[n] for n in names], p, retain_graph=True)
         return [h + method.damping * q for h, q in zip(products, p)]
 
-    if method.name == "implicit":
-        solution, stats = _conjugate_gradient(matvec, rhs, method.cg_steps, method.cg_tol)
+    solver = method.solve  # its settings only: the solve itself is written again below
+    if isinstance(solver, CG):
+        solution, stats = _conjugate_gradient(matvec, rhs, solver.cg_steps, solver.cg_tol)
     else:
-        solution, stats = _neumann(matvec, rhs, method.terms, method.alpha)
+        solution, stats = _neumann(matvec, rhs, solver.terms, solver.alpha)
     mixed = torch.autograd.grad(inner_grads, list(meta.values()), solution, allow_unused=True, retain_graph=True)
     grad = {n: direct[n] - (0 if m is None else m) for n, m in zip(meta, mixed)}
     stats["inner_grad_norm"] = torch.sqrt(_dot([g.detach() for g in inner_grads], [g.detach() for g in inner_grads]))
