@@ -5,7 +5,7 @@
     python -m benchmarks.hyper_seeds weight_decay --seeds 0 1 2      # configs/mnist1d_weight_decay.yaml
     python -m benchmarks.hyper_seeds logistic --seeds 0 1 2          # configs/logistic_weight_decay.yaml
     python -m benchmarks.hyper_seeds digits_hyperclean               # configs/digits_hyperclean.yaml, ...
-    python -m benchmarks.hyper_seeds digits_distill problem.per_class=10 --name digits_distill_m10
+    python -m benchmarks.hyper_seeds digits_distill distill.per_class=10 --name digits_distill_m10
 
 Each seed trains the config (train.seed = seed; `distmaml train`'s own code, in this process) and
 evaluates the learned meta-parameters on the run's evaluation tasks: fresh random initialisations
@@ -14,7 +14,7 @@ the same networks from the same initialisations with the same steps and mini-bat
 
 - learning_rate: plain SGD at each rate of a log grid (1e-3 ... 3, 16 rates); the grid's choice is
   the rate with the lowest outer loss on the validation split, the quantity the learned rate
-  minimises (the loss, or with problem.outer=soft_error the soft error), the rate with the best
+  minimises (the loss, or with training_run.outer=soft_error the soft error), the rate with the best
   validation accuracy, and (an oracle) the one with the best test accuracy;
 - activation: ReLU, ELU and Swish in place of the learned function;
 - weight_decay, logistic: no decay, and one global decay tuned on a log grid by validation loss;

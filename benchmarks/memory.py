@@ -40,7 +40,7 @@ MODES = {"second order": ["inner.mode=second_order"],
          "second order, checkpoint=auto": ["inner.mode=second_order", "inner.checkpoint=auto"],
          "truncated T=10, checkpoint=auto": ["inner.mode=truncated", "inner.truncate=10", "inner.checkpoint=auto"],
          "first order": ["inner.mode=first_order"],
-         "implicit": ["inner.mode=implicit", "problem.proximal=5.0", "implicit.damping=15.0"]}
+         "implicit": ["inner.mode=implicit", "maml.proximal=5.0", "implicit.damping=15.0"]}
 
 
 def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ from distmaml.meta.problems.distillation import LANE_OUTER
 TOLERANCE = 1e-6
 TASKS = 16
 CASES = {
-    "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.steps=100", "inner.lr=0.1", "problem.outer=loss"]),
+    "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.steps=100", "inner.lr=0.1", "training_run.outer=loss"]),
     "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["inner.steps=100", "implicit.damping=1.0",
                                                           "implicit.inner_safeguard=false"]),
     "distill": ("configs/digits_distill.yaml", ["inner.steps=30"]),

@@ -53,7 +53,7 @@ def cases(device: str, quick: bool) -> list[dict[str, Any]]:
         out.append(dict(group="rules", task="sine", base=SINE, settings=[f"inner.rule={rule}", "inner.steps=5", *extra],
                         engines=["batched", *(["graph"] if gpu else [])]))
     for mode, extra in (("truncated", ["inner.truncate=2"]), ("reptile", ["inner.lr=0.02"]),
-                        ("implicit", ["problem.proximal=5.0", "implicit.damping=15.0"])):
+                        ("implicit", ["maml.proximal=5.0", "implicit.damping=15.0"])):
         out.append(dict(group="modes", task="sine", base=SINE, settings=[f"inner.mode={mode}", "inner.steps=5", *extra],
                         engines=["batched", *(["graph"] if gpu else [])]))
     for k in (1, 5) if not quick else (1,):

@@ -8,7 +8,7 @@ The MNIST-1D learning-rate problem (configs/mnist1d_lr.yaml: a 40-100-100-10 MLP
 baseline and the seconds of one hypergradient, with the unroll stored (inner.checkpoint=none) and
 recomputed in sqrt(T) segments (auto), timed on a second call; and, at two learning rates, the
 mean and standard deviation over the 16 initialisations of each one's own hypergradient
-d L_val / d log lr (L_val: the validation cross-entropy, problem.outer=loss). Long unrolls at large
+d L_val / d log lr (L_val: the validation cross-entropy, training_run.outer=loss). Long unrolls at large
 rates are chaotic (Metz et al. 2019): the spread across initialisations grows with T, and averaging
 over a meta-batch of initialisations is what tames it.
 """
@@ -39,7 +39,7 @@ from distmaml.config import load_config
 from distmaml.meta import meta_gradient
 steps, checkpoint = int(sys.argv[1]), sys.argv[2]
 config = load_config("configs/mnist1d_lr.yaml", [f"inner.steps={steps}", f"inner.checkpoint={checkpoint}",
-                                                  "train.meta_batch=16", "inner.lr=0.1", "problem.outer=loss"])
+                                                  "train.meta_batch=16", "inner.lr=0.1", "training_run.outer=loss"])
 torch.manual_seed(0)
 learner = build(config)
 tasks = learner.family.sample(0, 0, torch.arange(16))
@@ -68,7 +68,7 @@ def spread(steps: int, rate: float) -> dict:
     """Each initialisation's own hypergradient, float64: mean and standard deviation over them."""
     config = load_config(REPO / "configs/mnist1d_lr.yaml", [f"inner.steps={steps}", f"inner.lr={rate}",
                                                             "inner.checkpoint=auto", "engine.dtype=float64",
-                                                            "problem.outer=loss"])
+                                                            "training_run.outer=loss"])
     torch.manual_seed(0)
     learner = build(config)
     tasks = learner.family.sample(0, 0, torch.arange(TASKS))

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from distmaml.config.schema import PROBLEM_SECTIONS
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
 from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
 from distmaml.meta.problems import soft_error
 from distmaml.meta.problem import ProblemError, check_meta_parameters, missing_members
 
-TRAINING_RUNS = ("learning_rate", "activation", "weight_decay", "hyperclean", "distill")  # problem.outer applies
-PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in ("maml", *TRAINING_RUNS)}
+PROBLEMS = {name: f"distmaml.problems:build_{name}" for name in PROBLEM_SECTIONS}
 ACTIVATION_PREFIX = "activation."  # distmaml.models.MLP's learned activation
 
 
 def build_maml(config, model, family) -> MAML:
     accuracy = family.accuracy if family.is_classification else None
-    return MAML(model, family.loss, tuple(config.inner.adapt), config.problem.proximal, accuracy)
+    return MAML(model, family.loss, tuple(config.inner.adapt), config.maml.proximal, accuracy)
 
 
 def training_data(config, family):
@@ -48,7 +48,7 @@ def _training(config, model, family, kind: type = TrainingRun) -> dict[str, Any]
                            f"{config.problem.name} needs class logits (a family with >= 2 classes)")
     return dict(model=model, data=data, loss_fn=family.loss,
                 accuracy_fn=family.accuracy if family.is_classification else None,
-                batch_size=config.problem.batch_size, outer_fn=_outer_loss(config, family))
+                batch_size=config.training_run.batch_size, outer_fn=_outer_loss(config, family))
 
 
 def _no_class_logits(family) -> str | None:
@@ -62,11 +62,11 @@ def _no_class_logits(family) -> str | None:
 
 
 def _outer_loss(config, family):
-    """The outer loss problem.outer names (None: the family's own loss)."""
-    if config.problem.outer == "loss":
+    """The outer loss training_run.outer names (None: the family's own loss)."""
+    if config.training_run.outer == "loss":
         return None
     if _no_class_logits(family):
-        raise SettingError("problem.outer", config.problem.outer, f"soft_error scores a softmax over two or more "
+        raise SettingError("training_run.outer", config.training_run.outer, f"soft_error scores a softmax over two or more "
                            f"classes; task.family = {config.task.family!r} has no class logits")
     return soft_error
 
@@ -85,37 +85,36 @@ def build_activation(config, model, family) -> TrainingRun:
 
 
 def build_weight_decay(config, model, family) -> WeightDecay:
-    problem = config.problem
-    return WeightDecay(**_training(config, model, family), per=problem.decay_per, initial=problem.decay_init)
+    settings = config.weight_decay
+    return WeightDecay(**_training(config, model, family), per=settings.per, initial=settings.init)
 
 
 def build_hyperclean(config, model, family) -> Reweighting:
     """Per-example weights of the training split, learned on a clean validation split."""
-    return Reweighting(**_training(config, model, family, Reweighting), initial=config.problem.example_init,
-                       normalised=config.problem.example_weighting == "normalised",
+    settings = config.hyperclean
+    return Reweighting(**_training(config, model, family, Reweighting), initial=settings.init,
+                       normalised=settings.weighting == "normalised",
                        flipped=getattr(family, "flipped", None))
 
 
 def build_distill(config, model, family) -> Distillation:
-    """A few learned examples per class (problem.per_class) with soft labels."""
-    problem = config.problem
-    return Distillation(**_training(config, model, family), per_class=problem.per_class,
-                        initial=problem.distill_init, fixed_init=problem.fixed_init)
+    """A few learned examples per class (distill.per_class) with soft labels."""
+    settings = config.distill
+    return Distillation(**_training(config, model, family), per_class=settings.per_class,
+                        initial=settings.init, fixed_init=settings.fixed_init)
 
 
 def build_problem(config, model, family) -> Any:
     """The problem config.problem.name names, for this run's model and task family."""
     name = config.problem.name
     builder = resolve(name, PROBLEMS, "problem.name")
-    args = {} if name in PROBLEMS else dict(config.problem.args)
-    if config.problem.outer != "loss" and name not in TRAINING_RUNS:
-        raise SettingError("problem.outer", config.problem.outer, f"chooses the outer loss of a network trained from "
-                           f"scratch ({', '.join(TRAINING_RUNS)}); problem.name = {name!r} has its own")
+    # training_run.* given to a problem that does not train from scratch is refused with the config
+    # (distmaml.config.checks), before anything is built.
     if name in PROBLEMS:
         problem = builder(config, model, family)
     else:
         problem = call_user(builder, f"problem.name = {name!r}: its builder", ConfigError, model=model, family=family,
-                            **args)
+                            **config.problem.args)
     if missing := missing_members(problem):
         raise ProblemError(f"problem.name = {name!r}: the problem built ({type(problem).__name__}) lacks "
                            f"{', '.join(missing)} (see distmaml.meta.Problem)")

@@ -127,7 +127,7 @@ def float_keys():
 def test_every_float_setting_refuses_nan_and_infinities(value):
     """Found by introspection, so a float key added later is covered too (a NaN cg_tol once trained nothing)."""
     keys = float_keys()
-    assert {"implicit.cg_tol", "implicit.damping", "problem.proximal", "neumann.alpha", "finite_difference.eps",
+    assert {"implicit.cg_tol", "implicit.damping", "maml.proximal", "neumann.alpha", "finite_difference.eps",
             "train.grad_clip", "train.lr_min", "train.time_limit", "inner.lr", "task.amplitude"} <= {k for k, _ in keys}
     for key, is_list in keys:
         given = f"[0.1, {value}]" if is_list else value

@@ -1,4 +1,4 @@
-"""The implicit methods' settings (implicit.*, neumann.*, problem.proximal): their one-line errors,
+"""The implicit methods' settings (implicit.*, neumann.*, maml.proximal): their one-line errors,
 the refusals of what cannot work, and the iMAML sine config."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("override, message", [
     # iMAML's lam is the maml problem's proximal strength now; 0 is plain MAML (an implicit run
     # refuses it before training: see below).
-    ("problem.proximal=-1.5", "command line: problem.proximal = -1.5: must be >= 0"),
-    ("problem.proximal=.inf", "command line: problem.proximal = inf: must be a finite number"),
-    ("implicit.lam=5", "command line: unknown key 'implicit.lam' (moved to problem.proximal)"),
+    ("maml.proximal=-1.5", "command line: maml.proximal = -1.5: must be >= 0"),
+    ("maml.proximal=.inf", "command line: maml.proximal = inf: must be a finite number"),
+    ("implicit.lam=5", "command line: unknown key 'implicit.lam' (moved to maml.proximal)"),
     ("implicit.cg_damping=3", "command line: unknown key 'implicit.cg_damping' (moved to implicit.damping (now added "
                               "to the inner Hessian itself: lam times the old value))"),
     ("implicit.cg_steps=0", "command line: implicit.cg_steps = 0: must be >= 1"),
@@ -57,7 +57,7 @@ LEARNED_RULE = ("differentiates the solution of the inner problem, which does no
 ])
 def test_what_an_implicit_method_cannot_differentiate_is_refused_in_one_line(overrides, message):
     """By the method when an Inner is built, and by build_inner with where the value came from."""
-    config = load_config(CONFIGS / "sine_debug.yaml", [*overrides, "problem.proximal=1.0"])
+    config = load_config(CONFIGS / "sine_debug.yaml", [*overrides, "maml.proximal=1.0"])
     with pytest.raises(ConfigError) as caught:
         build_inner(config)
     # A value left at its default is said to be one, not blamed on the source that set inner.mode.
@@ -79,7 +79,7 @@ def test_the_method_objects_refuse_the_same_rules_themselves():
 
 
 def test_an_implicit_run_without_a_proximal_term_is_refused_before_training(tmp_path):
-    """Without problem.proximal > 0 the inner loss, and so its solution, does not depend on phi: the
+    """Without maml.proximal > 0 the inner loss, and so its solution, does not depend on phi: the
     implicit gradient would be zero. Refused on the first task, before any iteration."""
     from distmaml.train import train
 
@@ -89,14 +89,14 @@ def test_an_implicit_run_without_a_proximal_term_is_refused_before_training(tmp_
         train(config)
     assert str(caught.value) == (
         "command line: inner.mode = 'implicit': differentiates the solution of the inner problem, and MAML's inner "
-        "loss does not depend on phi, so neither does its solution: set problem.proximal > 0 (iMAML's lam)")
+        "loss does not depend on phi, so neither does its solution: set maml.proximal > 0 (iMAML's lam)")
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_sine_imaml_config_selects_implicit_mode():
     config = load_config(CONFIGS / "sine_imaml.yaml")
     assert config.inner.mode == "implicit" and config.problem.name == "maml"
-    assert (config.problem.proximal, config.implicit.cg_steps, config.implicit.damping) == (5.0, 5, 15.0)
+    assert (config.maml.proximal, config.implicit.cg_steps, config.implicit.damping) == (5.0, 5, 15.0)
     assert (config.inner.steps, config.inner.lr) == (10, 0.01)
     assert config.implicit.inner_safeguard  # without it this config goes NaN near iteration 600
     assert not load_config(None, ["implicit.inner_safeguard=false"]).implicit.inner_safeguard
@@ -111,5 +111,5 @@ def test_an_old_implicit_config_is_migrated_to_the_same_system():
     added to H + lam I, so d becomes lam * d: the sine iMAML config's old (5, 3) is today's (5, 15)."""
     old = {"inner": {"mode": "implicit"}, "implicit": {"lam": 5.0, "cg_steps": 5, "cg_damping": 3.0}}
     config = from_dict(old, "old.pt")
-    assert (config.problem.proximal, config.implicit.damping, config.implicit.cg_steps) == (5.0, 15.0, 5)
+    assert (config.maml.proximal, config.implicit.damping, config.implicit.cg_steps) == (5.0, 15.0, 5)
     assert build_inner(config).method == build_inner(load_config(CONFIGS / "sine_imaml.yaml")).method

@@ -69,7 +69,7 @@ def test_learned_weights_separate_flipped_from_clean_examples_on_a_planted_probl
 def test_the_weighted_loss_is_normalised_by_the_batch_weight_or_averaged(weighting):
     """Normalised, equal weights train like no weights at all, whatever their value; the plain mean
     scales the loss (and so the step) with them. Both against the formula written out here."""
-    config = load_config(HYPERCLEAN, [f"problem.example_weighting={weighting}", "model.hidden=[8]",
+    config = load_config(HYPERCLEAN, [f"hyperclean.weighting={weighting}", "model.hidden=[8]",
                                       "engine.dtype=float64"])
     problem = build(config).problem
     task, weights = {"seed": torch.tensor(3)}, problem.start({}, {"seed": torch.tensor(3)})
@@ -92,21 +92,21 @@ def test_the_weighted_loss_is_normalised_by_the_batch_weight_or_averaged(weighti
 
 
 def test_a_hyperclean_checkpoint_from_before_example_weighting_keeps_the_mean_it_trained_with(tmp_path, capsys):
-    """A run saved before problem.example_weighting existed trained on the plain mean: loading it
+    """A run saved before hyperclean.weighting existed trained on the plain mean: loading it
     builds that loss, and resuming it under today's default (normalised) is refused in one line."""
     common = [str(HYPERCLEAN), f"run.dir={tmp_path}", "inner.steps=5", "eval.at_end=false", "logging.progress=false"]
     assert cli.main(["train", *common, "train.iterations=2", "train.checkpoint_every=2"]) == 0
     path = tmp_path / "checkpoints" / "ckpt_00000002.pt"
     state = torch.load(path, weights_only=True)
-    del state["config"]["problem"]["example_weighting"]
+    del state["config"]["hyperclean"]["weighting"]
     del state["checksum"]  # a checkpoint from before example_weighting had no checksum either
     torch.save(state, path)
     assert load_trained(path).learner.problem.normalised is False
     capsys.readouterr()
     assert cli.main(["train", *common, "train.iterations=4"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "was trained with problem.example_weighting = 'mean'" in error, error
-    assert cli.main(["train", *common, "train.iterations=4", "problem.example_weighting=mean"]) == 0
+    assert "was trained with hyperclean.weighting = 'mean'" in error, error
+    assert cli.main(["train", *common, "train.iterations=4", "hyperclean.weighting=mean"]) == 0
 
 
 def test_hyperclean_evaluation_reports_the_learned_weights_beside_its_baselines(tmp_path):
@@ -158,7 +158,7 @@ def test_distillation_resumes_bit_for_bit(tmp_path):
     (HYPERCLEAN, ["task.args.noise=1.0"], "task.args.noise = 1.0: must be in [0, 1)"),
     (HYPERCLEAN, ["task.args.noise=-0.1"], "task.args.noise = -0.1: must be in [0, 1)"),
     (HYPERCLEAN, ["task.args.validation=0"], "task.args.train = 0.6, task.args.validation = 0: each must be in (0, 1)"),
-    (DISTILL, ["problem.per_class=500"], "problem.per_class = 500: must be between 1 and"),
+    (DISTILL, ["distill.per_class=500"], "distill.per_class = 500: must be between 1 and"),
     (DISTILL, ["train.betas=[0.5]"], "train.betas = [0.5]: must be two numbers in [0, 1)"),
 ])
 def test_bad_data_settings_are_one_line(config, overrides, message, tmp_path, capsys):

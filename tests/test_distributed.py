@@ -288,7 +288,7 @@ def test_two_processes_match_one(tmp_path, reference, mode):
         # iMAML: the proximal term makes the inner solution depend on theta. CG's stopping test
         # (residual below cg_tol) can flip on a float32 rounding difference between shardings and
         # amplify it; in float64 the shards add up to the last bits.
-        overrides += ["problem.proximal=1.0", "engine.dtype=float64"]
+        overrides += ["maml.proximal=1.0", "engine.dtype=float64"]
     one = tmp_path / "one"
     run([sys.executable, "-m", "distmaml", "train", *COMMON, f"run.dir={one}", *overrides])
     two = reference
@@ -480,7 +480,7 @@ def test_distributed_runs_exit_normally_every_time(tmp_path):
 def test_a_rank_without_tasks_joins_every_collective(tmp_path):
     """Meta-batch 1 on 2 ranks (implicit mode, whose log step also reduces CG statistics): the idle
     rank must send the same buffers as the busy one, or the run hangs."""
-    overrides = ["train.meta_batch=1", "inner.mode=implicit", "problem.proximal=1.0", "inner.steps=2",
+    overrides = ["train.meta_batch=1", "inner.mode=implicit", "maml.proximal=1.0", "inner.steps=2",
                  "train.iterations=10",
                  "train.log_every=5", "train.checkpoint_every=0"]
     run([sys.executable, "-m", "distmaml", "train", *COMMON, *overrides, f"run.dir={tmp_path / 'one'}"])

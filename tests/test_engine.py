@@ -24,8 +24,8 @@ def run_steps(config, static, iterations=6):
 
 
 @pytest.mark.parametrize("overrides", [["inner.mode=second_order"], ["inner.mode=first_order"],
-                                       ["inner.mode=implicit", "problem.proximal=1.0"],
-                                       ["inner.mode=neumann", "problem.proximal=1.0", "neumann.alpha=0.02"],
+                                       ["inner.mode=implicit", "maml.proximal=1.0"],
+                                       ["inner.mode=neumann", "maml.proximal=1.0", "neumann.alpha=0.02"],
                                        ["inner.mode=finite_difference"], ["inner.mode=reptile"],
                                        ["inner.rule=lslr", "inner.multi_step_loss=true", "inner.multi_step_anneal=3",
                                         "inner.first_order_iterations=2"]])

@@ -17,7 +17,7 @@ from conftest import REPO
 SMALL = ["task.args.train=200", "inner.steps=12", "engine.dtype=float64", "train.meta_batch=3"]
 CONFIGS = {
     "learning_rate": ("configs/mnist1d_lr.yaml", ["inner.schedule_blocks=3", "model.hidden=[8]"]),
-    "learning_rate_cross_entropy": ("configs/mnist1d_lr.yaml", ["model.hidden=[8]", "problem.outer=loss"]),
+    "learning_rate_cross_entropy": ("configs/mnist1d_lr.yaml", ["model.hidden=[8]", "training_run.outer=loss"]),
     "activation": ("configs/mnist1d_activation.yaml", ["inner.truncate=12", "model.hidden=[8]"]),
     "weight_decay": ("configs/mnist1d_weight_decay.yaml", ["model.hidden=[8]", "implicit.cg_steps=500",
                                                           "implicit.cg_tol=0", "implicit.damping=0.5"]),
@@ -88,7 +88,7 @@ def test_soft_error_is_one_minus_the_mean_probability_of_the_true_class():
 
 def test_a_soft_error_grid_is_chosen_by_the_soft_error_and_reports_validation_accuracy(tmp_path):
     assert cli.main(["train", str(REPO / "configs/mnist1d_lr.yaml"), f"run.dir={tmp_path}", *SMALL[:3],
-                     "model.hidden=[16]", "problem.outer=soft_error", "train.iterations=2", "eval.tasks=3",
+                     "model.hidden=[16]", "training_run.outer=soft_error", "train.iterations=2", "eval.tasks=3",
                      "eval.steps=12", "logging.progress=false"]) == 0
     assert cli.main(["eval", str(tmp_path), "--json", str(tmp_path / "eval.json"), "--lr-grid", "0.001", "3",
                      "5"]) == 0
@@ -100,15 +100,15 @@ def test_a_soft_error_grid_is_chosen_by_the_soft_error_and_reports_validation_ac
 
 def test_soft_error_where_it_cannot_apply_is_one_line(tmp_path, capsys):
     code = cli.main(["train", str(REPO / "configs/logistic_weight_decay.yaml"), f"run.dir={tmp_path}",
-                     "problem.outer=soft_error"])
+                     "training_run.outer=soft_error"])
     assert code == 2 and capsys.readouterr().err.strip().endswith(
-        "problem.outer = 'soft_error': soft_error scores a softmax over two or more classes; task.family = "
+        "training_run.outer = 'soft_error': soft_error scores a softmax over two or more classes; task.family = "
         "'logistic' has no class logits")
     code = cli.main(["train", str(REPO / "configs/sine_maml.yaml"), f"run.dir={tmp_path / 'maml'}",
-                     "problem.outer=soft_error"])
+                     "training_run.outer=soft_error"])
     assert code == 2 and capsys.readouterr().err.strip().endswith(
-        "problem.outer = 'soft_error': chooses the outer loss of a network trained from scratch (learning_rate, "
-        "activation, weight_decay, hyperclean, distill); problem.name = 'maml' has its own")
+        "training_run.outer = 'soft_error': applies to the problems that train a network from scratch (learning_rate, "
+        "activation, weight_decay, hyperclean, distill), not to problem.name = 'maml'")
 
 
 @pytest.mark.parametrize("overrides, flags, message", [

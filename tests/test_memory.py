@@ -51,7 +51,7 @@ def test_counted_bytes_on_meta_tensors_are_those_of_the_real_run():
     ["inner.steps=13", "inner.checkpoint=segments", "inner.checkpoint_segment=4"],
     ["inner.steps=12", "inner.mode=truncated", "inner.truncate=5"],
     ["inner.steps=12", "inner.mode=truncated", "inner.truncate=6", "inner.checkpoint=auto"],
-    ["inner.steps=12", "inner.mode=first_order"], ["inner.steps=6", "inner.mode=implicit", "problem.proximal=1.0"],
+    ["inner.steps=12", "inner.mode=first_order"], ["inner.steps=6", "inner.mode=implicit", "maml.proximal=1.0"],
     ["inner.steps=2"],
 ])
 def test_the_estimate_is_within_ten_percent_of_the_whole_unroll(overrides):

@@ -303,12 +303,12 @@ def test_multi_step_weights_anneal_towards_the_last_step():
 
 
 @pytest.mark.parametrize("overrides, build", [
-    (["inner.mode=implicit", "inner.rule=meta_sgd", "problem.proximal=1"],
+    (["inner.mode=implicit", "inner.rule=meta_sgd", "maml.proximal=1"],
      lambda: Inner(make_rule("meta_sgd", 0.01), 1, "implicit")),
     (["inner.mode=reptile", "inner.rule=lslr"], lambda: Inner(make_rule("lslr", 0.01, 1), 1, "reptile")),
     (["inner.mode=finite_difference", "inner.rule=adam"], lambda: Inner(make_rule("adam", 0.01), 1,
                                                                         "finite_difference")),
-    (["inner.mode=implicit", "inner.rule=adam", "problem.proximal=1"],
+    (["inner.mode=implicit", "inner.rule=adam", "maml.proximal=1"],
      lambda: Inner(make_rule("adam", 0.01), 1, make_method("implicit", safeguard=True))),
     (["inner.mode=truncated", "inner.truncate=3", "inner.steps=2"],
      lambda: Inner(make_rule("sgd", 0.01), 2, Truncated(3))),

@@ -220,14 +220,14 @@ def test_hyperclean_on_a_family_with_one_output_is_refused_by_its_builder_in_one
 
 @pytest.mark.parametrize("initial, why", [
     (-200, "every weight starts at sigmoid(-200), which underflows to 0 in float32 (the run's dtype), so the "
-           "normalised loss sum w_i l_i / sum w_i is 0/0; give problem.example_init >= -43"),
+           "normalised loss sum w_i l_i / sum w_i is 0/0; give hyperclean.init >= -43"),
     (-60, "every weight starts at sigmoid(-60), whose square underflows to 0 in float32 (the run's dtype), so the "
           "hypergradient of the normalised loss"),
 ])
 def test_initial_example_weights_that_underflow_are_refused_in_one_line(initial, why, tmp_path, capsys):
     line = train_refusal(["problem.name=hyperclean", f"task.family={__name__}:TwoClasses",
-                          f"problem.example_init={initial}"], tmp_path, capsys)
-    assert line.startswith(f"distmaml train: error: command line: problem.example_init = {float(initial)}: {why}"), line
+                          f"hyperclean.init={initial}"], tmp_path, capsys)
+    assert line.startswith(f"distmaml train: error: command line: hyperclean.init = {float(initial)}: {why}"), line
 
 
 def test_the_lowest_initial_weight_comes_from_the_dtype(tmp_path):
@@ -236,6 +236,6 @@ def test_the_lowest_initial_weight_comes_from_the_dtype(tmp_path):
     for dtype, allowed in ((torch.float32, -43.0), (torch.float64, -354.0)):
         typed = data._replace(train_x=data.train_x.to(dtype))
         Reweighting(model.to(dtype), typed, initial=allowed)
-        with pytest.raises(SettingError, match=rf"problem.example_init >= {int(allowed)} "):
+        with pytest.raises(SettingError, match=rf"hyperclean.init >= {int(allowed)} "):
             Reweighting(model.to(dtype), typed, initial=allowed - 1)
         Reweighting(model.to(dtype), typed, initial=allowed - 1, normalised=False)  # the mean divides by the count

@@ -86,8 +86,8 @@ def test_meta_parameters_the_hypergradient_never_reaches_stop_the_run_before_its
     assert not (tmp_path / "new").exists()  # the refused run left nothing on disk
 
 
-@pytest.mark.parametrize("overrides", [["inner.steps=0"], ["problem.example_weighting=mean", "problem.example_init=1e6"],
-                                       ["problem.example_weighting=mean", "problem.example_init=-200"]])
+@pytest.mark.parametrize("overrides", [["inner.steps=0"], ["hyperclean.weighting=mean", "hyperclean.init=1e6"],
+                                       ["hyperclean.weighting=mean", "hyperclean.init=-200"]])
 def test_hyper_cleaning_without_steps_or_with_saturated_weights_stops_before_its_first_step(overrides, tmp_path,
                                                                                             capsys):
     pytest.importorskip("sklearn")

@@ -258,10 +258,10 @@ def test_bad_inner_settings_are_one_line(overrides, expected):
     # The implicit methods differentiate the inner problem's solution, whichever fixed rule reaches it; the
     # safeguard (on by default) caps plain SGD steps only, so it is what refuses Adam (blamed on inner.mode's
     # source, and said to be the default, since inner_safeguard was left at it).
-    (["inner.rule=adam", "inner.mode=implicit", "problem.proximal=1.0"],
+    (["inner.rule=adam", "inner.mode=implicit", "maml.proximal=1.0"],
      "command line, with implicit.inner_safeguard at its default: implicit.inner_safeguard = True: caps plain SGD "
      "steps; with inner.rule = adam set implicit.inner_safeguard=false"),
-    (["inner.rule=meta_sgd", "inner.mode=implicit", "problem.proximal=1.0"],
+    (["inner.rule=meta_sgd", "inner.mode=implicit", "maml.proximal=1.0"],
      "command line: inner.rule = 'meta_sgd': implicit differentiates the solution of the inner problem, which does "
      "not depend on learned step sizes: they would get no gradient"),
     (["inner.rule=meta_sgd", "inner.mode=reptile"], "command line: inner.rule = 'meta_sgd': Reptile's meta-gradient "

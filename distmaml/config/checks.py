@@ -8,9 +8,11 @@ inner.adapt prefix that matches no weight, a family its data (an Omniglot charac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
+from distmaml.config.schema import PROBLEM_SECTIONS, TrainingRunConfig
 from distmaml.errors import ConfigError
 
 
@@ -36,6 +38,27 @@ def _check_inner(config, fail, at_least, positive) -> None:
              cause="inner.rule")
     at_least("inner.multi_step_anneal", 0)
     at_least("inner.first_order_iterations", 0)
+
+
+def _check_problem(config, fail, at_least, positive) -> None:
+    """The problems' sections; what needs the data (distill.per_class against the fewest examples of a
+    class) is the problem's own check when it is built."""
+    name = config.problem.name
+    if not name.strip():
+        fail("problem.name", "must name a problem")
+    at_least("maml.proximal", 0)
+    at_least("training_run.batch_size", 0)
+    positive("weight_decay.init")
+    at_least("distill.per_class", 1)
+    if "training_run" in PROBLEM_SECTIONS.get(name, ()):
+        return
+    # Any other problem (MAML's tasks, your own builder, which gets problem.args) never reads these:
+    # a value given there would change nothing the user can see, so it is refused rather than ignored.
+    runs = ", ".join(problem for problem, sections in PROBLEM_SECTIONS.items() if "training_run" in sections)
+    for spec in dataclasses.fields(TrainingRunConfig):
+        if getattr(config.training_run, spec.name) != spec.default:
+            fail(f"training_run.{spec.name}", f"applies to the problems that train a network from scratch ({runs}), "
+                 f"not to problem.name = {name!r}")
 
 
 def check_values(config, source) -> None:
@@ -77,14 +100,9 @@ def check_values(config, source) -> None:
              cause="inner.checkpoint")
     if inner.checkpoint_segment is not None and inner.checkpoint_segment < 1:
         fail("inner.checkpoint_segment", "must be >= 1")
-    at_least("problem.proximal", 0)
-    positive("problem.decay_init")
-    at_least("problem.batch_size", 0)
-    at_least("problem.per_class", 1)
+    _check_problem(config, fail, at_least, positive)
     if len(config.train.betas) != 2 or not all(0 <= beta < 1 for beta in config.train.betas):
         fail("train.betas", "must be two numbers in [0, 1)")
-    if not config.problem.name.strip():
-        fail("problem.name", "must name a problem")
     if not config.inner.mode.strip():
         fail("inner.mode", "must name a hypergradient method")
     # implicit.*, neumann.*, finite_difference.* and inner.truncate are checked by the methods that own

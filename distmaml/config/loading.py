@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -22,29 +23,73 @@ from typing import Any
 import yaml
 
 from distmaml.config.checks import check_values
-from distmaml.config.schema import Config
+from distmaml.config.schema import PROBLEM_SECTIONS, Config
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import absolute_specs
 
-# Version 0.1 applied implicit.lam (as iMAML's proximal term) in these modes only.
+log = logging.getLogger("distmaml.config")
+
+# Version 0.1 applied implicit.lam (as iMAML's proximal term) in these modes only. A saved config's
+# inner.mode is data here, not a dispatch: the migration must redo what that version did for it.
 VERSION_0_1_PROXIMAL_MODES = frozenset({"implicit"})
 
-# Keys that moved: an old config file is told where they went; an old checkpoint's config is migrated.
-MOVED = {"implicit.lam": "problem.proximal", "implicit.cg_damping": "implicit.damping (now added to the inner "
+# Keys whose meaning changed when they moved: an old config file is told where they went (and
+# refused: the old value would mean something else); an old checkpoint's config is migrated.
+MOVED = {"implicit.lam": "maml.proximal", "implicit.cg_damping": "implicit.damping (now added to the inner "
          "Hessian itself: lam times the old value)"}
 
+# Keys that moved with their meaning unchanged (each problem's settings to its own section, and
+# the training runs' shared ones to training_run): in a file, on the command line or in from_flat
+# they are read as the new key with a one-line warning; a saved config is migrated silently.
+RENAMED = {
+    "problem.proximal": "maml.proximal",
+    "problem.batch_size": "training_run.batch_size",
+    "problem.outer": "training_run.outer",
+    "problem.decay_per": "weight_decay.per",
+    "problem.decay_init": "weight_decay.init",
+    "problem.example_init": "hyperclean.init",
+    "problem.example_weighting": "hyperclean.weighting",
+    "problem.per_class": "distill.per_class",
+    "problem.distill_init": "distill.init",
+    "problem.fixed_init": "distill.fixed_init",
+}
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then `key.sub=value` overrides; validated."""
+# Keys added after runs were saved, with the value that reproduces what such a run did: a saved
+# config whose problem reads the key's section and that lacks the key gets this value.
+# (A hyperclean run saved before its weighting was a setting trained on the plain mean.)
+ADDED_LATER = {"hyperclean.weighting": "mean"}
+
+# The settings each hypergradient method reads (inner.mode -> keys; a key ending in "." is a whole
+# section): a key of this table set for a run whose method does not read it is said to be unused.
+METHOD_SETTINGS = {
+    "truncated": ("inner.truncate",),
+    "implicit": ("implicit.",),
+    "neumann": ("implicit.damping", "implicit.inner_safeguard", "neumann."),
+    "finite_difference": ("finite_difference.",),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                every_method: bool = False) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides; validated. A setting given for a
+    problem or method the run does not use is said to be unused, in one warning line each;
+    `every_method`: the caller runs every hypergradient method (gradcheck), so none of their settings is."""
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
         path = Path(path)
+        given: dict[str, str] = {}  # today's key -> the name the file used
         for key, value in _flatten(_read_sections(path)):
-            raw[key] = value
-            sources[key] = str(path)
+            new = _renamed(key, str(path))
+            if new in given:  # the old and the new name of one setting, in one file
+                old = key if given[new] == new else given[new]
+                raise ConfigError(f"{path}: {old} and {new} are one setting ({old} is its old name): give {new} once")
+            given[new] = key
+            raw[new] = value
+            sources[new] = str(path)
     for item in overrides or []:
         key, value = parse_override(item)
+        key = _renamed(key, "command line")  # renamed here, so that the command line wins over the file
         raw[key] = value
         sources[key] = "command line"
     # A relative file path in an import spec (problem.name: own/mine.py:build) is read from the
@@ -53,7 +98,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # A config restored from a checkpoint (from_dict) is left as saved.
     config = from_flat(absolute_specs(raw), sources)
     object.__setattr__(config, "_file", path)
+    # Only what the user set: a default, or a saved config's every key, is no choice to question. A
+    # file's method settings are not either: one file often serves several methods (gradcheck runs
+    # every method on configs/logistic_weight_decay.yaml; inner.mode is switched on the command
+    # line); nor a file's problem settings once the command line chose another problem on purpose.
+    for key, where in sources.items():
+        if unused := unused_setting(config, key, every_method):
+            chooser, why = unused
+            if where == "command line" or (chooser == "problem.name" and sources.get(chooser) != "command line"):
+                log.warning("%s: %s is set but %s", where, key, why)
     return config
+
+
+def _renamed(key: str, where: str) -> str:
+    """Today's name of `key`, saying so once where an old one was given."""
+    new = RENAMED.get(key)
+    if new is None:
+        return key
+    log.warning("%s: %s is %s now; read as %s", where, key, new, new)
+    return new
+
+
+def unused_setting(config: Config, key: str, every_method: bool = False) -> tuple[str, str] | None:
+    """If the setting `key` does nothing in this run (another problem's or method's): the key whose
+    choice makes it so (problem.name, inner.mode) and why, in words; else None."""
+    section = key.split(".", 1)[0]
+    problem_sections = {name for sections in PROBLEM_SECTIONS.values() for name in sections}
+    if section in problem_sections and section not in PROBLEM_SECTIONS.get(config.problem.name, ()):
+        return "problem.name", f"problem.name = {config.problem.name!r} does not read {section}.*"
+    methods_read = [prefix for prefixes in METHOD_SETTINGS.values() for prefix in prefixes]
+    if every_method or not _matches(key, methods_read):
+        return None
+    if not _matches(key, METHOD_SETTINGS.get(config.inner.mode, ())):
+        return "inner.mode", f"inner.mode = {config.inner.mode!r} does not read it"
+    return None
+
+
+def _matches(key: str, prefixes) -> bool:
+    return any(key == prefix or (prefix.endswith(".") and key.startswith(prefix)) for prefix in prefixes)
 
 
 def config_file(config: Config) -> Path | None:
@@ -125,7 +207,15 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
     """Build a validated Config from {'section.key': value}; missing keys keep their defaults."""
-    sources = sources or {}
+    sources = dict(sources or {})
+    raw = dict(raw)
+    for old, new in RENAMED.items():
+        if old in raw:
+            where = sources.pop(old, "config")
+            if new in raw:
+                raise ConfigError(f"{where}: {old} and {new} are one setting ({old} is its old name): give {new} once")
+            raw[_renamed(old, where)] = raw.pop(old)
+            sources[new] = where
     config = Config()
     known = {f"{section.name}.{spec.name}": (section.name, spec) for section in dataclasses.fields(Config)
              for spec in dataclasses.fields(_section_type(section.name))}
@@ -138,9 +228,7 @@ def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Con
             nested.setdefault(parent, {})[key.rsplit(".", 1)[1]] = value
             continue
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            suggestion = f" (moved to {MOVED[key]})" if key in MOVED else f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{where}: unknown key '{key}'{suggestion}")
+            raise ConfigError(f"{where}: unknown key '{key}'{_unknown_hint(key, known)}")
         section, spec = known[key]
         value = _coerce(value, _field_type(section, spec.name), key, where)
         choices = spec.metadata.get("choices")
@@ -153,6 +241,22 @@ def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Con
     check_values(config, lambda key: sources.get(key, "default"))
     object.__setattr__(config, "_sources", dict(sources))
     return config
+
+
+def _unknown_hint(key: str, known) -> str:
+    """Where an unknown key went, or the closest known key; in a component's own section (a problem's,
+    a method's: a few keys) every key it has."""
+    if key in MOVED:
+        return f" (moved to {MOVED[key]})"
+    hint = difflib.get_close_matches(key, known, n=1)
+    closest = f"did you mean '{hint[0]}'?" if hint else ""
+    section = key.split(".", 1)[0]
+    own = {name for sections in PROBLEM_SECTIONS.values() for name in sections} | {
+        prefix.split(".", 1)[0] for prefixes in METHOD_SETTINGS.values() for prefix in prefixes if prefix.endswith(".")}
+    if section in own:
+        keys = ", ".join(name.split(".", 1)[1] for name in known if name.startswith(section + "."))
+        closest = f"{closest} {section}'s keys: {keys}".strip()
+    return f" ({closest})" if closest else ""
 
 
 def source_of(config: Config, key: str) -> str:
@@ -187,15 +291,29 @@ def from_dict(tree: dict[str, Any], source: str, changes: dict[str, tuple[Any, s
 
 
 def _migrated(raw: dict[str, Any]) -> dict[str, Any]:
-    """Version 0.1's implicit.lam was iMAML's proximal strength, and implicit.cg_damping was added to
-    I + H / lam: today the proximal term belongs to the maml problem and the damping to H itself.
-    A hyperclean run saved before problem.example_weighting existed trained on the plain mean."""
-    if raw.get("problem.name") == "hyperclean":
-        raw.setdefault("problem.example_weighting", "mean")
+    """A saved config in today's keys, meaning what it meant when the run was saved.
+
+    Each problem's settings were keys of problem: (RENAMED). Version 0.1's implicit.lam was iMAML's
+    proximal strength, and implicit.cg_damping was added to I + H / lam: today the proximal term
+    belongs to the maml problem and the damping to H itself. A key added later takes the value that
+    reproduces the run (ADDED_LATER)."""
+    for old, new in RENAMED.items():
+        if old in raw:
+            raw.setdefault(new, raw.pop(old))
+    # Keyed on the saved run's problem through the table of what each problem reads: data migration
+    # (what that run did), not a choice of behaviour by name.
+    read = PROBLEM_SECTIONS.get(raw.get("problem.name"), ())
+    for key, value in ADDED_LATER.items():
+        if key.split(".", 1)[0] in read:
+            raw.setdefault(key, value)
+    if "training_run" not in read:
+        # Accepted and ignored before it was refused for such problems: the run never read it.
+        for key in [key for key in raw if key.startswith("training_run.")]:
+            del raw[key]
     lam = raw.pop("implicit.lam", None)
     damping = raw.pop("implicit.cg_damping", None)
     if lam is not None and raw.get("inner.mode") in VERSION_0_1_PROXIMAL_MODES:
-        raw["problem.proximal"] = lam
+        raw["maml.proximal"] = lam
         if damping:
             raw["implicit.damping"] = lam * damping
     return raw

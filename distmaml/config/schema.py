@@ -37,28 +37,63 @@ class ProblemConfig:
                      "on networks trained from scratch: learning_rate (the rule's learned rates), activation (a "
                      "learned activation function), weight_decay (a learned L2 decay), hyperclean (a learned weight "
                      "per training example), distill (a few learned examples per class); or your own builder as an "
-                     "import path 'package.module:build' called as build(model=..., family=..., **problem.args)")
+                     "import path 'package.module:build' called as build(model=..., family=..., **problem.args); a "
+                     "built-in problem's settings are in its own section (maml.*, training_run.*, weight_decay.*, "
+                     "hyperclean.*, distill.*)")
     args: dict = _opt({}, "keyword arguments for your own problem builder (problem.args.<name>=value)")
+
+
+@dataclass
+class MamlConfig:
     proximal: float = _opt(0.0, "maml: strength lam of the inner loss's pull lam/2 ||w - phi||^2 towards phi (iMAML; "
                            "implicit modes need it > 0, 0 is plain MAML)")
-    decay_per: str = _opt("weight", "weight_decay: one learned decay per weight element, per input element of each "
-                          "weight (per feature), per tensor, or one for all", ("weight", "input", "tensor", "global"))
-    decay_init: float = _opt(1e-3, "weight_decay: every decay's initial value (phi holds its log)")
+
+
+@dataclass
+class TrainingRunConfig:
     batch_size: int = _opt(0, "training-run problems: examples per inner step, drawn with replacement from the "
                            "training split (0: the whole split: gradient descent); distill: the real mini-batch of "
                            "the outer loss")
     outer: str = _opt("loss", "training-run problems: the outer loss on held-out data: the task family's loss, or "
                       "soft_error = 1 - mean softmax probability of the true class (classification; for "
                       "hyperparameters chosen for accuracy rather than cross-entropy)", ("loss", "soft_error"))
-    example_init: float = _opt(0.0, "hyperclean: every example's weight logit starts here (weight sigmoid(logit))")
-    example_weighting: str = _opt("normalised", "hyperclean: a mini-batch's weighted loss is sum w_i l_i / sum w_i "
-                                  "(normalised: the weights choose which examples train the network, not how fast; "
-                                  "Ren et al. 2018) or the mean of w_i l_i", ("normalised", "mean"))
+
+
+@dataclass
+class WeightDecayConfig:
+    per: str = _opt("weight", "weight_decay: one learned decay per weight element, per input element of each "
+                    "weight (per feature), per tensor, or one for all", ("weight", "input", "tensor", "global"))
+    init: float = _opt(1e-3, "weight_decay: every decay's initial value (phi holds its log)")
+
+
+@dataclass
+class HypercleanConfig:
+    init: float = _opt(0.0, "hyperclean: every example's weight logit starts here (weight sigmoid(logit))")
+    weighting: str = _opt("normalised", "hyperclean: a mini-batch's weighted loss is sum w_i l_i / sum w_i "
+                          "(normalised: the weights choose which examples train the network, not how fast; "
+                          "Ren et al. 2018) or the mean of w_i l_i", ("normalised", "mean"))
+
+
+@dataclass
+class DistillConfig:
     per_class: int = _opt(1, "distill: synthetic examples per class (M)")
-    distill_init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or "
-                             "as Gaussian noise", ("real", "noise"))
+    init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or as "
+                     "Gaussian noise", ("real", "noise"))
     fixed_init: bool = _opt(False, "distill: every task starts from one fixed initialisation (Wang et al.'s known "
                             "init) instead of its own random one")
+
+
+# The sections each built-in problem reads besides problem.*, as data: a key of another problem's
+# section is one the run does not use (said at load), and training_run.* is refused outside the
+# training runs (distmaml.config.checks). Your own problem reads problem.args only.
+PROBLEM_SECTIONS = {
+    "maml": ("maml",),
+    "learning_rate": ("training_run",),
+    "activation": ("training_run",),
+    "weight_decay": ("training_run", "weight_decay"),
+    "hyperclean": ("training_run", "hyperclean"),
+    "distill": ("training_run", "distill"),
+}
 
 
 @dataclass
@@ -253,6 +288,11 @@ class DataConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     problem: ProblemConfig = field(default_factory=ProblemConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+    training_run: TrainingRunConfig = field(default_factory=TrainingRunConfig)
+    weight_decay: WeightDecayConfig = field(default_factory=WeightDecayConfig)
+    hyperclean: HypercleanConfig = field(default_factory=HypercleanConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)

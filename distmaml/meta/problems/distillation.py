@@ -57,13 +57,13 @@ class Distillation(TrainingRun):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.initial not in ("real", "noise"):
-            raise SettingError("problem.distill_init", self.initial, "must be real or noise")
+            raise SettingError("distill.init", self.initial, "must be real or noise")
         if self.classes:  # a copy (to another device, a baseline) of a checked problem
             return
         classes = int(self.data.train_y.max()) + 1
         counts = torch.bincount(self.data.train_y, minlength=classes)
         if not (isinstance(self.per_class, int) and 1 <= self.per_class <= int(counts.min())):
-            raise SettingError("problem.per_class", self.per_class, f"must be between 1 and {int(counts.min())} (the "
+            raise SettingError("distill.per_class", self.per_class, f"must be between 1 and {int(counts.min())} (the "
                                f"fewest real training examples of a class): more synthetic examples than real ones")
         object.__setattr__(self, "classes", classes)
 

@@ -39,7 +39,7 @@ class MAML:
 
     outer_name = "query"  # what logs call the outer loss's data
     # Why an implicit method refuses this problem when the inner loss does not read phi.
-    implicit_hint = "set problem.proximal > 0 (iMAML's lam)"
+    implicit_hint = "set maml.proximal > 0 (iMAML's lam)"
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.model.named_parameters()]
@@ -48,7 +48,7 @@ class MAML:
             raise SettingError("inner.adapt", list(prefixes), f"no weight of the model starts with "
                                f"{', '.join(map(repr, unmatched))} (its weights: {', '.join(names)})")
         if not self.proximal >= 0:
-            raise SettingError("problem.proximal", self.proximal, "must be >= 0")
+            raise SettingError("maml.proximal", self.proximal, "must be >= 0")
         adapted = tuple(name for name in names if not prefixes or name.startswith(prefixes))
         object.__setattr__(self, "adapt", prefixes)
         object.__setattr__(self, "adapted", adapted)

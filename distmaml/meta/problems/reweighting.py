@@ -67,8 +67,8 @@ class Reweighting(TrainingRun):
         else:
             what = (f"whose square underflows to 0 in {name} (the run's dtype), so the hypergradient of the normalised "
                     "loss sum w_i l_i / sum w_i, which divides by the total weight squared,")
-        raise SettingError("problem.example_init", self.initial, f"every weight starts at sigmoid({self.initial:g}), "
-                           f"{what} is 0/0; give problem.example_init >= {math.ceil(lowest)} (sigmoid({lowest:.1f})"
+        raise SettingError("hyperclean.init", self.initial, f"every weight starts at sigmoid({self.initial:g}), "
+                           f"{what} is 0/0; give hyperclean.init >= {math.ceil(lowest)} (sigmoid({lowest:.1f})"
                            f" squared is {name}'s smallest normal number, {tiny:.1e})")
 
     def meta_parameters(self) -> Params:

@@ -35,9 +35,9 @@ class WeightDecay(TrainingRun):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.per not in GRANULARITIES:
-            raise SettingError("problem.decay_per", self.per, f"must be one of {', '.join(GRANULARITIES)}")
+            raise SettingError("weight_decay.per", self.per, f"must be one of {', '.join(GRANULARITIES)}")
         if not (self.initial > 0 and math.isfinite(math.log(self.initial))):
-            raise SettingError("problem.decay_init", self.initial, "must be > 0")
+            raise SettingError("weight_decay.init", self.initial, "must be > 0")
         decayed = tuple(name for name, value in self.template.items() if value.dim() >= 2)
         if not decayed:
             raise SettingError("problem.name", "weight_decay", "the model has no weight matrix or kernel to decay")
