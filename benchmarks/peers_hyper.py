@@ -12,7 +12,7 @@ scikit-learn's digits:
   innerloop_ctx with the rate overridden by a tensor, per initialisation.
 - weight_decay: the implicit hypergradient of one L2 decay per weight after 100 full-batch gradient
   steps (plain SGD steps, as the peers take them: implicit.inner_safeguard=false): (H + I) v =
-  grad L_val by 20 conjugate-gradient iterations. distmaml: ImplicitCG; TorchOpt:
+  grad L_val by 20 conjugate-gradient iterations. distmaml: Implicit(CG); TorchOpt:
   torchopt.diff.implicit.custom_root with linear_solve.solve_cg (ridge 1, 20 iterations) per
   initialisation. higher has no implicit differentiation. Betty: an ImplicitProblem per
   initialisation, its Neumann series H^-1 v ~ alpha sum_j (I - alpha H)^j v (20 terms) against
@@ -50,7 +50,7 @@ from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
 from benchmarks.peers_betty import PeerFailed
 from distmaml.build import build
 from distmaml.config import load_config
-from distmaml.meta import ImplicitCG, Inner, Neumann, meta_gradient, task_at
+from distmaml.meta import CG, Implicit, Inner, NeumannSeries, meta_gradient, task_at
 from distmaml.meta.problems.distillation import LANE_OUTER
 
 TOLERANCE = 1e-6
@@ -83,14 +83,15 @@ def setup(case: str, dtype: str, steps: int | None = None, checkpoint: str = "no
 # ridge-1 CG, and Betty's Neumann series and its "cg" (neither damped; NEUMANN_ALPHA times the Hessian's
 # largest eigenvalue stays below 2 on both data sets).
 NEUMANN_ALPHA = 0.01
-SOLVES = {"cg": ImplicitCG(damping=1.0, cg_steps=20, cg_tol=0.0),
-          "neumann": Neumann(damping=0.0, terms=20, alpha=NEUMANN_ALPHA),
-          "cg-undamped": ImplicitCG(damping=0.0, cg_steps=20, cg_tol=0.0)}
+# Plain SGD inner steps, as the peers take them (no safeguard).
+SOLVES = {"cg": Implicit(CG(cg_steps=20, cg_tol=0.0), damping=1.0, safeguard=False),
+          "neumann": Implicit(NeumannSeries(terms=20, alpha=NEUMANN_ALPHA), damping=0.0, safeguard=False),
+          "cg-undamped": Implicit(CG(cg_steps=20, cg_tol=0.0), damping=0.0, safeguard=False)}
 
 
 def distmaml_grad(config, learner, tasks, solve: str = "cg") -> torch.Tensor:
     inner = learner.inner
-    if isinstance(inner.method, ImplicitCG):
+    if isinstance(inner.method, Implicit):
         inner = Inner(inner.rule, inner.steps, SOLVES[solve])
     result = meta_gradient(learner.problem, learner.theta, tasks, inner)
     return torch.cat([g.reshape(-1) for g in result.grad_sum.values()])
@@ -240,9 +241,9 @@ def _betty(kind: str, **method):
 
 
 betty_unrolled = _betty("unrolled")
-betty_neumann = _betty("implicit", type="neumann", neumann_iterations=SOLVES["neumann"].terms,
+betty_neumann = _betty("implicit", type="neumann", neumann_iterations=SOLVES["neumann"].solve.terms,
                        neumann_alpha=NEUMANN_ALPHA)
-betty_cg = _betty("implicit", type="cg", cg_iterations=SOLVES["cg-undamped"].cg_steps, cg_alpha=1.0)
+betty_cg = _betty("implicit", type="cg", cg_iterations=SOLVES["cg-undamped"].solve.cg_steps, cg_alpha=1.0)
 
 PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr, "betty": betty_unrolled},
          "weight_decay": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
@@ -269,7 +270,7 @@ HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched", "torchopt": "pe
 def compare_and_time(case: str, windows: int, seconds: float, steps: int | None = None, tasks: int = TASKS,
                      more: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     config, learner, batch = setup(case, "float64", steps, tasks=tasks, more=more)
-    implicit = isinstance(learner.inner.method, ImplicitCG)
+    implicit = isinstance(learner.inner.method, Implicit)
     references = {}
     config32, learner32, batch32 = setup(case, "float32", steps, tasks=tasks, more=more)
     rows = []

@@ -290,7 +290,8 @@ def _gradcheck(args) -> int:
     from distmaml.preflight import refuse_unreached
     from distmaml.rng import STREAM_TRAIN
 
-    config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"])
+    # gradcheck runs every method: no method's settings are unused here.
+    config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"], every_method=True)
     if args.json is not None:
         from distmaml.files import check_file_path
 

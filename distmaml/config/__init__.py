@@ -7,12 +7,14 @@ Nothing here knows torch.
 
 from distmaml.config.loading import (config_file, describe, flatten, from_dict, from_flat, load_config,
                                      parse_override, source_of, sourced, to_dict)
-from distmaml.config.schema import (Config, DataConfig, DistConfig, EngineConfig, EvalConfig, FiniteDifferenceConfig,
-                                    ImplicitConfig, InnerConfig, LoggingConfig, ModelConfig, NeumannConfig,
-                                    ProblemConfig, RunConfig, TaskConfig, TrainConfig)
+from distmaml.config.schema import (Config, DataConfig, DistConfig, DistillConfig, EngineConfig, EvalConfig,
+                                    FiniteDifferenceConfig, HypercleanConfig, ImplicitConfig, InnerConfig,
+                                    LoggingConfig, MamlConfig, ModelConfig, NeumannConfig, ProblemConfig, RunConfig,
+                                    TaskConfig, TrainConfig, TrainingRunConfig, WeightDecayConfig)
 from distmaml.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "EngineConfig", "EvalConfig", "FiniteDifferenceConfig",
-           "ImplicitConfig", "InnerConfig", "LoggingConfig", "ModelConfig", "NeumannConfig", "ProblemConfig",
-           "RunConfig", "TaskConfig", "TrainConfig", "config_file", "describe", "flatten", "from_dict", "from_flat",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig", "EngineConfig", "EvalConfig",
+           "FiniteDifferenceConfig", "HypercleanConfig", "ImplicitConfig", "InnerConfig", "LoggingConfig", "MamlConfig",
+           "ModelConfig", "NeumannConfig", "ProblemConfig", "RunConfig", "TaskConfig", "TrainConfig",
+           "TrainingRunConfig", "WeightDecayConfig", "config_file", "describe", "flatten", "from_dict", "from_flat",
            "load_config", "parse_override", "source_of", "sourced", "to_dict"]

@@ -6,7 +6,7 @@ per-feature decay has something to find (large decays on the uninformative featu
 `train` / the rest for validation, plus `test` further examples for the final report. Everything is
 drawn counter-based from `data_seed`: the same data on every machine and process.
 
-Tasks are training runs from random initialisations (distmaml.tasks.runs); with problem.batch_size
+Tasks are training runs from random initialisations (distmaml.tasks.runs); with training_run.batch_size
 = 0 the inner problem is deterministic full-batch logistic regression, strongly convex with any
 positive decay, so its solution is unique and its Hessian small enough to form: exact implicit
 hypergradients can be checked against a dense solve (`distmaml gradcheck`).

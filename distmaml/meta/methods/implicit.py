@@ -251,14 +251,6 @@ class Implicit(WithoutUnrollGraph):
     def name(self) -> str:
         return self.solve.name
 
-    def __getattr__(self, attribute: str) -> Any:
-        """The solver's settings read off the method (method.cg_steps, method.alpha), as they were when
-        ImplicitCG and Neumann were classes of their own. Only public names: copy and pickle probe
-        private ones before `solve` exists."""
-        if attribute.startswith("_") or attribute == "solve":
-            raise AttributeError(attribute)
-        return getattr(self.solve, attribute)
-
     @property
     def stat_names(self) -> tuple[str, ...]:
         return (*self.solve.stat_names, "inner_grad_norm")
