@@ -101,7 +101,7 @@ def run_seed(problem_name: str, seed: int, out_dir: Path, overrides: list[str]) 
     summary = train(config)
     if summary["status"] != "complete":
         raise SystemExit(f"seed {seed}: training ended {summary['status']}: {summary.get('error', '')}")
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
 
     learner = load_trained(config.run.dir).learner
     settings = {**evaluation_settings(config), "lr_grid": ()}

@@ -1,7 +1,8 @@
 """Build once: what a config describes, for training, evaluation, plots, gradcheck and studies.
 
     learner = build(config, device)              # model, task family, problem, inner loop, phi
-    trained = load_trained("runs/sine_maml")     # the same, restored from a run directory or checkpoint
+
+Restoring a trained run from its checkpoint is distmaml.restore's (load_trained).
 
 The meta-parameters phi are one dict: the problem's (MAML: the model's weights; weight_decay: the
 log decays), then the inner rule's learned parameters (Meta-SGD's and LSLR's step sizes, named
@@ -11,16 +12,14 @@ check and the CUDA graph carry them all alike.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
-from distmaml.config import Config, from_dict, sourced
+from distmaml.config import Config, sourced
 from distmaml.errors import SettingError
-from distmaml.imports import check_user_files, resolve
+from distmaml.imports import resolve
 from distmaml.meta import (METHODS, Inner, Method, learned_names, make_method, make_rule, meta_parameters, method_settings,
                            rule_settings)
 
@@ -121,55 +120,3 @@ def build(config: Config, device: torch.device | str = "cpu", family: Any = None
                       cause="inner.rule")
     learned = {name: theta[name] for name in learned_names(theta)}
     return Learner(model, family, problem, inner, theta, learned)
-
-
-class Trained(NamedTuple):
-    config: Config
-    learner: Learner
-    checkpoint: Path
-
-
-def load_trained(path: str | Path, device: str = "cpu", changes: dict[str, tuple[Any, str]] | None = None) -> Trained:
-    """A checkpoint file, or a run directory's newest complete checkpoint, rebuilt as it was trained.
-
-    `changes` ({"data.root": (value, "--data-root")}) replace settings of the saved config before it
-    is validated and built (errors name the source given), e.g. where the data set has moved.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{path}: no checkpoint in this run directory")
-        path = found
-    state = load_checkpoint(path)
-    config = from_dict(state["config"], str(path), {k: v for k, v in (changes or {}).items() if v[0] is not None})
-    if config.run.user_code != "any":  # before the files are imported: no changed code runs
-        check_user_files(state.get("user_files", {}), str(path), config, override="give --user-code any")
-    learner = build(config, device)
-    restore(learner, state, path)
-    return Trained(config, learner, path)
-
-
-def checkpoint_state(learner: Learner) -> dict[str, Any]:
-    """What a checkpoint keeps of phi: the model's weights, the rule's and the problem's own parameters."""
-    return {"model": learner.model.state_dict(),
-            "buffers": sorted(name for name, _ in learner.model.named_buffers()),  # not checked for finiteness
-            "rule": {name: value.detach() for name, value in learner.learned.items()},
-            "problem": {name: value.detach() for name, value in learner.problem_parameters.items()}}
-
-
-def restore(learner: Learner, state: dict[str, Any], path: Path) -> None:
-    """Load a checkpoint's model weights, learned rule parameters and problem parameters into `learner`."""
-    load_weights(learner.model, state["model"], path)
-    for part, ours, what in (("rule", learner.learned, "learned inner-rule parameters"),
-                             ("problem", learner.problem_parameters, "problem parameters")):
-        saved = state.get(part, {})
-        if set(saved) != set(ours):
-            raise CheckpointError(f"{path}: its {what} ({', '.join(sorted(saved)) or 'none'}) do not fit the ones "
-                                  f"its config describes ({', '.join(sorted(ours)) or 'none'})")
-        with torch.no_grad():
-            for name, value in ours.items():
-                if saved[name].shape != value.shape:
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the config needs "
-                                          f"{tuple(value.shape)}")
-                value.copy_(saved[name])

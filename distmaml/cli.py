@@ -159,7 +159,7 @@ _PLOT_FLAGS = {**_EVAL_FLAGS, "query": "eval.query"}  # plot has no --query: its
 
 def _eval(args) -> int:
     from distmaml import memory
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
     from distmaml.evaluate import (divergence_warning, evaluate, evaluated, evaluation_settings, format_table,
                                    refuse_shots)
     from distmaml.files import check_file_path
@@ -209,7 +209,7 @@ def _plot(args) -> int:
     import torch
 
     from distmaml import memory
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
     from distmaml.evaluate import refuse_shots
     from distmaml.meta.problems.distillation import INPUTS
     from distmaml.models import LearnedActivation

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 import torch
 
 from distmaml import checkpoint, dist
-from distmaml.build import Learner, restore
+from distmaml.build import Learner
+from distmaml.restore import restore
 from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
 from distmaml.engine import fit_optimizer_to, learning_rate
 from distmaml.imports import SPEC_KEYS, absolute_specs, check_user_files, file_of

@@ -28,8 +28,9 @@ import yaml
 from torch.utils._pytree import tree_flatten
 
 from distmaml import checkpoint, dist, preflight
-from distmaml.build import DTYPES, Learner, build, checkpoint_state
-from distmaml.checkpoint import PreemptionWatch
+from distmaml.build import DTYPES, Learner, build
+from distmaml.restore import checkpoint_state
+from distmaml.signals import PreemptionWatch
 from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
 from distmaml.errors import SettingError, TrainingError
 from distmaml.engine import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate

@@ -52,7 +52,7 @@ def train_fomaml(num_iterations: int = 70000, num_tasks_per_batch: int = 25, inn
 
 def _train_sine(mode: str, iterations: int, tasks: int, inner_lr: float, outer_lr: float, inner_steps: int,
                 run_dir: str, overrides: tuple[str, ...]) -> nn.Module:
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
     from distmaml.config import load_config
     from distmaml.errors import TrainingError
     from distmaml.train import train

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distmaml import cli
-from distmaml.build import build, load_trained
+from distmaml.build import build
+from distmaml.restore import load_trained
 from distmaml.config import load_config
 from distmaml.meta import Dataset, Inner, Reweighting, make_rule, meta_gradient, meta_parameters
 from distmaml.meta.problems.distillation import BASELINE_RATES

@@ -444,7 +444,7 @@ def test_a_stopped_rank_is_reported_then_fails_the_run_after_dist_timeout(tmp_pa
 EXIT_SCRIPT = """
 import sys, torch
 from distmaml import dist
-from distmaml.checkpoint import PreemptionWatch
+from distmaml.signals import PreemptionWatch
 with PreemptionWatch():  # the trainer's signal thread and watchdog, started and joined as it does
     ctx = dist.init("cpu", timeout_s=60)
     with dist.Watchdog(ctx, 60) as watchdog:

@@ -45,7 +45,7 @@ def test_old_keys_on_the_command_line_and_in_a_file_are_read_as_the_new_ones(tmp
     caplog.set_level(logging.WARNING, "distmaml.config")
     from_command_line = load_config(LOGISTIC, [f"{key}={value}" for key, value in OLD.items()])
     assert {key: flatten(from_command_line)[key] for key in NEW} == NEW
-    assert f"command line: problem.decay_per is weight_decay.per now; read as weight_decay.per" in config_warnings(caplog)
+    assert "command line: problem.decay_per is weight_decay.per now; read as weight_decay.per" in config_warnings(caplog)
     path = tmp_path / "old.yaml"
     path.write_text(LOGISTIC.read_text().replace("weight_decay:\n  per: input\n  init: 0.01\n", "").replace(
         "problem:\n  name: weight_decay\n", "problem:\n  name: weight_decay\n" + "".join(

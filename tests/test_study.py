@@ -38,7 +38,7 @@ def test_inner_steps_study_reports_the_numbers_each_run_wrote(tmp_path):
 
 
 def test_seeds_study_reports_each_seed_s_own_run_evaluated_on_the_same_tasks(tmp_path):
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
     from distmaml.evaluate import evaluate, evaluation_settings
     from distmaml.study import run_seeds_study
 

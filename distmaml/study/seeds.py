@@ -107,7 +107,7 @@ def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int] | None
                  tasks: int) -> dict[str, Any]:
     """One finished run: its evaluation at each number of shots (or its one evaluation, for tasks
     without shots) and what it logged while training."""
-    from distmaml.build import load_trained
+    from distmaml.restore import load_trained
     from distmaml.evaluate import evaluate, evaluation_settings
 
     torch.set_num_threads(1)
