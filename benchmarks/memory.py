@@ -71,10 +71,8 @@ def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:
 def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     """In this (fresh) process: one meta-iteration's peak, its seconds, and the trainer's estimate."""
     from distmaml import memory
-    from distmaml.build import build_inner
-    from distmaml.engine import compute_meta_gradient
     from distmaml.rng import STREAM_TRAIN
-    from distmaml.preflight import probe_step_weights
+    from distmaml.preflight import probe
 
     config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
     torch.set_num_threads(1)
@@ -97,10 +95,8 @@ def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
         peak = _status_bytes("VmHWM") - before
     seconds = time.perf_counter() - started
     shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch, device="meta"))
-    found = memory.estimate(learner.problem, learner.theta, shapes, config,
-                            lambda problem, theta, batch, probed: compute_meta_gradient(
-                                problem, theta, batch, build_inner(probed),
-                                step_weights=probe_step_weights(probed)))
+    found = memory.estimate(learner.problem, learner.theta, shapes, learner.inner, probe,
+                            config.inner.multi_step_loss)
     measured = peak + 4 * weights
     return {**{k: v for k, v in case.items() if k != "base"}, "device": device, "measured_mib": measured / 2 ** 20,
             "estimate_mib": found.peak_bytes / 2 ** 20, "estimate_over_measured": found.peak_bytes / measured,

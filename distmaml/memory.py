@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from distmaml.errors import ConfigError
 from distmaml.machine_memory import GIB, available_bytes, describe_size  # noqa: F401 (describe_size: memory.describe_size)
-from distmaml.meta import Tasks, num_tasks, plan_segments
+from distmaml.meta import FirstOrder, Inner, Tasks, num_tasks, plan_segments
 
 RECOMPUTE_NODE = "_RecomputeBackward"  # the autograd node of distmaml.meta.checkpointing's recomputation
 
@@ -82,33 +82,32 @@ class Estimate(NamedTuple):
     boundary_bytes: int  # what a checkpointed segment boundary keeps (w)
 
 
-def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) -> Estimate:
-    """Peak memory of one meta-iteration of `config` on this process's tasks (their shapes only:
-    they may be on the `meta` device).
+def estimate(problem, params, tasks: Tasks, inner: Inner, meta_gradient_fn: Callable,
+             multi_step_loss: bool = False) -> Estimate:
+    """Peak memory of one meta-iteration of the inner loop `inner` (its rule, K, hypergradient method
+    and checkpointing) on this process's tasks (their shapes only: they may be on the `meta` device).
 
-    `meta_gradient_fn(problem, params, tasks, config)` is the engine's computation; it runs on
-    `meta` copies of everything, at small K, and is extrapolated as the module docstring says.
+    `meta_gradient_fn(problem, params, tasks, inner, step_weights)` is the engine's computation; it
+    runs on `meta` copies of everything, at small K, and is extrapolated as the module docstring says.
+    The probes ask the method itself how it runs with k inner steps (`method.at_steps(k)`), so
+    whatever method the run holds, a user's own included, is what is measured; one without that hook
+    is probed as it is. With `multi_step_loss` every step's query graph stays alive (MAML++).
     """
-    from distmaml.build import build_method
-
     meta_problem = problem.to("meta")
     meta_params = {name: torch.empty_like(value, device="meta").requires_grad_() for name, value in params.items()}
     meta_tasks = tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), tasks)
+    method = inner.method
+    at_steps = getattr(method, "at_steps", lambda steps: method)
 
-    def probe(steps: int, mode: str | None = None, checkpoint: str = "none", segment: int | None = None) -> LiveBytes:
-        inner = dataclasses.replace(config.inner, steps=steps, mode=mode or config.inner.mode,
-                                    truncate=min(config.inner.truncate, steps), checkpoint=checkpoint,
-                                    checkpoint_segment=segment)
-        # Meta tensors hold no values for the host to read: take the path a CUDA graph takes, which
-        # never syncs (implicit mode then runs all its CG steps: an upper bound).
-        engine = dataclasses.replace(config.engine, cuda_graph=True)
+    def probe(steps: int, checkpoint: str = "none", segment: int | None = None) -> LiveBytes:
+        probed = dataclasses.replace(inner, steps=steps, method=at_steps(steps), checkpoint=checkpoint,
+                                     checkpoint_segment=segment, progress=None)
+        weights = torch.full((steps,), 1 / steps, device="meta") if multi_step_loss and steps else None
         with LiveBytes() as counter:
-            meta_gradient_fn(meta_problem, meta_params, meta_tasks,
-                             dataclasses.replace(config, inner=inner, engine=engine))
+            meta_gradient_fn(meta_problem, meta_params, meta_tasks, probed, weights)
         return counter
 
-    inner = config.inner
-    differentiated = build_method(config).differentiated(inner.steps)
+    differentiated = method.differentiated(inner.steps)
     plan = plan_segments(inner.steps, differentiated, inner.checkpoint, inner.checkpoint_segment)
     lengths = [end - start for start, end, checkpointed in plan if checkpointed]
     step = boundary = 0
@@ -117,7 +116,7 @@ def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) 
                      segment=inner.checkpoint_segment).peak
     elif not lengths:
         # From K = 2 on every step is alike (the first differs: it starts from the unbatched theta).
-        two, three = probe(2, "second_order").peak, probe(3, "second_order").peak
+        two, three = probe(2).peak, probe(3).peak
         step = max(three - two, 0)
         peak = two + (differentiated - 2) * step
     else:
@@ -127,8 +126,8 @@ def estimate(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable) 
         # truncated mode's first-order head came first). Probes of one-step segments at K = 2 and
         # 3 give the weight copy a boundary stores (w); two-step segments at K = 4 give what a
         # rebuilt step holds (b).
-        every_two, every_three = probe(2, "second_order", "every_step"), probe(3, "second_order", "every_step")
-        pairs = probe(4, "second_order", "segments", 2)
+        every_two, every_three = probe(2, "every_step"), probe(3, "every_step")
+        pairs = probe(4, "segments", 2)
         boundary = max(every_three.peak - every_two.peak, 0)
         step = max(pairs.recompute - every_two.recompute, 0)
         head = int(plan[0][2] is False)
@@ -149,25 +148,25 @@ def budget_bytes(config, device: torch.device) -> tuple[int, str]:
     return available_bytes(device)
 
 
-def check_fits(problem, params, tasks: Tasks, config, meta_gradient_fn: Callable, world_size: int,
+def check_fits(problem, params, tasks: Tasks, config, inner: Inner, meta_gradient_fn: Callable, world_size: int,
                device: torch.device) -> Estimate:
-    """Estimate one meta-iteration and refuse, in one line, a run whose peak exceeds the memory
-    available (or engine.memory_budget), naming what would fit: activation checkpointing, first
-    order, the largest meta-batch (the tasks' share of the peak scales with their number)."""
-    found = estimate(problem, params, tasks, config, meta_gradient_fn)
+    """Estimate one meta-iteration of `inner` (the run's built inner loop) and refuse, in one line, a
+    run whose peak exceeds the memory available (or engine.memory_budget), naming what would fit:
+    activation checkpointing, first order, the largest meta-batch (the tasks' share of the peak
+    scales with their number)."""
+    multi_step = config.inner.multi_step_loss
+    found = estimate(problem, params, tasks, inner, meta_gradient_fn, multi_step)
     budget, where = budget_bytes(config, device)
     if found.peak_bytes <= budget:
         return found
-    from distmaml.build import build_method
-
-    inner, tasks_here = config.inner, num_tasks(tasks)
-    differentiated = build_method(config).differentiated(inner.steps)
+    tasks_here = num_tasks(tasks)
+    differentiated = inner.method.differentiated(inner.steps)
     alternatives = {}
     if differentiated > 1 and inner.checkpoint == "none":
         alternatives["inner.checkpoint=auto"] = dataclasses.replace(inner, checkpoint="auto")
     if differentiated > 0:
-        alternatives["inner.mode=first_order"] = dataclasses.replace(inner, mode="first_order", checkpoint="none")
-    sizes = {name: estimate(problem, params, tasks, dataclasses.replace(config, inner=changed), meta_gradient_fn)
+        alternatives["inner.mode=first_order"] = dataclasses.replace(inner, method=FirstOrder(), checkpoint="none")
+    sizes = {name: estimate(problem, params, tasks, changed, meta_gradient_fn, multi_step)
              for name, changed in alternatives.items()}
     fits = [f"{name} ({describe_size(size.peak_bytes)})" for name, size in sizes.items() if size.peak_bytes <= budget]
     per_task = max(found.peak_bytes - found.fixed_bytes, 1) / max(tasks_here, 1)

@@ -18,12 +18,13 @@ import logging
 import torch
 
 from distmaml import dist, memory
-from distmaml.build import DTYPES, Learner, build, build_inner
+from distmaml.build import DTYPES, Learner, build
 from distmaml.config import Config, ConfigError, source_of
 from distmaml.errors import SettingError
 from distmaml.engine import compute_meta_gradient
 from distmaml.evaluate import evaluation_settings, refuse_shots
 from distmaml.meta import FirstOrder, SecondOrder, check_method, check_problem, task_at
+from distmaml.meta.problem import reads_values
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 from distmaml.rng import STREAM_TRAIN
 from distmaml.tasks import check_family
@@ -81,22 +82,26 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
         # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
-        def probe(problem, theta, batch, probed: Config):
-            return compute_meta_gradient(problem, theta, batch, build_inner(probed),
-                                         step_weights=probe_step_weights(probed))
-
-        found = memory.check_fits(learner.problem, learner.theta, shapes, config, probe, ctx.world_size, ctx.device)
-        log.info("estimated peak memory of one meta-iteration: %s on this process",
-                 memory.describe_size(found.peak_bytes))
+        try:
+            found = memory.check_fits(learner.problem, learner.theta, shapes, config, learner.inner, probe,
+                                      ctx.world_size, ctx.device)
+        except RuntimeError as err:  # the problem ran on shape-only tensors (check_shapes): the method cannot
+            if not reads_values(err):
+                raise
+            log.warning("memory estimate skipped: inner.mode = %r reads tensor values, which the estimate's "
+                        "shape-only tensors do not have; the run starts unestimated (engine.memory_check=false "
+                        "says so without trying)", config.inner.mode)
+        else:
+            log.info("estimated peak memory of one meta-iteration: %s on this process",
+                     memory.describe_size(found.peak_bytes))
     if config.eval.at_end and ctx.is_main:  # only the main process evaluates
         memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
                                      evaluation_settings(config), config, ctx.device, EVAL_KEYS)
 
 
-def probe_step_weights(config: Config) -> torch.Tensor | None:
-    """The multi-step loss's weights for a memory probe: K of them keep K query graphs alive."""
-    steps = config.inner.steps
-    return torch.full((steps,), 1 / steps, device="meta") if config.inner.multi_step_loss and steps else None
+def probe(problem, theta, batch, inner, step_weights):
+    """The engine's meta-gradient as the memory estimate probes it (distmaml.memory.estimate)."""
+    return compute_meta_gradient(problem, theta, batch, inner, step_weights=step_weights)
 
 
 def check_first_batch(config: Config, learner: Learner) -> None:

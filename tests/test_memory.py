@@ -24,9 +24,9 @@ def sine(*overrides):
     return config, learner.problem, learner.theta, batch
 
 
-def engine(problem, theta, batch, config):
-    """The engine's meta-gradient for a config, as the trainer hands it to the estimate."""
-    return compute_meta_gradient(problem, theta, batch, build_inner(config))
+def engine(problem, theta, batch, inner, step_weights=None):
+    """The engine's meta-gradient, as the trainer hands it to the estimate."""
+    return compute_meta_gradient(problem, theta, batch, inner, step_weights=step_weights)
 
 
 def exact_peak(config, problem, params, batch, device="meta"):
@@ -37,7 +37,7 @@ def exact_peak(config, problem, params, batch, device="meta"):
     data = type(batch)(*(t.to(device) if device != "meta" else torch.empty(t.shape, dtype=t.dtype, device="meta")
                          for t in batch))
     with memory.LiveBytes() as counter:
-        engine(on, weights, data, config)
+        engine(on, weights, data, build_inner(config))
     return counter.peak
 
 
@@ -56,7 +56,7 @@ def test_counted_bytes_on_meta_tensors_are_those_of_the_real_run():
 ])
 def test_the_estimate_is_within_ten_percent_of_the_whole_unroll(overrides):
     config, maml, params, batch = sine(*overrides)
-    found = memory.estimate(maml, params, batch, config, engine)
+    found = memory.estimate(maml, params, batch, build_inner(config), engine)
     exact = exact_peak(config, maml, params, batch) + found.fixed_bytes + sum(
         t.numel() * t.element_size() for t in batch)
     assert abs(found.peak_bytes / exact - 1) < ESTIMATE_BOUND, (found, exact)
@@ -83,7 +83,7 @@ def test_a_budget_names_what_would_fit():
 
     def estimate(**inner):
         changed = dataclasses.replace(config, inner=dataclasses.replace(config.inner, **inner))
-        return memory.estimate(maml, params, batch, changed, engine)
+        return memory.estimate(maml, params, batch, build_inner(changed), engine)
 
     found = estimate()
     full, recomputed = found.peak_bytes, estimate(checkpoint="auto").peak_bytes
@@ -91,7 +91,7 @@ def test_a_budget_names_what_would_fit():
     budget = (full + recomputed) / 2 / 2 ** 30
     tight = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=budget))
     with pytest.raises(ConfigError) as refused:
-        memory.check_fits(maml, params, batch, tight, engine, 1,
+        memory.check_fits(maml, params, batch, tight, build_inner(tight), engine, 1,
                           torch.device("cpu"))
     message = str(refused.value)
     assert f"engine.memory_budget = {budget:g} GiB" in message
@@ -100,5 +100,45 @@ def test_a_budget_names_what_would_fit():
     most = int((budget * 2 ** 30 - found.fixed_bytes) // ((full - found.fixed_bytes) / 6))
     assert 1 <= most < 6 and f"train.meta_batch={most}, or more processes" in message
     roomy = dataclasses.replace(config, engine=dataclasses.replace(config.engine, memory_budget=2 * full / 2 ** 30))
-    assert memory.check_fits(maml, params, batch, roomy, engine, 1,
+    assert memory.check_fits(maml, params, batch, roomy, build_inner(roomy), engine, 1,
                              torch.device("cpu")).peak_bytes == full
+
+
+USER_METHODS = """
+import dataclasses
+import torch
+from distmaml.meta import SecondOrder
+
+@dataclasses.dataclass(frozen=True)
+class Hoarding(SecondOrder):  # keeps a large buffer alive through its hypergradient
+    name = "hoarding"
+
+    def hypergradient(self, problem, phi, tasks, inner, step_weights=None):
+        hoard = torch.zeros(2 ** 28, dtype=torch.uint8, device=next(iter(phi.values())).device)
+        result = super().hypergradient(problem, phi, tasks, inner, step_weights)
+        return result._replace(task_losses=result.task_losses + 0 * hoard[:1].float())
+
+@dataclasses.dataclass(frozen=True)
+class Reading(SecondOrder):  # reads a value: possible on real tensors, not on the estimate's
+    name = "reading"
+
+    def hypergradient(self, problem, phi, tasks, inner, step_weights=None):
+        result = super().hypergradient(problem, phi, tasks, inner, step_weights)
+        float(result.task_losses.sum())
+        return result
+"""
+
+
+def test_the_estimate_measures_the_run_s_own_method_and_skips_one_it_cannot_run(tmp_path, monkeypatch, capsys):
+    from distmaml import cli
+
+    (tmp_path / "mine.py").write_text(USER_METHODS)
+    monkeypatch.chdir(tmp_path)
+    common = [str(REPO / "configs/sine_debug.yaml"), "train.iterations=1", "eval.at_end=false",
+              "logging.progress=false", "engine.memory_budget=0.2", "inner.steps=5"]
+    # A quarter of a GiB held by the method itself: over a 0.2 GiB budget only if the method is what the
+    # estimate probes, also where it extrapolates from probes at fewer steps (K = 5).
+    assert cli.main(["train", *common, f"run.dir={tmp_path / 'a'}", "inner.mode=mine.py:Hoarding"]) == 2
+    assert "one meta-iteration needs about" in capsys.readouterr().err
+    assert cli.main(["train", *common, f"run.dir={tmp_path / 'b'}", "inner.mode=mine.py:Reading"]) == 0
+    assert "memory estimate skipped: inner.mode = " in capsys.readouterr().err
