@@ -29,12 +29,9 @@ from torch.utils._pytree import tree_flatten
 
 from distmaml import checkpoint, dist, preflight
 from distmaml.build import DTYPES, Learner, build
-from distmaml.restore import checkpoint_state
-from distmaml.signals import PreemptionWatch
 from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
-from distmaml.errors import SettingError, TrainingError
 from distmaml.engine import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
-from distmaml.resume import Resumed, check_resumed_code, restore_run
+from distmaml.errors import SettingError, TrainingError
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
@@ -42,18 +39,18 @@ from distmaml.imports import user_files
 from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
+from distmaml.restore import checkpoint_state
+from distmaml.resume import Resumed, check_resumed_code, restore_run
 from distmaml.rng import STREAM_TRAIN
-from distmaml.meta.reachability import unreached
 from distmaml.run_dir import Before, RunLock, check_claimable, claim
+from distmaml.signals import PreemptionWatch
 from distmaml.tasks import build_task_family
+from distmaml.watch import RunWatch
 
 log = logging.getLogger("distmaml.train")
 
 # From this many inner steps on, the progress bar also shows the inner steps of each outer step.
 INNER_BAR_STEPS = 100
-# Within the first logging window, the meta-gradient's norm is bounded by the median of the norms so
-# far once there are this many: one iteration's norm alone is no reference.
-FIRST_NORMS = 3
 
 # Why training may stop early, in order of precedence: the signals of a preemption, Ctrl-C or a
 # closed terminal, then the time limit.
@@ -154,27 +151,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     run_dir, train_cfg = Path(config.run.dir), config.train
     ckpt_dir = run_dir / "checkpoints"
     params = learner.theta
-    start, reference, partial_window, grad_bound, partial_norms = resumed
-
-    def bound_loss(reference: dict | None) -> None:
-        # On the device, where the step compares every iteration's meta-loss with it (no host sync).
-        value = abs(reference["meta_loss"]) if reference else 0.0
-        if train_cfg.max_meta_loss_factor and math.isfinite(value) and value > 0:
-            step.loss_bound.fill_(train_cfg.max_meta_loss_factor * value)
-
-    bound_loss(reference)
-    # The meta-gradient's norms of the current logging window; their median bounds the next window's.
-    window_norms = [] if partial_norms is None else list(partial_norms.to(ctx.device).unbind())
-    step.grad_bound.fill_(grad_bound)
-    first_norm_window = not math.isfinite(grad_bound)  # no window's median yet: the norms so far serve
-
-    def bound_grad_norm(norms: list[torch.Tensor]) -> None:
-        # On the device, without a host sync: kept where the median is not a usable reference.
-        if not (train_cfg.max_grad_norm_factor and norms):
-            return
-        median = torch.stack(norms).median().to(step.grad_bound.dtype)
-        usable = torch.isfinite(median) & (median > 0)
-        step.grad_bound.copy_(torch.where(usable, train_cfg.max_grad_norm_factor * median, step.grad_bound))
+    start = resumed.iteration
+    watch = RunWatch(config, step, resumed, ctx.device)
 
     def save(iteration: int) -> None:
         if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
@@ -183,12 +161,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
                      "config": to_dict(config), "user_files": user_files(config), "rng": checkpoint.rng_state(),
-                     "meta_loss_reference": reference}
-            if reference is None and first_window:
-                state["first_window_losses"] = torch.stack(first_window).cpu()
-            state["grad_norm_bound"] = float(step.grad_bound)
-            if window_norms:
-                state["window_grad_norms"] = torch.stack(window_norms).cpu()
+                     **watch.checkpoint_fields()}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -196,15 +169,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     # (a CPU, or a distributed run that syncs for its stop votes anyway), else at log and
     # checkpoint steps and at the end, and always before a checkpoint is written.
     look_every_iteration = ctx.device.type == "cpu" or ctx.distributed
-    window_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    window_start, window_time = start, time.perf_counter()
-    train_start = window_time
-    iteration, status, reason, diverged_at, warned_sharp = start, "complete", None, -1, False
-    warned_unreached: set[str] = set()
-    # The first window's meta-losses, for its median: a blow-up inside the window would dominate a mean.
-    # A resumed run goes on with the window its checkpoint had begun.
-    first_window: list[torch.Tensor] = [] if partial_window is None else list(partial_window.to(ctx.device).unbind())
-    first_window_start = start - len(first_window)
+    train_start = time.perf_counter()
+    iteration, status, reason, diverged_at = start, "complete", None, -1
     with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
@@ -213,12 +179,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
             out = step(iteration, requests)
             if not trained:
                 trained.append(iteration)
-            window_loss += out.meta_loss
-            window_norms.append(out.grad_norm.detach().clone())
-            if first_norm_window and len(window_norms) >= FIRST_NORMS:  # until the first window's median
-                bound_grad_norm(window_norms)
-            if reference is None:
-                first_window.append(out.meta_loss.detach().clone())  # a CUDA graph reuses its output tensor
+            watch.record(out)
             iteration += 1
             watchdog.beat(iteration)
             logger.advance(iteration)
@@ -235,30 +196,10 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                     status = "diverged"
                     break
             if log_now:
-                metrics = _metrics(learner, out, config, ctx, window_loss, iteration - window_start,
-                                   time.perf_counter() - window_time)
+                metrics = _metrics(learner, out, config, ctx, *watch.window(iteration))
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
-                if reference is None:
-                    median = torch.stack(first_window).median().item()
-                    reference = {"meta_loss": median, "first": first_window_start + 1, "last": iteration}
-                    bound_loss(reference)
-                    first_window.clear()
                 logger.log(metrics)
-                bound_grad_norm(window_norms)
-                window_norms.clear()
-                first_norm_window = False
-                never = [name for name in unreached(params, step.reached, train_cfg.allow_unreached)
-                         if name not in warned_unreached]
-                if never:
-                    log.warning("%s", preflight.unreached_warning(config, never, window_start + 1, iteration))
-                    warned_unreached.update(never)
-                step.reached.zero_()
-                sharp = None if warned_sharp else _sharpness_warning(config, learner, metrics)
-                if sharp:
-                    log.warning("%s", sharp)
-                    warned_sharp = True
-                window_loss.zero_()
-                window_start, window_time = iteration, time.perf_counter()
+                watch.close_window(iteration, params, lambda: _sharpness_warning(config, learner, metrics))
             if train_cfg.check_every and iteration % train_cfg.check_every == 0:
                 dist.check_replicas(list(params.values()), ctx, iteration)
             if save_now or reason is not None:
@@ -277,7 +218,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx)}
     if status == "diverged":  # the CLI prints summary["error"]
-        summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), reference,
+        summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), watch.reference,
                                    step.diverged_norm.item(), out.result.stats))
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
@@ -397,7 +338,7 @@ def _metric_names(config: Config, learner: Learner) -> list[str]:
     return names + (["sharpness"] if config.logging.sharpness else [])
 
 
-def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, window_loss: torch.Tensor,
+def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, mean_loss: float,
              window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
     problem, (batch, result), theta = learner.problem, out[:2], learner.theta
@@ -419,7 +360,7 @@ def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Contex
             found["sharpness"] = top_eigenvalue(problem, theta, batch)
         sums.update({name: found[name].sum().to(torch.float64) for name in names})
     reduced = dist.all_reduce_sum([value.reshape(()) for value in sums.values()], ctx)
-    metrics = {"meta_loss": (window_loss / max(window_iterations, 1)).item()}  # already over all ranks
+    metrics = {"meta_loss": mean_loss}  # already over all ranks
     metrics.update({name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)})
     metrics["grad_norm"] = out.grad_norm.item()
     metrics["tasks_per_s"] = config.train.meta_batch * window_iterations / max(seconds, 1e-9)
