@@ -211,9 +211,7 @@ def _plot(args) -> int:
     from distmaml import memory
     from distmaml.restore import load_trained
     from distmaml.evaluate import refuse_shots
-    from distmaml.meta.problems.distillation import INPUTS
-    from distmaml.models import LearnedActivation
-    from distmaml.plots import MAX_TASKS, STEPS, check_output, plot_sine_adaptation
+    from distmaml.plots import DRAWINGS, MAX_TASKS, STEPS, check_output, plot_sine_adaptation
 
     image_format = check_output(args.out, "OUT")
     if not 1 <= args.tasks <= MAX_TASKS:
@@ -222,16 +220,15 @@ def _plot(args) -> int:
                                                      "eval.shots": (args.shots, "--shots")})
     config, learner = trained.config, trained.learner
     refuse_shots(learner.family, {"shots": args.shots}, {"shots": "--shots"}, config.task.family)
-    if INPUTS in learner.theta:
-        from distmaml.plots import plot_distilled
-
-        plot_distilled(learner.theta, args.out, image_format=image_format)
-        print(f"wrote {args.out} ({image_format.upper()})")
-        return 0
-    if isinstance(getattr(learner.model, "activation", None), LearnedActivation):
-        from distmaml.plots import plot_learned_activation
-
-        plot_learned_activation(learner.model, learner.theta, args.out, image_format=image_format)
+    # The problem says what of phi it can draw (learned examples, a learned function), if anything.
+    drawing = getattr(learner.problem, "drawing", None)
+    found = drawing(learner.theta) if callable(drawing) else None
+    if found is not None:
+        kind, data = found
+        if kind not in DRAWINGS:
+            raise ConfigError(f"{trained.checkpoint}: {type(learner.problem).__name__}.drawing() asks for a "
+                              f"{kind!r} figure; distmaml plot draws {', '.join(DRAWINGS)}")
+        DRAWINGS[kind](data, args.out, image_format=image_format)
         print(f"wrote {args.out} ({image_format.upper()})")
         return 0
     if learner.family.is_classification or not all(hasattr(learner.family, name) for name in ("x_range", "curve")):

@@ -77,21 +77,15 @@ def plot_sine_adaptation(problem, theta, family, inner: Inner, out: str | Path, 
     plt.close(figure)
 
 
-def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, high: float = 4.0,
-                            image_format: str = "png") -> None:
-    """A learned activation function (distmaml.models.LearnedActivation, its weights from theta)
-    beside ELU, ReLU and Swish, and the learned offset g(x) = f(x) - elu(x)."""
+def plot_function(data: dict, out: str | Path, image_format: str = "png") -> None:
+    """A learned activation function (its values `learned` at `x`) beside ELU, ReLU and Swish, and
+    the learned offset g(x) = f(x) - elu(x)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torch.func import functional_call
 
-    prefix = "activation."
-    weights = {name[len(prefix):]: value.detach() for name, value in theta.items() if name.startswith(prefix)}
-    x = torch.linspace(low, high, 400, dtype=next(iter(weights.values())).dtype)
-    with torch.no_grad():
-        learned = functional_call(model.activation, weights, (x,))
+    x, learned = data["x"].cpu(), data["learned"].cpu()
     reference = {"ELU": torch.nn.functional.elu(x), "ReLU": torch.relu(x), "Swish": torch.nn.functional.silu(x)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(x, learned, color="black", lw=2.2, label="learned")
@@ -109,9 +103,10 @@ def plot_learned_activation(model, theta, out: str | Path, low: float = -4.0, hi
     plt.close(figure)
 
 
-def plot_distilled(theta, out: str | Path, image_format: str = "png") -> None:
-    """Distilled examples (distmaml.meta.Distillation): images where an example is square (8 x 8
-    digits, or [channels, h, w]), else sequences (MNIST-1D), each titled with its soft label."""
+def plot_examples(data: dict, out: str | Path, image_format: str = "png") -> None:
+    """Learned examples (`inputs`, with `labels` as class probabilities: distilled data): images where
+    an example is square (8 x 8 digits, or [channels, h, w]), else sequences (MNIST-1D), each titled
+    with its soft label."""
     import math
 
     import matplotlib
@@ -119,10 +114,7 @@ def plot_distilled(theta, out: str | Path, image_format: str = "png") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distmaml.meta.problems.distillation import INPUTS, LABELS
-
-    x = theta[INPUTS].detach().cpu()
-    labels = torch.softmax(theta[LABELS].detach().cpu(), -1)
+    x, labels = data["inputs"].cpu(), data["labels"].cpu()
     count, size = x.shape[0], math.prod(x.shape[1:])
     side = math.isqrt(size) if x.dim() == 2 else None
     columns = min(count, 10)
@@ -147,3 +139,7 @@ def plot_distilled(theta, out: str | Path, image_format: str = "png") -> None:
     figure.tight_layout()
     write_figure(out, figure, dpi=120, format=image_format)
     plt.close(figure)
+
+
+# What a problem's drawing(phi) can ask for (distmaml.meta.Problem): its kind, and the figure that shows it.
+DRAWINGS = {"function": plot_function, "examples": plot_examples}

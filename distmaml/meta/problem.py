@@ -15,6 +15,8 @@ style of distmaml.tasks.TaskFamily and distmaml.meta.rules.Rule:
     problem.inner_template()                 # {name: tensor}: the shapes of w (values unused)
     problem.to(device)                       # the same problem on another device ("meta": shapes only)
     problem.describe(phi)                    # optional: phi's learned values as a report states them
+    problem.drawing(phi)                     # optional: what `distmaml plot` draws of phi, as (kind, data):
+                                             # ("examples", {"inputs", "labels"}) or ("function", {"x", "learned"})
 
 A task is any pytree of tensors (its batch has a leading task dimension); the model behind the
 losses may take several inputs. The inner optimizer is a Rule; its learned parameters (step sizes)

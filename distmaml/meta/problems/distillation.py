@@ -110,6 +110,10 @@ class Distillation(TrainingRun):
         return {"examples_per_class": self.per_class, "soft_label_confidence": F.softmax(
             phi[LABELS].detach(), -1).max(-1).values.mean().item()}
 
+    def drawing(self, phi: Params) -> tuple[str, dict]:
+        """What `distmaml plot` draws of phi: the synthetic examples with their soft labels."""
+        return "examples", {"inputs": phi[INPUTS].detach(), "labels": F.softmax(phi[LABELS].detach(), -1)}
+
     def baselines(self, phi: Params) -> dict[str, tuple[Any, Params]]:
         """(problem, phi) pairs: the real-data ones are trained at their own tuned rate
         (`tuned_baselines`), the fixed initialisation like the learned run."""

@@ -110,6 +110,19 @@ class TrainingRun:
     def describe(self, phi: Params) -> dict:
         return {name: phi[name].detach().tolist() for name in self.shared}
 
+    def drawing(self, phi: Params, low: float = -4.0, high: float = 4.0) -> tuple[str, dict] | None:
+        """What `distmaml plot` draws of phi: the learned elementwise function the model's parameters
+        under `phi_prefixes` make (a learned activation), on [low, high]; None without one."""
+        if len(self.phi_prefixes) != 1:
+            return None
+        prefix = self.phi_prefixes[0]
+        module = self.model.get_submodule(prefix.rstrip("."))
+        weights = {name[len(prefix):]: phi[name].detach() for name in self.shared}
+        x = torch.linspace(low, high, 400, dtype=next(iter(weights.values())).dtype)
+        with torch.no_grad():
+            learned = torch.func.functional_call(module, weights, (x,))
+        return "function", {"x": x, "learned": learned}
+
     def start(self, phi: Params, task: Any) -> Params:
         return fresh_weights(self.template, task["seed"], self.bounds)
 
