@@ -24,6 +24,7 @@ from benchmarks.common import REPO, RESULTS, machine, write
 CASES = {
     "sine, K = 5, second order": ("configs/sine_maml.yaml", ["inner.mode=second_order", "inner.steps=5"], False),
     "Omniglot-shaped Conv-4 5-way 1-shot, K = 1": ("configs/omniglot_5w1s.yaml", ["inner.steps=1"], True),
+    "MNIST-1D learned schedule, T = 100": ("configs/mnist1d_lr.yaml", ["inner.steps=100"], False),
 }
 
 WORKER = r"""
