@@ -117,3 +117,8 @@ def write(result: dict[str, Any], out: str | Path) -> Path:
 
 def read(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def one_line(err: BaseException, limit: int | None = 100) -> str:
+    """An exception as a table cell or a reason: its type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:limit]}"

@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, write
+from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, one_line, write
 from distmaml.build import build
 from distmaml.meta import MAML, Inner, make_rule, meta_gradient
 from distmaml.rng import STREAM_TRAIN
@@ -62,10 +62,6 @@ def load_learn2learn():
         sys.modules[name] = package
     maml = importlib.import_module("learn2learn.algorithms.maml")
     return maml.MAML, f"learn2learn.algorithms.maml alone (import learn2learn: {why})"
-
-
-def one_line(err: BaseException, limit: int | None = 100) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:limit]}"
 
 
 def learn2learn_step(MAML) -> Callable:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.peers import one_line
+from benchmarks.common import one_line
 
 
 class PeerFailed(RuntimeError):

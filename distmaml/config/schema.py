@@ -166,7 +166,7 @@ class InnerConfig:
 @dataclass
 class ImplicitConfig:
     # Each section below holds a method's settings; the method's dataclass (distmaml.meta.methods) is
-    # their one source of defaults and range checks, and tests/meta/test_settings.py holds these to it.
+    # their one source of defaults and range checks, and tests/meta/test_methods_settings.py holds these to it.
     cg_steps: int = _opt(5, "implicit mode: conjugate-gradient iterations per task (the CG solver's)")
     cg_tol: float = _opt(1e-10, "implicit mode: stop CG once the squared residual falls below this (the CG "
                           "solver's)")

@@ -85,7 +85,7 @@ class BaseRule:
     limit, a step linear in the gradient. A rule subclasses it and overrides only what it has.
 
     `setting_keys` names the config key of each setting (a dataclass field), which its one-line errors
-    name and against which tests/meta/test_settings.py holds the config schema."""
+    name and against which tests/meta/test_methods_settings.py holds the config schema."""
 
     name = "base"
     per_step = False

@@ -10,8 +10,9 @@
 Every method returns the sum over the batch's tasks, so that shards of a meta-batch add up exactly
 across processes; the caller divides by the global meta-batch size. A method owns its typed
 settings (its dataclass fields, each with its default and its range check, written once: the config
-schema is held to them by tests/meta/test_settings.py; `setting_keys` names each one's config key), its checks, its diagnostics (`stat_names`, one value per task in
-MetaGradient.stats), and what gradcheck holds it to (`reference`, `exact`). The problem never knows
+schema is held to them by tests/meta/test_methods_settings.py; `setting_keys` names each one's
+config key), its checks, its diagnostics (`stat_names`, one value per task in MetaGradient.stats),
+and what gradcheck holds it to (`reference`, `exact`). The problem never knows
 which method differentiates it, and nothing outside distmaml.meta asks which method it holds.
 
 The checks raise MethodError, whose message is "key = value: reason" with the key of the config
