@@ -13,7 +13,7 @@ import torch
 from distmaml import cli
 from distmaml.checkpoint import load_checkpoint, save_checkpoint
 from distmaml.config import ConfigError, flatten, from_dict, from_flat, load_config, to_dict
-from distmaml.config.loading import RENAMED
+from distmaml.config.migration import RENAMED
 from distmaml.config.schema import PROBLEM_SECTIONS
 from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
 from conftest import REPO

@@ -23,41 +23,12 @@ from typing import Any
 import yaml
 
 from distmaml.config.checks import check_values
+from distmaml.config.migration import MOVED, RENAMED, migrated, renamed
 from distmaml.config.schema import PROBLEM_SECTIONS, Config
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import absolute_specs
 
 log = logging.getLogger("distmaml.config")
-
-# Version 0.1 applied implicit.lam (as iMAML's proximal term) in these modes only. A saved config's
-# inner.mode is data here, not a dispatch: the migration must redo what that version did for it.
-VERSION_0_1_PROXIMAL_MODES = frozenset({"implicit"})
-
-# Keys whose meaning changed when they moved: an old config file is told where they went (and
-# refused: the old value would mean something else); an old checkpoint's config is migrated.
-MOVED = {"implicit.lam": "maml.proximal", "implicit.cg_damping": "implicit.damping (now added to the inner "
-         "Hessian itself: lam times the old value)"}
-
-# Keys that moved with their meaning unchanged (each problem's settings to its own section, and
-# the training runs' shared ones to training_run): in a file, on the command line or in from_flat
-# they are read as the new key with a one-line warning; a saved config is migrated silently.
-RENAMED = {
-    "problem.proximal": "maml.proximal",
-    "problem.batch_size": "training_run.batch_size",
-    "problem.outer": "training_run.outer",
-    "problem.decay_per": "weight_decay.per",
-    "problem.decay_init": "weight_decay.init",
-    "problem.example_init": "hyperclean.init",
-    "problem.example_weighting": "hyperclean.weighting",
-    "problem.per_class": "distill.per_class",
-    "problem.distill_init": "distill.init",
-    "problem.fixed_init": "distill.fixed_init",
-}
-
-# Keys added after runs were saved, with the value that reproduces what such a run did: a saved
-# config whose problem reads the key's section and that lacks the key gets this value.
-# (A hyperclean run saved before its weighting was a setting trained on the plain mean.)
-ADDED_LATER = {"hyperclean.weighting": "mean"}
 
 # The settings each hypergradient method reads (inner.mode -> keys; a key ending in "." is a whole
 # section): a key of this table set for a run whose method does not read it is said to be unused.
@@ -80,7 +51,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         given: dict[str, str] = {}  # today's key -> the name the file used
         for key, value in _flatten(_read_sections(path)):
-            new = _renamed(key, str(path))
+            new = renamed(key, str(path))
             if new in given:  # the old and the new name of one setting, in one file
                 old = key if given[new] == new else given[new]
                 raise ConfigError(f"{path}: {old} and {new} are one setting ({old} is its old name): give {new} once")
@@ -89,7 +60,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             sources[new] = str(path)
     for item in overrides or []:
         key, value = parse_override(item)
-        key = _renamed(key, "command line")  # renamed here, so that the command line wins over the file
+        key = renamed(key, "command line")  # renamed here, so that the command line wins over the file
         raw[key] = value
         sources[key] = "command line"
     # A relative file path in an import spec (problem.name: own/mine.py:build) is read from the
@@ -108,15 +79,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if where == "command line" or (chooser == "problem.name" and sources.get(chooser) != "command line"):
                 log.warning("%s: %s is set but %s", where, key, why)
     return config
-
-
-def _renamed(key: str, where: str) -> str:
-    """Today's name of `key`, saying so once where an old one was given."""
-    new = RENAMED.get(key)
-    if new is None:
-        return key
-    log.warning("%s: %s is %s now; read as %s", where, key, new, new)
-    return new
 
 
 def unused_setting(config: Config, key: str, every_method: bool = False) -> tuple[str, str] | None:
@@ -214,7 +176,7 @@ def from_flat(raw: dict[str, Any], sources: dict[str, str] | None = None) -> Con
             where = sources.pop(old, "config")
             if new in raw:
                 raise ConfigError(f"{where}: {old} and {new} are one setting ({old} is its old name): give {new} once")
-            raw[_renamed(old, where)] = raw.pop(old)
+            raw[renamed(old, where)] = raw.pop(old)
             sources[new] = where
     config = Config()
     known = {f"{section.name}.{spec.name}": (section.name, spec) for section in dataclasses.fields(Config)
@@ -283,40 +245,11 @@ def from_dict(tree: dict[str, Any], source: str, changes: dict[str, tuple[Any, s
     """Build a validated Config from nested data (a checkpoint's config); errors name `source`, or
     for a key in `changes` ({"eval.shots": (5, "--shots")}) the value and source given there.
     A config saved by an earlier version is migrated to today's keys first."""
-    raw = _migrated(dict(_flatten(tree)))
+    raw = migrated(dict(_flatten(tree)))
     sources = {key: source for key in raw}
     for key, (value, where) in (changes or {}).items():
         raw[key], sources[key] = value, where
     return from_flat(raw, sources)
-
-
-def _migrated(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved config in today's keys, meaning what it meant when the run was saved.
-
-    Each problem's settings were keys of problem: (RENAMED). Version 0.1's implicit.lam was iMAML's
-    proximal strength, and implicit.cg_damping was added to I + H / lam: today the proximal term
-    belongs to the maml problem and the damping to H itself. A key added later takes the value that
-    reproduces the run (ADDED_LATER)."""
-    for old, new in RENAMED.items():
-        if old in raw:
-            raw.setdefault(new, raw.pop(old))
-    # Keyed on the saved run's problem through the table of what each problem reads: data migration
-    # (what that run did), not a choice of behaviour by name.
-    read = PROBLEM_SECTIONS.get(raw.get("problem.name"), ())
-    for key, value in ADDED_LATER.items():
-        if key.split(".", 1)[0] in read:
-            raw.setdefault(key, value)
-    if "training_run" not in read:
-        # Accepted and ignored before it was refused for such problems: the run never read it.
-        for key in [key for key in raw if key.startswith("training_run.")]:
-            del raw[key]
-    lam = raw.pop("implicit.lam", None)
-    damping = raw.pop("implicit.cg_damping", None)
-    if lam is not None and raw.get("inner.mode") in VERSION_0_1_PROXIMAL_MODES:
-        raw["maml.proximal"] = lam
-        if damping:
-            raw["implicit.damping"] = lam * damping
-    return raw
 
 
 def flatten(config: Config) -> dict[str, Any]:
