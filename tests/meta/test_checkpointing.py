@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from distmaml.meta.checkpointing import check_recomputable
 from distmaml.models import MLP, ResNet12
 from distmaml.tasks.omniglot import cross_entropy
 from distmaml.tasks.sine import SineTasks
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 INNER_LR = 0.05
 SETTINGS = [("every_step", None), ("segments", 3), ("auto", None)]
