@@ -295,7 +295,7 @@ def test_conv4_batched_engine_matches_per_task_loop(real_data, mode, truncate):
 
 def test_conv4_checkpointed_unroll_is_exact(real_data):
     """Recomputing inner steps through Conv4's batch-statistics norm and poolings on real drawings gives
-    the stored-graph meta-gradient bit for bit (tests/test_checkpointing.py checks ResNet12 on random
+    the stored-graph meta-gradient bit for bit (tests/meta/test_checkpointing.py checks ResNet12 on random
     inputs, not Conv4)."""
     problem, params, batch = _conv4_problem(real_data)
     stored = meta.meta_gradient(problem, params, batch, _inner(4))
