@@ -24,7 +24,7 @@ def test_readme_starts_with_setup_then_train_then_test_commands():
     assert blocks[2].strip() == command
     ci = (REPO / ".ci/run").read_text()
     # CI runs the README's command, then the slow tests it leaves out.
-    assert f"\n{command}\npython -m pytest -q -n 2 -m slow\n" in ci
+    assert f"\n{command}\npython -m pytest -q -m slow\n" in ci
 
 
 def test_library_example_runs_and_adaptation_helps():
