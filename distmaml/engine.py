@@ -146,8 +146,9 @@ class MetaStep:
         self.diverged_loss = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)
         # train.max_meta_loss_factor times the first logged window's meta-loss, once the trainer knows it.
         self.loss_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
-        # train.max_grad_norm_factor times the previous logged window's median meta-gradient norm (the
-        # first iteration's norm during the first window), and the norm at the diverged iteration.
+        # train.max_grad_norm_factor times the previous logged window's median meta-gradient norm (within
+        # the first window, the median of its norms so far: distmaml.watch), and the norm at the diverged
+        # iteration.
         self.grad_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
         self.diverged_norm = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)
         # Per tensor of phi, whether its meta-gradient was non-zero anywhere in this logging window.
@@ -209,14 +210,15 @@ class MetaStep:
                                                            self.ctx)
         for param, grad in zip(self.params.values(), grads):
             param.grad = grad.to(param.dtype) / train.meta_batch
+        reached = reached_flags(grads)
         if self.check_reachable:  # once, eagerly, before the first outer step changes anything
             self.check_reachable = False
             allowed = [*self.config.train.allow_unreached, *zero_at_start(self.model)]
-            names = unreached(self.params, reached_flags(grads), allowed)
+            names = unreached(self.params, reached, allowed)
             if names:
                 cause = getattr(inner.method, "zero_cause", lambda stats: None)(result.stats)
                 raise Unreached(names, cause)
-        self.reached |= reached_flags(grads)
+        self.reached |= reached
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), train.grad_clip or math.inf)
         meta_loss = loss_sum[0] / train.meta_batch
         # The all-reduced values are the same on every rank, so every rank flags the same iteration.

@@ -277,8 +277,8 @@ def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: i
                f"{reference['first']}..{reference['last']})")
     elif math.isfinite(norm):
         why = (f"the meta-gradient's norm {norm:.4g} was above train.max_grad_norm_factor = "
-               f"{train.max_grad_norm_factor:g} times its median over the previous logged window (or the first "
-               "iteration's norm, within the first window)")
+               f"{train.max_grad_norm_factor:g} times its median over the previous logged window (within the first "
+               "window, the median of its norms so far)")
     else:
         why = "the meta-gradient was not finite"
     error = (f"training diverged at iteration {diverged_at + 1}: {why}; stopped without writing a checkpoint; "

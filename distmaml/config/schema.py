@@ -214,8 +214,8 @@ class TrainConfig:
                                        "times its median over the first logged window (train.log_every iterations; "
                                        "0: off)")
     max_grad_norm_factor: float = _opt(1000.0, "stop as diverged once the meta-gradient's norm exceeds this many times its "
-                                        "median over the previous logged window (over the first iteration during "
-                                        "the first window; 0: off); a run stopped by it names the last checkpoint "
+                                        "median over the previous logged window (within the first window: the "
+                                        "median of its norms so far, from the third on; 0: off); a run stopped by it names the last checkpoint "
                                         "written before the runaway")
     allow_unreached: list[str] = _opt([], "names (or name prefixes) of phi's tensors whose hypergradient may be exactly "
                                       "0 on the first meta-batch and for whole logging windows (entries only some "
