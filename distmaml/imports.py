@@ -101,15 +101,18 @@ def absolute_specs(flat: dict[str, Any]) -> dict[str, Any]:
     return {key: absolute_spec(value) if key in SPEC_KEYS else value for key, value in flat.items()}
 
 
+def spec_values(config: Any) -> dict[str, Any]:
+    """{key: its value} of the config's keys that take an import path (SPEC_KEYS)."""
+    return {key: getattr(getattr(config, key.split(".")[0], None), key.split(".")[1], None) for key in SPEC_KEYS}
+
+
 def user_files(config: Any) -> dict[str, str]:
     """{spec: sha256} of every file the config's import specs name (problem.name, task.family,
     model.kind, inner.mode): the content this process imported, or, for one not imported yet, the
     file's content now. What a checkpoint records, so that a later process can tell whether it would
     run the same code (check_user_files)."""
     found = {}
-    for key in SPEC_KEYS:
-        section, name = key.split(".")
-        spec = getattr(getattr(config, section), name)
+    for spec in spec_values(config).values():
         file = file_of(spec)
         if file is None:
             continue
@@ -142,9 +145,8 @@ def check_user_files(recorded: dict[str, str], where: str, config: Any = None,
 
 
 def _named(spec: str, config: Any) -> str:
-    for key in SPEC_KEYS if config is not None else ():
-        section, name = key.split(".")
-        if getattr(getattr(config, section, None), name, None) == spec:
+    for key, value in (spec_values(config) if config is not None else {}).items():
+        if value == spec:
             return f"{key} = {spec!r}"
     return repr(spec)
 

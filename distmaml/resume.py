@@ -15,7 +15,7 @@ from distmaml.build import Learner
 from distmaml.restore import restore
 from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
 from distmaml.engine import fit_optimizer_to, learning_rate
-from distmaml.imports import SPEC_KEYS, absolute_specs, check_user_files, file_of
+from distmaml.imports import absolute_specs, check_user_files, file_of, spec_values
 from distmaml.run_dir import refuse_finished_without_checkpoint
 
 log = logging.getLogger("distmaml.train")
@@ -97,7 +97,7 @@ def check_resumed_code(config: Config) -> None:
     Reads only; a checkpoint that cannot be used is restore_run's to report."""
     if config.run.user_code == "any" or config.run.resume is False:
         return
-    if not any(file_of(value) for key, value in flatten(config).items() if key in SPEC_KEYS):
+    if not any(file_of(value) for value in spec_values(config).values()):
         return  # no user file to compare
     ckpt_dir = Path(config.run.dir) / "checkpoints"
     path = (checkpoint.latest_checkpoint(ckpt_dir) if config.run.resume in ("auto", True)
