@@ -142,7 +142,7 @@ def _digest(digest: Any, value: Any) -> None:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):  # an OrderedDict too: state_dict()'s order is not the contents
         digest.update(f"dict {len(value)}\n".encode())
-        for key in sorted(value, key=lambda key: (type(key).__name__, repr(key))):
+        for key in _in_order(value):
             _digest(digest, key)
             _digest(digest, value[key])
     elif isinstance(value, (list, tuple)):  # torch.Size too
@@ -151,6 +151,11 @@ def _digest(digest: Any, value: Any) -> None:
             _digest(digest, item)
     else:  # None, bool, int, float, str, torch.dtype: repr tells them apart and round-trips floats
         digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+
+def _in_order(mapping: dict) -> list:
+    """A mapping's keys in one order whatever order it was built in (names and optimizer indices alike)."""
+    return sorted(mapping, key=lambda key: (type(key).__name__, repr(key)))
 
 
 def _learned_values(state: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +176,7 @@ def _first_non_finite(value: Any, name: str = "") -> str | None:
         floating = value.is_floating_point() or value.is_complex()
         return name if floating and not bool(torch.isfinite(value.detach()).all()) else None
     if isinstance(value, dict):
-        items = [(key, value[key]) for key in sorted(value, key=lambda key: (type(key).__name__, repr(key)))]
+        items = [(key, value[key]) for key in _in_order(value)]
     elif isinstance(value, (list, tuple)):
         items = list(enumerate(value))
     else:
