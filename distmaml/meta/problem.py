@@ -158,9 +158,12 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
     if not isinstance(metrics, dict):
         raise ProblemError(f"{where} {name}: metrics() must return a dict of floating-point scalar tensors "
                            f"({{'loss': ..., ...}}), got {type(metrics).__name__}")
+    # The outer loss at weights that track their gradient: one call shows it a scalar and not detached.
+    with torch.enable_grad():
+        tracked = {key: value.detach().requires_grad_() for key, value in weights.items()}
+        outer = call("outer_loss", problem.outer_loss, tracked, phi, task)
     for label, value in (("inner_loss", call("inner_loss", problem.inner_loss, weights, phi, task, 0)),
-                         ("outer_loss", call("outer_loss", problem.outer_loss, weights, phi, task)),
-                         ("metrics()['loss']", metrics.get("loss"))):
+                         ("outer_loss", outer), ("metrics()['loss']", metrics.get("loss"))):
         if wrong := not_a_scalar(value):
             raise ProblemError(f"{where} {name}: {label} of one task must be a floating-point scalar tensor, {wrong}")
     for key, value in metrics.items():
@@ -172,9 +175,6 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
                                f"one number per task), {wrong}")
     # A loss cut from the graph (.detach(), .item() wrapped back into a tensor) gives every method a
     # hypergradient of 0, or nothing to differentiate at all: say so here, before any method meets it.
-    with torch.enable_grad():
-        tracked = {key: value.detach().requires_grad_() for key, value in weights.items()}
-        outer = call("outer_loss", problem.outer_loss, tracked, phi, task)
     if not outer.requires_grad:
         raise ProblemError(f"{where} {name}: outer_loss is detached from the graph: it depends on neither the inner "
                            "weights nor phi, so no hypergradient can reach phi (return the loss without .detach())")
