@@ -159,11 +159,11 @@ _PLOT_FLAGS = {**_EVAL_FLAGS, "query": "eval.query"}  # plot has no --query: its
 
 def _eval(args) -> int:
     from distmaml import memory
-    from distmaml.restore import load_trained
     from distmaml.evaluate import (divergence_warning, evaluate, evaluated, evaluation_settings, format_table,
                                    refuse_shots)
     from distmaml.files import check_file_path
     from distmaml.log import write_json
+    from distmaml.restore import load_trained
 
     if args.json is not None:  # before the work, not after it
         check_file_path(args.json, "--json")
@@ -209,9 +209,9 @@ def _plot(args) -> int:
     import torch
 
     from distmaml import memory
-    from distmaml.restore import load_trained
     from distmaml.evaluate import refuse_shots
     from distmaml.plots import DRAWINGS, MAX_TASKS, STEPS, check_output, plot_sine_adaptation
+    from distmaml.restore import load_trained
 
     image_format = check_output(args.out, "OUT")
     if not 1 <= args.tasks <= MAX_TASKS:
