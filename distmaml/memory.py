@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from distmaml.errors import ConfigError
-from distmaml.machine_memory import GIB, available_bytes, describe_size  # noqa: F401 (describe_size: memory.describe_size)
+from distmaml.machine_memory import GIB, available_bytes, describe_size
 from distmaml.meta import FirstOrder, Inner, Tasks, num_tasks, plan_segments
 
 RECOMPUTE_NODE = "_RecomputeBackward"  # the autograd node of distmaml.meta.checkpointing's recomputation

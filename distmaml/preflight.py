@@ -23,6 +23,7 @@ from distmaml.config import Config, ConfigError, source_of
 from distmaml.errors import SettingError
 from distmaml.engine import compute_meta_gradient
 from distmaml.evaluate import evaluation_settings, refuse_shots
+from distmaml.machine_memory import describe_size
 from distmaml.meta import FirstOrder, SecondOrder, check_method, check_problem, task_at
 from distmaml.meta.problem import reads_values
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
@@ -93,7 +94,7 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
                         "says so without trying)", config.inner.mode)
         else:
             log.info("estimated peak memory of one meta-iteration: %s on this process",
-                     memory.describe_size(found.peak_bytes))
+                     describe_size(found.peak_bytes))
     if config.eval.at_end and ctx.is_main:  # only the main process evaluates
         memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
                                      evaluation_settings(config), config, ctx.device, EVAL_KEYS)
