@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from distmaml import dist
 from distmaml.build import build
 from distmaml.config import Config, load_config
-from distmaml.engine import MetaStep, make_optimizer
-from distmaml.log import strict_json
+from distmaml.engine import dist
+from distmaml.engine.step import MetaStep, make_optimizer
+from distmaml.run.log import strict_json
 from distmaml.tasks.image_folder import ImageFolderTasks
 from distmaml.tasks.image_folder_data import SplitData
 

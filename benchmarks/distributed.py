@@ -5,7 +5,7 @@ NCCL on GPUs), and the bytes one all-reduce carries for the real models.
     python -m benchmarks.distributed --inner-steps 1 --worlds 1 2 4
 
 Each world size is a fresh `torchrun --standalone`. Every rank runs training's own MetaStep; the
-engine's all-reduce (distmaml.dist.all_reduce_sum, the one flat SUM of the meta-gradient, the stop
+engine's all-reduce (distmaml.engine.dist.all_reduce_sum, the one flat SUM of the meta-gradient, the stop
 flags and the loss) is timed in place, after a barrier that separates waiting for the slowest rank
 (imbalance and noise, not communication) from the collective itself. Rows are medians over
 iterations of the slowest rank.
@@ -32,10 +32,10 @@ SINE = REPO / "configs/sine_maml.yaml"
 
 
 def worker(args) -> None:
-    from distmaml import dist, engine
     from distmaml.build import build
-    from distmaml.engine import MetaStep, make_optimizer
-    from distmaml.train import STOP_REASONS
+    from distmaml.commands.train import STOP_REASONS
+    from distmaml.engine import dist
+    from distmaml.engine.step import MetaStep, make_optimizer
 
     torch.set_num_threads(1)
     config = config_for(SINE, [f"train.meta_batch={args.meta_batch}", f"inner.steps={args.inner_steps}",
@@ -57,7 +57,7 @@ def worker(args) -> None:
         learner = build(config, ctx.device)
         optimizer = make_optimizer(learner.theta.values(), config.train.lr, ctx.device)
         step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))  # as training sends
-        engine.dist.all_reduce_sum = timed_all_reduce  # the engine's own collective, timed where it runs
+        dist.all_reduce_sum = timed_all_reduce  # the engine's own collective, timed where it runs
         rows = []
         for iteration in range(args.warmup + args.iterations):
             timings.clear()
@@ -73,14 +73,14 @@ def worker(args) -> None:
         if ctx.is_main:
             Path(args.out).write_text(json.dumps({"world": ctx.world_size, "rows": table.tolist()}))
     finally:
-        engine.dist.all_reduce_sum = reduce
+        dist.all_reduce_sum = reduce
         dist.teardown()
 
 
 def all_reduce_bytes() -> list[dict[str, Any]]:
     """What one all-reduce carries: every meta-parameter (float32), and the stop flags (one per stop
     reason) and the meta-loss that ride along."""
-    from distmaml.train import STOP_REASONS
+    from distmaml.commands.train import STOP_REASONS
 
     from distmaml.build import build
 

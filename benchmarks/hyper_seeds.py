@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from benchmarks.common import REPO, RESULTS, machine, write
+from distmaml.commands.train import train
 from distmaml.config import load_config
 from distmaml.evaluate import evaluate, evaluation_settings
 from distmaml.meta import TrainingRun, WeightDecay, make_rule
 from distmaml.models import build_model
-from distmaml.train import train
 
 CONFIGS = {"learning_rate": "configs/mnist1d_lr.yaml", "activation": "configs/mnist1d_activation.yaml",
            "weight_decay": "configs/mnist1d_weight_decay.yaml", "logistic": "configs/logistic_weight_decay.yaml",
@@ -101,7 +101,7 @@ def run_seed(problem_name: str, seed: int, out_dir: Path, overrides: list[str]) 
     summary = train(config)
     if summary["status"] != "complete":
         raise SystemExit(f"seed {seed}: training ended {summary['status']}: {summary.get('error', '')}")
-    from distmaml.restore import load_trained
+    from distmaml.run.restore import load_trained
 
     learner = load_trained(config.run.dir).learner
     settings = {**evaluation_settings(config), "lr_grid": ()}

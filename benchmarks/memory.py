@@ -1,5 +1,5 @@
 """Peak memory of one meta-iteration (MetaStep) per mode, checkpointing setting and K, measured, beside
-the estimate the trainer makes before its first iteration (distmaml.memory).
+the estimate the trainer makes before its first iteration (distmaml.engine.memory).
 
     python -m benchmarks.memory                      # this CPU: the README's memory tables
     python -m benchmarks.memory --device cuda
@@ -70,9 +70,9 @@ def cases(quick: bool, tiny: bool = False) -> list[dict[str, Any]]:
 
 def measure(case: dict[str, Any], device: str) -> dict[str, Any]:
     """In this (fresh) process: one meta-iteration's peak, its seconds, and the trainer's estimate."""
-    from distmaml import memory
+    from distmaml.engine import memory
+    from distmaml.engine.preflight import probe
     from distmaml.rng import STREAM_TRAIN
-    from distmaml.preflight import probe
 
     config = config_for(case["base"], [*case["overrides"], f"engine.device={device}", "engine.threads=1"])
     torch.set_num_threads(1)

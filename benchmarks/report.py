@@ -161,7 +161,7 @@ def _seeds_report(name: str) -> dict[str, Any]:
 
 def seeds(name: str) -> str:
     """A seeds study (distmaml study seeds), copied to benchmarks/results/seeds_<name>.json."""
-    from distmaml.study.seeds import format_report
+    from distmaml.commands.study.seeds import format_report
 
     report = _seeds_report(name)
     return format_report(report) + f"\n\n`{report.get('command', 'distmaml study seeds')}`\n"

@@ -18,9 +18,9 @@ __version__ = "0.2.0"
 
 _HOMES = {
     "Config": "distmaml.config", "load_config": "distmaml.config", "ConfigError": "distmaml.errors",
-    "MLP": "distmaml.models", "SineTasks": "distmaml.tasks.sine", "train": "distmaml.train",
-    **{name: "distmaml.writeup" for name in ("inner_loop", "outer_loop_loss", "test_adaptation", "train_fomaml",
-                                             "train_maml")},
+    "MLP": "distmaml.models", "SineTasks": "distmaml.tasks.sine", "train": "distmaml.commands.train",
+    **{name: "distmaml.commands.writeup" for name in ("inner_loop", "outer_loop_loss", "test_adaptation",
+                                                      "train_fomaml", "train_maml")},
     **{name: "distmaml.meta" for name in ("MAML", "Inner", "MetaGradient", "TaskBatch", "WeightDecay",
                                           "functional_forward", "make_method", "make_rule", "meta_gradient",
                                           "meta_gradient_loop", "meta_loss", "meta_parameters", "unroll")},
@@ -34,6 +34,5 @@ def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module 'distmaml' has no attribute {name!r}")
     value = getattr(importlib.import_module(_HOMES[name]), name)
-    # `train` the function takes the place of the submodule's name once asked for.
     globals()[name] = value
     return value

@@ -1,3 +1,3 @@
-from distmaml.cli import main
+from distmaml.commands.cli import main
 
 raise SystemExit(main())

@@ -2,7 +2,7 @@
 
     learner = build(config, device)              # model, task family, problem, inner loop, phi
 
-Restoring a trained run from its checkpoint is distmaml.restore's (load_trained).
+Restoring a trained run from its checkpoint is distmaml.run.restore's (load_trained).
 
 The meta-parameters phi are one dict: the problem's (MAML: the model's weights; weight_decay: the
 log decays), then the inner rule's learned parameters (Meta-SGD's and LSLR's step sizes, named

@@ -53,8 +53,8 @@ def sine_run(tmp_path_factory):
     """One tiny trained run, shared by the tests that only read it (eval, plot, the command line's flags):
     configs/sine_debug.yaml for 60 meta-iterations, in this process, its last checkpoint at 60 and its
     evaluation in summary.json. A test that writes into a run directory trains its own."""
+    from distmaml.commands.train import train
     from distmaml.config import load_config
-    from distmaml.train import train
 
     run = tmp_path_factory.mktemp("sine_run")
     threads = torch.get_num_threads()
@@ -159,7 +159,7 @@ def run_dir_held_by_another_process(run_dir):
     then killed with -9, as a crashed trainer would be; yields the child."""
     import subprocess
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distmaml.run_dir import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distmaml.run.run_dir import RunLock\n"
                                "lock = RunLock(sys.argv[1]).acquire()\nlock.write_pid()\n"
                                "print('locked', flush=True)\ntime.sleep(60)",
                                str(run_dir)], stdout=subprocess.PIPE, text=True,

@@ -9,10 +9,10 @@ import sys
 
 import torch
 
-from distmaml import dist
 from distmaml.build import build
 from distmaml.config import load_config
-from distmaml.engine import MetaStep, make_optimizer
+from distmaml.engine import dist
+from distmaml.engine.step import MetaStep, make_optimizer
 
 PROBLEMS = {
     "decay": ("configs/logistic_weight_decay.yaml", ("second_order", "truncated", "implicit", "neumann",

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from distmaml import cli
+from distmaml.commands import cli
 from distmaml.meta import (MAML, FiniteDifference, ImplicitCG, Inner, MethodError, Neumann, SecondOrder, Truncated,
                            WeightDecay,
                            check_problem, make_rule, meta_gradient, meta_gradient_loop, meta_parameters, task_at,
@@ -232,7 +232,7 @@ def branching(model, family):
 ])
 def test_a_problem_or_method_that_cannot_work_is_refused_in_one_line_before_any_step(overrides, message, tmp_path,
                                                                                       monkeypatch, capsys):
-    from distmaml import cli
+    from distmaml.commands import cli
 
     (tmp_path / "mine.py").write_text(USER_PROBLEMS)
     monkeypatch.chdir(tmp_path)
@@ -248,7 +248,7 @@ def test_a_problem_or_method_that_cannot_work_is_refused_in_one_line_before_any_
 
 
 def test_a_problem_on_a_family_without_a_data_set_is_refused_in_one_line(tmp_path, capsys):
-    from distmaml import cli
+    from distmaml.commands import cli
 
     code = cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", "problem.name=weight_decay"])
     assert code == 2 and capsys.readouterr().err.strip() == (

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from distmaml import checkpoint
-from distmaml.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from distmaml.errors import DiskFullError
+from distmaml.run import checkpoint
+from distmaml.run.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from conftest import REPO, run_dir_held_by_another_process
 
 
@@ -43,7 +43,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 
 WRITER = """
 import sys, torch
-from distmaml import checkpoint
+from distmaml.run import checkpoint
 for i in range(1, 10_000):
     state = {"iteration": i, "model": {"w": torch.full((4_000_000,), float(i))}, "optimizer": {},
              "config": {}, "rng": checkpoint.rng_state()}
@@ -136,8 +136,8 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_
 
 
 def short_run(run_dir, *overrides):
+    from distmaml.commands.train import train
     from distmaml.config import load_config
-    from distmaml.train import train
 
     return train(load_config(REPO / "configs/sine_debug.yaml",
                              [f"run.dir={run_dir}", "logging.progress=false", "eval.at_end=false",
@@ -368,7 +368,7 @@ def _tensors(tree):
 def test_a_checkpoint_folder_gone_read_only_mid_run_is_one_line_exit_1(tmp_path, failing_disk, capsys):
     import errno
 
-    from distmaml.cli import main
+    from distmaml.commands.cli import main
 
     short_run(tmp_path, "train.iterations=5")
     before = (tmp_path / "checkpoints/ckpt_00000005.pt").read_bytes()
@@ -509,7 +509,7 @@ def test_a_checkpoint_from_before_checksums_still_loads_and_is_still_checked_for
 def test_a_damaged_newest_checkpoint_is_refused_by_eval_and_resumed_past(tmp_path, capfd):
     """A NaN written into the newest checkpoint after saving: eval refuses that file in one line and,
     given the run, evaluates the one before; a resume goes on from the one before and sets it aside."""
-    from distmaml.cli import main
+    from distmaml.commands.cli import main
 
     ckpt = tmp_path / "checkpoints"
     common = ["configs/sine_debug.yaml", f"run.dir={tmp_path}", "train.checkpoint_every=2", "train.log_every=2",

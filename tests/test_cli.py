@@ -1,6 +1,6 @@
 """The command line: flags validated as the settings they stand for, and one line for every error.
 
-In this process (distmaml.cli.main returns the exit status and prints what the command prints); the
+In this process (distmaml.commands.cli.main returns the exit status and prints what the command prints); the
 tests that need a fresh interpreter (signals, a second process, `python -m distmaml`) use run_cli."""
 
 import json
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from distmaml import cli
+from distmaml.commands import cli
 from conftest import REPO
 
 
@@ -145,8 +145,8 @@ def test_a_seeds_study_evaluation_that_would_not_fit_is_refused_before_training(
 @pytest.fixture(scope="module")
 def schedule_run(tmp_path_factory):
     """test_evaluate.SCHEDULE_RUN trained in this process: a learned schedule of 3 inner steps on logistic runs."""
+    from distmaml.commands.train import train
     from distmaml.config import load_config
-    from distmaml.train import train
     from test_evaluate import SCHEDULE_RUN
 
     run = tmp_path_factory.mktemp("schedule_run")

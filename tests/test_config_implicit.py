@@ -81,7 +81,7 @@ def test_the_method_objects_refuse_the_same_rules_themselves():
 def test_an_implicit_run_without_a_proximal_term_is_refused_before_training(tmp_path):
     """Without maml.proximal > 0 the inner loss, and so its solution, does not depend on phi: the
     implicit gradient would be zero. Refused on the first task, before any iteration."""
-    from distmaml.train import train
+    from distmaml.commands.train import train
 
     config = load_config(CONFIGS / "sine_debug.yaml", ["inner.mode=implicit", f"run.dir={tmp_path}",
                                                        "logging.progress=false"])

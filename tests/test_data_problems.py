@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from distmaml import cli
 from distmaml.build import build
-from distmaml.restore import load_trained
+from distmaml.commands import cli
 from distmaml.config import load_config
 from distmaml.meta import Dataset, Inner, Reweighting, make_rule, meta_gradient, meta_parameters
 from distmaml.meta.problems.distillation import BASELINE_RATES
 from distmaml.models import MLP
+from distmaml.run.restore import load_trained
 from distmaml.tasks.runs import flip_labels
 from conftest import REPO
 

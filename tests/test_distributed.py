@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmaml import dist
-from distmaml.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from distmaml.engine import dist
+from distmaml.run.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from conftest import REPO
 
 # ---------------------------------------------------------------------------------------- units
@@ -192,7 +192,7 @@ def read_until(proc, text, transcript):
 
 REPLICA_SCRIPT = """
 import torch
-from distmaml import dist
+from distmaml.engine import dist
 ctx = dist.init("cpu")
 try:
     a, b = dist.all_reduce_sum([torch.full((2, 3), ctx.rank + 1.0), torch.tensor([10.0 * ctx.rank])], ctx)
@@ -245,7 +245,7 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
 
 WAIT_SCRIPT = """
 import time
-from distmaml import dist
+from distmaml.engine import dist
 ctx = dist.init("cpu", timeout_s=8.0)  # room for the two processes to start apart
 try:
     if ctx.is_main:
@@ -443,8 +443,8 @@ def test_a_stopped_rank_is_reported_then_fails_the_run_after_dist_timeout(tmp_pa
 
 EXIT_SCRIPT = """
 import sys, torch
-from distmaml import dist
-from distmaml.signals import PreemptionWatch
+from distmaml.engine import dist
+from distmaml.run.signals import PreemptionWatch
 with PreemptionWatch():  # the trainer's signal thread and watchdog, started and joined as it does
     ctx = dist.init("cpu", timeout_s=60)
     with dist.Watchdog(ctx, 60) as watchdog:

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from distmaml import dist
-from distmaml.config import ConfigError, load_config
-from distmaml.engine import MetaStep, make_optimizer
 from distmaml.build import build
+from distmaml.commands.train import train
+from distmaml.config import ConfigError, load_config
+from distmaml.engine import dist
+from distmaml.engine.step import MetaStep, make_optimizer
 from distmaml.rng import STREAM_TRAIN
-from distmaml.train import train
 from conftest import REPO
 
 
@@ -63,7 +63,7 @@ def test_bf16_autocast_keeps_float32_weights_and_learns(tmp_path):
     summary = train(config)
     steps = summary["eval"]["steps"]
     assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
-    from distmaml.checkpoint import latest_checkpoint, load_checkpoint
+    from distmaml.run.checkpoint import latest_checkpoint, load_checkpoint
 
     state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
     assert all(v.dtype == torch.float32 for v in state["model"].values())

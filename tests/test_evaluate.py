@@ -177,7 +177,7 @@ def test_a_long_evaluation_needs_no_memory_per_step(setup):
     """eval --steps 1000000000 once grew without bound: a view of phi for every step was made up front."""
     import tracemalloc
 
-    from distmaml import memory
+    from distmaml.engine import memory
     from distmaml.meta import step_views
 
     problem, params, family = setup

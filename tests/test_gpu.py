@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from distmaml.checkpoint import latest_checkpoint, load_checkpoint
+from distmaml.commands.train import train
 from distmaml.config import load_config
-from distmaml.train import train
+from distmaml.run.checkpoint import latest_checkpoint, load_checkpoint
 from conftest import REPO
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from distmaml import cli
 from distmaml.build import build
+from distmaml.commands import cli
 from distmaml.config import load_config
 from distmaml.meta import meta_gradient
 from conftest import REPO
@@ -151,7 +151,7 @@ def test_a_learned_activation_trains_and_plot_draws_it_beside_elu_relu_and_swish
     assert cli.main(["train", str(REPO / "configs/mnist1d_activation.yaml"), f"run.dir={tmp_path}", *SMALL[:3],
                      "inner.truncate=6", "model.hidden=[16]", "train.iterations=3", "train.lr=0.1", "eval.tasks=2",
                      "eval.steps=12", "logging.progress=false"]) == 0
-    from distmaml.restore import load_trained
+    from distmaml.run.restore import load_trained
 
     trained = load_trained(tmp_path)
     assert trained.learner.theta["activation.offset.2.weight"].abs().max() > 0  # the offset moved from zero

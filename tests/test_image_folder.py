@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from distmaml import cli
+from distmaml.commands import cli
 from distmaml.config import load_config
 from distmaml.errors import ConfigError, DataError
+from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 from distmaml.tasks import build_task_family, check_family
 from distmaml.tasks import image_folder_data
 from distmaml.tasks.image_folder import ImageFolderTasks
 from distmaml.tasks.image_folder_data import load_split
-from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 from conftest import REPO
 
 # Classes per split and images per class (uneven on purpose).
@@ -250,8 +250,8 @@ def test_evaluation_classes_shared_with_training_are_refused(tmp_path):
 def test_a_folder_holding_only_the_evaluation_split_is_enough_to_evaluate(folders, tmp_path, capsys):
     import shutil
 
-    from distmaml.cli import main
-    from distmaml.train import train
+    from distmaml.commands.cli import main
+    from distmaml.commands.train import train
 
     run = tmp_path / "run"
     train(load_config(REPO / "configs/miniimagenet_5w1s.yaml",

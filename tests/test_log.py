@@ -4,7 +4,7 @@ import json
 import pytest
 import wandb  # a dependency of distmaml, not an optional one: its absence is an error, not a skip
 
-from distmaml.log import NullLogger, RunLogger
+from distmaml.run.log import NullLogger, RunLogger
 
 
 def metrics(i, loss):
@@ -149,7 +149,7 @@ def test_a_result_written_to_a_stream_or_through_a_link_leaves_them_in_place(tmp
     import os
     import threading
 
-    from distmaml.log import write_json
+    from distmaml.run.log import write_json
 
     fifo = tmp_path / "stream"
     os.mkfifo(fifo)

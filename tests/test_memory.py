@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from distmaml import memory
 from distmaml.build import build, build_inner
 from distmaml.config import load_config
-from distmaml.engine import compute_meta_gradient
+from distmaml.engine import memory
+from distmaml.engine.step import compute_meta_gradient
 from distmaml.errors import ConfigError
 from distmaml.rng import STREAM_TRAIN
 from conftest import ESTIMATE_BOUND, REPO, run_cli
@@ -130,7 +130,7 @@ class Reading(SecondOrder):  # reads a value: possible on real tensors, not on t
 
 
 def test_the_estimate_measures_the_run_s_own_method_and_skips_one_it_cannot_run(tmp_path, monkeypatch, capsys):
-    from distmaml import cli
+    from distmaml.commands import cli
 
     (tmp_path / "mine.py").write_text(USER_METHODS)
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from distmaml.engine import multi_step_weights
+from distmaml.engine.step import multi_step_weights
 from distmaml.meta import (LEARNED, MAML, METHODS, RULES, FirstOrder, Inner, MethodError, SecondOrder, Truncated,
                            detached, functional_forward, inner_loop, make_method, make_rule, meta_gradient,
                            meta_gradient_loop, meta_loss, meta_parameters, method_settings, mse, reference_unroll,
@@ -316,7 +316,7 @@ def test_multi_step_weights_anneal_towards_the_last_step():
     (["inner.mode=implicit"], "implicit without a proximal term"),
 ])
 def test_the_library_refuses_with_the_command_line_s_words(overrides, build, tmp_path, capsys):
-    from distmaml import cli
+    from distmaml.commands import cli
 
     code = cli.main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", *overrides])
     cli_line = capsys.readouterr().err.strip()
@@ -358,7 +358,7 @@ def test_importing_the_math_loads_nothing_of_the_trainer_and_changes_no_global_s
             "meta.meta_gradient(problem, phi, SineTasks().sample(0, 0, torch.arange(3)), inner)\n"
             "new = set(sys.modules) - before\n"
             "bad = sorted(m for m in new if m.split('.')[0] in ('tqdm', 'yaml', 'wandb', 'accelerate')\n"
-            "             or m in ('distmaml.train', 'distmaml.config', 'distmaml.log', 'distmaml.dist'))\n"
+            "             or m in ('distmaml.commands.train', 'distmaml.config', 'distmaml.run.log', 'distmaml.engine.dist'))\n"
             "assert not bad, bad\n"
             "assert torch.get_num_threads() == threads and logging.getLogger().handlers == handlers\n"
             "print('clean')\n")

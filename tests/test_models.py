@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from distmaml.commands.train import train
 from distmaml.config import load_config
 from distmaml.errors import ConfigError
 from distmaml.meta import MAML, Inner, TaskBatch, make_rule, meta_gradient, meta_gradient_loop
 from distmaml.models import Conv4, ResNet12, build_model
 from distmaml.tasks.omniglot import cross_entropy
-from distmaml.train import train
 from conftest import REPO
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from distmaml import cli
+from distmaml.commands import cli
 from distmaml.config import ConfigError, from_dict, load_config
 from distmaml.errors import SettingError
 from distmaml.imports import check_user_files, resolve, user_files

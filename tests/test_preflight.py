@@ -5,8 +5,8 @@ dtype, finite values, purity), the problem's fit to it, and memory, each refused
 import pytest
 import torch
 
+from distmaml.commands.train import train
 from distmaml.config import ConfigError, load_config
-from distmaml.train import train
 from conftest import REPO, Planted
 
 
@@ -110,11 +110,11 @@ def test_data_that_turns_non_finite_later_is_blamed_not_the_learning_rate(tmp_pa
 
 def test_a_run_refused_for_memory_never_builds_its_model_for_real(tmp_path, monkeypatch):
     """Refused at engine.memory_budget = 0.2, it once first built a 1.4 GB model."""
-    import distmaml.train
+    import distmaml.commands.train
 
     built = []
-    real_build = distmaml.train.build
-    monkeypatch.setattr(distmaml.train, "build", lambda config, device, *rest: built.append(device) or real_build(
+    real_build = distmaml.commands.train.build
+    monkeypatch.setattr(distmaml.commands.train, "build", lambda config, device, *rest: built.append(device) or real_build(
         config, device, *rest))
     config = load_config(REPO / "configs/sine_debug.yaml", [f"run.dir={tmp_path}", "model.hidden=[4000, 4000]",
                                                             "engine.memory_budget=0.2"])

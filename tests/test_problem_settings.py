@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
-from distmaml import cli
-from distmaml.checkpoint import load_checkpoint, save_checkpoint
+from distmaml.commands import cli
 from distmaml.config import ConfigError, flatten, from_dict, from_flat, load_config, to_dict
 from distmaml.config.migration import RENAMED
 from distmaml.config.schema import PROBLEM_SECTIONS
 from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
+from distmaml.run.checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO
 
 LOGISTIC = REPO / "configs/logistic_weight_decay.yaml"

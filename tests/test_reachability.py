@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmaml import cli, dist
 from distmaml.build import build
+from distmaml.commands import cli
+from distmaml.commands.train import _sharpness_warning
 from distmaml.config import load_config
-from distmaml.engine import MetaStep, Unreached, make_optimizer
+from distmaml.engine import dist
+from distmaml.engine.step import MetaStep, Unreached, make_optimizer
 from distmaml.meta.reachability import reached_flags, unreached
-from distmaml.train import _sharpness_warning
 
 REPO = Path(__file__).resolve().parents[1]
 LOGISTIC = REPO / "configs/logistic_weight_decay.yaml"

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from distmaml.cli import main
+from distmaml.commands.cli import main
+from distmaml.commands.train import train
 from distmaml.config import ConfigError, load_config
 from distmaml.errors import CheckpointError
-from distmaml.run_dir import MARKER
-from distmaml.train import train
+from distmaml.run.run_dir import MARKER
 from conftest import REPO, run_dir_held_by_another_process
 
 
@@ -100,7 +100,7 @@ def test_where_a_directory_cannot_be_locked_a_file_inside_is(tmp_path, monkeypat
     import os
     import stat
 
-    from distmaml.run_dir import FALLBACK_LOCK, RunLock
+    from distmaml.run.run_dir import FALLBACK_LOCK, RunLock
 
     flock = fcntl.flock
 

@@ -1,10 +1,10 @@
-"""distmaml.signals: the signals a user or a scheduler sends become a flag the training loop reads."""
+"""distmaml.run.signals: the signals a user or a scheduler sends become a flag the training loop reads."""
 
 import os
 import signal
 import time
 
-from distmaml import signals
+from distmaml.run import signals
 
 
 def test_sighup_under_nohup_stays_ignored_and_only_a_second_ctrl_c_exits_at_once(monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmaml.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from distmaml.run.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from conftest import REPO
 
 DAEMONS = ("munged", "slurmctld", "slurmd")

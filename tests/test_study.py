@@ -1,8 +1,8 @@
 import json
 
+from distmaml.commands.study import run_inner_steps_study
+from distmaml.commands.study.inner_steps import format_row
 from distmaml.config import load_config
-from distmaml.study import run_inner_steps_study
-from distmaml.study.inner_steps import format_row
 from conftest import REPO, run_cli, run_dir_held_by_another_process
 
 
@@ -38,9 +38,9 @@ def test_inner_steps_study_reports_the_numbers_each_run_wrote(tmp_path):
 
 
 def test_seeds_study_reports_each_seed_s_own_run_evaluated_on_the_same_tasks(tmp_path):
-    from distmaml.restore import load_trained
+    from distmaml.commands.study import run_seeds_study
     from distmaml.evaluate import evaluate, evaluation_settings
-    from distmaml.study import run_seeds_study
+    from distmaml.run.restore import load_trained
 
     report = run_seeds_study(REPO / "configs/sine_debug.yaml", tmp_path, seeds=[0, 1], threads=[1], shots=[5, 10],
                              steps=3, tasks=20, jobs=2, overrides=["train.iterations=30", "train.log_every=10"])
@@ -88,8 +88,8 @@ def test_a_failed_training_run_stops_the_study_in_one_line(tmp_path):
 def test_a_run_that_diverged_is_shown_as_diverged_and_the_study_goes_on(tmp_path):
     """Its `distmaml train` exits 1 (a diverged run is never "complete"); the study reports it, not its
     last good checkpoint, and the statistics over runs say "diverged"."""
-    from distmaml.study import run_seeds_study
-    from distmaml.study.seeds import format_report
+    from distmaml.commands.study import run_seeds_study
+    from distmaml.commands.study.seeds import format_report
 
     report = run_seeds_study(REPO / "configs/sine_debug.yaml", tmp_path / "seeds", seeds=[0], threads=[1], shots=[5],
                              steps=1, tasks=4, overrides=["train.iterations=5", "train.max_meta_loss=1e-6"])
@@ -111,8 +111,8 @@ def test_a_seeds_study_of_training_runs_has_no_shot_rows_and_shows_the_steps_it_
     """Failed before: a study needed shots (5 and 10 by default: two identical rows) and showed the
     paper's 1, 5 and 10 steps whatever the run trained for. The runs train in this process here (how
     a study starts its processes is the other tests' business)."""
-    from distmaml.study import seeds
-    from distmaml.train import train
+    from distmaml.commands.study import seeds
+    from distmaml.commands.train import train
     from test_evaluate import SCHEDULE_RUN
 
     def train_here(config_path, runs, run_dirs, jobs=1, log_dir=None):

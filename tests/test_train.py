@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distmaml.build import build_inner
-from distmaml.checkpoint import list_checkpoints, load_checkpoint
+from distmaml.commands.train import learning_rate, train
 from distmaml.config import ConfigError, load_config
-from distmaml.train import learning_rate, train
+from distmaml.run.checkpoint import list_checkpoints, load_checkpoint
 from conftest import REPO, Planted, run_cli
 
 
@@ -321,7 +321,7 @@ class HarderFromIteration30(Planted):
 
 
 def test_a_meta_loss_far_above_its_first_window_ends_the_run_as_diverged(tmp_path, capsys):
-    from distmaml.cli import main
+    from distmaml.commands.cli import main
 
     code = main(["train", str(REPO / "examples/polynomials.yaml"), f"task.family={__name__}:HarderFromIteration30",
                  f"run.dir={tmp_path}", "train.iterations=60", "train.log_every=10", "train.checkpoint_every=10",
@@ -362,7 +362,7 @@ def test_a_checkpoint_inside_the_first_logged_window_keeps_its_meta_losses_for_t
 
 def test_an_evaluation_in_which_most_tasks_diverge_ends_the_run_as_diverged(tmp_path, capsys):
     """inner.lr = 20: training "completed" and exit 0 although every evaluation task blew up from step 1."""
-    from distmaml.cli import main
+    from distmaml.commands.cli import main
 
     code = main(["train", str(REPO / "configs/sine_debug.yaml"), f"run.dir={tmp_path}", "inner.lr=20",
                  "train.iterations=10", "eval.tasks=20", "logging.progress=false", "logging.sharpness=false"])

@@ -8,7 +8,7 @@ A reader who knows MAML as
     model = train_fomaml(num_iterations, num_tasks_per_batch, inner_lr, outer_lr)
     losses = test_adaptation(model, new_task)
 
-finds each here. Training goes through `distmaml.train` (batched over tasks, checkpointed, the
+finds each here. Training goes through `distmaml.commands.train` (batched over tasks, checkpointed, the
 same code as `distmaml train`); `inner_loop` is the per-task reference the batched engine is
 tested against (distmaml.meta.reference).
 """
@@ -52,10 +52,10 @@ def train_fomaml(num_iterations: int = 70000, num_tasks_per_batch: int = 25, inn
 
 def _train_sine(mode: str, iterations: int, tasks: int, inner_lr: float, outer_lr: float, inner_steps: int,
                 run_dir: str, overrides: tuple[str, ...]) -> nn.Module:
-    from distmaml.restore import load_trained
+    from distmaml.commands.train import train
     from distmaml.config import load_config
     from distmaml.errors import TrainingError
-    from distmaml.train import train
+    from distmaml.run.restore import load_trained
 
     config = load_config(None, [f"inner.mode={mode}", f"train.iterations={iterations}", f"train.meta_batch={tasks}",
                                 f"inner.lr={inner_lr}", f"train.lr={outer_lr}", f"inner.steps={inner_steps}",

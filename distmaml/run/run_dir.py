@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from distmaml.checkpoint import list_checkpoints
 from distmaml.errors import CheckpointError, ConfigError
 from distmaml.files import write_text
+from distmaml.run.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from distmaml import dist
 from distmaml.build import DTYPES, Learner
+from distmaml.engine import dist
 from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 from distmaml.rng import STREAM_TRAIN
@@ -147,7 +147,7 @@ class MetaStep:
         # train.max_meta_loss_factor times the first logged window's meta-loss, once the trainer knows it.
         self.loss_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
         # train.max_grad_norm_factor times the previous logged window's median meta-gradient norm (within
-        # the first window, the median of its norms so far: distmaml.watch), and the norm at the diverged
+        # the first window, the median of its norms so far: distmaml.run.watch), and the norm at the diverged
         # iteration.
         self.grad_bound = torch.full((), math.inf, dtype=weight_dtype, device=ctx.device)
         self.diverged_norm = torch.full((), math.nan, dtype=weight_dtype, device=ctx.device)

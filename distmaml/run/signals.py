@@ -1,6 +1,6 @@
 """The signals that stop a run cleanly: a preemption's or a time limit's (SIGUSR1, SIGTERM), Ctrl-C
 (SIGINT) and a closed terminal (SIGHUP) become a flag the training loop reads between iterations,
-so that it checkpoints (distmaml.checkpoint) and exits instead of losing what it did since the last
+so that it checkpoints (distmaml.run.checkpoint) and exits instead of losing what it did since the last
 checkpoint.
 """
 

@@ -17,11 +17,11 @@ import logging
 
 import torch
 
-from distmaml import dist, memory
 from distmaml.build import DTYPES, Learner, build
 from distmaml.config import Config, ConfigError, source_of
+from distmaml.engine import dist, memory
+from distmaml.engine.step import compute_meta_gradient
 from distmaml.errors import SettingError
-from distmaml.engine import compute_meta_gradient
 from distmaml.evaluate import evaluation_settings, refuse_shots
 from distmaml.machine_memory import describe_size
 from distmaml.meta import FirstOrder, SecondOrder, check_method, check_problem, task_at
@@ -101,7 +101,7 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
 
 
 def probe(problem, theta, batch, inner, step_weights):
-    """The engine's meta-gradient as the memory estimate probes it (distmaml.memory.estimate)."""
+    """The engine's meta-gradient as the memory estimate probes it (distmaml.engine.memory.estimate)."""
     return compute_meta_gradient(problem, theta, batch, inner, step_weights=step_weights)
 
 
@@ -124,7 +124,7 @@ def check_first_batch(config: Config, learner: Learner) -> None:
 
 
 def refuse_unreached(config: Config, learner: Learner, tasks) -> None:
-    """The trainer's first-iteration refusal (distmaml.engine.MetaStep), in its words, for gradcheck:
+    """The trainer's first-iteration refusal (distmaml.engine.step.MetaStep), in its words, for gradcheck:
     where even the exact hypergradient of the unrolled objective (second order) is 0 in a whole
     tensor of phi, there is nothing to check. The method under test is not asked: a method that
     wrongly returns 0 is what gradcheck exists to fail."""

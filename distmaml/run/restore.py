@@ -4,7 +4,7 @@
 
 What a checkpoint keeps of phi (the model's weights, the rule's and the problem's own parameters) is
 written by `checkpoint_state` and read back by `restore`; building from a config is distmaml.build's,
-files on disk are distmaml.checkpoint's.
+files on disk are distmaml.run.checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import torch
 
 from distmaml.build import Learner, build
-from distmaml.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
 from distmaml.config import Config, from_dict
 from distmaml.imports import check_user_files
+from distmaml.run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
 
 
 class Trained(NamedTuple):

@@ -4,7 +4,7 @@
 - seeds: how a config's result varies over training seeds (and CPU thread counts), with divergence.
 """
 
-from distmaml.study.inner_steps import HEADER, run_inner_steps_study
-from distmaml.study.seeds import run_seeds_study
+from distmaml.commands.study.inner_steps import HEADER, run_inner_steps_study
+from distmaml.commands.study.seeds import run_seeds_study
 
 __all__ = ["HEADER", "run_inner_steps_study", "run_seeds_study"]

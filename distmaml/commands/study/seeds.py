@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from distmaml.commands.study.runs import train_runs
 from distmaml.files import write_figure, write_text
-from distmaml.log import strict_json
-from distmaml.study.runs import train_runs
+from distmaml.run.log import strict_json
 from distmaml.tasks.protocol import is_episodic
 
 REPORTED_STEPS = (1, 5, 10)  # the MAML paper's sine protocol reports these
@@ -107,8 +107,8 @@ def evaluate_run(run_dir: Path, seed: int, threads: int, shots: list[int] | None
                  tasks: int) -> dict[str, Any]:
     """One finished run: its evaluation at each number of shots (or its one evaluation, for tasks
     without shots) and what it logged while training."""
-    from distmaml.restore import load_trained
     from distmaml.evaluate import evaluate, evaluation_settings
+    from distmaml.run.restore import load_trained
 
     torch.set_num_threads(1)
     config, learner, _ = load_trained(run_dir)
@@ -146,9 +146,9 @@ def _logged(run_dir: Path) -> dict[str, Any]:
 
 def check_evaluation(config, shots: list[int] | None, steps: int, tasks: int) -> None:
     """Refuse, before any run is trained, an evaluation (--tasks, --shots) that would not fit in memory."""
-    from distmaml import memory
     from distmaml.build import DTYPES
-    from distmaml.preflight import shapes_only
+    from distmaml.engine import memory
+    from distmaml.engine.preflight import shapes_only
     from distmaml.tasks import build_task_family
 
     learner = shapes_only(config, build_task_family(config, "cpu", DTYPES[config.engine.dtype][0]))

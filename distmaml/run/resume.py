@@ -10,13 +10,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from distmaml import checkpoint, dist
 from distmaml.build import Learner
-from distmaml.restore import restore
 from distmaml.config import Config, ConfigError, flatten, from_dict, source_of
-from distmaml.engine import fit_optimizer_to, learning_rate
+from distmaml.engine import dist
+from distmaml.engine.step import fit_optimizer_to, learning_rate
 from distmaml.imports import absolute_specs, check_user_files, file_of, spec_values
-from distmaml.run_dir import refuse_finished_without_checkpoint
+from distmaml.run import checkpoint
+from distmaml.run.restore import restore
+from distmaml.run.run_dir import refuse_finished_without_checkpoint
 
 log = logging.getLogger("distmaml.train")
 

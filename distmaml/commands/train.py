@@ -27,25 +27,26 @@ import torch
 import yaml
 from torch.utils._pytree import tree_flatten
 
-from distmaml import checkpoint, dist, preflight
 from distmaml.build import DTYPES, Learner, build
 from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
-from distmaml.engine import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
+from distmaml.engine import dist, preflight
+from distmaml.engine.step import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
 from distmaml.errors import SettingError, TrainingError
+from distmaml.run import checkpoint
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
 from distmaml.imports import user_files
-from distmaml.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
-from distmaml.restore import checkpoint_state
-from distmaml.resume import Resumed, check_resumed_code, restore_run
 from distmaml.rng import STREAM_TRAIN
-from distmaml.run_dir import Before, RunLock, check_claimable, claim
-from distmaml.signals import PreemptionWatch
+from distmaml.run.log import NullLogger, RunLogger, setup_logging, write_json
+from distmaml.run.restore import checkpoint_state
+from distmaml.run.resume import Resumed, check_resumed_code, restore_run
+from distmaml.run.run_dir import Before, RunLock, check_claimable, claim
+from distmaml.run.signals import PreemptionWatch
+from distmaml.run.watch import RunWatch
 from distmaml.tasks import build_task_family
-from distmaml.watch import RunWatch
 
 log = logging.getLogger("distmaml.train")
 

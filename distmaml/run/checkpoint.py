@@ -1,5 +1,5 @@
 """The one module that knows about checkpoint files: writing, checking and finding them. The signals
-that make a run write one are distmaml.signals'; the run directory around them is distmaml.run_dir's.
+that make a run write one are distmaml.run.signals'; the run directory around them is distmaml.run.run_dir's.
 
 A checkpoint is plain data (tensors, numbers, strings, dicts) loaded with weights_only=True, so a
 file from elsewhere cannot run code. It is written to a temporary name, flushed to disk and renamed,
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distmaml.errors import CheckpointError  # re-exported: distmaml.checkpoint.CheckpointError
+from distmaml.errors import CheckpointError  # re-exported: distmaml.run.checkpoint.CheckpointError
 from distmaml.files import atomic_write, stale_temporaries
 
 log = logging.getLogger(__name__)

@@ -120,7 +120,7 @@ def _leave_if_process_group_left_behind(code: int) -> None:
 
 
 def _train(args) -> int:
-    from distmaml.train import train
+    from distmaml.commands.train import train
 
     summary = train(load_config(args.config, args.overrides))
     if summary["status"] == "preempted":
@@ -146,7 +146,7 @@ def _with_flags(config, flags: dict[str, tuple[object, str]]):
 
 def _device(value: str, flag: str):
     """A device flag, checked like engine.device (its form, then this machine), errors naming the flag."""
-    from distmaml.dist import pick_device
+    from distmaml.engine.dist import pick_device
 
     from_flat({"engine.device": value}, {"engine.device": flag})
     return pick_device(value, 0, key=flag)
@@ -158,12 +158,12 @@ _PLOT_FLAGS = {**_EVAL_FLAGS, "query": "eval.query"}  # plot has no --query: its
 
 
 def _eval(args) -> int:
-    from distmaml import memory
+    from distmaml.engine import memory
     from distmaml.evaluate import (divergence_warning, evaluate, evaluated, evaluation_settings, format_table,
                                    refuse_shots)
     from distmaml.files import check_file_path
-    from distmaml.log import write_json
-    from distmaml.restore import load_trained
+    from distmaml.run.log import write_json
+    from distmaml.run.restore import load_trained
 
     if args.json is not None:  # before the work, not after it
         check_file_path(args.json, "--json")
@@ -208,10 +208,10 @@ def _log_grid(spec: list[float] | None) -> list[float] | None:
 def _plot(args) -> int:
     import torch
 
-    from distmaml import memory
+    from distmaml.commands.plots import DRAWINGS, MAX_TASKS, STEPS, check_output, plot_sine_adaptation
+    from distmaml.engine import memory
     from distmaml.evaluate import refuse_shots
-    from distmaml.plots import DRAWINGS, MAX_TASKS, STEPS, check_output, plot_sine_adaptation
-    from distmaml.restore import load_trained
+    from distmaml.run.restore import load_trained
 
     image_format = check_output(args.out, "OUT")
     if not 1 <= args.tasks <= MAX_TASKS:
@@ -251,7 +251,7 @@ def _study(args) -> int:
     check_folder_path(args.out, "--out")  # before any run is trained
     config = load_config(args.config, args.overrides)  # fail here, once, on a bad setting
     if args.study == "inner-steps":
-        from distmaml.study import HEADER, run_inner_steps_study
+        from distmaml.commands.study import HEADER, run_inner_steps_study
 
         for k in args.steps:
             _with_flags(config, {"inner.steps": (k, "--steps"), "eval.steps": (k, "--steps")})
@@ -259,8 +259,8 @@ def _study(args) -> int:
         print(f"{args.iterations} meta-iterations per run; results in {args.out}\n{HEADER}", flush=True)
         run_inner_steps_study(args.config, args.out, args.steps, args.modes, args.iterations, args.overrides)
         return 0
-    from distmaml.study import run_seeds_study
-    from distmaml.study.seeds import check_evaluation, format_report, study_evaluation
+    from distmaml.commands.study import run_seeds_study
+    from distmaml.commands.study.seeds import check_evaluation, format_report, study_evaluation
 
     _with_flags(config, {"eval.steps": (args.steps, "--steps"), "eval.tasks": (args.tasks, "--tasks")})
     for count in args.shots or ():
@@ -280,12 +280,12 @@ def _gradcheck(args) -> int:
     import torch
 
     from distmaml.build import build, build_method
+    from distmaml.engine.preflight import refuse_unreached
     from distmaml.errors import SettingError
-    from distmaml.log import write_json
     from distmaml.meta import METHODS, check_problem, task_at
     from distmaml.meta.gradcheck import format_report, gradcheck
-    from distmaml.preflight import refuse_unreached
     from distmaml.rng import STREAM_TRAIN
+    from distmaml.run.log import write_json
 
     # gradcheck runs every method: no method's settings are unused here.
     config = load_config(args.config, [*args.overrides, "engine.dtype=float64", "engine.device=cpu"], every_method=True)

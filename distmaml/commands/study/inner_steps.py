@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distmaml.commands.study.runs import train_runs
 from distmaml.files import write_figure, write_text
-from distmaml.log import strict_json
-from distmaml.study.runs import train_runs
+from distmaml.run.log import strict_json
 
 MODES = {"second_order": ["inner.mode=second_order", "inner.checkpoint=auto"],
          "first_order": ["inner.mode=first_order"]}

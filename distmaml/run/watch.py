@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from distmaml.engine.preflight import unreached_warning  # the diagnosis the first iteration's refusal gives
 from distmaml.meta.reachability import unreached
-from distmaml.preflight import unreached_warning  # the diagnosis the first iteration's refusal gives
 
 log = logging.getLogger("distmaml.train")
 
@@ -99,7 +99,7 @@ class RunWatch:
         self.window_start, self.window_time = iteration, time.perf_counter()
 
     def checkpoint_fields(self) -> dict[str, Any]:
-        """What a checkpoint keeps, so that a resumed run is held to the same bounds (distmaml.resume)."""
+        """What a checkpoint keeps, so that a resumed run is held to the same bounds (distmaml.run.resume)."""
         fields: dict[str, Any] = {"meta_loss_reference": self.reference,
                                   "grad_norm_bound": float(self.step.grad_bound)}
         if self.reference is None and self.first_window:
