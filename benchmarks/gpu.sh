@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD WANDB_MODE=disabled
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 
 echo "== tests marked gpu"
-timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+timeout 150 python3 -m pytest -m gpu tests/engine/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
 
 echo "== speed"
 timeout 240 python3 -m benchmarks.speed --device cuda --windows 3 --seconds 0.3 2>&1 | tee "$OUT/speed_cuda.txt"

@@ -72,11 +72,14 @@ def build_inner(config: Config, mode: str | None = None) -> Inner:
     Every built-in method's settings are checked by their component, whichever method the run uses."""
     inner = config.inner
     try:
+        # A rule's setting left at its default is blamed on inner.rule, which made it needed.
+        rule = make_rule(inner.rule, **{name: _setting(config, key) for name, key in rule_settings(inner.rule).items()
+                                        if _setting(config, key) is not None})
+    except SettingError as err:
+        raise sourced(config, err, cause="inner.rule") from None
+    try:
         for other in METHODS:
             _built_in_method(config, other)
-        keys = rule_settings(inner.rule)
-        rule = make_rule(inner.rule, **{name: _setting(config, key) for name, key in keys.items()
-                                        if _setting(config, key) is not None})
         built = Inner(rule, inner.steps, build_method(config, mode), inner.checkpoint, inner.checkpoint_segment)
         method = built.method
         if inner.multi_step_loss and not method.trajectory_objective:

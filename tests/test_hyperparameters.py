@@ -114,8 +114,8 @@ def test_soft_error_where_it_cannot_apply_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("overrides, flags, message", [
     (["inner.mode=implicit"], [], "mnist1d_lr.yaml: inner.rule = 'schedule': implicit differentiates the solution "
                                   "of the inner problem, which does not depend on learned step sizes"),
-    (["inner.schedule_blocks=0"], [], "command line: inner.schedule_blocks = 0: must be >= 1"),
-    (["inner.steps=0"], [], "command line: inner.steps = 0: inner.rule = schedule learns the rate of inner steps"),
+    (["inner.schedule_blocks=0"], [], "command line: inner.schedule_blocks = 0: must be an integer >= 1"),
+    (["inner.steps=0"], [], "command line: inner.steps = 0: the schedule rule learns the rate of inner steps"),
     (["inner.rule=sgd"], [], "problem.name = 'learning_rate': has nothing to learn"),
     (["inner.lr=0"], [], "command line: inner.lr = 0.0: must be > 0"),
     (["inner.lr=1e400"], [], "command line: inner.lr = '1e400': must be a finite number"),

@@ -35,7 +35,7 @@ def problem(model):
                                                                             pool="max"))])
 @pytest.mark.parametrize("mode", ["second_order", "first_order"])
 def test_batched_engine_equals_the_per_task_loop(name, network, mode):
-    """The sine MLP's case is tests/test_meta.py's; here convolutions, pooling and batch statistics."""
+    """The sine MLP's case is tests/meta/test_maml.py's; here convolutions, pooling and batch statistics."""
     maml, params = problem(network())
     batch = image_tasks()
     spec = Inner(make_rule("sgd", 0.3), 2, mode)

@@ -2,8 +2,9 @@
 
 config.from_flat runs `check_values` on every configuration it builds. What a component owns is
 checked by that component where it is built, in the same one-line form: a hypergradient method
-the rules and settings it can differentiate (distmaml.meta.methods), a problem its settings and an
-inner.adapt prefix that matches no weight, a family its data (an Omniglot character's 20 drawings).
+its settings and the rules it can differentiate (distmaml.meta.methods), a rule its settings
+(distmaml.meta.rules), a problem its settings and an inner.adapt prefix that matches no weight, a
+family its data (an Omniglot character's 20 drawings). Nothing is checked twice.
 """
 
 from __future__ import annotations
@@ -16,40 +17,22 @@ from distmaml.config.schema import PROBLEM_SECTIONS, TrainingRunConfig
 from distmaml.errors import ConfigError
 
 
-def _check_inner(config, fail, at_least, positive) -> None:
-    """The inner rule's own settings (what a method can differentiate is the method's to say)."""
-    inner = config.inner
-    if inner.rule == "momentum" and inner.momentum is None:
-        fail("inner.momentum", "inner.rule = momentum needs inner.momentum (a coefficient in [0, 1), e.g. 0.9)",
-             cause="inner.rule")
-    if inner.momentum is not None and not 0 <= inner.momentum < 1:
-        fail("inner.momentum", "must be in [0, 1)")
-    if len(inner.betas) != 2 or not all(0 <= beta < 1 for beta in inner.betas):
-        fail("inner.betas", "must be two numbers in [0, 1)")
-    positive("inner.eps")
-    if any(not isinstance(prefix, str) or not prefix for prefix in inner.adapt):
+def _check_inner(config, fail, at_least) -> None:
+    """The inner loop's own settings; the rule's (inner.momentum, inner.betas, inner.eps,
+    inner.schedule_blocks) are the rule's to check (distmaml.meta.rules), as a method's are the method's."""
+    if any(not isinstance(prefix, str) or not prefix for prefix in config.inner.adapt):
         fail("inner.adapt", "must list non-empty name prefixes")
-    at_least("inner.schedule_blocks", 1)
-    if inner.rule == "schedule" and inner.steps < 1:
-        fail("inner.steps", "inner.rule = schedule learns the rate of inner steps: there must be at least one",
-             cause="inner.rule")
-    if inner.rule == "schedule" and inner.schedule_blocks > inner.steps:
-        fail("inner.schedule_blocks", f"must be at most inner.steps ({inner.steps}): a block is at least one step",
-             cause="inner.rule")
     at_least("inner.multi_step_anneal", 0)
     at_least("inner.first_order_iterations", 0)
 
 
-def _check_problem(config, fail, at_least, positive) -> None:
-    """The problems' sections; what needs the data (distill.per_class against the fewest examples of a
-    class) is the problem's own check when it is built."""
+def _check_problem(config, fail) -> None:
+    """Which problems' sections apply. Their values (maml.proximal, weight_decay.init, distill.per_class,
+    training_run.batch_size, ...) are each problem's to check when it is built (distmaml.meta.problems),
+    some against the data (distill.per_class against the fewest examples of a class)."""
     name = config.problem.name
     if not name.strip():
         fail("problem.name", "must name a problem")
-    at_least("maml.proximal", 0)
-    at_least("training_run.batch_size", 0)
-    positive("weight_decay.init")
-    at_least("distill.per_class", 1)
     if "training_run" in PROBLEM_SECTIONS.get(name, ()):
         return
     # Any other problem (MAML's tasks, your own builder, which gets problem.args) never reads these:
@@ -94,13 +77,13 @@ def check_values(config, source) -> None:
         fail("run.dir", "must name a directory (. for the current one)")
     at_least("inner.steps", 0)
     positive("inner.lr")
-    _check_inner(config, fail, at_least, positive)
+    _check_inner(config, fail, at_least)
     if inner.checkpoint == "segments" and inner.checkpoint_segment is None:
         fail("inner.checkpoint_segment", "inner.checkpoint=segments needs a segment length",
              cause="inner.checkpoint")
     if inner.checkpoint_segment is not None and inner.checkpoint_segment < 1:
         fail("inner.checkpoint_segment", "must be >= 1")
-    _check_problem(config, fail, at_least, positive)
+    _check_problem(config, fail)
     if len(config.train.betas) != 2 or not all(0 <= beta < 1 for beta in config.train.betas):
         fail("train.betas", "must be two numbers in [0, 1)")
     if not config.inner.mode.strip():

@@ -27,17 +27,18 @@ from distmaml.config.migration import MOVED, RENAMED, migrated, renamed
 from distmaml.config.schema import PROBLEM_SECTIONS, Config
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import absolute_specs
+from distmaml.meta import METHODS, RULES, method_settings, rule_settings
 
 log = logging.getLogger("distmaml.config")
 
-# The settings each hypergradient method reads (inner.mode -> keys; a key ending in "." is a whole
-# section): a key of this table set for a run whose method does not read it is said to be unused.
-METHOD_SETTINGS = {
-    "truncated": ("inner.truncate",),
-    "implicit": ("implicit.",),
-    "neumann": ("implicit.damping", "implicit.inner_safeguard", "neumann."),
-    "finite_difference": ("finite_difference.",),
-}
+# The config keys each built-in hypergradient method and inner rule reads, from the components that
+# own them (distmaml.meta): a key of these set for a run whose method or rule does not read it is
+# said to be unused. inner.lr and inner.steps every run reads.
+METHOD_SETTINGS = {name: tuple(key for key in method_settings(name).values() if key) for name in METHODS}
+RULE_SETTINGS = {name: tuple(key for key in rule_settings(name).values() if key not in ("inner.lr", "inner.steps"))
+                 for name in RULES}
+# The sections that belong to one method (implicit.*, neumann.*, finite_difference.*).
+METHOD_SECTIONS = {key.split(".", 1)[0] for keys in METHOD_SETTINGS.values() for key in keys} - {"inner"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -88,16 +89,13 @@ def unused_setting(config: Config, key: str, every_method: bool = False) -> tupl
     problem_sections = {name for sections in PROBLEM_SECTIONS.values() for name in sections}
     if section in problem_sections and section not in PROBLEM_SECTIONS.get(config.problem.name, ()):
         return "problem.name", f"problem.name = {config.problem.name!r} does not read {section}.*"
-    methods_read = [prefix for prefixes in METHOD_SETTINGS.values() for prefix in prefixes]
-    if every_method or not _matches(key, methods_read):
+    if any(key in keys for keys in RULE_SETTINGS.values()) and key not in RULE_SETTINGS.get(config.inner.rule, ()):
+        return "inner.rule", f"inner.rule = {config.inner.rule!r} does not read it"
+    if every_method or not any(key in keys for keys in METHOD_SETTINGS.values()):
         return None
-    if not _matches(key, METHOD_SETTINGS.get(config.inner.mode, ())):
+    if key not in METHOD_SETTINGS.get(config.inner.mode, ()):
         return "inner.mode", f"inner.mode = {config.inner.mode!r} does not read it"
     return None
-
-
-def _matches(key: str, prefixes) -> bool:
-    return any(key == prefix or (prefix.endswith(".") and key.startswith(prefix)) for prefix in prefixes)
 
 
 def config_file(config: Config) -> Path | None:
@@ -213,8 +211,7 @@ def _unknown_hint(key: str, known) -> str:
     hint = difflib.get_close_matches(key, known, n=1)
     closest = f"did you mean '{hint[0]}'?" if hint else ""
     section = key.split(".", 1)[0]
-    own = {name for sections in PROBLEM_SECTIONS.values() for name in sections} | {
-        prefix.split(".", 1)[0] for prefixes in METHOD_SETTINGS.values() for prefix in prefixes if prefix.endswith(".")}
+    own = {name for sections in PROBLEM_SECTIONS.values() for name in sections} | METHOD_SECTIONS
     if section in own:
         keys = ", ".join(name.split(".", 1)[1] for name in known if name.startswith(section + "."))
         closest = f"{closest} {section}'s keys: {keys}".strip()

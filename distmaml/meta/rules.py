@@ -192,6 +192,12 @@ class Schedule(BaseRule):
     def __post_init__(self) -> None:
         if not (isinstance(self.blocks, int) and self.blocks >= 1):
             raise SettingError("inner.schedule_blocks", self.blocks, "must be an integer >= 1")
+        if self.steps < 1:
+            raise SettingError("inner.steps", self.steps, "the schedule rule learns the rate of inner steps: there "
+                               "must be at least one")
+        if self.blocks > self.steps:
+            raise SettingError("inner.schedule_blocks", self.blocks, f"must be at most inner.steps ({self.steps}): a "
+                               f"block is at least one step")
 
     def parameters(self, weights: Params) -> Params:
         first = next(iter(weights.values()))
@@ -230,12 +236,19 @@ class Schedule(BaseRule):
 @dataclass(frozen=True)
 class Momentum(BaseRule):
     """Heavy-ball momentum, b = momentum * b + g, w - lr * b; b starts at zero (so b = g at the first
-    step, as torch.optim.SGD and higher's DifferentiableSGD do)."""
+    step, as torch.optim.SGD and higher's DifferentiableSGD do). The coefficient has no default: a
+    momentum rule without one is a mistake, on the command line and in the library alike."""
 
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float | None = None
     name = "momentum"
     setting_keys = {"lr": "inner.lr", "momentum": "inner.momentum"}
+
+    def __post_init__(self) -> None:
+        if self.momentum is None:
+            raise SettingError("inner.momentum", None, "the momentum rule needs a coefficient in [0, 1), e.g. 0.9")
+        if not 0 <= self.momentum < 1:
+            raise SettingError("inner.momentum", self.momentum, "must be in [0, 1)")
 
     def init(self, weights: Params) -> State:
         return {"velocity": {name: torch.zeros_like(value) for name, value in weights.items()}}
@@ -268,6 +281,10 @@ class Adam(BaseRule):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))  # a list from a config compares equal, and hashes
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise SettingError("inner.betas", list(self.betas), "must be two numbers in [0, 1)")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise SettingError("inner.eps", self.eps, "must be > 0")
 
     def init(self, weights: Params) -> State:
         return {"m": {name: torch.zeros_like(value) for name, value in weights.items()},

@@ -33,7 +33,8 @@ def spec(steps: int, mode: str = "second_order", truncate: int | None = None, ch
     settings = dict(RULE_SETTINGS[rule])
     lr = settings.pop("lr", INNER_LR)
     method = make_method(mode) if truncate is None else make_method(mode, truncate=truncate)
-    return Inner(make_rule(rule, lr, steps, **settings), steps, method, checkpoint=checkpoint,
+    # A rule is made for at least as many steps as the schedule has blocks (2); K = 1 runs fewer.
+    return Inner(make_rule(rule, lr, max(steps, 2), **settings), steps, method, checkpoint=checkpoint,
                  checkpoint_segment=checkpoint_segment)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distmaml.build import build_inner, build_method
-from distmaml.config import load_config
+from distmaml.config import ConfigError, load_config
 from distmaml.config.schema import Config
 from distmaml.errors import SettingError
 from distmaml.meta import (CG, MAML, METHODS, RULES, Implicit, Inner, MethodError, NeumannSeries, SecondOrder, Truncated,
@@ -27,8 +27,8 @@ NON_DEFAULT = {"inner.truncate": 3, "implicit.damping": 0.25, "implicit.inner_sa
                "finite_difference.eps": 0.003, "inner.lr": 0.2, "inner.steps": 6, "inner.schedule_blocks": 3,
                "inner.momentum": 0.7, "inner.betas": [0.8, 0.95], "inner.eps": 1e-6}
 # Types written differently on the two sides: a config list holds what a rule keeps as a tuple, and
-# inner.momentum has no default in the config (a momentum run must give it).
-SAME_TYPE = {"tuple[float, float]": "list[float]", "Optional[float]": "float"}
+# inner.momentum has no default on either side (a momentum run must give it).
+SAME_TYPE = {"tuple[float, float]": "list[float]", "Optional[float]": "float | None"}
 
 
 def _fields(component) -> dict[str, dataclasses.Field]:
@@ -48,8 +48,9 @@ def _schema_field(key: str) -> dataclasses.Field:
 def _components():
     for name in METHODS:
         yield name, make_method(name), method_settings(name)
-    for name in RULES:
-        yield name, make_rule(name), rule_settings(name)
+    for name in RULES:  # momentum's coefficient has no default: given, as a momentum run must
+        yield name, make_rule(name, **({"momentum": 0.9} if "momentum" in rule_settings(name) else {})), \
+            rule_settings(name)
 
 
 def _text(value) -> str:
@@ -67,9 +68,6 @@ def test_every_setting_has_its_config_key_with_the_same_default_and_type(name, c
             continue
         own, schema = fields[setting], _schema_field(key)
         assert SAME_TYPE.get(schema.type, schema.type) == SAME_TYPE.get(own.type, own.type), (name, setting, key)
-        if key == "inner.momentum":
-            assert schema.default is None  # given by the user with inner.rule = momentum (config checks)
-            continue
         schema_default = schema.default if schema.default is not dataclasses.MISSING else schema.default_factory()
         own_default = tuple(schema_default) if isinstance(own.default, tuple) else schema_default
         assert own.default == own_default, (name, setting, key)
@@ -112,7 +110,26 @@ def test_config_and_library_build_the_same_rule_from_non_default_settings(name):
     settings = {setting: tuple(NON_DEFAULT[key]) if isinstance(NON_DEFAULT[key], list) else NON_DEFAULT[key]
                 for setting, key in keys.items()}
     built, made = build_inner(config).rule, make_rule(name, **settings)
-    assert built == made and made != make_rule(name)
+    # Every setting at its default, the one without a default (momentum's coefficient) given.
+    defaults = make_rule(name, **{setting: 0.9 for setting in settings if _fields(made)[setting].default is None})
+    assert built == made and made != defaults
+
+
+def test_a_rule_checks_its_settings_in_the_library_as_on_the_command_line():
+    """inner.momentum once defaulted to 0.9 in the library and had to be given on the command line."""
+    for overrides, build_rule in [
+        (["inner.rule=momentum"], lambda: make_rule("momentum", 0.1)),
+        (["inner.rule=momentum", "inner.momentum=1.0"], lambda: make_rule("momentum", 0.1, momentum=1.0)),
+        (["inner.rule=adam", "inner.betas=[0.9]"], lambda: make_rule("adam", 0.1, betas=[0.9])),
+        (["inner.rule=adam", "inner.eps=0"], lambda: make_rule("adam", 0.1, eps=0.0)),
+        (["inner.rule=schedule", "inner.steps=2", "inner.schedule_blocks=3"],
+         lambda: make_rule("schedule", 0.1, steps=2, blocks=3)),
+    ]:
+        with pytest.raises(SettingError) as library:
+            build_rule()
+        with pytest.raises(ConfigError) as command_line:
+            build_inner(load_config(None, overrides))
+        assert str(command_line.value).endswith(f": {library.value}"), (str(command_line.value), str(library.value))
 
 
 def test_unknown_settings_are_refused_in_one_line_naming_the_valid_ones():

@@ -26,6 +26,7 @@ from torch import nn
 
 from distmaml.meta.functional import LossFn, Params, detached, functional_forward
 from distmaml.meta.init import fresh_weights, init_bounds
+from distmaml.errors import SettingError
 from distmaml.rng import hash_u32
 
 LANE_BATCH = 11  # mini-batch draws of a task's key
@@ -93,6 +94,9 @@ class TrainingRun:
     outer_name = "validation"
 
     def __post_init__(self) -> None:
+        if self.batch_size < 0:
+            raise SettingError("training_run.batch_size", self.batch_size, "must be >= 0 (0: the whole training split "
+                               "at every step)")
         weights = detached(dict(self.model.named_parameters()))
         shared = tuple(name for name in weights if self.phi_prefixes and name.startswith(tuple(self.phi_prefixes)))
         template = {name: value for name, value in weights.items() if name not in shared}

@@ -196,7 +196,7 @@ def sine_model(hidden=(40, 40), seed: int = 0) -> tuple[nn.Module, dict[str, tor
 
 
 def test_cg_stopping_each_task_on_its_own_matches_the_per_task_loop_on_sine():
-    """Batched = per-task loop for the implicit methods, statistics included, is tests/test_meta.py's;
+    """Batched = per-task loop for the implicit methods, statistics included, is tests/meta/test_maml.py's;
     here what is CG's own: with a tolerance, tasks stop at different CG steps and are masked off
     one by one while the others go on, as the loop stops each task alone."""
     model, params = sine_model()

@@ -2,7 +2,7 @@
 outer steps each through the trainer's engine (sample, method, one all-reduce, Adam), in whatever
 process group the launcher set up: the logistic weight-decay problem (`decay`), or the learning rate
 of an MLP on a subsample of MNIST-1D with mini-batches (`learning_rate`), or distilled digits
-(`distill`). tests/test_distributed.py
+(`distill`). tests/engine/test_dist.py
 runs it as one process and under torchrun with two, and compares the meta-parameters it saves."""
 
 import sys

@@ -11,7 +11,7 @@ import pytest
 from distmaml.commands.train import train  # the core trainer: a broken import fails the suite, never skips it
 from distmaml.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REAL_ROOT = Path(os.environ.get("DISTMAML_OMNIGLOT") or REPO.parent / "shared/data/omniglot")
 
 

@@ -17,7 +17,7 @@ from distmaml.engine import dist
 from distmaml.engine.step import MetaStep, Unreached, make_optimizer
 from distmaml.meta.reachability import reached_flags, unreached
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOGISTIC = REPO / "configs/logistic_weight_decay.yaml"
 OMNIGLOT = REPO.parent / "shared/data/omniglot"
 

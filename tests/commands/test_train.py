@@ -241,16 +241,17 @@ def test_sine_debug_s_sgd_path_is_the_per_task_reference_s(tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     (["inner.rule=rmsprop"], "command line: inner.rule = 'rmsprop': must be one of sgd, meta_sgd, lslr, schedule, "
                              "momentum, adam"),
-    (["inner.rule=momentum"], "command line: inner.momentum = None: inner.rule = momentum needs inner.momentum (a "
-                              "coefficient in [0, 1), e.g. 0.9)"),
+    (["inner.rule=momentum"], "command line, with inner.momentum at its default: inner.momentum = None: the momentum "
+                              "rule needs a coefficient in [0, 1), e.g. 0.9"),
     (["inner.rule=momentum", "inner.momentum=1.0"], "command line: inner.momentum = 1.0: must be in [0, 1)"),
     (["inner.lr=-0.01"], "command line: inner.lr = -0.01: must be > 0"),
     (["inner.rule=adam", "inner.betas=[0.9, 1.5]"], "command line: inner.betas = [0.9, 1.5]: must be two numbers in "
                                                     "[0, 1)"),
 ])
 def test_bad_inner_settings_are_one_line(overrides, expected):
+    """By the config (a rule's name, the inner rate) or by the rule that owns the setting, as it is built."""
     with pytest.raises(ConfigError) as refused:
-        load_config(REPO / "configs/sine_debug.yaml", overrides)
+        build_inner(load_config(REPO / "configs/sine_debug.yaml", overrides))
     assert str(refused.value) == expected
 
 

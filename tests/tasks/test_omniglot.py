@@ -22,7 +22,7 @@ from distmaml.tasks.omniglot import OmniglotTasks, accuracy, cross_entropy, pape
 from distmaml.tasks.omniglot_data import OmniglotData, OmniglotDataError, load_omniglot
 from distmaml.rng import STREAM_EVAL, STREAM_TRAIN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REAL_ROOT = Path(os.environ.get("DISTMAML_OMNIGLOT") or REPO.parent / "shared/data/omniglot")
 HAVE_REAL = (REAL_ROOT / "images_background.zip").is_file() or (REAL_ROOT / "images_background").is_dir()
 
@@ -277,7 +277,7 @@ def _inner(steps, mode="second_order", truncate=1, **kwargs):
 
 @pytest.mark.parametrize("mode,truncate", [("second_order", 1), ("first_order", 1), ("truncated", 1)])
 def test_conv4_batched_engine_matches_per_task_loop(real_data, mode, truncate):
-    """tests/test_meta.py checks conv4 batched against the loop on random 12x12 inputs; this is
+    """tests/meta/test_maml.py checks conv4 batched against the loop on random 12x12 inputs; this is
     the real data path: 28x28 drawings, sampled labels, Conv4's default geometry."""
     problem, params, batch = _conv4_problem(real_data)
     spec = _inner(2, mode, truncate)

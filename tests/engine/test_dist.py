@@ -318,7 +318,7 @@ def test_every_method_on_random_initialisations_gives_two_processes_the_one_proc
     """Tasks that are random initialisations (and mini-batch orders): each task's start is a function
     of its global index, so 2 ranks (3 + 2 tasks) reach one process's meta-parameters after 3 outer
     steps, whichever method differentiates them."""
-    worker = str(REPO / "tests/methods_worker.py")
+    worker = str(REPO / "tests/engine/methods_worker.py")
     run([sys.executable, worker, problem, str(tmp_path / "one.pt")])
     run(["torchrun", "--standalone", "--nproc-per-node", "2", worker, problem, str(tmp_path / "two.pt")],
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from distmaml.build import build
 from distmaml.commands import cli
 from distmaml.config import ConfigError, flatten, from_dict, from_flat, load_config, to_dict
 from distmaml.config.migration import RENAMED
@@ -19,6 +20,7 @@ from distmaml.run.checkpoint import load_checkpoint, save_checkpoint
 from conftest import REPO
 
 LOGISTIC = REPO / "configs/logistic_weight_decay.yaml"
+SINE = REPO / "configs/sine_debug.yaml"
 # Non-default values for every moved key of one training-run problem, and MAML's own.
 NEW = {"weight_decay.per": "tensor", "weight_decay.init": 0.05, "training_run.batch_size": 16,
        "training_run.outer": "loss"}
@@ -83,11 +85,23 @@ def test_an_old_and_a_new_name_of_one_setting_in_one_file_are_refused(tmp_path):
                              "from scratch (learning_rate, activation, weight_decay, hyperclean, distill), not to "
                              "problem.name = 'maml'"),
     ("hyperclean.weighting=sum", "command line: hyperclean.weighting = 'sum': must be one of normalised, mean"),
-    ("weight_decay.init=0", "command line: weight_decay.init = 0.0: must be > 0"),
 ])
 def test_a_bad_problem_setting_is_one_line(override, message):
     with pytest.raises(ConfigError) as caught:
         load_config(None, [override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("path, override, message", [
+    (LOGISTIC, "weight_decay.init=0", "command line: weight_decay.init = 0.0: must be > 0"),
+    (LOGISTIC, "training_run.batch_size=-1", "command line: training_run.batch_size = -1: must be >= 0 (0: the whole "
+                                             "training split at every step)"),
+    (SINE, "maml.proximal=-1.5", "command line: maml.proximal = -1.5: must be >= 0"),
+])
+def test_a_problem_checks_its_own_values_where_it_is_built(path, override, message):
+    """Once, by the problem (the config's checks leave them to it), in the config's words."""
+    with pytest.raises(ConfigError) as caught:
+        build(load_config(path, [override]))
     assert str(caught.value) == message
 
 
@@ -100,6 +114,10 @@ def test_a_bad_problem_setting_is_one_line(override, message):
      ["command line: neumann.terms is set but inner.mode = 'implicit' does not read it"]),
     (["inner.truncate=2"], False, ["command line: inner.truncate is set but inner.mode = 'second_order' does not read "
                                    "it"]),
+    (["inner.momentum=0.9", "inner.schedule_blocks=2"], False,
+     ["command line: inner.momentum is set but inner.rule = 'sgd' does not read it",
+      "command line: inner.schedule_blocks is set but inner.rule = 'sgd' does not read it"]),
+    (["inner.rule=momentum", "inner.momentum=0.9"], False, []),
     (["inner.mode=neumann", "implicit.damping=0.5", "neumann.terms=5", "problem.name=maml", "maml.proximal=1"],
      False, []),
     ([], False, []),  # the defaults of every section, read or not, are no one's choice

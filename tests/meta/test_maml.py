@@ -44,7 +44,8 @@ def inner(rule="sgd", steps=1, mode="second_order", truncate=None, **kwargs):
     lr = 0.02 if rule == "adam" else LR
     settings = {**METHOD_SETTINGS, **({"truncate": truncate} if truncate is not None else {})}
     method = make_method(mode, **{key: value for key, value in settings.items() if key in method_settings(mode)})
-    return Inner(make_rule(rule, lr, steps, **SETTINGS[rule]), steps, method, **kwargs)
+    # A rule is made for at least as many steps as the schedule has blocks (2); K = 0 and 1 run fewer.
+    return Inner(make_rule(rule, lr, max(steps, 2), **SETTINGS[rule]), steps, method, **kwargs)
 
 
 def with_learned(problem, params, spec):
