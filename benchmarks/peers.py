@@ -15,6 +15,17 @@ command exits 1 after writing its results). Betty (betty-ml) is named with the r
 compared: its unrolled problems, which MAML needs, fail to start in 0.2.1 (benchmarks/peers_betty.py
 runs them on a toy problem and reports their errors).
 Differentiable Adam inner steps are compared with higher's DifferentiableAdam the same way.
+
+Beside the libraries, in both networks' SGD rows, two implementations written for the benchmark
+with torch alone ("written_here" in the results; not in "libraries"):
+- plain-loop: the per-task loop a user writes with torch.autograd.grad (create_graph for the second
+  order), each task's query loss back-propagated at once.
+- hand-batched: every task at once on stacked weights [tasks, ...]: one baddbmm per linear layer (the
+  MLP's activations as they are); Conv-4's tasks side by side in the channels, one grouped
+  convolution (groups = tasks) per layer, so that its batch statistics are per task; the tasks'
+  gradients from one torch.autograd.grad of the sum of their losses (tasks share no weights).
+distmaml's rows add speedup_over_fastest_loop (the fastest per-task loop, a library's or the plain
+loop's, over distmaml's time) and speed_vs_hand_batched (the hand-batched time over distmaml's).
 """
 
 from __future__ import annotations
@@ -30,10 +41,14 @@ import types
 from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
 from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, one_line, write
 from distmaml.build import build
 from distmaml.meta import MAML, Inner, make_rule, meta_gradient
+from distmaml.models import MLP, BatchStatNorm2d, Conv4
 from distmaml.rng import STREAM_TRAIN
 
 SINE = REPO / "configs/sine_maml.yaml"
@@ -182,13 +197,120 @@ def peers() -> dict[str, Peer]:
             "torchopt": load_peer("torchopt", _imported("torchopt", torchopt_step))}
 
 
+# ----------------------------------------------------------- written for the benchmark: torch alone, no library
+# Two implementations a user could write without any library, sharing no code with distmaml's engine: the
+# per-task loop of torch.autograd.grad, and every task at once on stacked weights (a task dimension first).
+
+
+def plain_loop_step(model, batch, loss_fn, lr, steps, first_order, _):
+    """MAML with torch.autograd.grad alone, task by task: the graph kept for the second order; each task's
+    query loss back-propagated into the shared weights at once, so that one task's graph is held at a time."""
+    theta = dict(model.named_parameters())
+    for i in range(batch.num_tasks):
+        weights = theta
+        for _ in range(steps):
+            loss = loss_fn(functional_call(model, weights, (batch.support_x[i],)), batch.support_y[i])
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=not first_order)
+            weights = {name: value - lr * grad for (name, value), grad in zip(weights.items(), grads)}
+        loss_fn(functional_call(model, weights, (batch.query_x[i],)), batch.query_y[i]).backward()
+
+
+def hand_batched_step(model, batch, loss_fn, lr, steps, first_order, _):
+    """MAML on stacked weights: each weight expanded to [tasks, ...], the network run for every task at once
+    (stacked_forward), and the tasks' gradients in one torch.autograd.grad of the sum of their losses: tasks
+    share no weights, so slice i of the gradient is task i's own."""
+    forward = stacked_forward(model)
+    weights = {name: value.expand(batch.num_tasks, *value.shape) for name, value in model.named_parameters()}
+    for _ in range(steps):
+        loss = summed_over_tasks(loss_fn, forward(weights, batch.support_x), batch.support_y)
+        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=not first_order)
+        weights = {name: value - lr * grad for (name, value), grad in zip(weights.items(), grads)}
+    summed_over_tasks(loss_fn, forward(weights, batch.query_x), batch.query_y).backward()
+
+
+def summed_over_tasks(loss_fn, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over tasks of `loss_fn` (a mean over one task's examples), predictions and targets with a task
+    dimension first. Every task has as many examples, so one call on all their examples is the mean over
+    tasks; times the number of tasks, the sum."""
+    return prediction.shape[0] * loss_fn(prediction.flatten(0, 1), target.flatten(0, 1))
+
+
+def stacked_forward(model: nn.Module) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """forward(weights, x): `model` run for every task at once on its weights stacked [tasks, ...], inputs
+    [tasks, n, ...] (or [n, ...], the same for every task), predictions [tasks, n, ...]."""
+    if isinstance(model, MLP):
+        return functools.partial(_stacked_mlp, model)
+    if isinstance(model, Conv4):
+        return functools.partial(_stacked_conv4, model)
+    raise NotImplementedError(f"no stacked forward for {type(model).__name__}")
+
+
+def _has_weights(layer: nn.Module) -> bool:
+    return any(True for _ in layer.parameters())
+
+
+def _stacked_mlp(model: MLP, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The MLP's nn.Sequential layer by layer: one baddbmm per Linear, its activations as they are
+    (elementwise, so the task dimension passes through)."""
+    tasks = next(iter(weights.values())).shape[0]
+    hidden = x if x.dim() == 3 else x.expand(tasks, *x.shape)
+    for index, layer in model.net.named_children():
+        if isinstance(layer, nn.Linear):
+            weight, bias = weights[f"net.{index}.weight"].transpose(1, 2), weights.get(f"net.{index}.bias")
+            hidden = torch.bmm(hidden, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), hidden, weight)
+        elif _has_weights(layer):  # a learned activation: its weights are phi's, not the task's
+            raise NotImplementedError(f"{type(layer).__name__} has weights: no stacked form here")
+        else:
+            hidden = layer(hidden)
+    return hidden
+
+
+def _stacked_conv4(model: Conv4, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Conv-4 with the tasks' channels side by side, [n, tasks * channels, h, w]: one grouped convolution
+    (groups = tasks) per layer; BatchStatNorm2d's per-channel batch statistics are then per task and channel,
+    and the model's own module runs on its weights flattened the same way; the classifier one baddbmm."""
+    tasks, examples = x.shape[:2]
+    hidden = x.transpose(0, 1).flatten(1, 2)
+    for index, layer in model.features.named_children():
+        name = f"features.{index}."
+        if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+            kernel = weights[name + "weight"].flatten(0, 1)
+            bias = weights[name + "bias"].flatten() if layer.bias is not None else None
+            hidden = F.conv2d(hidden, kernel, bias, layer.stride, layer.padding, layer.dilation, groups=tasks)
+        elif isinstance(layer, BatchStatNorm2d):
+            hidden = functional_call(layer, {"weight": weights[name + "weight"].flatten(),
+                                             "bias": weights[name + "bias"].flatten()}, (hidden,))
+        elif isinstance(layer, nn.Flatten):  # each task's features channel-major, as the model flattens one task
+            hidden = hidden.reshape(examples, tasks, -1).transpose(0, 1)
+        elif _has_weights(layer):
+            raise NotImplementedError(f"{type(layer).__name__} has weights: no stacked form here")
+        else:  # ReLU, max-pooling: per channel, so per task
+            hidden = layer(hidden)
+    return torch.baddbmm(weights["classifier.bias"].unsqueeze(1), hidden, weights["classifier.weight"].transpose(1, 2))
+
+
+PLAIN_LOOP, HAND_BATCHED = "plain-loop", "hand-batched"
+WRITTEN_HERE = {PLAIN_LOOP: "plain torch.autograd.grad, per task (written for the benchmark, no library)",
+                HAND_BATCHED: "stacked weights [tasks, ...], one baddbmm per linear layer and one grouped convolution "
+                              "(groups = tasks) per convolution, autograd of the summed loss (written for the "
+                              "benchmark, no library)"}
+
+
+def written_here() -> dict[str, Peer]:
+    """The two implementations written for the benchmark, as peers that are always loaded."""
+    return {name: Peer(fn, LOADED, WRITTEN_HERE[name])
+            for name, fn in ((PLAIN_LOOP, plain_loop_step), (HAND_BATCHED, hand_batched_step))}
+
+
 # --------------------------------------------------------------------------------------- cases
 
 
-def problem(kind: str, dtype: torch.dtype):
-    """(model, family, config) of a benchmark task, the model's weights the same for every library."""
+def problem(kind: str, dtype: torch.dtype, more: tuple[str, ...] = ()):
+    """(model, family, config) of a benchmark task, the model's weights the same for every library; `more`:
+    further overrides (the tests' smaller networks)."""
     overrides = ["train.meta_batch=25"] if kind == "sine" else [*OMNIGLOT_SHAPED, "train.meta_batch=8"]
-    config = config_for(SINE, [*overrides, "engine.dtype=" + ("float64" if dtype == torch.float64 else "float32")])
+    config = config_for(SINE, [*overrides, *more,
+                               "engine.dtype=" + ("float64" if dtype == torch.float64 else "float32")])
     torch.manual_seed(0)
     learner = build(config)
     return learner.model, learner.family, config
@@ -209,7 +331,7 @@ def gradient_of(fn, model, batch, loss_fn, lr, steps, first_order, extra) -> tor
 
 
 def compare_and_time(kind: str, steps: int, first_order: bool, libraries, windows: int, seconds: float,
-                     rule: str = "sgd") -> list[dict[str, Any]]:
+                     rule: str = "sgd", more: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     lr = 0.01 if kind == "sine" else 0.4
     settings = {}
     if rule == "adam":
@@ -219,7 +341,7 @@ def compare_and_time(kind: str, steps: int, first_order: bool, libraries, window
         lr, settings = 0.001, {"eps": 1e-30}
     inner_optimizer = (lambda params, lr: torch.optim.Adam(params, lr=lr, **settings)) if rule == "adam" else (
         lambda params, lr: torch.optim.SGD(params, lr=lr))
-    exact_model, family64, config = problem(kind, torch.float64)
+    exact_model, family64, config = problem(kind, torch.float64, more)
     batch64 = family64.sample(STREAM_TRAIN, 0, torch.arange(config.train.meta_batch))
     loss_fn = family64.loss
     reference = gradient_of(lambda *a: distmaml_grads(*a[:6], rule=rule, **settings), exact_model, batch64, loss_fn,
@@ -240,7 +362,7 @@ def compare_and_time(kind: str, steps: int, first_order: bool, libraries, window
         if error > TOLERANCE:  # not the same computation: its time would mean nothing
             rows.append(row)
             continue
-        model, family, config32 = problem(kind, torch.float32)
+        model, family, config32 = problem(kind, torch.float32, more)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         counter = iter(range(10 ** 9))
 
@@ -256,11 +378,25 @@ def compare_and_time(kind: str, steps: int, first_order: bool, libraries, window
         rows.append(row)
         print(f"{kind:>8} K={steps:<3} {row['order']:>6} {rule:>5} {name:>12}: rel. error {error:.1e}, "
               f"{row['ms_per_iteration']:9.2f} ms", flush=True)
-    base = next(r for r in rows if r["library"] == "distmaml")["ms_per_iteration"]
+    mine = next(r for r in rows if r["library"] == "distmaml")
     for row in rows:
         if "ms_per_iteration" in row:
-            row["distmaml_speedup"] = row["ms_per_iteration"] / base
+            row["distmaml_speedup"] = row["ms_per_iteration"] / mine["ms_per_iteration"]
+    mine.update(against_loops_and_hand_batched(rows, mine))
     return rows
+
+
+def against_loops_and_hand_batched(rows: list[dict[str, Any]], mine: dict[str, Any]) -> dict[str, float]:
+    """distmaml's time against the fastest per-task loop (a library's or the plain loop) and against the
+    hand-batched implementation, where they were timed."""
+    timed = {row["library"]: row["ms_per_iteration"] for row in rows if "ms_per_iteration" in row}
+    loops = [ms for name, ms in timed.items() if name not in ("distmaml", HAND_BATCHED)]
+    out = {}
+    if loops:
+        out["speedup_over_fastest_loop"] = min(loops) / mine["ms_per_iteration"]
+    if HAND_BATCHED in timed:
+        out["speed_vs_hand_batched"] = timed[HAND_BATCHED] / mine["ms_per_iteration"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -276,19 +412,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     libraries, rows, started = peers(), [], time.time()
     for name, peer in libraries.items():
         print(f"{name}: {peer.how}", flush=True)
+    compared = {**libraries, **written_here()}
     skipped = not_compared()
     for name, why in skipped.items():
         print(f"{name}: {why}", flush=True)
     for kind in args.kinds:
         for first_order in (False, True):
             for steps in args.steps:
-                rows += compare_and_time(kind, steps, first_order, libraries, args.windows, args.seconds)
+                rows += compare_and_time(kind, steps, first_order, compared, args.windows, args.seconds)
     # Differentiable Adam inner steps: higher's DifferentiableAdam is the one peer that has them.
     adam_peers = {"higher": libraries["higher"]}
     rows += compare_and_time("sine", 5, False, adam_peers, args.windows, args.seconds, rule="adam")
     result = {"benchmark": "peers", "command": " ".join(["python -m benchmarks.peers", *(argv or sys.argv[1:])]),
               "machine": machine(torch.device("cpu")), "tolerance": TOLERANCE,
-              "libraries": {name: peer.how for name, peer in libraries.items()}, "not_compared": skipped,
+              "libraries": {name: peer.how for name, peer in libraries.items()}, "written_here": WRITTEN_HERE,
+              "not_compared": skipped,
               "wall_seconds": time.time() - started, "rows": rows}
     out = write(result, args.out or RESULTS / "peers_cpu.json")
     print(f"wrote {out}")

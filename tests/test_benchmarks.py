@@ -116,6 +116,46 @@ def test_a_peer_that_is_not_installed_is_skipped_and_one_whose_import_breaks_is_
     assert statuses["higher"] == peers.IMPORT_FAILED and statuses["torchopt"] == peers.NOT_INSTALLED
 
 
+WRITTEN_HERE = [peers.PLAIN_LOOP, peers.HAND_BATCHED]
+
+
+@pytest.mark.parametrize("implementation", WRITTEN_HERE)
+def test_the_meta_gradients_written_for_the_benchmark_equal_distmaml_s_on_the_sine_mlp(peers_result, implementation):
+    rows = [row for row in peers_result["rows"] if row["library"] == implementation]
+    assert {(row["order"], row["inner_steps"], row["rule"]) for row in rows} == {
+        (order, k, "sgd") for order in ("first", "second") for k in (1, 2)}
+    for row in rows:
+        assert row["status"] == "equal" and row["relative_error"] <= peers.TOLERANCE, row
+        assert row["ms_per_iteration"] > 0 and row["loaded"] == peers_result["written_here"][implementation], row
+
+
+def test_distmaml_s_meta_gradient_rows_compare_it_with_the_fastest_loop_and_the_hand_batched_one(peers_result):
+    for mine in (row for row in peers_result["rows"] if row["library"] == "distmaml"):
+        same = [row for row in peers_result["rows"] if "ms_per_iteration" in row and row["library"] != "distmaml"
+                and all(row[key] == mine[key] for key in ("kind", "inner_steps", "order", "rule"))]
+        loops = [row["ms_per_iteration"] for row in same if row["library"] != peers.HAND_BATCHED]
+        hand = [row["ms_per_iteration"] for row in same if row["library"] == peers.HAND_BATCHED]
+        if loops:  # the Adam rows have none where higher is not installed
+            assert mine["speedup_over_fastest_loop"] == pytest.approx(min(loops) / mine["ms_per_iteration"]), mine
+        if mine["rule"] == "sgd":
+            assert mine["speed_vs_hand_batched"] == pytest.approx(hand[0] / mine["ms_per_iteration"]), mine
+        else:  # differentiable Adam: higher alone
+            assert not hand and "speed_vs_hand_batched" not in mine, mine
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_the_meta_gradients_written_for_the_benchmark_equal_distmaml_s_on_conv4(first_order):
+    # 8 channels, 2 shots, 3 tasks: the hand-batched grouped convolutions keep each task's batch statistics
+    small = ("model.channels=8", "train.meta_batch=3", "task.support=2", "task.query=2")
+    rows = {row["library"]: row for row in peers.compare_and_time("conv4", 2, first_order, peers.written_here(), 1,
+                                                                 0.0, more=small)}
+    assert set(rows) == {"distmaml", *WRITTEN_HERE}
+    for name in WRITTEN_HERE:
+        assert rows[name]["status"] == "equal" and rows[name]["relative_error"] <= peers.TOLERANCE, rows[name]
+        assert rows[name]["ms_per_iteration"] > 0, rows[name]
+    assert rows["distmaml"]["speedup_over_fastest_loop"] > 0 and rows["distmaml"]["speed_vs_hand_batched"] > 0
+
+
 # The four hypergradient cases at T = 3 on two initialisations, MNIST-1D cut to 200 training sequences.
 HYPER_SMALL = {"learning_rate": ("task.args.train=200", "model.hidden=[16]"),
                "weight_decay": ("task.args.train=200", "model.hidden=[16]"), "distill": (), "hyperclean": ()}
@@ -149,6 +189,30 @@ def test_a_peer_s_hypergradient_equals_distmaml_s_before_it_is_timed(peers_hyper
         for case in ("weight_decay", "hyperclean"):  # its "cg" reuses the old residual: not a CG solve
             cg = peers_hyper_rows[case, "betty-cg"]
             assert cg["status"] == "DIFFERS" and cg["relative_error"] > 0.1 and "ms_per_hypergradient" not in cg, cg
+
+
+@pytest.mark.parametrize("implementation", WRITTEN_HERE)
+def test_the_hypergradients_written_for_the_benchmark_equal_distmaml_s_in_every_case(peers_hyper_rows,
+                                                                                      implementation):
+    for case in HYPER_SMALL:
+        row = peers_hyper_rows[case, implementation]
+        assert row["status"] == "equal" and row["relative_error"] <= peers_hyper.TOLERANCE, row
+        assert row["ms_per_hypergradient"] > 0 and row.get("solve", "cg") == "cg", row  # the implicit ones: ridge-1 CG
+
+
+def test_distmaml_s_hypergradient_rows_compare_it_with_libraries_loops_and_the_hand_batched_one(peers_hyper_rows):
+    for case in HYPER_SMALL:
+        mine = peers_hyper_rows[case, "distmaml"]
+        timed = {name: row["ms_per_hypergradient"] for (where, name), row in peers_hyper_rows.items()
+                 if where == case and name != "distmaml" and row.get("solve") == mine.get("solve")
+                 and "ms_per_hypergradient" in row}
+        libraries = [ms for name, ms in timed.items() if name not in WRITTEN_HERE]
+        loops = [ms for name, ms in timed.items() if name != peers.HAND_BATCHED]
+        ms = mine["ms_per_hypergradient"]
+        assert mine["speedup_over_fastest_loop"] == pytest.approx(min(loops) / ms), mine
+        assert mine["speed_vs_hand_batched"] == pytest.approx(timed[peers.HAND_BATCHED] / ms), mine
+        if libraries:  # the peers' speedup is over the libraries alone
+            assert mine["speedup_over_fastest_peer"] == pytest.approx(min(libraries) / ms), mine
 
 
 def test_an_error_of_ours_inside_a_betty_engine_is_raised_as_ours_not_blamed_on_betty():
