@@ -16,6 +16,7 @@ takes the same Adam step on the average, so the weights stay identical everywher
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -100,7 +101,8 @@ def _run(config: Config, ctx: dist.Context, preemption: PreemptionWatch, trained
         dist.same_on_every_rank(start, ctx, "the iteration it resumes from", hint="every rank must see the same "
                                 "run.dir (a file system shared by all nodes)")
         dist.check_replicas(list(learner.theta.values()), ctx, start)
-        step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS))
+        batched = preflight.choose_path(config, ctx, learner, resumed.batched)
+        step = MetaStep(learner, optimizer, config, ctx, stop_reasons=len(STOP_REASONS), batched=batched)
         step.check_reachable = start == 0
         logger = stack.enter_context(contextlib.closing(_make_logger(config, ctx)))
         logger.start(start, config.train.iterations)
@@ -129,11 +131,13 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
         shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
         if shapes is not None:  # nothing allocated for real before the estimate passed
             preflight.check_shapes(config, shapes)
-            preflight.check_memory(config, ctx, shapes)
+            checkpoint = preflight.check_memory(config, ctx, shapes)
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         learner = build(config, ctx.device, family)
         if shapes is None:  # built from values: estimated now, still before a real task is sampled
-            preflight.check_memory(config, ctx, learner)
+            checkpoint = preflight.check_memory(config, ctx, learner)
+        # inner.checkpoint = auto, as the estimate chose it: the same bits either way, only time and memory differ.
+        learner = learner._replace(inner=dataclasses.replace(learner.inner, checkpoint=checkpoint))
         preflight.check_first_batch(config, learner)
     except SettingError as err:
         raise sourced(config, err) from None
@@ -162,7 +166,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
                      "config": to_dict(config), "user_files": user_files(config), "rng": checkpoint.rng_state(),
-                     **watch.checkpoint_fields()}
+                     "batched": step.batched, **watch.checkpoint_fields()}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -197,7 +201,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                     status = "diverged"
                     break
             if log_now:
-                metrics = _metrics(learner, out, config, ctx, *watch.window(iteration))
+                metrics = _metrics(learner, out, config, ctx, step.batched, *watch.window(iteration))
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
                 logger.log(metrics)
                 watch.close_window(iteration, params, lambda: _sharpness_warning(config, learner, metrics))
@@ -217,7 +221,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     summary: dict[str, Any] = {"status": status, "iteration": iteration, "world_size": ctx.world_size,
                                "run_dir": str(run_dir), "train_seconds": seconds,
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
-                               "peak_memory_mb": dist.peak_memory_mb(ctx)}
+                               "peak_memory_mb": dist.peak_memory_mb(ctx), "batched": step.batched}
     if status == "diverged":  # the CLI prints summary["error"]
         summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), watch.reference,
                                    step.diverged_norm.item(), out.result.stats))
@@ -327,24 +331,24 @@ def _make_logger(config: Config, ctx: dist.Context):
                      wandb_name=lg.wandb_name, wandb_mode=lg.wandb_mode, wandb_timeout=lg.wandb_timeout)
 
 
-def _metric_names(config: Config, learner: Learner) -> list[str]:
-    """What the log step reduces: decided by the config and the problem alone, so that every rank --
-    one without tasks too -- sends the same buffer through the all-reduce."""
+def _metric_names(config: Config, learner: Learner, batched: bool) -> list[str]:
+    """What the log step reduces: decided by the config, the problem and the path every rank agreed on
+    alone, so that every rank -- one without tasks too -- sends the same buffer through the all-reduce."""
     outer = getattr(learner.problem, "outer_name", "outer")
     names = [f"{outer}_loss_before", f"{outer}_loss_after"]
     if learner.family.is_classification:
-        # The per-task loop (engine.batched=false) keeps no adapted weights to score.
-        names += [f"{outer}_accuracy_before"] + ([f"{outer}_accuracy_after"] if config.engine.batched else [])
+        # The per-task loop keeps no adapted weights to score.
+        names += [f"{outer}_accuracy_before"] + ([f"{outer}_accuracy_after"] if batched else [])
     names += list(learner.inner.method.stat_names)
     return names + (["sharpness"] if config.logging.sharpness else [])
 
 
-def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, mean_loss: float,
+def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, batched: bool, mean_loss: float,
              window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
     problem, (batch, result), theta = learner.problem, out[:2], learner.theta
     outer = getattr(problem, "outer_name", "outer")
-    names = _metric_names(config, learner)
+    names = _metric_names(config, learner, batched)
     first = next(iter(theta.values()))
     sums = {name: first.new_zeros((), dtype=torch.float64) for name in names}
     if num_tasks(batch):

@@ -146,3 +146,8 @@ def check_values(config, source) -> None:
         fail("engine.device", "must be auto, cpu, cuda or cuda:N")
     if isinstance(config.run.resume, str) and config.run.resume.lower() in ("true", "false"):
         config.run.resume = config.run.resume.lower() == "true"
+    if isinstance(config.engine.batched, str):
+        if config.engine.batched.lower() not in ("true", "false", "auto"):
+            fail("engine.batched", "must be true, false or auto")
+        lowered = config.engine.batched.lower()
+        config.engine.batched = "auto" if lowered == "auto" else lowered == "true"

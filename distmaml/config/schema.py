@@ -152,7 +152,8 @@ class InnerConfig:
                      "differences; finite_difference.eps), reptile (phi - w_K), or your own as an import path "
                      "'package.module:Name' (a Method object, or a class called without arguments)")
     truncate: int = _opt(1, "truncated mode: backpropagate through the last T inner steps only")
-    checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them",
+    checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them (auto: the "
+                           "trainer stores them where the memory estimate says they fit, else about sqrt(K) segments)",
                            ("none", "every_step", "segments", "auto"))
     checkpoint_segment: Optional[int] = _opt(None, "checkpoint=segments: inner steps per recomputed segment")
     multi_step_loss: bool = _opt(False, "MAML++'s multi-step loss: the meta-objective weights the query loss after "
@@ -242,7 +243,10 @@ class EngineConfig:
     device: str = _opt("auto", "auto: cuda:LOCAL_RANK when CUDA is present, else cpu; or cpu, cuda")
     dtype: str = _opt("float32", "weights and data: float32, float64, or bf16 (float32 weights and Adam, "
                       "bfloat16 autocast of the model's matmuls and convolutions)", ("float32", "float64", "bf16"))
-    batched: bool = _opt(True, "evaluate a process's tasks together with vmap (false: the per-task loop)")
+    batched: bool | str = _opt(True, "true: adapt a process's tasks together (vmap over tasks); false: one task "
+                               "after another (the per-task loop); auto: time a short probe of each on the first batch "
+                               "and take the faster, recorded in the checkpoints so that a resume takes it again (two "
+                               "runs may then take different paths, which round differently)")
     cuda_graph: bool = _opt(False, "capture the whole meta-iteration as one CUDA graph (CUDA only)")
     memory_check: bool = _opt(True, "before the first iteration, estimate its peak memory and refuse a run that "
                               "would not fit (with what would)")

@@ -148,6 +148,22 @@ def budget_bytes(config, device: torch.device) -> tuple[int, str]:
     return available_bytes(device)
 
 
+def stored_if_it_fits(problem, params, tasks: Tasks, config, inner: Inner, meta_gradient_fn: Callable,
+                      device: torch.device) -> tuple[Inner, str]:
+    """inner.checkpoint = auto recomputes only when it must: the unroll stored whole (checkpoint "none",
+    the fastest) where its estimated peak fits the budget, else recomputed in segments of about sqrt(K)
+    steps. Either gives the same bits (distmaml.meta.checkpointing); the choice is time against memory.
+    Returns the inner loop to run and the choice in words, for the log."""
+    stored = dataclasses.replace(inner, checkpoint="none")
+    found = estimate(problem, params, tasks, stored, meta_gradient_fn, config.inner.multi_step_loss)
+    budget, where = budget_bytes(config, device)
+    if found.peak_bytes <= budget:
+        return stored, (f"inner.checkpoint = auto: stores the unroll (about {describe_size(found.peak_bytes)} of "
+                        f"the {describe_size(budget)} available, {where})")
+    return inner, (f"inner.checkpoint = auto: recomputes the unroll in segments (storing it would need about "
+                   f"{describe_size(found.peak_bytes)}, more than the {describe_size(budget)} available, {where})")
+
+
 def check_fits(problem, params, tasks: Tasks, config, inner: Inner, meta_gradient_fn: Callable, world_size: int,
                device: torch.device) -> Estimate:
     """Estimate one meta-iteration of `inner` (the run's built inner loop) and refuse, in one line, a

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -72,19 +73,26 @@ def _family_and_problem(config: Config, learner: Learner, device: torch.device, 
     return batch
 
 
-def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
-    """Refuse a run whose meta-iteration, or whose evaluation at the end, would not fit (engine.memory_check)."""
+def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> str:
+    """Refuse a run whose meta-iteration, or whose evaluation at the end, would not fit (engine.memory_check).
+    Returns the inner checkpointing the run should use: inner.checkpoint, or for `auto` what the
+    estimate chose (the stored unroll where it fits; recomputed segments where it does not, or where
+    there is no estimate to go by)."""
     if config.eval.at_end:  # the evaluation at the end refuses shots its tasks do not have: say so now
         refuse_shots(learner.family, evaluation_settings(config), EVAL_KEYS, config.task.family)
-    if not config.engine.memory_check:
-        return
+    inner, chosen = learner.inner, False
     tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
-    if len(tasks):
+    if config.engine.memory_check and len(tasks):
         # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
         try:
-            found = memory.check_fits(learner.problem, learner.theta, shapes, config, learner.inner, probe,
+            if inner.checkpoint == "auto":
+                inner, choice = memory.stored_if_it_fits(learner.problem, learner.theta, shapes, config, inner, probe,
+                                                         ctx.device)
+                log.info("%s", choice)
+                chosen = True
+            found = memory.check_fits(learner.problem, learner.theta, shapes, config, inner, probe,
                                       ctx.world_size, ctx.device)
         except RuntimeError as err:  # the problem ran on shape-only tensors (check_shapes): the method cannot
             if not reads_values(err):
@@ -92,12 +100,65 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> None:
             log.warning("memory estimate skipped: inner.mode = %r reads tensor values, which the estimate's "
                         "shape-only tensors do not have; the run starts unestimated (engine.memory_check=false "
                         "says so without trying)", config.inner.mode)
+            inner, chosen = learner.inner, False
         else:
             log.info("estimated peak memory of one meta-iteration: %s on this process",
                      describe_size(found.peak_bytes))
+    if inner.checkpoint == "auto" and not chosen:
+        log.info("inner.checkpoint = auto: recomputes the unroll in segments, with no memory estimate to store it by")
     if config.eval.at_end and ctx.is_main:  # only the main process evaluates
         memory.check_evaluation_fits(learner.problem, learner.theta, learner.family, learner.inner,
                                      evaluation_settings(config), config, ctx.device, EVAL_KEYS)
+    return inner.checkpoint
+
+
+PATH_PROBE_STEPS = 3  # inner steps of the path probe: the first step (which differs) and two like all the others
+
+
+def probe_seconds(learner: Learner, batch, inner, batched: bool, device: torch.device) -> float:
+    """Seconds of one meta-gradient of `batch` by one path, after a call that warms it up."""
+    for timed in (False, True):
+        started = time.perf_counter()
+        compute_meta_gradient(learner.problem, learner.theta, batch, inner, batched)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - started if timed else 0.0
+
+
+def choose_path(config: Config, ctx: dist.Context, learner: Learner, recorded: bool | None) -> bool:
+    """engine.batched, or for `auto` the path this run takes: True for the batched one, False for the
+    per-task loop. Batching pays on a GPU and for most networks on a CPU, but not everywhere (a
+    convolution on a CPU, whose batched backward rearranges memory): `auto` times both on a probe of
+    the first batch (a few inner steps, the run's own method), every process alike, and takes the one
+    faster over all of them. A resumed run takes what its checkpoint recorded, so that it goes on bit
+    for bit (the two paths round differently). A CUDA graph captures the batched path."""
+    if isinstance(config.engine.batched, bool):
+        return config.engine.batched
+    if recorded is not None:
+        log.info("engine.batched = auto: %s, as the checkpoint recorded", _path_name(recorded))
+        return recorded
+    if config.engine.cuda_graph:
+        return True
+    tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
+    seconds = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    if len(tasks):
+        batch = learner.family.sample(STREAM_TRAIN, 0, torch.arange(tasks.start, tasks.stop, device=ctx.device))
+        steps = min(config.inner.steps, PATH_PROBE_STEPS)
+        method = learner.inner.method
+        inner = dataclasses.replace(learner.inner, steps=steps, progress=None,
+                                    method=getattr(method, "at_steps", lambda steps: method)(steps))
+        seconds = torch.tensor([probe_seconds(learner, batch, inner, batched, ctx.device) for batched in (True, False)],
+                               dtype=torch.float64, device=ctx.device)
+    batched_s, loop_s = dist.all_reduce_sum([seconds], ctx)[0].tolist()
+    batched = batched_s <= loop_s
+    log.info("engine.batched = auto: %s (a probe of %d inner step(s) on the first batch took %.3g s batched, %.3g s "
+             "task by task%s)", _path_name(batched), min(config.inner.steps, PATH_PROBE_STEPS), batched_s, loop_s,
+             ", summed over the processes" if ctx.distributed else "")
+    return batched
+
+
+def _path_name(batched: bool) -> str:
+    return "the batched path" if batched else "the per-task loop"
 
 
 def probe(problem, theta, batch, inner, step_weights):

@@ -124,13 +124,16 @@ class MetaStep:
     """
 
     def __init__(self, learner: Learner, optimizer, config, ctx: dist.Context, static: bool = False,
-                 stop_reasons: int = 1):
+                 stop_reasons: int = 1, batched: bool | None = None):
         self.problem, self.params, self.family = learner.problem, learner.theta, learner.family
         self.model = learner.model
         self.inner, self.optimizer, self.config, self.ctx = learner.inner, optimizer, config, ctx
         # MAML++'s derivative-order annealing: first order before inner.first_order_iterations.
         self.first_order_inner = dataclasses.replace(self.inner, method=FirstOrder())
         self.cuda_graph = config.engine.cuda_graph
+        # The path engine.batched names, or for `auto` the one the trainer chose (preflight.choose_path);
+        # a MetaStep built without a choice (a benchmark, a test) takes the batched path for `auto`.
+        self.batched = batched if batched is not None else config.engine.batched is not False
         self.static = static or self.cuda_graph
         self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
         self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
@@ -200,7 +203,7 @@ class MetaStep:
         autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
                     if self.autocast_dtype else contextlib.nullcontext())
         with autocast:
-            result = compute_meta_gradient(self.problem, self.params, batch, inner, self.config.engine.batched,
+            result = compute_meta_gradient(self.problem, self.params, batch, inner, self.batched,
                                            self.step_weights)
         # Stop requests and the loss ride along in the gradient's all-reduce, so every rank stops
         # after the same iteration even when a signal reached only some of them or their clocks

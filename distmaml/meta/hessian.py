@@ -1,8 +1,8 @@
 """Inner-loss Hessians of every task at once: Hessian-vector products, mixed products, the top eigenvalue.
 
 Task i's inner gradient g_i = grad_w inner_loss(w_i, phi, task_i) depends on its own weights alone,
-so one vector-Jacobian product of the stacked (vmapped) gradients with stacked vectors gives every
-task its own H_i p_i, and one with respect to phi gives sum_i (d_phi g_i)^T v_i: the two products
+so one vector-Jacobian product of the stacked gradients (distmaml.meta.unrolling.inner_gradients)
+with stacked vectors gives every task its own H_i p_i, and one with respect to phi gives sum_i (d_phi g_i)^T v_i: the two products
 implicit differentiation needs. `top_eigenvalue` measures sharpness with them.
 
 Why sharpness matters: plain gradient descent at step size alpha on a quadratic with top Hessian
@@ -16,10 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import torch
-from torch.func import grad, vmap
-
 from distmaml.meta.functional import Params, Tasks, detached
-from distmaml.meta.unrolling import start_weights
+from distmaml.meta.unrolling import inner_gradients, start_weights
 
 
 def task_dot(a: Params, b: Params) -> torch.Tensor:
@@ -47,11 +45,7 @@ def inner_hessian(problem: Any, weights: Params, phi: Params, tasks: Tasks, step
     points = {name: value.detach().requires_grad_() for name, value in weights.items()}
     meta = {name: value.detach().requires_grad_(mixed and value.is_floating_point()) for name, value in phi.items()}
 
-    def task_grad(point: Params, at_phi: Params, task: Any) -> Params:
-        return grad(lambda w: problem.inner_loss(w, at_phi, task, step))(point)
-
-    with torch.enable_grad():
-        grads = vmap(task_grad, in_dims=(0, None, 0))(points, meta, tasks)
+    grads = inner_gradients(problem, points, meta, tasks, step, keep_graph=True)
     names = list(points)
     outputs = [grads[name] for name in names]
     differentiable = any(output.requires_grad for output in outputs)

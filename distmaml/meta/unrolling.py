@@ -1,10 +1,11 @@
-"""The inner loop of every task at once: one vmap per inner step, plain autograd through the loop.
+"""The inner loop of every task at once: every task's inner step together, plain autograd through the loop.
 
-Each inner step is a vmap over tasks of a pure per-task step: the inner gradient by
-torch.func.grad of the problem's inner loss, then the update rule (distmaml.meta.rules). The first
-step also draws the task's starting weights (problem.start) inside that vmap, so weights that do
-not depend on the task (MAML's phi) stay unbatched there and the first forward is one matmul over
-all tasks. The steps are an ordinary Python loop over K, so a hypergradient method is plain
+The first step is one vmap over tasks of the whole per-task step (problem.start, the inner
+gradient by torch.func.grad, the update rule of distmaml.meta.rules), so weights that do not
+depend on the task (MAML's phi) stay unbatched there and the first forward is one matmul over all
+tasks. Every later step runs the inner loss under vmap for the forward pass only and takes all
+tasks' gradients at once as the gradient of their summed losses (inner_gradients), then the rule.
+The steps are an ordinary Python loop over K, so a hypergradient method is plain
 autograd through it, and each step chooses what the backward pass sees: a differentiated step's
 gradient keeps its graph (second order), another step's gradient is taken at detached weights and
 meta-parameters (a constant: first order). Stretches of differentiated steps may be recomputed in
@@ -78,29 +79,57 @@ class _StepViews(Sequence):
                 for name, value in self.phi.items()}
 
 
-def _task_step(problem: Any, rule: Rule, step: int, differentiable: bool, first: bool):
-    """One task's inner step: (phi, task) -> (weights, state) for the first step, which draws the
-    starting weights; (weights, state, phi, task) -> (weights, state) for the others."""
+def inner_gradients(problem: Any, weights: Params, phi: Params, tasks: Tasks, step: int,
+                    keep_graph: bool) -> Params:
+    """Every task's inner gradient at once: the gradient of the sum of the tasks' inner losses with
+    respect to the stacked weights (task dimension first). Tasks share no weights, so slice i of that
+    gradient is task i's own gradient. The forward pass is one vmap over tasks; the backward pass is
+    plain autograd on the batched operations it recorded, which keeps their memory layout (a
+    torch.func.grad inside the vmap runs its backward through vmap's batching rules instead, at a
+    cost: docs/design.md, "Batched steps").
 
-    def task_step(*args):
-        if first:
-            phi, task = args
-            weights = problem.start(phi, task)
-            state = rule.init(weights)
-        else:
-            weights, state, phi, task = args
-        # A first-order step takes its gradient at detached weights and meta-parameters: the update
-        # still moves the weights (and reads learned step sizes), the backward pass treats the
-        # gradient as a constant.
+    With `keep_graph` the gradient keeps its graph to the weights and phi (a differentiated step, with
+    grad mode on); otherwise it is a constant, taken at detached weights (a first-order step, or a
+    forward pass that records nothing: evaluation, a recomputed segment's first run)."""
+    with torch.enable_grad():
+        point = {name: value if keep_graph and value.requires_grad else value.detach().requires_grad_()
+                 for name, value in weights.items()}
+        losses = vmap(problem.inner_loss, in_dims=(0, None, 0, None))(point, phi, tasks, step)
+        found = torch.autograd.grad(losses.sum(), list(point.values()), create_graph=keep_graph, allow_unused=True)
+    # A weight the inner loss does not read has a zero gradient, as torch.func.grad gives it.
+    return {name: torch.zeros_like(value) if gradient is None else gradient
+            for (name, value), gradient in zip(point.items(), found)}
+
+
+def inner_step(problem: Any, rule: Rule, weights: Params, state: State, phi: Params, tasks: Tasks, step: int,
+               differentiable: bool) -> tuple[Params, State]:
+    """Every task's inner step `step` at once: the inner gradients, then the rule (vmapped over tasks).
+
+    A first-order step (not `differentiable`) takes its gradient at detached weights and
+    meta-parameters: the update still moves the weights (and reads learned step sizes), the
+    backward pass treats the gradient as a constant."""
+    keep_graph = differentiable and torch.is_grad_enabled()
+    grads = inner_gradients(problem, weights, phi if differentiable else detached(phi), tasks, step, keep_graph)
+    return vmap(rule.step, in_dims=(0, 0, 0, None, None))(weights, grads, state, phi, step)
+
+
+def first_step(problem: Any, rule: Rule, phi: Params, tasks: Tasks, differentiable: bool) -> tuple[Params, State]:
+    """Every task's first inner step, from problem.start(phi, task), in one vmap of the whole per-task step.
+
+    Starting weights that do not depend on the task (MAML's phi) stay unbatched inside it, so the
+    first forward pass is one matmul or convolution over all tasks' examples, and torch.func.grad
+    gives each task its own gradient of them; from the second step on every task has weights of
+    its own and inner_step takes over."""
+
+    def task_step(phi: Params, task: Any) -> tuple[Params, State]:
+        weights = problem.start(phi, task)
+        state = rule.init(weights)
         at_phi = phi if differentiable else detached(phi)
+        grads = grad(lambda point: problem.inner_loss(point, at_phi, task, 0))(
+            weights if differentiable else detached(weights))
+        return rule.step(weights, grads, state, phi, 0)
 
-        def inner_loss(point: Params) -> torch.Tensor:
-            return problem.inner_loss(point, at_phi, task, step)
-
-        grads = grad(inner_loss)(weights if differentiable else detached(weights))
-        return rule.step(weights, grads, state, phi, step)
-
-    return task_step
+    return vmap(task_step, in_dims=(None, 0))(phi, tasks)
 
 
 def start_weights(problem: Any, phi: Params, tasks: Tasks) -> Params:
@@ -149,11 +178,9 @@ def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None 
                 differentiable = step >= first_differentiated
                 views = inputs["phi"][step - start]
                 if weights is None:
-                    update = _task_step(problem, rule, step, differentiable, first=True)
-                    weights, state = vmap(update, in_dims=(None, 0))(views, tasks)
+                    weights, state = first_step(problem, rule, views, tasks, differentiable)
                 else:
-                    update = _task_step(problem, rule, step, differentiable, first=False)
-                    weights, state = vmap(update, in_dims=(0, 0, None, 0))(weights, state, views, tasks)
+                    weights, state = inner_step(problem, rule, weights, state, views, tasks, step, differentiable)
                 if kept(step + 1) or step == end - 1:
                     trail.append(weights)
                 if step_report is not None:

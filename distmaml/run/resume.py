@@ -47,6 +47,9 @@ class Resumed(NamedTuple):
     # window the checkpoint was written in (the next window's bound is their median).
     grad_norm_bound: float = math.inf
     window_grad_norms: torch.Tensor | None = None
+    # The path engine.batched = auto chose (True: batched), so that the run goes on with it; None
+    # where the checkpoint recorded none (a fresh start, or one written before the choice existed).
+    batched: bool | None = None
 
 
 def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
@@ -87,9 +90,11 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     usable = reference is None and torch.is_tensor(partial) and partial.dim() == 1
     norms = state.get("window_grad_norms")  # absent from checkpoints written before the bound existed
     bound = state.get("grad_norm_bound")
+    batched = state.get("batched")
     return Resumed(int(state["iteration"]), reference, partial if usable else None,
                    float(bound) if isinstance(bound, float) and bound > 0 else math.inf,
-                   norms if torch.is_tensor(norms) and norms.dim() == 1 else None)
+                   norms if torch.is_tensor(norms) and norms.dim() == 1 else None,
+                   batched if isinstance(batched, bool) else None)
 
 
 def check_resumed_code(config: Config) -> None:

@@ -124,6 +124,42 @@ def test_per_task_loop_engine_trains_identically(tmp_path):
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-12)
 
 
+def test_auto_path_takes_the_faster_records_it_and_a_resume_takes_it_again(tmp_path, monkeypatch, capfd):
+    """engine.batched = auto follows its probe (here made to favour the loop, then the batched path),
+    is recorded in the checkpoints, and a resume goes on with the recorded path, bit for bit."""
+    from distmaml.engine import preflight
+
+    favoured = {"batched": False}
+    probed = []
+
+    def probe_seconds(learner, batch, inner, batched, device):
+        probed.append((batched, inner.steps))
+        return 1.0 if batched == favoured["batched"] else 2.0
+
+    monkeypatch.setattr(preflight, "probe_seconds", probe_seconds)
+    common = ["eval.at_end=false", "inner.steps=4", "train.checkpoint_every=2"]
+    first = train(debug_config(tmp_path / "auto", "engine.batched=auto", "train.iterations=4", *common))
+    assert first["batched"] is False and final_state(tmp_path / "auto")["batched"] is False
+    assert sorted(probed) == [(False, 3), (True, 3)]
+    assert "engine.batched = auto: the per-task loop (a probe of 3 inner step(s)" in capfd.readouterr().err
+    favoured["batched"] = True
+    resumed = train(debug_config(tmp_path / "auto", "engine.batched=auto", "train.iterations=6", *common))
+    assert resumed["batched"] is False and len(probed) == 2
+    assert "engine.batched = auto: the per-task loop, as the checkpoint recorded" in capfd.readouterr().err
+    train(debug_config(tmp_path / "loop", "engine.batched=false", "train.iterations=6", *common))
+    recorded, loop = final_state(tmp_path / "auto"), final_state(tmp_path / "loop")
+    assert all(torch.equal(recorded["model"][name], loop["model"][name]) for name in loop["model"])
+    assert recorded["batched"] is False and loop["batched"] is False
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_engine_batched_takes_true_false_or_auto(value, expected, tmp_path):
+    assert debug_config(tmp_path, f"engine.batched={value}").engine.batched == expected
+    with pytest.raises(ConfigError) as refused:
+        debug_config(tmp_path, "engine.batched=sometimes")
+    assert str(refused.value) == "command line: engine.batched = 'sometimes': must be true, false or auto"
+
+
 def test_cli_train_eval_plot(tmp_path):
     run = tmp_path / "run"
     out = run_cli(["train", "configs/sine_debug.yaml", f"run.dir={run}", "train.iterations=60", "eval.tasks=50"])

@@ -142,3 +142,30 @@ def test_the_estimate_measures_the_run_s_own_method_and_skips_one_it_cannot_run(
     assert "one meta-iteration needs about" in capsys.readouterr().err
     assert cli.main(["train", *common, f"run.dir={tmp_path / 'b'}", "inner.mode=mine.py:Reading"]) == 0
     assert "memory estimate skipped: inner.mode = " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_checkpoint_auto_stores_the_unroll_where_it_fits_and_recomputes_where_it_does_not(fits, tmp_path, monkeypatch,
+                                                                                           capfd):
+    """The budget sits between the estimates of the stored and the recomputed unroll: the run stores
+    (no recomputed segment) when the stored one fits, and recomputes when only the segments do."""
+    import distmaml.meta.unrolling as unrolling
+    from distmaml.commands.train import train
+
+    overrides = ["inner.steps=16", "inner.checkpoint=auto"]
+    config, maml, params, batch = sine(*overrides)
+    auto = build_inner(config)
+    stored = memory.estimate(maml, params, batch, dataclasses.replace(auto, checkpoint="none"), engine).peak_bytes
+    segments = memory.estimate(maml, params, batch, auto, engine).peak_bytes
+    assert segments < stored
+    budget = stored * 1.05 if fits else (stored + segments) / 2
+    segments_run = []
+    real = unrolling.recomputed
+    monkeypatch.setattr(unrolling, "recomputed", lambda *args: segments_run.append(1) or real(*args))
+    train(load_config(REPO / "configs/sine_debug.yaml", [
+        "model.hidden=[64, 64]", "task.support=30", "task.query=30", "train.meta_batch=6", *overrides,
+        "train.iterations=2", "eval.at_end=false", f"engine.memory_budget={budget / 2 ** 30!r}", f"run.dir={tmp_path}"]))
+    said = [line.split("INFO distmaml.train: ")[1] for line in capfd.readouterr().err.splitlines()
+            if "inner.checkpoint = auto" in line]
+    assert len(said) == 1 and said[0].startswith("inner.checkpoint = auto: " + ("stores" if fits else "recomputes"))
+    assert bool(segments_run) is not fits

@@ -85,7 +85,7 @@ def gradient_sum(objective: torch.Tensor, phi: Params) -> Params:
 
 def plain_adapt(problem: Any, phi: Params, tasks: Tasks, inner: Any, steps: int, trajectory: bool = False) -> Unrolled:
     """The inner loop without a graph: how evaluation adapts under most methods."""
-    with torch.no_grad():  # torch.func.grad inside still takes the inner gradients
+    with torch.no_grad():  # the inner gradients are still taken (inner_gradients enables grad for them)
         return unroll(problem, detached(phi), tasks, inner, steps=steps, differentiated=0, trajectory=trajectory)
 
 
