@@ -47,7 +47,7 @@ from torch.func import functional_call
 
 from benchmarks.common import OMNIGLOT_SHAPED, REPO, RESULTS, config_for, machine, median_seconds, one_line, write
 from distmaml.build import build
-from distmaml.meta import MAML, Inner, make_rule, meta_gradient
+from distmaml.meta import MAML, Inner, make_rule, meta_gradient, meta_gradient_loop
 from distmaml.models import MLP, BatchStatNorm2d, Conv4
 from distmaml.rng import STREAM_TRAIN
 
@@ -323,6 +323,15 @@ def distmaml_grads(model, batch, loss_fn, lr, steps, first_order, rule="sgd", **
         param.grad = grad
 
 
+def distmaml_loop_grads(model, batch, loss_fn, lr, steps, first_order, rule="sgd", **settings):
+    """distmaml's per-task loop (engine.batched=false; what engine.batched=auto takes where it is faster)."""
+    theta = dict(model.named_parameters())
+    inner = Inner(make_rule(rule, lr, steps, **settings), steps, "first_order" if first_order else "second_order")
+    found = meta_gradient_loop(MAML(model, loss_fn), theta, batch, inner).grad_sum.values()
+    for param, grad in zip(theta.values(), found):
+        param.grad = grad
+
+
 def gradient_of(fn, model, batch, loss_fn, lr, steps, first_order, extra) -> torch.Tensor:
     for param in model.parameters():
         param.grad = None
@@ -347,14 +356,16 @@ def compare_and_time(kind: str, steps: int, first_order: bool, libraries, window
     reference = gradient_of(lambda *a: distmaml_grads(*a[:6], rule=rule, **settings), exact_model, batch64, loss_fn,
                             lr, steps, first_order, None)
     rows = []
-    for name, (fn, status, how) in {"distmaml": Peer(None, LOADED, "distmaml.meta.meta_gradient (batched)"),
-                                     **libraries}.items():
+    ours = {"distmaml": Peer(None, LOADED, "distmaml.meta.meta_gradient (batched)"),
+            "distmaml-loop": Peer(None, LOADED, "distmaml.meta.meta_gradient_loop (engine.batched=false)")}
+    for name, (fn, status, how) in {**ours, **libraries}.items():
         row = {"kind": kind, "inner_steps": steps, "order": "first" if first_order else "second", "rule": rule,
                "library": name, "loaded": how, "meta_batch": config.train.meta_batch, "inner_settings": settings}
         if status != LOADED:
             rows.append({**row, "status": status})
             continue
-        compute = (lambda *a: distmaml_grads(*a[:6], rule=rule, **settings)) if name == "distmaml" else fn
+        own = {"distmaml": distmaml_grads, "distmaml-loop": distmaml_loop_grads}.get(name)
+        compute = (lambda *a, own=own: own(*a[:6], rule=rule, **settings)) if own else fn
         got = gradient_of(compute, copy.deepcopy(exact_model), batch64, loss_fn, lr, steps, first_order,
                           inner_optimizer)
         error = float((got - reference).norm() / reference.norm())
@@ -390,10 +401,12 @@ def against_loops_and_hand_batched(rows: list[dict[str, Any]], mine: dict[str, A
     """distmaml's time against the fastest per-task loop (a library's or the plain loop) and against the
     hand-batched implementation, where they were timed."""
     timed = {row["library"]: row["ms_per_iteration"] for row in rows if "ms_per_iteration" in row}
-    loops = [ms for name, ms in timed.items() if name not in ("distmaml", HAND_BATCHED)]
+    loops = [ms for name, ms in timed.items() if name not in ("distmaml", "distmaml-loop", HAND_BATCHED)]
     out = {}
     if loops:
         out["speedup_over_fastest_loop"] = min(loops) / mine["ms_per_iteration"]
+        if "distmaml-loop" in timed:  # the faster of distmaml's two paths: what engine.batched=auto runs
+            out["auto_speedup_over_fastest_loop"] = min(loops) / min(timed["distmaml"], timed["distmaml-loop"])
     if HAND_BATCHED in timed:
         out["speed_vs_hand_batched"] = timed[HAND_BATCHED] / mine["ms_per_iteration"]
     return out

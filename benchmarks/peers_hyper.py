@@ -64,7 +64,7 @@ from benchmarks.peers import HAND_BATCHED, PLAIN_LOOP, WRITTEN_HERE, stacked_for
 from benchmarks.peers_betty import PeerFailed
 from distmaml.build import build
 from distmaml.config import load_config
-from distmaml.meta import CG, Implicit, Inner, NeumannSeries, meta_gradient, task_at
+from distmaml.meta import CG, Implicit, Inner, NeumannSeries, meta_gradient, meta_gradient_loop, task_at
 from distmaml.meta.problems.distillation import INPUTS, LABELS, LANE_OUTER
 from distmaml.meta.problems.reweighting import NAME as EXAMPLE_LOGIT
 
@@ -114,6 +114,15 @@ def distmaml_grad(config, learner, tasks, solve: str = "cg") -> torch.Tensor:
 
 def distmaml_neumann(config, learner, tasks) -> torch.Tensor:
     return distmaml_grad(config, learner, tasks, "neumann")
+
+
+def distmaml_loop(config, learner, tasks) -> torch.Tensor:
+    """distmaml's per-task loop (engine.batched=false; what engine.batched=auto takes where it is faster)."""
+    inner = learner.inner
+    if isinstance(inner.method, Implicit):
+        inner = Inner(inner.rule, inner.steps, SOLVES["cg"])
+    result = meta_gradient_loop(learner.problem, learner.theta, tasks, inner)
+    return torch.cat([g.reshape(-1) for g in result.grad_sum.values()])
 
 
 def _runs(learner, tasks):
@@ -480,13 +489,13 @@ betty_neumann = _betty("implicit", type="neumann", neumann_iterations=SOLVES["ne
                        neumann_alpha=NEUMANN_ALPHA)
 betty_cg = _betty("implicit", type="cg", cg_iterations=SOLVES["cg-undamped"].solve.cg_steps, cg_alpha=1.0)
 
-PEERS = {"learning_rate": {"torchopt": torchopt_lr, "higher": higher_lr, "betty": betty_unrolled,
+PEERS = {"learning_rate": {"distmaml-loop": distmaml_loop, "torchopt": torchopt_lr, "higher": higher_lr, "betty": betty_unrolled,
                            PLAIN_LOOP: plain_lr, HAND_BATCHED: hand_batched_lr},
-         "weight_decay": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
+         "weight_decay": {"distmaml-loop": distmaml_loop, "torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
                           "betty-cg": betty_cg, PLAIN_LOOP: plain_implicit, HAND_BATCHED: hand_batched_decay},
-         "distill": {"torchopt": torchopt_distill, "higher": higher_distill, "betty": betty_unrolled,
+         "distill": {"distmaml-loop": distmaml_loop, "torchopt": torchopt_distill, "higher": higher_distill, "betty": betty_unrolled,
                      PLAIN_LOOP: plain_distill, HAND_BATCHED: hand_batched_distill},
-         "hyperclean": {"torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
+         "hyperclean": {"distmaml-loop": distmaml_loop, "torchopt": torchopt_implicit, "distmaml-neumann": distmaml_neumann, "betty": betty_neumann,
                         "betty-cg": betty_cg, PLAIN_LOOP: plain_implicit, HAND_BATCHED: hand_batched_hyperclean}}
 PEER_PACKAGES = ("torchopt", "higher", "betty")
 
@@ -499,7 +508,9 @@ def not_installed(err: ImportError) -> str:
 
 # What each library's hypergradient is checked against and timed beside: distmaml with the same solve.
 SOLVE_OF = {"distmaml-neumann": "neumann", "betty": "neumann", "betty-cg": "cg-undamped"}
-HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched", "torchopt": "per initialisation",
+HOW = {"distmaml": "distmaml.meta.meta_gradient, tasks batched",
+       "distmaml-loop": "distmaml's per-task loop, meta_gradient_loop (engine.batched=false)",
+       "torchopt": "per initialisation",
        "higher": "per initialisation", "distmaml-neumann": "the same, Neumann series",
        "betty": "an Engine per initialisation", "betty-cg": "an Engine per initialisation, its cg",
        PLAIN_LOOP: "plain torch.autograd.grad, per initialisation (written for the benchmark, no library)",
@@ -540,6 +551,13 @@ def compare_and_time(case: str, windows: int, seconds: float, steps: int | None 
               f"{row.get('ms_per_hypergradient', float('nan')):9.1f} ms", flush=True)
     for mine in (r for r in rows if r["library"].startswith("distmaml") and "ms_per_hypergradient" in r):
         mine.update(speedups(rows, mine))
+    batched, loop = (next((r for r in rows if r["library"] == name and "ms_per_hypergradient" in r), None)
+                     for name in ("distmaml", "distmaml-loop"))
+    if batched and loop and "speedup_over_fastest_loop" in batched:
+        # The faster of distmaml's two paths, what engine.batched=auto runs, against the fastest loop.
+        fastest = batched["speedup_over_fastest_loop"] * batched["ms_per_hypergradient"]
+        batched["auto_speedup_over_fastest_loop"] = fastest / min(batched["ms_per_hypergradient"],
+                                                                  loop["ms_per_hypergradient"])
     return rows
 
 
@@ -609,7 +627,8 @@ def memory(case: str, steps: int) -> list[dict[str, Any]]:
     itself brings in (mostly the code pages of the kernels it runs for the first time, which count
     as resident memory) is the same at any T, so the difference is what the unroll itself holds."""
     rows = []
-    for library in ("distmaml", "distmaml-stored", *PEERS[case]):
+    # distmaml's per-task loop is timed above; its memory is the plain loop's kind (one task's graph at a time).
+    for library in ("distmaml", "distmaml-stored", *(name for name in PEERS[case] if name != "distmaml-loop")):
         started = time.perf_counter()
         try:
             peak = _peak_mib(case, library, steps)
