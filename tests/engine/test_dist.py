@@ -243,6 +243,28 @@ def test_all_reduce_and_replica_check_detect_a_diverged_rank():
         assert "swapped: iteration 7: weights of rank(s) [1] diverged" in out, out
 
 
+PATH_SCRIPT = """
+import torch
+from distmaml.build import build
+from distmaml.config import load_config
+from distmaml.engine import dist, preflight
+ctx = dist.init("cpu")
+try:
+    config = load_config("configs/sine_debug.yaml", ["engine.batched=auto", "train.meta_batch=4"])
+    # Alone, rank 0 would take the loop (1 s against 2 s); summed with rank 1's, the batched path wins.
+    planted = {0: {True: 2.0, False: 1.0}, 1: {True: 0.5, False: 3.0}}[ctx.rank]
+    preflight.probe_seconds = lambda learner, batch, inner, batched, device: planted[batched]
+    print("batched:", preflight.choose_path(config, ctx, build(config), None), flush=True)
+finally:
+    dist.teardown()
+"""
+
+
+def test_every_process_takes_the_path_their_summed_probes_choose():
+    """engine.batched = auto: the ranks decide together, so that none runs a path the others do not."""
+    assert all("batched: True" in out for out in two_gloo_processes(PATH_SCRIPT))
+
+
 WAIT_SCRIPT = """
 import time
 from distmaml.engine import dist
