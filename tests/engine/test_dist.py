@@ -220,15 +220,19 @@ finally:
 """
 
 
-def two_gloo_processes(script: str) -> list[str]:
-    """`script` run by two processes joined from torchrun-style environment variables; what each
-    printed, once both exited successfully."""
+def start_two_processes(script: str) -> list[subprocess.Popen]:
+    """`script` started by two processes joined from torchrun-style environment variables."""
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for rank in range(2)]
+    return [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT,
+                             env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for rank in range(2)]
+
+
+def two_gloo_processes(script: str) -> list[str]:
+    """`script` run by two processes; what each printed, once both exited successfully."""
+    procs = start_two_processes(script)
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out
@@ -486,12 +490,7 @@ def test_distributed_runs_exit_normally_every_time(tmp_path):
     with the trainer's threads and teardown: none may abort ("terminate called without an active
     exception") or exit non-zero. (Every torchrun test above ends in such exits too.)"""
     for attempt in range(6):
-        port = str(free_port())
-        procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT,
-                                  env=launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                 for rank in range(2)]
+        procs = start_two_processes(EXIT_SCRIPT)
         for proc in procs:
             out = proc.communicate(timeout=120)[0]
             assert proc.returncode == 0 and "clean" in out, out
