@@ -116,13 +116,18 @@ PATH_PROBE_STEPS = 3  # inner steps of the path probe: the first step (which dif
 
 
 def probe_seconds(learner: Learner, batch, inner, batched: bool, device: torch.device) -> float:
-    """Seconds of one meta-gradient of `batch` by one path, after a call that warms it up."""
-    for timed in (False, True):
-        started = time.perf_counter()
+    """Seconds of one meta-gradient of `batch` by one path, after a call that warms it up (a first
+    call's allocations and kernel choices are not the path's cost)."""
+
+    def meta_gradient() -> None:
         compute_meta_gradient(learner.problem, learner.theta, batch, inner, batched)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return time.perf_counter() - started if timed else 0.0
+
+    meta_gradient()
+    started = time.perf_counter()
+    meta_gradient()
+    return time.perf_counter() - started
 
 
 def choose_path(config: Config, ctx: dist.Context, learner: Learner, recorded: bool | None) -> bool:

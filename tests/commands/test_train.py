@@ -152,6 +152,15 @@ def test_auto_path_takes_the_faster_records_it_and_a_resume_takes_it_again(tmp_p
     assert recorded["batched"] is False and loop["batched"] is False
 
 
+def test_auto_path_times_both_paths_for_real_and_runs_the_one_it_names(tmp_path, capfd):
+    summary = train(debug_config(tmp_path, "engine.batched=auto", "train.iterations=2", "eval.at_end=false"))
+    said = [line for line in capfd.readouterr().err.splitlines() if "engine.batched = auto:" in line]
+    assert len(said) == 1, said
+    batched, loop = map(float, re.search(r"took (\S+) s batched, (\S+) s task by task", said[0]).groups())
+    assert batched > 0 and loop > 0
+    assert summary["batched"] is (batched <= loop) and ("the batched path" in said[0]) is summary["batched"]
+
+
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
 def test_engine_batched_takes_true_false_or_auto(value, expected, tmp_path):
     assert debug_config(tmp_path, f"engine.batched={value}").engine.batched == expected
