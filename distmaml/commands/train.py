@@ -33,7 +33,6 @@ from distmaml.config import Config, ConfigError, config_file, sourced, to_dict
 from distmaml.engine import dist, preflight
 from distmaml.engine.step import MetaStep, StepOutput, Unreached, learning_rate, make_optimizer, set_learning_rate
 from distmaml.errors import SettingError, TrainingError
-from distmaml.run import checkpoint
 from distmaml.evaluate import (divergence_warning, diverged_evaluation, evaluate, evaluation_settings, final_line,
                                task_metrics)
 from distmaml.files import write_text
@@ -41,6 +40,7 @@ from distmaml.imports import user_files
 from distmaml.meta import num_tasks, start_weights
 from distmaml.meta.hessian import top_eigenvalue
 from distmaml.rng import STREAM_TRAIN
+from distmaml.run import checkpoint
 from distmaml.run.log import NullLogger, RunLogger, setup_logging, write_json
 from distmaml.run.restore import checkpoint_state
 from distmaml.run.resume import Resumed, check_resumed_code, restore_run
@@ -131,13 +131,13 @@ def _start(config: Config, ctx: dist.Context, stack: contextlib.ExitStack) -> tu
         shapes = preflight.shapes_only(config, family) if config.engine.memory_check else None
         if shapes is not None:  # nothing allocated for real before the estimate passed
             preflight.check_shapes(config, shapes)
-            checkpoint = preflight.check_memory(config, ctx, shapes)
+            checkpointing = preflight.check_memory(config, ctx, shapes)
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         learner = build(config, ctx.device, family)
         if shapes is None:  # built from values: estimated now, still before a real task is sampled
-            checkpoint = preflight.check_memory(config, ctx, learner)
+            checkpointing = preflight.check_memory(config, ctx, learner)
         # inner.checkpoint = auto, as the estimate chose it: the same bits either way, only time and memory differ.
-        learner = learner._replace(inner=dataclasses.replace(learner.inner, checkpoint=checkpoint))
+        learner = learner._replace(inner=dataclasses.replace(learner.inner, checkpoint=checkpointing))
         preflight.check_first_batch(config, learner)
     except SettingError as err:
         raise sourced(config, err) from None

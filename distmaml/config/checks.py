@@ -144,10 +144,18 @@ def check_values(config, source) -> None:
         fail("eval.query", "must be >= 1")
     if config.engine.device not in ("auto", "cpu", "cuda") and not config.engine.device.startswith("cuda:"):
         fail("engine.device", "must be auto, cpu, cuda or cuda:N")
-    if isinstance(config.run.resume, str) and config.run.resume.lower() in ("true", "false"):
-        config.run.resume = config.run.resume.lower() == "true"
-    if isinstance(config.engine.batched, str):
-        if config.engine.batched.lower() not in ("true", "false", "auto"):
+    config.run.resume = _bool_words(config.run.resume)
+    batched = _bool_words(config.engine.batched)
+    if isinstance(batched, str):
+        if batched.lower() != "auto":
             fail("engine.batched", "must be true, false or auto")
-        lowered = config.engine.batched.lower()
-        config.engine.batched = "auto" if lowered == "auto" else lowered == "true"
+        batched = "auto"
+    config.engine.batched = batched
+
+
+def _bool_words(value):
+    """"true" or "false" given as text (a quoted YAML value, an override) as the bool it names; any
+    other value as it is."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value

@@ -149,29 +149,31 @@ def budget_bytes(config, device: torch.device) -> tuple[int, str]:
 
 
 def stored_if_it_fits(problem, params, tasks: Tasks, config, inner: Inner, meta_gradient_fn: Callable,
-                      device: torch.device) -> tuple[Inner, str]:
+                      device: torch.device) -> tuple[Inner, str, Estimate | None]:
     """inner.checkpoint = auto recomputes only when it must: the unroll stored whole (checkpoint "none",
     the fastest) where its estimated peak fits the budget, else recomputed in segments of about sqrt(K)
     steps. Either gives the same bits (distmaml.meta.checkpointing); the choice is time against memory.
-    Returns the inner loop to run and the choice in words, for the log."""
+    Returns the inner loop to run, the choice in words (for the log), and the stored unroll's estimate
+    where it was chosen (check_fits need not make it again)."""
     stored = dataclasses.replace(inner, checkpoint="none")
     found = estimate(problem, params, tasks, stored, meta_gradient_fn, config.inner.multi_step_loss)
     budget, where = budget_bytes(config, device)
     if found.peak_bytes <= budget:
         return stored, (f"inner.checkpoint = auto: stores the unroll (about {describe_size(found.peak_bytes)} of "
-                        f"the {describe_size(budget)} available, {where})")
+                        f"the {describe_size(budget)} available, {where})"), found
     return inner, (f"inner.checkpoint = auto: recomputes the unroll in segments (storing it would need about "
-                   f"{describe_size(found.peak_bytes)}, more than the {describe_size(budget)} available, {where})")
+                   f"{describe_size(found.peak_bytes)}, more than the {describe_size(budget)} available, {where})"), None
 
 
 def check_fits(problem, params, tasks: Tasks, config, inner: Inner, meta_gradient_fn: Callable, world_size: int,
-               device: torch.device) -> Estimate:
-    """Estimate one meta-iteration of `inner` (the run's built inner loop) and refuse, in one line, a
-    run whose peak exceeds the memory available (or engine.memory_budget), naming what would fit:
-    activation checkpointing, first order, the largest meta-batch (the tasks' share of the peak
-    scales with their number)."""
+               device: torch.device, found: Estimate | None = None) -> Estimate:
+    """Estimate one meta-iteration of `inner` (the run's built inner loop; `found`, if given, is that
+    estimate already made) and refuse, in one line, a run whose peak exceeds the memory available (or
+    engine.memory_budget), naming what would fit: activation checkpointing, first order, the largest
+    meta-batch (the tasks' share of the peak scales with their number)."""
     multi_step = config.inner.multi_step_loss
-    found = estimate(problem, params, tasks, inner, meta_gradient_fn, multi_step)
+    if found is None:
+        found = estimate(problem, params, tasks, inner, meta_gradient_fn, multi_step)
     budget, where = budget_bytes(config, device)
     if found.peak_bytes <= budget:
         return found

@@ -87,13 +87,14 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> str:
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
         try:
+            found = None
             if inner.checkpoint == "auto":
-                inner, choice = memory.stored_if_it_fits(learner.problem, learner.theta, shapes, config, inner, probe,
-                                                         ctx.device)
+                inner, choice, found = memory.stored_if_it_fits(learner.problem, learner.theta, shapes, config, inner,
+                                                                probe, ctx.device)
                 log.info("%s", choice)
                 chosen = True
             found = memory.check_fits(learner.problem, learner.theta, shapes, config, inner, probe,
-                                      ctx.world_size, ctx.device)
+                                      ctx.world_size, ctx.device, found)
         except RuntimeError as err:  # the problem ran on shape-only tensors (check_shapes): the method cannot
             if not reads_values(err):
                 raise
