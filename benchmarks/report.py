@@ -23,7 +23,7 @@ from typing import Any, Callable
 from benchmarks import common
 from benchmarks.common import REPO, read
 from benchmarks.report_bilevel import (HYPER, headline_rows, hyper, hyper_methods, mnist1d_baselines, peers_hyper,
-                                      unrolls)
+                                       search_cost, unrolls)
 from benchmarks.tables import finite as _finite, group_rows as _rows, machine as _machine, markdown_table as _table, number as _ms, source as _source
 
 README = REPO / "README.md"
@@ -340,6 +340,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "unrolls-cpu": unrolls,
     **{f"hyper-{name}": (lambda name=name: hyper(name)) for name in HYPER},
     "hyper-methods-weight_decay": lambda: hyper_methods("weight_decay"),
+    "search-cost": search_cost,
     "headline": headline,
 }
 

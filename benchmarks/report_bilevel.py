@@ -94,9 +94,30 @@ def unrolls() -> str:
 
 # benchmarks/results/hyper_<name>.json (benchmarks.hyper_seeds): one table each in docs/results.md
 HYPER = ("learning_rate", "learning_rate_truncated", "learning_rate_cross_entropy", "learning_rate_schedule",
-         "activation", "weight_decay", "logistic", "digits_hyperclean", "digits_hyperclean_mean", "mnist1d_hyperclean",
-         "mnist1d_hyperclean_mean", "digits_distill", "digits_distill_m10", "mnist1d_distill")
+         "activation", "weight_decay", "logistic", "digits_hyperclean", "digits_hyperclean_mean",
+         "digits_hyperclean_val10", "mnist1d_hyperclean", "mnist1d_hyperclean_mean", "digits_distill",
+         "digits_distill_m10", "mnist1d_distill")
+# Each result's baselines, tuned by the one rule of benchmarks.baselines: benchmarks/results/baselines_<case>.json
+BASELINES = {**dict.fromkeys(HYPER[:4], "mnist1d_lr"), "activation": "mnist1d_activation",
+             "weight_decay": "mnist1d_weight_decay", "logistic": "logistic",
+             "digits_hyperclean": "digits_hyperclean", "digits_hyperclean_mean": "digits_hyperclean",
+             "digits_hyperclean_val10": "digits_hyperclean_val10", "mnist1d_hyperclean": "mnist1d_hyperclean",
+             "mnist1d_hyperclean_mean": "mnist1d_hyperclean", "digits_distill": "digits_distill",
+             "digits_distill_m10": "digits_distill_m10", "mnist1d_distill": "mnist1d_distill"}
+# What a learned result's own evaluation reports beside it that is not a baseline and stays in its table:
+# the rate grid over the learned rate's own space (its T steps, no decay) and an ablation of the learned data.
+OWN_ROWS = {"SGD rate grid (best by validation": "one rate: the grid over the learned rate's own space, T steps "
+            "without decay (best by validation", "fixed_init": "the distilled data from one fixed initialisation "
+            "(ablation)"}
 _CHOSEN = re.compile(r"^(?P<label>.*?)(?P<value>[-+]?\d[\d.]*(?:e[-+]?\d+)?)\)$")
+
+
+def _own_label(key: str) -> str | None:
+    """A learned result's own row's label in the table, or None where the row is left out."""
+    for start, label in OWN_ROWS.items():
+        if key.startswith(start):
+            return label + key[len(start):] if key != start else label
+    return None
 
 
 def _summary(value: Any) -> str:
@@ -122,14 +143,18 @@ def _config(result: dict[str, Any]) -> str:
 
 
 def hyper(name: str) -> str:
-    """Learned hyperparameters or data over training seeds against their baselines (benchmarks.hyper_seeds)."""
+    """Learned hyperparameters or data over training seeds (benchmarks.hyper_seeds) against their
+    baselines, each at its own tuned settings (benchmarks.baselines)."""
     result = read(common.RESULTS / f"hyper_{name}.json")
     runs = result["rows"]
-    variants: dict[str, list[str]] = {"learned (this config)": ["learned run"] * len(runs)}
+    variants: dict[str, list[str]] = {"learned (this config), at the end of its budget": ["learned run"] * len(runs)}
     for index, run in enumerate(runs):
         for key in run["baselines"]:
-            match = _CHOSEN.match(key)
-            label = f"{match.group('label')}v)" if match else key
+            own = _own_label(key)
+            if own is None:
+                continue
+            match = _CHOSEN.match(own)
+            label = f"{match.group('label')}v)" if match else own
             variants.setdefault(label, [""] * len(runs))[index] = key
     rows = []
     for label, keys in variants.items():
@@ -147,9 +172,10 @@ def hyper(name: str) -> str:
                 accuracies.append(accuracy)
             if math.isfinite(loss):
                 losses.append(loss)
-        std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        spread = f"{100 * statistics.fmean(accuracies):.1f} ± {100 * std:.1f}" if accuracies else "–"
-        rows.append([label, *cells, spread, f"{statistics.fmean(losses):.4f}" if losses else "–"])
+        rows.append([label, *cells, _spread(accuracies), f"{statistics.fmean(losses):.4f}" if losses else "–"])
+    tuned = _tuned(BASELINES[name], [run["seed"] for run in runs]) if name in BASELINES else None
+    if tuned:
+        rows += tuned[0]
     header = ["variant", *[f"test accuracy %, seed {run['seed']}" for run in runs], "mean ± std",
               "validation loss (mean)"]
     lines = [_table(header, rows)]
@@ -158,15 +184,64 @@ def hyper(name: str) -> str:
         parts = [f"learned {_summary(learned)}"] if learned else []
         if "flip_detection" in run:
             parts.append(f"flipped labels found: {_summary(run['flip_detection'])}")
-        if "baseline_lr" in run:
-            parts.append(f"baselines' tuned rates: {_summary(run['baseline_lr'])}")
         parts.append(f"training {run['train_seconds']:.0f} s")
         lines.append(f"- seed {run['seed']}: " + "; ".join(parts))
     config = _config(result)
     grids = any(_CHOSEN.match(key) for keys in variants.values() for key in keys)
     chosen = "; v: the value a grid chose for that seed" if grids else ""
-    return ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
+    text = ("\n".join(lines) + f"\n\nConfig: {config}{chosen}. "
             + _source(result, "see the benchmark's docstring").lstrip("\n"))
+    if not tuned:
+        return text
+    first = next(other for other in HYPER if BASELINES.get(other) == BASELINES[name])
+    if first != name:  # the same baselines' settings and costs are listed under the first table that shows them
+        return text + (f"\nThe tuned baselines are those of the {first.replace('_', ' ')} table above "
+                       f"(`python -m benchmarks.baselines {BASELINES[name]}`), where their settings and costs are.\n")
+    return text + tuned[1]
+
+
+def _spread(accuracies: list[float]) -> str:
+    if not accuracies:
+        return "–"
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return f"{100 * statistics.fmean(accuracies):.1f} ± {100 * std:.1f}"
+
+
+def _tuned(case: str, seeds: list[int]) -> tuple[list[list[str]], str] | None:
+    """The tuned baselines' table rows for `seeds` (the learned result's), and the lines saying what
+    each chose and what its search cost; None where the case has not been measured."""
+    path = common.RESULTS / f"baselines_{case}.json"
+    if not path.exists():
+        return None
+    result = read(path)
+    by_seed = {row["seed"]: row["baselines"] for row in result["rows"]}
+    names = list(result["rows"][0]["baselines"])
+    rows, lines = [], []
+    for name in names:
+        found = [by_seed.get(seed, {}).get(name) for seed in seeds]
+        accuracies = [f["test_accuracy"] for f in found if f]
+        rows.append([f"{name} (tuned)", *[f"{100 * f['test_accuracy']:.1f}" if f else "–" for f in found],
+                     _spread(accuracies), "–"])
+        chosen = "; ".join(f"seed {seed}: rate {f['rate']:.3g}, decay {f['decay']:g}, {f['steps']:,} steps"
+                           + "".join(f" [{bound}]" for bound in f["edges"] + f["natural_bounds"] if bound != "decay 0")
+                           for seed, f in zip(seeds, found) if f)
+        any_found = next(f for f in found if f)
+        search = any_found["search"]
+        cost = statistics.fmean(f["search"]["inner_steps"] for f in found if f)
+        seconds = statistics.fmean(f["search"]["cpu_seconds"] for f in found if f)
+        folds = f" x {search['folds']} folds (+ the final training)" if search["folds"] else ""
+        inits = f"{search['inits']} initialisation" + ("s" if search["inits"] > 1 else "")
+        lines.append(f"- {name} ({any_found['training_examples']:,} training examples; chosen by "
+                     f"{any_found['selected_by']}): {chosen}. Search: {search['settings']} settings x {inits}{folds}, "
+                     f"{cost:,.0f} inner steps and {seconds:.0f} CPU-s per seed")
+    widest = max(result["rows"][0]["baselines"].values(), key=lambda f: (len(f["space"]["decays"]),
+                                                                           len(f["space"]["rates"])))
+    space = widest["space"]  # a baseline may search fewer values (no decay): its own line says what it chose
+    header = (f"\nTuned baselines (benchmarks/baselines.py's rule): rates {_summary(space['rates'])}, decays "
+              f"{_summary(space['decays'])}, up to {space['budget']:,} steps (early stopping, checked every "
+              f"{space['checks'][0]:,}); test accuracy at the chosen setting and step, mean over {result['inits']} "
+              f"initialisation{'s' if result['inits'] > 1 else ''} per seed:\n\n")
+    return rows, header + "\n".join(lines) + "\n" + _source(result, "see the benchmark's docstring")
 
 
 def hyper_methods(name: str) -> str:
@@ -181,42 +256,41 @@ def hyper_methods(name: str) -> str:
             + f"\nConfig: {config}. " + _source(result, "medians, see the benchmark's docstring").lstrip("\n"))
 
 
+HYPERCLEAN_HEADLINE = ("noisy", "oracle", "oracle + validation")
+
+
 def headline_rows() -> tuple[list[list[str]], list[str]]:
     """The README headline's rows for learned data and hyperparameters, and the result files they come from
     (only those that exist)."""
     rows, files = [], []
 
-    def accuracy(result, get) -> list[float]:
-        return [100 * get(row) for row in result["rows"]]
+    def tuned(case: str, name: str) -> str:
+        result = read(common.RESULTS / f"baselines_{case}.json")
+        return f"{100 * result['summary'][name]['mean']:.1f} %"
 
-    def baseline(result, name) -> float:  # `name`, or else the one baseline whose name starts with it
-        def value(row):
-            (key,) = [name] if name in row["baselines"] else [key for key in row["baselines"] if key.startswith(name)]
-            return row["baselines"][key]["test_accuracy"]
-
-        return statistics.mean(accuracy(result, value))
-
-    for name, label, others in (
-            ("hyper_digits_hyperclean", "hyper-cleaning on scikit-learn's digits, half the training labels flipped: "
-             "test accuracy with learned example weights / training on every label / on only the correct ones",
-             ("noisy", "oracle")),
-            ("hyper_mnist1d_hyperclean", "the same on MNIST-1D (300 SGD steps of an MLP, 3,600 training sequences)",
-             ("noisy", "oracle")),
-            ("hyper_digits_distill", "dataset distillation on scikit-learn's digits, one learned example per class, "
-             "30 steps from random initialisations: test accuracy / one random real example per class",
-             ("random_real",)),
-            ("hyper_learning_rate_schedule", "a learned learning-rate schedule (5 blocks of 200 SGD steps) on "
-             "MNIST-1D: test accuracy / the best of 16 fixed rates by validation accuracy",
-             ("SGD rate grid (best by validation accuracy,",))):
-        path = common.RESULTS / f"{name}.json"
-        if not path.exists():
+    for name, case, label, others in (
+            ("hyper_digits_hyperclean", "digits_hyperclean", "hyper-cleaning on scikit-learn's digits, half the "
+             "training labels flipped: test accuracy with learned example weights / training on every label / on "
+             "only the correct ones / on the correct ones and the clean validation split", HYPERCLEAN_HEADLINE),
+            ("hyper_digits_hyperclean_val10", "digits_hyperclean_val10", "the same with a clean validation split of "
+             "10 examples per class", HYPERCLEAN_HEADLINE),
+            ("hyper_mnist1d_hyperclean", "mnist1d_hyperclean", "the same on MNIST-1D (300 SGD steps of an MLP, 3,600 "
+             "training sequences)", HYPERCLEAN_HEADLINE),
+            ("hyper_digits_distill", "digits_distill", "dataset distillation on scikit-learn's digits, one learned "
+             "example per class, 30 steps from random initialisations: test accuracy / one random real example per "
+             "class / the whole training set", ("random real examples", "full training set")),
+            ("hyper_learning_rate_schedule", "mnist1d_lr", "a learned learning-rate schedule (5 blocks of 200 SGD "
+             "steps) on MNIST-1D: test accuracy / one fixed rate / a cosine schedule", ("fixed rate", "cosine"))):
+        path, baselines_path = common.RESULTS / f"{name}.json", common.RESULTS / f"baselines_{case}.json"
+        if not (path.exists() and baselines_path.exists()):
             continue
         result = read(path)
-        learned = accuracy(result, lambda row: row["learned_run"]["test_accuracy"])
+        learned = [100 * row["learned_run"]["test_accuracy"] for row in result["rows"]]
         spread = statistics.stdev(learned) if len(learned) > 1 else 0.0
-        cells = [f"{statistics.mean(learned):.1f} ± {spread:.1f} %"] + [f"{baseline(result, o):.1f} %" for o in others]
-        rows.append([f"{label}, mean ± std over {len(learned)} training seeds", " / ".join(cells)])
-        files.append(path.name)
+        cells = [f"{statistics.mean(learned):.1f} ± {spread:.1f} %"] + [tuned(case, o) for o in others]
+        rows.append([f"{label}; the learned method's mean ± std over {len(learned)} training seeds, the baselines' "
+                     "means, each baseline at its own tuned rate, decay and steps", " / ".join(cells)])
+        files += [path.name, baselines_path.name]
     path = common.RESULTS / "peers_hyper_cpu.json"
     if path.exists():
         result = read(path)
@@ -242,3 +316,32 @@ def headline_rows() -> tuple[list[list[str]], list[str]]:
                                  f"{min(found):.1f}× to {max(found):.1f}×"])
             files.append(path.name)
     return rows, files
+
+
+def search_cost() -> str:
+    """Test accuracy against the training consumed: learned by hypergradient, or searched for
+    (benchmarks.search_cost)."""
+    result = read(common.RESULTS / "search_cost.json")
+
+    def row(label: str, point: dict[str, Any]) -> list[str]:
+        accuracy = point["test_accuracy"]
+        return [label, f"{point['inner_steps']:,.0f}", f"{point['cpu_seconds']:,.0f}",
+                f"{100 * accuracy['mean']:.1f} ± {100 * accuracy['std']:.1f}"]
+
+    header = ["how", "inner steps", "CPU-s", "test accuracy %, mean ± std over seeds"]
+    s = result["schedule"]
+    schedule = ([row(f"learned 5-block schedule, after {p['outer_steps']} outer steps", p) for p in s["learned"]]
+                + [row(f"grid search, one constant rate, {p['candidates']} rates", p) for p in s["grid"]]
+                + [row(f"random search, 5-block schedules, best of {p['candidates']}", p) for p in s["random"]])
+    text = ("The learning-rate schedule on MNIST-1D (configs/mnist1d_lr.yaml inner.schedule_blocks=5), seeds "
+            + ", ".join(map(str, s["seeds"])) + ":\n\n" + _table(header, schedule))
+    for name, h in result["hyperclean"].items():
+        rows = ([row(f"learned example weights, after {p['outer_steps']} outer steps", p) for p in h["learned"]]
+                + [row(f"{baseline} (tuned, the whole search)", found) for baseline, found in h["baselines"].items()])
+        text += (f"\nHyper-cleaning on digits, {h['protocol']} (hyper_{name}.json, baselines_{name}.json), seeds "
+                 + ", ".join(map(str, h["seeds"])) + ":\n\n" + _table(header, rows))
+    return (text
+            + "\nInner steps: all outer steps x tasks x T (plus one run of T steps that uses phi) for a learned "
+              "method, all candidates x steps for a search. CPU-s: one thread; the learned run's training time "
+              "pro-rated to its outer steps, a search's candidates trained together on stacked weights."
+            + _source(result, "see the benchmark's docstring"))

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from benchmarks import common, distributed, hyper_methods, memory, peers, peers_hyper, report, speed
 from conftest import ESTIMATE_BOUND
@@ -272,3 +273,27 @@ def test_report_renders_every_table_it_has_results_for(tmp_path, monkeypatch):
     assert "kept" in text  # no results for it: left as it was
     assert "`python -m benchmarks.distributed` — test cpu, 2 cores, torch 2.x, 1 CPU thread(s)" in text
     assert report.main(["--readme", str(readme), "--check"]) == 0
+
+
+def test_search_cost_draws_its_figure_and_table_from_a_result(tmp_path, monkeypatch):
+    from benchmarks import report_bilevel, search_cost
+
+    def point(x, accuracy, **key):
+        return {**key, "inner_steps": x, "cpu_seconds": x / 1000, "test_accuracy": {"mean": accuracy, "std": 0.01}}
+
+    result = {"command": "python -m benchmarks.search_cost", "machine": common.machine(torch.device("cpu")),
+              "schedule": {"seeds": [0, 1, 2],
+                           "learned": [point(4000 * k + 1000, 0.5 + 0.01 * k, outer_steps=k) for k in (5, 10)],
+                           "grid": [point(1000 * n, 0.6, candidates=n) for n in (2, 4)],
+                           "random": [point(1000 * n, 0.62, candidates=n) for n in (1, 2)]},
+              "hyperclean": {"digits_hyperclean": {
+                  "protocol": "360 clean validation examples", "seeds": [0, 1, 2],
+                  "learned": [point(400 * k + 100, 0.9, outer_steps=k) for k in (25, 50)],
+                  "baselines": {"oracle": point(70000, 0.97)}}}}
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.write(result, tmp_path / "search_cost.json")
+    table = report_bilevel.search_cost()
+    assert "| learned 5-block schedule, after 10 outer steps | 41,000 | 41 | 60.0 ± 1.0 |" in table
+    assert "| oracle (tuned, the whole search) | 70,000 | 70 | 97.0 ± 1.0 |" in table
+    drawn = search_cost.figure(result, tmp_path / "cost.png")
+    assert drawn.read_bytes().startswith(b"\x89PNG")
