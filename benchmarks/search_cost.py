@@ -14,7 +14,7 @@ run's training time pro-rated to k (every outer step costs the same).
 - Learning-rate schedule (configs/mnist1d_lr.yaml, 5 blocks): against grid search over one constant
   rate (n rates evenly spaced on the log range 1e-3 ... 3 that hyper_seeds' grid spans; n = 2 ... 16)
   and random search over the same 5-block space (each block's log rate uniform over that range;
-  n = 1 ... 32 draws, the best-of-n by validation accuracy, its expected test accuracy estimated from
+  n = 1 ... 64 draws, the best-of-n by validation accuracy, its expected test accuracy estimated from
   a pool of draws over many subsets). Each candidate is one training run of T steps from one
   initialisation. Its cost: n x T inner steps, and n times a candidate's share of the CPU-seconds of
   the pool's training (candidates trained together on stacked weights: benchmarks.baselines).
