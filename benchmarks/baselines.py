@@ -191,7 +191,7 @@ def _scores(net: StackedMLP, weights, x: torch.Tensor, y: torch.Tensor) -> tuple
         return accuracy.masked_fill(bad, math.nan), loss.masked_fill(bad, math.nan)
 
 
-def train_candidates(model: nn.Module, inits: list[nn.Module], data: tuple[torch.Tensor, torch.Tensor],
+def train_candidates(inits: list[nn.Module], data: tuple[torch.Tensor, torch.Tensor],
                      scored: dict[str, tuple[torch.Tensor, torch.Tensor]], space: Space, batch_size: int,
                      seed: int) -> dict[str, Any]:
     """Every setting of `space` from every initialisation, trained together on `data`; at each of the
@@ -201,17 +201,18 @@ def train_candidates(model: nn.Module, inits: list[nn.Module], data: tuple[torch
     steps trained}. A candidate whose loss stops being finite is frozen and scored NaN from then on."""
     settings = space.settings()
     rate, decay, length = (torch.tensor([s[key] for s in settings]) for key in ("rate", "decay", "length"))
-    return train_schedules(model, inits, data, scored, lambda step: rate_at(space.schedule, rate, length, step),
+    return train_schedules(inits, data, scored, lambda step: rate_at(space.schedule, rate, length, step),
                            decay, space.budget, space.check_steps, batch_size, seed)
 
 
-def train_schedules(model: nn.Module, inits: list[nn.Module], data: tuple[torch.Tensor, torch.Tensor],
+def train_schedules(inits: list[nn.Module], data: tuple[torch.Tensor, torch.Tensor],
                     scored: dict[str, tuple[torch.Tensor, torch.Tensor]], rates: Callable[[int], torch.Tensor],
                     decay: torch.Tensor, steps: int, checks: list[int], batch_size: int, seed: int) -> dict[str, Any]:
-    """S schedules from every initialisation, trained together by SGD: `rates(step)` gives the S
-    rates of 0-based step `step`, `decay` the S weight decays. At each step of `checks`, each
-    candidate's accuracy and loss on each split of `scored`, as [checks, S, inits]."""
-    net = StackedMLP(model)
+    """S schedules from every initialisation (networks of one architecture, left as they are), trained
+    together by SGD: `rates(step)` gives the S rates of 0-based step `step`, `decay` the S weight
+    decays. At each step of `checks`, each candidate's accuracy and loss on each split of `scored`,
+    as [checks, S, inits]."""
+    net = StackedMLP(inits[0])
     count, settings = decay.numel() * len(inits), decay.numel()
     weights = [w.repeat(settings, *[1] * (w.dim() - 1)) for w in StackedMLP.weights(inits)]
     dtype = weights[0].dtype
@@ -238,7 +239,7 @@ def train_schedules(model: nn.Module, inits: list[nn.Module], data: tuple[torch.
         per_candidate = losses(logits, by)
         grads = torch.autograd.grad(per_candidate.sum(), weights)
         lr = for_each_init(rates(step)) * alive
-        trained += int(((lr > 0) & alive).sum())
+        trained += int((lr > 0).sum())  # lr is 0 for a frozen candidate
         with torch.no_grad():
             alive &= torch.isfinite(per_candidate.detach()) & (per_candidate.detach() < 1e6)
             new = []
@@ -311,18 +312,18 @@ def _fold(n: int, folds: int, seed: int) -> list[torch.Tensor]:
     return [order[i::folds] for i in range(folds)]
 
 
-def search(model: nn.Module, make_inits: Callable[[], list[nn.Module]], split: Split,
+def search(inits: list[nn.Module], split: Split,
            validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], space: Space,
            batch_size: int, seed: int, folds: int = FOLDS, by: str = "accuracy") -> dict[str, Any]:
     """The baseline rule applied once: the chosen setting (by validation accuracy, or `by` "loss" the
     validation loss), its validation and test accuracy, where it sits in its range, and what the
-    search cost."""
+    search cost. Every training starts from `inits`, which it leaves as they are."""
     if by not in ("accuracy", "loss"):
         raise SearchError(f"baseline search: by = {by!r}; choose accuracy or loss")
     started, steps = time.process_time(), 0
     settings = space.settings()
     if split.folded is None:
-        found = train_candidates(model, make_inits(), split.train, {"validation": validation, "test": test}, space,
+        found = train_candidates(inits, split.train, {"validation": validation, "test": test}, space,
                                  batch_size, seed)
         steps += found["steps"]
         check, index = choose(space, found["validation_accuracy"], found["validation_loss"], by)
@@ -336,8 +337,7 @@ def search(model: nn.Module, make_inits: Callable[[], list[nn.Module]], split: S
             keep = torch.ones(fx.shape[0], dtype=torch.bool)
             keep[held] = False
             train = (torch.cat([split.train[0], fx[keep]]), torch.cat([split.train[1], fy[keep]]))
-            found = train_candidates(model, make_inits(), train, {"fold": (fx[held], fy[held])}, space, batch_size,
-                                     seed)
+            found = train_candidates(inits, train, {"fold": (fx[held], fy[held])}, space, batch_size, seed)
             steps += found["steps"]
             accuracy, loss = accuracy + found["fold_accuracy"], loss + found["fold_loss"]
         check, index = choose(space, accuracy / folds, loss / folds, by)
@@ -348,7 +348,7 @@ def search(model: nn.Module, make_inits: Callable[[], list[nn.Module]], split: S
                       budget=chosen_steps if space.schedule == "constant" else setting["length"],
                       only_length=setting["length"] if space.schedule != "constant" else 0)
         everything = (torch.cat([split.train[0], fx]), torch.cat([split.train[1], fy]))
-        found = train_candidates(model, make_inits(), everything, {"test": test}, final, batch_size, seed)
+        found = train_candidates(inits, everything, {"test": test}, final, batch_size, seed)
         steps += found["steps"]
         test_accuracy = found["test_accuracy"][-1, 0]
     setting = settings[index]
@@ -362,7 +362,7 @@ def search(model: nn.Module, make_inits: Callable[[], list[nn.Module]], split: S
                else "on the validation split"),
             "test_accuracy": tests.mean().item(), "test_accuracy_per_init": tests.tolist(),
             "edges": edge, "natural_bounds": natural,
-            "search": {"settings": len(settings), "inits": len(make_inits()), "folds": folds if split.folded is not None
+            "search": {"settings": len(settings), "inits": len(inits), "folds": folds if split.folded is not None
                        else 0, "inner_steps": steps, "cpu_seconds": time.process_time() - started}}
 
 
@@ -457,32 +457,29 @@ def _split(baseline: Baseline, problem, seed: int) -> Split:
     return Split(train)
 
 
-def run_baseline(case: Case, baseline: Baseline, seed: int, chosen: dict[str, dict]) -> dict[str, Any]:
-    """`baseline` of `case` searched and trained for one seed (`chosen`: the seed's earlier baselines)."""
-    from distmaml.build import build
+def run_baseline(case: Case, config, learner, baseline: Baseline, seed: int,
+                 chosen: dict[str, dict]) -> dict[str, Any]:
+    """`baseline` of `case` (whose config built `learner`: its data and network) searched and trained
+    for one seed (`chosen`: the seed's earlier baselines)."""
     from distmaml.models import build_model
 
     if baseline.data not in DATA:
         raise SearchError(f"baseline {baseline.name!r}: data = {baseline.data!r}; choose one of {', '.join(DATA)}")
-    config = _config(case)
-    learner = build(config, "cpu")
     problem, family = learner.problem, learner.family
     if baseline.activation:  # the learned run's network with another activation
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, activation=baseline.activation))
 
-    def inits() -> list[nn.Module]:
-        out = []
-        for index in range(case.inits):
-            torch.manual_seed(1_000 * seed + index)
-            out.append(build_model(config, family.input_shape, family.num_outputs).float())
-        return out
+    inits = []
+    for index in range(case.inits):
+        torch.manual_seed(1_000 * seed + index)
+        inits.append(build_model(config, family.input_shape, family.num_outputs).float())
 
     decays = case.decays if baseline.decays is None else baseline.decays
     if baseline.decay_from:
         decays = (chosen[baseline.decay_from]["decay"],)
     space = Space(rates=case.rates, decays=decays, budget=case.budget(config.inner.steps), schedule=baseline.schedule)
     data, split = problem.data, _split(baseline, problem, seed)
-    found = search(inits()[0], inits, split, (data.val_x.float(), data.val_y), (data.test_x.float(), data.test_y),
+    found = search(inits, split, (data.val_x.float(), data.val_y), (data.test_x.float(), data.test_y),
                    space, config.training_run.batch_size, seed, by=case.by)
     if baseline.decay_from:  # its decay's search is part of its cost
         for key in ("inner_steps", "cpu_seconds"):
@@ -497,13 +494,16 @@ def run_baseline(case: Case, baseline: Baseline, seed: int, chosen: dict[str, di
 
 def run_case(name: str, seeds: list[int], case: Case | None = None) -> dict[str, Any]:
     """Every baseline of the case `name` (or of `case`, a changed copy of it) for each seed."""
+    from distmaml.build import build
+
     case = case or CASES[name]
     config = _config(case)
+    learner = build(config, "cpu")  # the data and the network, shared by every baseline and seed
     started, rows = time.time(), []
     for seed in seeds:
         chosen: dict[str, dict] = {}
         for baseline in case.baselines:
-            chosen[baseline.name] = run_baseline(case, baseline, seed, chosen)
+            chosen[baseline.name] = run_baseline(case, config, learner, baseline, seed, chosen)
             found = chosen[baseline.name]
             print(f"{name} seed {seed} {baseline.name}: test {100 * found['test_accuracy']:.1f} % (validation "
                   f"{100 * found['validation_accuracy']:.1f} %) at rate {found['rate']:g}, decay {found['decay']:g}, "

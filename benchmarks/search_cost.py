@@ -96,7 +96,7 @@ def schedule_search(seed: int, blocks: int = 5) -> dict[str, Any]:
     block = steps // blocks
     schedules = torch.cat([grid.unsqueeze(1).expand(-1, blocks), pool]).float()
     started = time.process_time()
-    found = train_schedules(init[0], init, (data.train_x.float(), data.train_y),
+    found = train_schedules(init, (data.train_x.float(), data.train_y),
                             {"validation": (data.val_x.float(), data.val_y), "test": (data.test_x.float(), data.test_y)},
                             lambda step: schedules[:, min(step // block, blocks - 1)],
                             torch.zeros(len(schedules)), steps, [steps], config.training_run.batch_size, seed)

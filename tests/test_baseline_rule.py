@@ -32,7 +32,7 @@ def test_stacked_training_equals_torch_sgd_one_candidate_at_a_time(schedule, act
     inits = [_mlp(seed, activation) for seed in (0, 1)]
     data, held = _data(0, 64), _data(1, 40)
     space = Space(rates=(0.05, 0.3), decays=(0.0, 0.01), budget=12, checks=3, schedule=schedule)
-    found = train_candidates(inits[0], inits, data, {"held": held}, space, batch_size=16, seed=7)
+    found = train_candidates(inits, data, {"held": held}, space, batch_size=16, seed=7)
     for s, setting in enumerate(space.settings()):
         for i, init in enumerate(inits):
             net = _mlp((0, 1)[i], activation)
@@ -65,11 +65,11 @@ def test_a_best_setting_at_the_edge_of_its_grid_is_reported_as_an_edge():
     def inits():
         return [_mlp(0, width=16)]
 
-    low = search(inits()[0], inits, Split(data), validation, test, Space(rates=(1e-4, 3e-4, 1e-3), decays=(0.0,),
+    low = search(inits(), Split(data), validation, test, Space(rates=(1e-4, 3e-4, 1e-3), decays=(0.0,),
                                                                          budget=30, checks=3), 0, seed=0)
     assert low["rate"] == 1e-3 and low["edges"] == ["rate 0.001 at the high end of its grid"]
     assert low["natural_bounds"][0] == "decay 0"
-    wide = search(inits()[0], inits, Split(data), validation, test, Space(rates=(1e-4, 0.3, 100.0), decays=(0.0,),
+    wide = search(inits(), Split(data), validation, test, Space(rates=(1e-4, 0.3, 100.0), decays=(0.0,),
                                                                           budget=30, checks=3), 0, seed=0)
     assert wide["rate"] == 0.3 and not [e for e in wide["edges"] if e.startswith("rate")]
 
@@ -86,8 +86,8 @@ def test_k_fold_selection_never_looks_at_the_validation_split_it_trains_on():
 
     space = Space(rates=(0.01, 0.3, 10.0), decays=(0.0, 0.01), budget=20, checks=4)
     empty = (data[0][:0], data[1][:0])
-    first = search(inits()[0], inits, Split(empty, data), noise, test, space, 0, seed=0, folds=3)
-    second = search(inits()[0], inits, Split(empty, data), _data(7, 30), test, space, 0, seed=0, folds=3)
+    first = search(inits(), Split(empty, data), noise, test, space, 0, seed=0, folds=3)
+    second = search(inits(), Split(empty, data), _data(7, 30), test, space, 0, seed=0, folds=3)
     assert {k: first[k] for k in ("rate", "decay", "steps", "test_accuracy", "validation_accuracy")} == \
         {k: second[k] for k in ("rate", "decay", "steps", "test_accuracy", "validation_accuracy")}
     assert first["search"]["folds"] == 3 and "3-fold" in first["selected_by"]
