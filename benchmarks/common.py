@@ -95,6 +95,20 @@ MINIIMAGENET_SHAPED = ["task.family=benchmarks.common:GeneratedImageTasks", "tas
                        "task.args.classes=64", "task.args.per_class=40"]
 
 
+def fresh_process(script: str, *args: str, what: str) -> dict[str, Any]:
+    """The last line `python -c script args...` printed, as JSON, run in a fresh one-thread process (a
+    memory measurement's: its peak is its own); a failure ends the benchmark naming `what`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "",
+                               "MALLOC_MMAP_THRESHOLD_": "65536"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def config_for(base: str | Path, overrides: list[str]) -> Config:
     return load_config(base, ["logging.progress=false", "engine.memory_check=false", *overrides])
 

@@ -49,8 +49,6 @@ the peers store it (the plain loop one initialisation's at a time).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from typing import Any
@@ -59,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from benchmarks.common import REPO, RESULTS, machine, median_seconds, write
+from benchmarks.common import REPO, RESULTS, fresh_process, machine, median_seconds, write
 from benchmarks.peers import HAND_BATCHED, PLAIN_LOOP, WRITTEN_HERE, stacked_forward, summed_over_tasks
 from benchmarks.peers_betty import PeerFailed
 from distmaml.build import build
@@ -606,12 +604,7 @@ print(json.dumps({"peak_mib": (status("VmHWM") - before) / 2 ** 20}))
 
 
 def _peak_mib(case: str, library: str, steps: int) -> float:
-    proc = subprocess.run([sys.executable, "-c", MEMORY_CASE, case, library, str(steps)], cwd=REPO,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                                               "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    if proc.returncode != 0:
-        raise SystemExit(f"memory case {library} failed:\n{proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = fresh_process(MEMORY_CASE, case, library, str(steps), what=f"memory case {library}")
     if "failed" in out:
         raise PeerFailed(out["failed"])
     return out["peak_mib"]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import common
+from benchmarks import common, online, peers_online
 from benchmarks.common import REPO, read
 from benchmarks.report_bilevel import (HYPER, headline_rows, hyper, hyper_methods, mnist1d_baselines, peers_hyper,
                                        search_cost, unrolls)
@@ -317,6 +317,12 @@ def _by_machine(files: list[str]) -> str:
     return ", ".join(", ".join(names) + (f" ({where})" if where else "") for where, names in groups.items())
 
 
+def _online(name: str, render: Callable[[dict[str, Any]], str]) -> str:
+    """An online study's table (benchmarks.online, benchmarks.peers_online), with its command and machine."""
+    result = read(common.RESULTS / f"{name}.json")
+    return render(result) + _source(result, "see the benchmark's docstring")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "speed-sine-cpu": lambda: speed_sine("cpu"), "speed-rules-cpu": lambda: speed_rules("cpu"),
     "speed-images-cpu": lambda: speed_images("cpu"), "episodes-cpu": lambda: episodes("cpu"),
@@ -341,6 +347,9 @@ RENDERERS: dict[str, Callable[[], str]] = {
     **{f"hyper-{name}": (lambda name=name: hyper(name)) for name in HYPER},
     "hyper-methods-weight_decay": lambda: hyper_methods("weight_decay"),
     "search-cost": search_cost,
+    "online-reweight": lambda: _online("online_reweight", online.reweight_table),
+    "online-lr": lambda: _online("online_lr", online.lr_table),
+    "peers-online-cpu": lambda: _online("peers_online_cpu", peers_online.table),
     "headline": headline,
 }
 

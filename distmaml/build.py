@@ -20,6 +20,7 @@ from torch import nn
 from distmaml.config import Config, sourced
 from distmaml.errors import SettingError
 from distmaml.imports import resolve
+from distmaml.meta.online import check_mode
 from distmaml.meta import (METHODS, Inner, Method, learned_names, make_method, make_rule, meta_parameters, method_settings,
                            rule_settings)
 
@@ -73,8 +74,12 @@ def build_inner(config: Config, mode: str | None = None) -> Inner:
     inner = config.inner
     try:
         # A rule's setting left at its default is blamed on inner.rule, which made it needed.
-        rule = make_rule(inner.rule, **{name: _setting(config, key) for name, key in rule_settings(inner.rule).items()
-                                        if _setting(config, key) is not None})
+        settings = {name: _setting(config, key) for name, key in rule_settings(inner.rule).items()
+                    if _setting(config, key) is not None}
+        if config.online.runs and "steps" in settings:
+            # Online, a rule's steps (a schedule's blocks divide them) are a run's: the horizon.
+            settings["steps"] = config.online.horizon or config.online.unroll
+        rule = make_rule(inner.rule, **settings)
     except SettingError as err:
         raise sourced(config, err, cause="inner.rule") from None
     try:
@@ -115,8 +120,12 @@ def build(config: Config, device: torch.device | str = "cpu", family: Any = None
         problem = build_problem(config, model, family)
     except SettingError as err:
         raise sourced(config, err, cause="problem.name") from None
+    try:
+        check_mode(problem, inner.rule, bool(config.online.runs), config.online.horizon)
+    except SettingError as err:
+        raise sourced(config, err, cause="problem.name") from None
     theta = meta_parameters(problem, inner)
-    if not theta:
+    if not theta and not getattr(problem, "without_phi", False):
         raise sourced(config, SettingError("problem.name", config.problem.name, f"has nothing to learn: its meta-"
                                            f"parameters are the rule's step sizes, and inner.rule = "
                                            f"{config.inner.rule} learns none (schedule, meta_sgd and lslr do)"),

@@ -6,6 +6,8 @@ model and task family (the math lives in distmaml.meta.problems; this module onl
     problem.name: activation                     # ...; phi: the model's learned activation function
     problem.name: weight_decay                   # ...; phi: a learned L2 decay
     problem.name: hyperclean                     # ...; phi: a weight per training example (noisy labels)
+    problem.name: weighting_net                  # ...; phi: a net from an example's loss to its weight
+    problem.name: learning_to_reweight           # ...; no phi: each batch's weights by a lookahead (online)
     problem.name: distill                        # ...; phi: a few synthetic examples per class
     problem.name: my_package.problems:build      # yours: build(model=..., family=..., **problem.args)
 """
@@ -17,7 +19,8 @@ from typing import Any
 from distmaml.config.schema import PROBLEM_SECTIONS
 from distmaml.errors import ConfigError, SettingError
 from distmaml.imports import call_user, resolve
-from distmaml.meta import MAML, Distillation, Reweighting, TrainingRun, WeightDecay
+from distmaml.meta import (MAML, Distillation, LearningToReweight, Reweighting, TrainingRun, WeightDecay,
+                           WeightingNet)
 from distmaml.meta.problems import soft_error
 from distmaml.meta.problem import ProblemError, check_meta_parameters, missing_members
 
@@ -95,6 +98,20 @@ def build_hyperclean(config, model, family) -> Reweighting:
     return Reweighting(**_training(config, model, family, Reweighting), initial=settings.init,
                        normalised=settings.weighting == "normalised",
                        flipped=getattr(family, "flipped", None))
+
+
+def build_weighting_net(config, model, family) -> WeightingNet:
+    """Meta-Weight-Net: a net from an example's loss to its weight, learned on a clean validation split."""
+    net = config.weighting_net
+    return WeightingNet(**_training(config, model, family, WeightingNet), hidden=net.hidden, classes=net.classes,
+                        normalised=config.hyperclean.weighting == "normalised",
+                        flipped=getattr(family, "flipped", None))
+
+
+def build_learning_to_reweight(config, model, family) -> LearningToReweight:
+    """Learning to Reweight: each batch's example weights from a one-step lookahead (online only)."""
+    return LearningToReweight(**_training(config, model, family, LearningToReweight),
+                              flipped=getattr(family, "flipped", None))
 
 
 def build_distill(config, model, family) -> Distillation:

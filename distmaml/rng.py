@@ -19,6 +19,7 @@ _ABSORB = 0x6A09E667
 STREAM_TRAIN = 0
 STREAM_EVAL = 1
 STREAM_PLOT = 2
+STREAM_ONLINE = 3  # a persistent run's key: (seed, stream, life, global run index)
 
 
 def _mix32(x):

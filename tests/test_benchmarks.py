@@ -297,3 +297,20 @@ def test_search_cost_draws_its_figure_and_table_from_a_result(tmp_path, monkeypa
     assert "| oracle (tuned, the whole search) | 70,000 | 70 | 97.0 ± 1.0 |" in table
     drawn = search_cost.figure(result, tmp_path / "cost.png")
     assert drawn.read_bytes().startswith(b"\x89PNG")
+
+
+def test_one_online_step_equals_torchopts_learning_to_reweight_and_bettys_darts():
+    """benchmarks.peers_online's equality rows: TorchOpt's L2R example and a plain loop give distmaml's
+    step; Betty's darts gives distmaml's finite-difference hypergradient where their centres coincide,
+    and not at the config's rate (Betty differentiates after the real step)."""
+    for package in ("mnist1d", "torchopt", "betty"):  # the data and peers extras
+        pytest.importorskip(package)
+    from benchmarks import peers_online
+
+    rows = {(row["library"], row.get("where")): row for row in peers_online.compare(2)}
+    for library in ("torchopt", "plain-loop"):
+        row = rows[library, None]
+        assert row["equal"] and row["rel_error"] <= peers_online.TOLERANCE, row
+    same, config_rate = [row for (library, _), row in rows.items() if library == "betty"]
+    assert same["equal"] and same["rel_error"] <= peers_online.TOLERANCE, same
+    assert not config_rate["equal"], config_rate

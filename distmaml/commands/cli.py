@@ -297,6 +297,9 @@ def _gradcheck(args) -> int:
         raise ConfigError(f"--tasks = {args.tasks}: must be >= 1")
     torch.manual_seed(config.train.seed)
     learner = build(config)
+    if not learner.theta:
+        raise ConfigError(f"{args.config}: problem.name = {config.problem.name}: has no meta-parameters (its online "
+                          "runs are the result), so there is no hypergradient to check")
     tasks = learner.family.sample(STREAM_TRAIN, 0, torch.arange(args.tasks))
     check_problem(learner.problem, learner.theta, task_at(tasks, 0), where=f"problem.name = {config.problem.name!r}:")
     refuse_unreached(config, learner, tasks)  # the trainer's refusal, in its words: there is nothing to check
@@ -306,8 +309,14 @@ def _gradcheck(args) -> int:
             methods[name] = build_method(config, name)
         except SettingError as err:
             skipped[name] = str(err)
-    report = gradcheck(learner.problem, learner.theta, tasks, learner.inner, methods)
-    print(f"{args.config}: problem {config.problem.name}, {args.tasks} task(s), {config.inner.steps} inner step(s) of "
+    problem, inner, what = learner.problem, learner.inner, f"{args.tasks} task(s)"
+    if config.online.runs:  # from the runs' stored state: the U-step objective of their first outer step
+        from distmaml.engine.schedule import first_lookahead
+
+        problem, tasks, inner = first_lookahead(learner, config, args.tasks)
+        what = f"{args.tasks} online run(s) at their staggered counters"
+    report = gradcheck(problem, learner.theta, tasks, inner, methods)
+    print(f"{args.config}: problem {config.problem.name}, {what}, {config.inner.steps} inner step(s) of "
           f"{config.inner.rule}, float64")
     print(format_report(report))
     if args.json:

@@ -163,10 +163,11 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
         if any(not torch.isfinite(p).all() for p in params.values()):  # a last guard; divergence is flagged first
             raise TrainingError(f"iteration {iteration}: weights are not finite; not writing a checkpoint over "
                                 f"the good ones in {ckpt_dir}")
+        runs = step.schedule.state_dict(ctx)  # online: every rank's runs, gathered (a collective)
         if ctx.is_main:
             state = {"iteration": iteration, **checkpoint_state(learner), "optimizer": optimizer.state_dict(),
                      "config": to_dict(config), "user_files": user_files(config), "rng": checkpoint.rng_state(),
-                     "batched": step.batched, **watch.checkpoint_fields()}
+                     "batched": step.batched, **watch.checkpoint_fields(), **({"online": runs} if runs else {})}
             checkpoint.save_checkpoint(ckpt_dir, state, keep=train_cfg.keep_checkpoints)
         dist.barrier(ctx)
 
@@ -176,6 +177,8 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     look_every_iteration = ctx.device.type == "cpu" or ctx.distributed
     train_start = time.perf_counter()
     iteration, status, reason, diverged_at = start, "complete", None, -1
+    step.schedule.load_state_dict(resumed.online)
+    resets, window_start, reset_error = 0.0, start, None  # online: runs started again for a non-finite state
     with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
@@ -200,11 +203,20 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                 if diverged_at >= 0:
                     status = "diverged"
                     break
+            resets = resets + out.excluded  # a device tensor: read at log steps only
             if log_now:
                 metrics = _metrics(learner, out, config, ctx, step.batched, *watch.window(iteration))
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
+                window_resets = float(resets)
+                if config.online.runs:  # runs left out and started again in the window, for a non-finite state
+                    metrics["runs_not_finite"] = window_resets
                 logger.log(metrics)
                 watch.close_window(iteration, params, lambda: _sharpness_warning(config, learner, metrics))
+                reset_error = _too_many_resets(config, window_resets, iteration - window_start)
+                resets, window_start = 0.0, iteration
+                if reset_error:
+                    status, diverged_at = "diverged", iteration - 1
+                    break
             if train_cfg.check_every and iteration % train_cfg.check_every == 0:
                 dist.check_replicas(list(params.values()), ctx, iteration)
             if save_now or reason is not None:
@@ -222,7 +234,16 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                                "run_dir": str(run_dir), "train_seconds": seconds,
                                "seconds_per_iteration": seconds / max(iteration - start, 1),
                                "peak_memory_mb": dist.peak_memory_mb(ctx), "batched": step.batched}
-    if status == "diverged":  # the CLI prints summary["error"]
+    online = step.schedule.summary(ctx) if status != "diverged" else None  # a collective: every rank
+    if online is not None:
+        summary["online"] = online
+    if status == "diverged" and reset_error:
+        good = checkpoint.latest_checkpoint(ckpt_dir, at_most=diverged_at)
+        summary.update(diverged_at=diverged_at + 1, last_good_checkpoint=str(good) if good else None,
+                       error=f"training diverged at iteration {diverged_at + 1}: {reset_error}; the last good "
+                       f"checkpoint is {good}" if good else f"training diverged at iteration {diverged_at + 1}: "
+                       f"{reset_error}; no checkpoint was written before it")
+    elif status == "diverged":  # the CLI prints summary["error"]
         summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), watch.reference,
                                    step.diverged_norm.item(), out.result.stats))
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
@@ -250,6 +271,17 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     if status == "preempted":
         summary["signal"] = int(reason)
     return summary
+
+
+def _too_many_resets(config: Config, resets: float, iterations: int) -> str | None:
+    """Online: why the runs count as diverged, once more than online.max_resets of the window's run-steps
+    started again for a state that was not finite; None otherwise (and for episodic runs, which have none)."""
+    online = config.online
+    if not resets or resets <= online.max_resets * online.runs * iterations:
+        return None
+    return (f"{resets:.0f} of the {online.runs * iterations} run-steps of the last {iterations} iteration(s) had a "
+            f"state that was not finite and started again, above online.max_resets = {online.max_resets:g} of them "
+            "(with a smaller inner.lr, train.lr or online.unroll the runs stay finite)")
 
 
 def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: int, loss: float,
@@ -294,7 +326,7 @@ def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: i
 def _non_finite_data(learner: Learner, iteration: int, meta_batch: int) -> str | None:
     """Whether the tasks of `iteration` themselves hold values that are not finite (they are a pure
     function of (seed, iteration, index), so sampling them again gives what training saw)."""
-    device = next(iter(learner.theta.values())).device
+    device = next(learner.model.parameters()).device
     batch = learner.family.sample(STREAM_TRAIN, iteration, torch.arange(meta_batch, device=device))
     leaves = tree_flatten(batch)[0]
     names = getattr(batch, "_fields", None) or (list(batch) if isinstance(batch, dict) else range(len(leaves)))
@@ -346,10 +378,10 @@ def _metric_names(config: Config, learner: Learner, batched: bool) -> list[str]:
 def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Context, batched: bool, mean_loss: float,
              window_iterations: int, seconds: float) -> dict[str, Any]:
     """Metrics of the log window, summed over ranks in one all-reduce and averaged over tasks."""
-    problem, (batch, result), theta = learner.problem, out[:2], learner.theta
+    problem, (batch, result), theta = out.problem, out[:2], learner.theta
     outer = getattr(problem, "outer_name", "outer")
     names = _metric_names(config, learner, batched)
-    first = next(iter(theta.values()))
+    first = next(learner.model.parameters())
     sums = {name: first.new_zeros((), dtype=torch.float64) for name in names}
     if num_tasks(batch):
         found = dict(result.stats)

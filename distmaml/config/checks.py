@@ -13,7 +13,7 @@ import dataclasses
 import math
 import typing
 
-from distmaml.config.schema import PROBLEM_SECTIONS, TrainingRunConfig
+from distmaml.config.schema import PROBLEM_SECTIONS, OnlineConfig, TrainingRunConfig
 from distmaml.errors import ConfigError
 
 
@@ -42,6 +42,36 @@ def _check_problem(config, fail) -> None:
         if getattr(config.training_run, spec.name) != spec.default:
             fail(f"training_run.{spec.name}", f"applies to the problems that train a network from scratch ({runs}), "
                  f"not to problem.name = {name!r}")
+
+
+def _check_online(config, fail, at_least, source) -> None:
+    """The online schedule's settings; online, train.meta_batch is the runs and inner.steps the unroll
+    (set here from online.*: given otherwise, they are refused)."""
+    online = config.online
+    at_least("online.runs", 0)
+    if not online.runs:
+        for spec in dataclasses.fields(OnlineConfig):
+            if spec.name != "runs" and getattr(online, spec.name) != spec.default:
+                fail(f"online.{spec.name}", "applies to online runs (online.runs >= 1)")
+        return
+    at_least("online.unroll", 1)
+    at_least("online.horizon", 0)
+    if online.horizon and online.horizon < online.unroll:
+        fail("online.horizon", f"must be at least online.unroll ({online.unroll}), or 0 (no horizon)")
+    if online.horizon % online.unroll:
+        fail("online.horizon", f"must be a multiple of online.unroll ({online.unroll}): runs start again at the end "
+             "of an unroll")
+    if not 0 < online.max_resets <= 1:
+        fail("online.max_resets", "must be a fraction in (0, 1]")
+    for key, value, meaning in (("inner.steps", online.unroll, "the unroll, online.unroll"),
+                                ("train.meta_batch", online.runs, "the runs, online.runs")):
+        section, name = key.split(".")
+        if source(key) != "default" and getattr(getattr(config, section), name) != value:
+            fail(key, f"online, it is {meaning} ({value}): leave it out")
+        setattr(getattr(config, section), name, value)
+    if config.engine.cuda_graph:
+        fail("engine.cuda_graph", "online runs start again (and draw their new keys) on the host; the CUDA graph "
+             "covers episodic training only", cause="online.runs")
 
 
 def check_values(config, source) -> None:
@@ -75,6 +105,7 @@ def check_values(config, source) -> None:
     if not config.run.dir.strip():
         # An empty path is the current directory to the OS: a run would land in the caller's files.
         fail("run.dir", "must name a directory (. for the current one)")
+    _check_online(config, fail, at_least, source)
     at_least("inner.steps", 0)
     positive("inner.lr")
     _check_inner(config, fail, at_least)

@@ -36,10 +36,12 @@ class ProblemConfig:
     name: str = _opt("maml", "bi-level problem: maml (initial weights that adapt in a few steps: MAML and its family); "
                      "on networks trained from scratch: learning_rate (the rule's learned rates), activation (a "
                      "learned activation function), weight_decay (a learned L2 decay), hyperclean (a learned weight "
-                     "per training example), distill (a few learned examples per class); or your own builder as an "
+                     "per training example), weighting_net (Meta-Weight-Net: a net from an example's loss to its weight), "
+                     "learning_to_reweight (Ren et al.'s per-batch weights; online only), distill (a few learned "
+                     "examples per class); or your own builder as an "
                      "import path 'package.module:build' called as build(model=..., family=..., **problem.args); a "
                      "built-in problem's settings are in its own section (maml.*, training_run.*, weight_decay.*, "
-                     "hyperclean.*, distill.*)")
+                     "hyperclean.*, weighting_net.*, distill.*; online schedules: online.*)")
     args: dict = _opt({}, "keyword arguments for your own problem builder (problem.args.<name>=value)")
 
 
@@ -75,6 +77,28 @@ class HypercleanConfig:
 
 
 @dataclass
+class WeightingNetConfig:
+    hidden: int = _opt(100, "weighting_net: hidden ReLU units of the net from an example's loss to its weight "
+                       "(Meta-Weight-Net: 100)")
+    classes: bool = _opt(False, "weighting_net: the net also reads the example's label (one-hot)")
+
+
+@dataclass
+class OnlineConfig:
+    runs: int = _opt(0, "online bi-level optimisation: this many inner runs persist across outer steps (0: "
+                     "episodic, every outer step starts its tasks again); online, train.meta_batch is the runs and "
+                     "inner.steps the unroll")
+    unroll: int = _opt(1, "online: inner steps per run per outer step (U), through which phi's hypergradient is "
+                       "taken (1 with sgd: a one-step lookahead, Learning to Reweight's and Meta-Weight-Net's)")
+    horizon: int = _opt(0, "online: a run starts again from fresh weights after this many inner steps (H, a multiple "
+                        "of online.unroll; 0: never, phi is learned while one training goes on)")
+    burn_in: bool = _opt(True, "online: the runs' first counters are spread over the horizon; true trains each run "
+                         "to its counter at the initial phi before the first outer step, false starts it fresh there")
+    max_resets: float = _opt(0.5, "online: a run whose state is not finite starts again (counted); past this fraction "
+                             "of run-steps reset in a logging window the training stops as diverged")
+
+
+@dataclass
 class DistillConfig:
     per_class: int = _opt(1, "distill: synthetic examples per class (M)")
     init: str = _opt("real", "distill: synthetic inputs start as random real examples of their class, or as "
@@ -93,6 +117,8 @@ PROBLEM_SECTIONS = {
     "weight_decay": ("training_run", "weight_decay"),
     "hyperclean": ("training_run", "hyperclean"),
     "distill": ("training_run", "distill"),
+    "weighting_net": ("training_run", "hyperclean", "weighting_net"),
+    "learning_to_reweight": ("training_run",),
 }
 
 
@@ -297,6 +323,8 @@ class Config:
     weight_decay: WeightDecayConfig = field(default_factory=WeightDecayConfig)
     hyperclean: HypercleanConfig = field(default_factory=HypercleanConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    weighting_net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)

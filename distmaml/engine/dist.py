@@ -279,7 +279,7 @@ def all_reduce_sum(tensors: list[torch.Tensor], ctx: Context) -> list[torch.Tens
 
 def check_replicas(params: list[torch.Tensor], ctx: Context, iteration: int) -> None:
     """Fail loudly if any rank's weights differ from rank 0's (they must be bit-identical)."""
-    if not ctx.distributed:
+    if not ctx.distributed or not params:
         return
     flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
     # Two different weightings make an accidental match of diverged replicas vanishingly unlikely.

@@ -21,6 +21,7 @@ import torch
 from distmaml.build import DTYPES, Learner, build
 from distmaml.config import Config, ConfigError, source_of
 from distmaml.engine import dist, memory
+from distmaml.engine.schedule import as_runs
 from distmaml.engine.step import compute_meta_gradient
 from distmaml.errors import SettingError
 from distmaml.evaluate import evaluation_settings, refuse_shots
@@ -86,14 +87,19 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> str:
         # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))
 
+        problem, probed = learner.problem, inner
+        if config.online.runs:  # the lookahead from this process's runs, their stored states counted
+            problem, shapes, probed = as_runs(learner, shapes, inner)
         try:
             found = None
             if inner.checkpoint == "auto":
-                inner, choice, found = memory.stored_if_it_fits(learner.problem, learner.theta, shapes, config, inner,
-                                                                probe, ctx.device)
+                probed, choice, found = memory.stored_if_it_fits(problem, learner.theta, shapes, config, probed,
+                                                                 probe, ctx.device)
+                inner = dataclasses.replace(inner, checkpoint=probed.checkpoint,
+                                            checkpoint_segment=probed.checkpoint_segment)
                 log.info("%s", choice)
                 chosen = True
-            found = memory.check_fits(learner.problem, learner.theta, shapes, config, inner, probe,
+            found = memory.check_fits(problem, learner.theta, shapes, config, probed, probe,
                                       ctx.world_size, ctx.device, found)
         except RuntimeError as err:  # the problem ran on shape-only tensors (check_shapes): the method cannot
             if not reads_values(err):
@@ -175,7 +181,7 @@ def probe(problem, theta, batch, inner, step_weights):
 def check_first_batch(config: Config, learner: Learner) -> None:
     """The family, the problem and the method on real tasks of the first batch, each refused in one
     line naming the class (or setting) and what is wrong."""
-    batch = _family_and_problem(config, learner, next(iter(learner.theta.values())).device, values=True)
+    batch = _family_and_problem(config, learner, next(learner.model.parameters()).device, values=True)
     check_method(learner.problem, learner.theta, batch, learner.inner)
     if config.inner.first_order_iterations:  # MAML++'s annealing starts first order: it must work too
         first_order = dataclasses.replace(learner.inner, method=FirstOrder())

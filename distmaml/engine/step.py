@@ -14,15 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from distmaml.build import DTYPES, Learner
 from distmaml.engine import dist
+from distmaml.engine.schedule import make_schedule
 from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
-from distmaml.rng import STREAM_TRAIN
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
 # NCCL communicators) that must not happen while a graph is being captured.
@@ -44,14 +44,39 @@ class StepOutput(NamedTuple):
     grad_norm: torch.Tensor
     stop_votes: torch.Tensor  # per stop reason, how many ranks asked to stop after this iteration
     meta_loss: torch.Tensor  # mean query loss after adaptation over the whole meta-batch (all ranks)
+    problem: Any  # the problem the batch's tasks belong to (online: the runs' view of the learner's)
+    excluded: torch.Tensor  # online: runs left out of this step (all ranks) for a state that is not finite
 
 
 def make_optimizer(params, lr: float, device: torch.device, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
     """Adam on the meta-parameters. On CUDA it is the capturable variant (step count and learning
     rate live on the device) in eager and graph mode alike, so both compute the same numbers."""
+    params = list(params)
+    if not params:
+        return NoMetaParameters()
     if device.type == "cuda":
         return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), betas=betas, capturable=True)
     return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+class NoMetaParameters:
+    """The outer optimizer of a problem with nothing to learn (Learning to Reweight, whose persistent
+    runs are the result): its step changes nothing, and its state is empty."""
+
+    param_groups: list = []
+    state: dict = {}
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def fit_optimizer_to(optimizer: torch.optim.Adam, device: torch.device) -> None:
@@ -137,6 +162,8 @@ class MetaStep:
         self.static = static or self.cuda_graph
         self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
         self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
+        # Tasks drawn afresh each outer step, or persistent runs (online.runs): this rank's share either way.
+        self.schedule = make_schedule(learner, config, self.indices)
         weight_dtype, self.autocast_dtype = DTYPES[config.engine.dtype]
         self.iteration = torch.zeros((), dtype=torch.int64, device=ctx.device)
         self.stop_flag = torch.zeros(stop_reasons, dtype=weight_dtype, device=ctx.device)
@@ -198,23 +225,30 @@ class MetaStep:
 
     def _body(self, iteration: int | torch.Tensor, inner: Inner) -> StepOutput:
         train = self.config.train
-        batch = self.family.sample(STREAM_TRAIN, iteration, self.indices)
-        # No autocast weight cache: a captured graph must recompute the casts on every replay.
-        autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-                    if self.autocast_dtype else contextlib.nullcontext())
-        with autocast:
-            result = compute_meta_gradient(self.problem, self.params, batch, inner, self.batched,
-                                           self.step_weights)
-        # Stop requests and the loss ride along in the gradient's all-reduce, so every rank stops
-        # after the same iteration even when a signal reached only some of them or their clocks
-        # disagree, and every rank sees the same meta-loss.
+
+        def compute(problem, tasks, inner):
+            # No autocast weight cache: a captured graph must recompute the casts on every replay.
+            autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+                        if self.autocast_dtype else contextlib.nullcontext())
+            with autocast:
+                return compute_meta_gradient(problem, self.params, tasks, inner, self.batched, self.step_weights)
+
+        problem, batch, result = self.schedule.lookahead(iteration, inner, compute)
+        # Stop requests, the loss and the count of tasks (online: runs left out for a state that is not
+        # finite are not counted) ride along in the gradient's all-reduce, so every rank stops after the
+        # same iteration even when a signal reached only some of them or their clocks disagree, and
+        # every rank sees the same meta-loss.
         loss_sum = result.task_losses.sum().reshape(1).to(self.stop_flag.dtype)
-        *grads, stop_votes, loss_sum = dist.all_reduce_sum([*result.grad_sum.values(), self.stop_flag, loss_sum],
-                                                           self.ctx)
+        excluded = self.schedule.excluded(self.ctx.device).reshape(1).to(self.stop_flag.dtype)
+        *grads, stop_votes, loss_sum, excluded = dist.all_reduce_sum(
+            [*result.grad_sum.values(), self.stop_flag, loss_sum, excluded], self.ctx)
+        counted = (train.meta_batch - excluded[0]).clamp(min=1)
         for param, grad in zip(self.params.values(), grads):
-            param.grad = grad.to(param.dtype) / train.meta_batch
+            param.grad = grad.to(param.dtype) / counted
         reached = reached_flags(grads)
-        if self.check_reachable:  # once, eagerly, before the first outer step changes anything
+        # Once, eagerly, before the first outer step changes anything; online, on the first step that
+        # left no run out (a run left out for a non-finite state adds nothing, and would look unreached).
+        if self.check_reachable and not bool(excluded[0] > 0):
             self.check_reachable = False
             allowed = [*self.config.train.allow_unreached, *zero_at_start(self.model)]
             names = unreached(self.params, reached, allowed)
@@ -223,7 +257,7 @@ class MetaStep:
                 raise Unreached(names, cause)
         self.reached |= reached
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), train.grad_clip or math.inf)
-        meta_loss = loss_sum[0] / train.meta_batch
+        meta_loss = loss_sum[0] / counted
         # The all-reduced values are the same on every rank, so every rank flags the same iteration.
         diverged = (~torch.isfinite(meta_loss) | ~torch.isfinite(grad_norm) | (meta_loss > self.loss_bound)
                     | (grad_norm > self.grad_bound))
@@ -235,7 +269,8 @@ class MetaStep:
         self.diverged_loss.copy_(torch.where(first, meta_loss.to(self.diverged_loss.dtype), self.diverged_loss))
         self.diverged_norm.copy_(torch.where(first, grad_norm.to(self.diverged_norm.dtype), self.diverged_norm))
         self.optimizer.step()
-        return StepOutput(batch, result, grad_norm, stop_votes, meta_loss)
+        self.schedule.advance(self.params)
+        return StepOutput(batch, result, grad_norm, stop_votes, meta_loss, problem, excluded[0])
 
     def _on_side_stream(self, fn):
         # Warm-up before capture runs on a side stream, as CUDA graph capture requires.

@@ -18,7 +18,8 @@ from distmaml.meta.methods import (CG, METHODS, FiniteDifference, FirstOrder, Im
                                    Neumann, NeumannSeries, Reptile, SecondOrder, Solver, Truncated, make_method,
                                    method_settings, unrolled_objective)
 from distmaml.meta.problem import Problem, ProblemError, check_problem
-from distmaml.meta.problems import MAML, Dataset, Distillation, Reweighting, TrainingRun, WeightDecay
+from distmaml.meta.problems import (MAML, Dataset, Distillation, LearningToReweight, Reweighting, TrainingRun,
+                                    WeightDecay, WeightingNet)
 from distmaml.meta.reference import inner_loop, meta_gradient_loop, reference_unroll
 from distmaml.meta.rules import LEARNED, RULES, BaseRule, Rule, learned_names, make_rule, rule_settings
 from distmaml.meta.unrolling import Unrolled, start_weights, step_views, task_values, unroll
@@ -29,7 +30,7 @@ __all__ = [
     "BaseRule", "CG", "CHECKPOINTS", "LEARNED", "MAML", "METHODS", "RULES", "Dataset", "Distillation", "FiniteDifference",
     "FirstOrder", "Implicit", "ImplicitCG", "Inner", "LossFn", "Method", "MethodError", "MetaGradient", "Neumann",
     "NeumannSeries", "Params", "Problem", "ProblemError", "Reptile", "Reweighting", "Rule", "SecondOrder", "Solver",
-    "TaskBatch", "Tasks", "TrainingRun", "Truncated", "Unrolled", "WeightDecay",
+    "TaskBatch", "Tasks", "TrainingRun", "Truncated", "Unrolled", "WeightDecay", "WeightingNet", "LearningToReweight",
     "check_method", "check_problem", "detached", "functional_forward", "inner_loop", "learned_names", "make_method",
     "make_rule", "method_settings", "meta_gradient", "meta_gradient_loop", "meta_loss", "meta_parameters", "mse", "num_tasks",
     "plan_segments", "reference_unroll", "rule_settings", "start_weights", "step_views", "task_at", "task_values", "tasks_slice",

@@ -9,12 +9,16 @@ style of distmaml.tasks.TaskFamily and distmaml.meta.rules.Rule:
     phi = problem.meta_parameters()          # {name: tensor}: whatever the meta-parameters are
     w0 = problem.start(phi, task)            # MAML: phi's weights; hyperparameter learning: a fresh
                                              # initialisation drawn from the task's own seed
-    problem.inner_loss(w, phi, task, step)   # a scalar; `step` picks the step's mini-batch, if any
+    problem.inner_loss(w, phi, task, step)   # a scalar; `step` picks the step's mini-batch, if any: a
+                                             # Python int, or online each run's own counter (an int64
+                                             # tensor) in a problem whose `modes` include "online"
     problem.outer_loss(w, phi, task)         # a scalar
     problem.metrics(w, phi, task)            # {"loss": outer loss, ...}: what logs and evaluation report
     problem.inner_template()                 # {name: tensor}: the shapes of w (values unused)
     problem.to(device)                       # the same problem on another device ("meta": shapes only)
     problem.describe(phi)                    # optional: phi's learned values as a report states them
+    problem.modes                            # optional: ("episodic",) if absent; ("episodic", "online") for a
+                                             # problem whose runs may persist (distmaml.meta.online)
     problem.drawing(phi)                     # optional: what `distmaml plot` draws of phi, as (kind, data):
                                              # ("examples", {"inputs", "labels"}) or ("function", {"x", "learned"})
 
@@ -162,6 +166,9 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
     with torch.enable_grad():
         tracked = {key: value.detach().requires_grad_() for key, value in weights.items()}
         outer = call("outer_loss", problem.outer_loss, tracked, phi, task)
+    if "online" in getattr(problem, "modes", ()):  # a persistent run's inner loss gets its counter as a tensor
+        call("inner_loss at a tensor step (its modes include online)", problem.inner_loss, weights, phi, task,
+             torch.tensor(0, device=next(iter(weights.values())).device))
     for label, value in (("inner_loss", call("inner_loss", problem.inner_loss, weights, phi, task, 0)),
                          ("outer_loss", outer), ("metrics()['loss']", metrics.get("loss"))):
         if wrong := not_a_scalar(value):

@@ -10,7 +10,9 @@ model's weights (names under LEARNED, see `learned_names`), so the outer optimiz
 all-reduce, checkpoints, the replica check and the CUDA graph carry them like any weight.
 `rule.parameters(weights)` gives their initial values. Everything is a differentiable tensor
 function, vmapped over tasks by the unroll (distmaml.meta.unrolling), so the meta-gradient
-flows through every rule in every mode. `step` is the inner step's index, a Python int.
+flows through every rule in every mode. `step` is the inner step's index: a Python int in an
+episode, or (online, distmaml.meta.online) each run's own global counter, an int64 tensor (one per
+run under vmap): a rule that reads it (schedule, adam) takes either.
 
     sgd        w - lr g                                            (MAML)
     meta_sgd   w - alpha (.) g, alpha learned per weight element   (Li et al. 2017, Meta-SGD)
@@ -208,7 +210,9 @@ class Schedule(BaseRule):
         rates = learned[LEARNED + "log_schedule"].detach().exp().tolist()
         return {"learning_rate": rates[0] if len(rates) == 1 else rates}
 
-    def block(self, step: int) -> int:
+    def block(self, step: int | torch.Tensor) -> int | torch.Tensor:
+        if torch.is_tensor(step):  # a run's own counter (online): past the horizon, the last block
+            return torch.clamp(step * self.blocks // max(self.steps, 1), max=self.blocks - 1)
         return min(step * self.blocks // max(self.steps, 1), self.blocks - 1)
 
     def step(self, weights, grads, state, learned, step):
@@ -292,6 +296,8 @@ class Adam(BaseRule):
 
     def step(self, weights, grads, state, learned, step):
         beta1, beta2 = self.betas
+        if torch.is_tensor(step):
+            return self._step_at(weights, grads, state, step)
         step_size = self.lr / (1 - beta1 ** (step + 1))
         root_scale = (1 - beta2 ** (step + 1)) ** -0.5
         # Fused forms (lerp for the moving averages, addcdiv for the update): each is one kernel in
@@ -301,6 +307,21 @@ class Adam(BaseRule):
         # lr/c1 * m / (sqrt(v)/sqrt(c2) + eps) written as (lr/c1 * sqrt(c2)) * m / (sqrt(v) + eps * sqrt(c2)).
         new = {name: torch.addcdiv(value, m[name], torch.sqrt(v[name] + torch.finfo(v[name].dtype).tiny)
                                    + self.eps / root_scale, value=-step_size / root_scale)
+               for name, value in weights.items()}
+        return new, {"m": m, "v": v}
+
+    def _step_at(self, weights, grads, state, step: torch.Tensor):
+        """The same step at a counter held in a tensor (a run's own, online): the bias corrections are
+        tensors, which addcdiv cannot take as its factor, so the update is written out."""
+        beta1, beta2 = self.betas
+        first = next(iter(weights.values()))
+        count = (step + 1).to(first.dtype)
+        root_scale = (1 - beta2 ** count) ** -0.5
+        step_size = self.lr / (1 - beta1 ** count) / root_scale
+        m = {name: torch.lerp(grads[name], state["m"][name], beta1) for name in weights}
+        v = {name: torch.lerp(grads[name] * grads[name], state["v"][name], beta2) for name in weights}
+        new = {name: value - step_size * m[name] / (torch.sqrt(v[name] + torch.finfo(v[name].dtype).tiny)
+                                                     + self.eps / root_scale)
                for name, value in weights.items()}
         return new, {"m": m, "v": v}
 

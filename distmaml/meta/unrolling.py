@@ -113,6 +113,13 @@ def inner_step(problem: Any, rule: Rule, weights: Params, state: State, phi: Par
     return vmap(rule.step, in_dims=(0, 0, 0, None, None))(weights, grads, state, phi, step)
 
 
+def starting_state(problem: Any, rule: Rule, phi: Params, task: Any, weights: Params) -> State:
+    """The rule's state before a task's first step: rule.init(weights), or the state the problem
+    resumes from where it has one (a persistent run: distmaml.meta.online)."""
+    resumed = getattr(problem, "start_state", None)
+    return rule.init(weights) if resumed is None else resumed(phi, task)
+
+
 def first_step(problem: Any, rule: Rule, phi: Params, tasks: Tasks, differentiable: bool) -> tuple[Params, State]:
     """Every task's first inner step, from problem.start(phi, task), in one vmap of the whole per-task step.
 
@@ -123,7 +130,7 @@ def first_step(problem: Any, rule: Rule, phi: Params, tasks: Tasks, differentiab
 
     def task_step(phi: Params, task: Any) -> tuple[Params, State]:
         weights = problem.start(phi, task)
-        state = rule.init(weights)
+        state = starting_state(problem, rule, phi, task, weights)
         at_phi = phi if differentiable else detached(phi)
         grads = grad(lambda point: problem.inner_loss(point, at_phi, task, 0))(
             weights if differentiable else detached(weights))
@@ -157,7 +164,9 @@ def unroll(problem: Any, phi: Params, tasks: Tasks, inner, *, steps: int | None 
         differentiated = inner.method.differentiated(steps)
     if steps == 0:
         weights = start_weights(problem, phi, tasks)
-        return Unrolled(weights, rule.init(weights), [])
+        resumed = getattr(problem, "start_state", None)
+        state = rule.init(weights) if resumed is None else vmap(resumed, in_dims=(None, 0))(phi, tasks)
+        return Unrolled(weights, state, [])
     first_differentiated = steps - differentiated
     plan = plan_segments(steps, differentiated, inner.checkpoint, inner.checkpoint_segment)
     if any(checkpointed for _, _, checkpointed in plan) and hasattr(problem, "model"):

@@ -50,6 +50,8 @@ class Resumed(NamedTuple):
     # The path engine.batched = auto chose (True: batched), so that the run goes on with it; None
     # where the checkpoint recorded none (a fresh start, or one written before the choice existed).
     batched: bool | None = None
+    # Online: every persistent run's state, by global run index (distmaml.engine.schedule); None episodic.
+    online: dict | None = None
 
 
 def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) -> Resumed:
@@ -94,7 +96,7 @@ def restore_run(config: Config, ctx: dist.Context, learner: Learner, optimizer) 
     return Resumed(int(state["iteration"]), reference, partial if usable else None,
                    float(bound) if isinstance(bound, float) and bound > 0 else math.inf,
                    norms if torch.is_tensor(norms) and norms.dim() == 1 else None,
-                   batched if isinstance(batched, bool) else None)
+                   batched if isinstance(batched, bool) else None, state.get("online"))
 
 
 def check_resumed_code(config: Config) -> None:

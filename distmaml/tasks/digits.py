@@ -10,7 +10,7 @@ random initialisations (distmaml.tasks.runs).
 
     task:
       family: digits
-      args: {train: 0.6, validation: 0.2, noise: 0.0, images: false, data_seed: 0}
+      args: {train: 0.6, validation: 0.2, noise: 0.0, images: false, data_seed: 0, holdout: 0}
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DigitsRuns(TrainingRuns):
 
     @classmethod
     def from_config(cls, config, device, dtype=torch.float32, train: float = 0.6, validation: float = 0.2,
-                    noise: float = 0.0, images: bool = False, data_seed: int = 0) -> "DigitsRuns":
+                    noise: float = 0.0, images: bool = False, data_seed: int = 0, holdout: int = 0) -> "DigitsRuns":
         """The family a config describes; its settings are task.args."""
         if not (0 < train < 1 and 0 < validation < 1 and train + validation < 1):
             raise ConfigError(f"task.args.train = {train!r}, task.args.validation = {validation!r}: each must be in "
@@ -66,4 +66,4 @@ class DigitsRuns(TrainingRuns):
         parts = stratified_split(y, train, validation, data_seed)
         data = Dataset(*(t for index in parts for t in (x[index].to(device, dtype), y[index].to(device))))
         family = cls(data, cross_entropy, class_accuracy, num_outputs=CLASSES, seed=config.train.seed)
-        return family.with_label_noise(noise, data_seed)
+        return family.with_label_noise(noise, data_seed).with_holdout(holdout)

@@ -10,8 +10,10 @@ Tasks are training runs from random initialisations (distmaml.tasks.runs).
 
     task:
       family: mnist1d
-      args: {validation: 500, train: 0, noise: 0.0}   # train > 0: only the first `train` training
-                                                     # examples; noise: the fraction of their labels flipped
+      args: {validation: 500, train: 0, noise: 0.0, holdout: 0}
+                                  # train > 0: only the first `train` training examples; noise: the fraction
+                                  # of their labels flipped; holdout: validation examples kept
+                                  # apart, read by no loss (a split to early-stop on)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class MNIST1DRuns(TrainingRuns):
 
     @classmethod
     def from_config(cls, config, device, dtype=torch.float32, validation: int = 500, train: int = 0,
-                    noise: float = 0.0, data_seed: int = 0) -> "MNIST1DRuns":
+                    noise: float = 0.0, data_seed: int = 0, holdout: int = 0) -> "MNIST1DRuns":
         """The family a config describes; its settings are task.args."""
         if not isinstance(validation, int) or not 1 <= validation < TRAIN:
             raise ConfigError(f"task.args.validation = {validation!r}: must be an integer between 1 and {TRAIN - 1}")
@@ -70,4 +72,4 @@ class MNIST1DRuns(TrainingRuns):
         data = Dataset(train_x, train_y, x[split:], y[split:], test_x, test_y)
         data = Dataset(*(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in data))
         family = cls(data, cross_entropy, class_accuracy, num_outputs=CLASSES, seed=config.train.seed)
-        return family.with_label_noise(noise, data_seed)
+        return family.with_label_noise(noise, data_seed).with_holdout(holdout)

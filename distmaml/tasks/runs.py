@@ -20,6 +20,7 @@ from distmaml.rng import hash_u32, seed_words
 
 
 LANE_PICK, LANE_CLASS = 21, 22  # label-noise draws of the data seed
+LANE_HOLDOUT = 23  # which validation examples a holdout takes
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, classes: int, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +44,9 @@ class TrainingRuns:
     seed: int = 0
     is_classification: bool = True
     flipped: torch.Tensor | None = None  # which training labels were flipped (label-noise studies), else None
+    # (inputs, labels) carved from the validation split that no loss reads: where a study early-stops a
+    # run whose outer loss reads the validation split (with_holdout), else None.
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # A task trains on the whole fixed training split: no shots, no query set to size (TaskFamily.episodic).
     episodic = False
@@ -77,7 +81,23 @@ class TrainingRuns:
 
     def to(self, device: torch.device | str) -> "TrainingRuns":
         flipped = None if self.flipped is None else self.flipped.to(device)
-        return dataclasses.replace(self, dataset=self.dataset.to(device), flipped=flipped)
+        holdout = None if self.holdout is None else tuple(part.to(device) for part in self.holdout)
+        return dataclasses.replace(self, dataset=self.dataset.to(device), flipped=flipped, holdout=holdout)
+
+    def with_holdout(self, count: int) -> "TrainingRuns":
+        """The same family with `count` validation examples, chosen by a fixed hash of their position (a
+        split ordered by class loses no class), moved out of the validation split into `holdout`, which
+        no loss reads: a split to early-stop on that the outer loss never saw."""
+        val_x, val_y = self.dataset.val_x, self.dataset.val_y
+        if not isinstance(count, int) or not 0 <= count < val_x.shape[0]:
+            raise ConfigError(f"task.args.holdout = {count!r}: must be an integer between 0 and "
+                              f"{val_x.shape[0] - 1} (fewer than the validation split's {val_x.shape[0]} examples)")
+        if not count:
+            return self
+        order = hash_u32(LANE_HOLDOUT, torch.arange(val_x.shape[0], device=val_x.device)).argsort()
+        held, kept = order[:count].sort().values, order[count:].sort().values
+        return dataclasses.replace(self, dataset=self.dataset._replace(val_x=val_x[kept], val_y=val_y[kept]),
+                                   holdout=(val_x[held], val_y[held]))
 
     def with_label_noise(self, fraction: float, data_seed: int = 0) -> "TrainingRuns":
         """The same family with a fraction of its training labels flipped (validation and test stay clean)."""

@@ -80,10 +80,11 @@ def test_an_old_and_a_new_name_of_one_setting_in_one_file_are_refused(tmp_path):
     ("maml.lam=5", "command line: unknown key 'maml.lam' (maml's keys: proximal)"),
     ("training_run.outer=soft_error", "command line: training_run.outer = 'soft_error': applies to the problems that "
                                       "train a network from scratch (learning_rate, activation, weight_decay, "
-                                      "hyperclean, distill), not to problem.name = 'maml'"),
+                                      "hyperclean, distill, weighting_net, learning_to_reweight), not to "
+                                      "problem.name = 'maml'"),
     ("problem.batch_size=8", "command line: training_run.batch_size = 8: applies to the problems that train a network "
-                             "from scratch (learning_rate, activation, weight_decay, hyperclean, distill), not to "
-                             "problem.name = 'maml'"),
+                             "from scratch (learning_rate, activation, weight_decay, hyperclean, distill, weighting_net, "
+                             "learning_to_reweight), not to problem.name = 'maml'"),
     ("hyperclean.weighting=sum", "command line: hyperclean.weighting = 'sum': must be one of normalised, mean"),
 ])
 def test_a_bad_problem_setting_is_one_line(override, message):

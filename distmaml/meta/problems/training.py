@@ -92,6 +92,9 @@ class TrainingRun:
     outer_fn: LossFn | None = None  # the outer loss on held-out predictions; None: loss_fn
 
     outer_name = "validation"
+    # Online (distmaml.meta.online) a run's inner loss gets its own counter as a tensor step: the
+    # counter-based mini-batch draw takes it as it takes an int.
+    modes = ("episodic", "online")
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:

@@ -1,0 +1,203 @@
+"""Where each outer step's tasks come from: drawn afresh (episodic), or persistent runs (online).
+
+    schedule = make_schedule(learner, config, ctx, indices)
+    problem, tasks, result = schedule.lookahead(iteration, inner, compute)   # compute(problem, tasks, inner)
+    ... all-reduce, outer step ...
+    schedule.advance(phi)                                                    # online: the runs' real steps
+
+Both are sharded by global index (a task's, a run's), so 1 and N processes compute the same thing.
+Online (distmaml.meta.online holds the math) this process keeps its runs' state; a run whose
+lookahead is not finite is left out of that step's hypergradient and starts again, counted
+(`excluded`); `state_dict` gathers every process's runs for the checkpoint, and `load_state_dict`
+takes this process's share back, for any number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from distmaml.engine import dist
+from distmaml.meta import FirstOrder, Inner, MetaGradient, detached, num_tasks
+from distmaml.meta.online import (OnlineProblem, Runs, advance, burn_in, choose, fresh_runs, per_run, select,
+                                  staggered_steps, with_rule)
+from distmaml.rng import STREAM_ONLINE, STREAM_TRAIN
+
+log = logging.getLogger("distmaml.train")
+
+
+class Episodic:
+    """Every outer step's tasks drawn afresh from (seed, iteration, global index)."""
+
+    def __init__(self, learner, indices: torch.Tensor):
+        self.problem, self.family, self.indices = learner.problem, learner.family, indices
+
+    def lookahead(self, iteration, inner, compute: Callable) -> tuple[Any, Any, MetaGradient]:
+        batch = self.family.sample(STREAM_TRAIN, iteration, self.indices)
+        return self.problem, batch, compute(self.problem, batch, inner)
+
+    def advance(self, phi) -> None:
+        pass
+
+    def excluded(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros((), device=device)
+
+    def state_dict(self, ctx: dist.Context) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+    def summary(self, ctx: dist.Context) -> dict | None:
+        return None
+
+
+class Online:
+    """This process's share of the persistent runs (global indices `indices` of online.runs)."""
+
+    def __init__(self, learner, config, indices: torch.Tensor, total: int | None = None):
+        online = config.online
+        self.family, self.theta = learner.family, learner.theta
+        self.problem = OnlineProblem(learner.problem)
+        self.rule = learner.inner.rule
+        self.unroll, self.horizon = online.unroll, online.horizon
+        self.total = online.runs if total is None else total
+        self.burn = online.burn_in
+        self.indices = indices
+        self.device = indices.device
+        count = len(indices)
+        self.lives = torch.zeros(count, dtype=torch.int64, device=self.device)  # starts after the first, per run
+        self.failures = torch.zeros(count, dtype=torch.int64, device=self.device)  # of them, for a non-finite state
+        self.bad = torch.zeros(count, dtype=torch.bool, device=self.device)  # left out of this step: start again
+        self.runs: Runs | None = None
+
+    # -- the runs' tasks: a run's key is a function of (seed, life, global run index) --------------
+    def _tasks(self) -> Any:
+        parts, order = [], []
+        for life in torch.unique(self.lives).tolist():
+            where = torch.nonzero(self.lives == life).flatten()
+            parts.append(self.family.sample(STREAM_ONLINE, int(life), self.indices[where]))
+            order.append(where)
+        position = torch.argsort(torch.cat(order))
+        return tree_map(lambda *leaves: torch.cat(leaves).index_select(0, position), *parts)
+
+    def _fresh(self, steps: torch.Tensor) -> Runs:
+        return fresh_runs(self.problem.problem, self.rule, self.theta, self._tasks(), steps)
+
+    def start(self) -> None:
+        """Runs at their staggered counters, burned in there at the initial phi (online.burn_in) or fresh."""
+        targets = staggered_steps(self.indices, self.total, self.unroll, self.horizon)
+        inner = with_rule(_plain(self), self.unroll)
+        if self.burn:
+            self.runs = burn_in(self.problem, inner, self.theta, self._fresh(torch.zeros_like(targets)), targets,
+                                self.unroll)
+        else:
+            self.runs = self._fresh(targets)
+
+    def lookahead(self, iteration, inner, compute: Callable) -> tuple[Any, Any, MetaGradient]:
+        if self.runs is None:
+            self.start()
+        # A run that reached the horizon starts again here, not when it got there: until then (the end
+        # of training, a checkpoint) it is the finished network.
+        self._restart(self.runs.step >= self.horizon if self.horizon else torch.zeros_like(self.bad))
+        inner = with_rule(inner, self.unroll)
+        runs = self.runs
+        if not self.theta:  # nothing to learn (Learning to Reweight): the runs' outer losses, for the logs
+            losses = per_run(self.problem.outer_loss, runs, {})
+            self.bad = ~torch.isfinite(losses)
+            kept = select(runs, ~self.bad)
+            return self.problem, kept.as_tasks(), MetaGradient({}, losses[~self.bad], {}, detached(kept.weights))
+        result = compute(self.problem, runs.as_tasks(), inner)
+        self.bad = ~torch.isfinite(result.task_losses)
+        if bool(self.bad.any()):  # left out of this step's hypergradient: computed again without them
+            runs = select(runs, ~self.bad)
+            result = (compute(self.problem, runs.as_tasks(), inner) if num_tasks(runs.step) else
+                      MetaGradient({name: torch.zeros_like(value) for name, value in self.theta.items()},
+                                   result.task_losses[:0], {name: value[:0] for name, value in result.stats.items()}))
+        return self.problem, runs.as_tasks(), result
+
+    def excluded(self, device: torch.device) -> torch.Tensor:
+        return self.bad.sum().to(device=device, dtype=torch.float64)
+
+    def advance(self, phi) -> None:
+        """Each run's U real steps at the updated phi; a run left out of the lookahead starts again."""
+        inner = with_rule(_plain(self), self.unroll)
+        self.runs = advance(self.problem, inner, phi, self.runs, self.unroll, moving=~self.bad)
+        self.failures += self.bad.long()
+        self._restart(self.bad)
+
+    def _restart(self, which: torch.Tensor) -> None:
+        """The runs `which` ([n] bool) from fresh weights, counter 0 and a new key."""
+        if bool(which.any()):
+            self.lives += which.long()
+            self.runs = choose(which, self._fresh(torch.zeros_like(self.runs.step)), self.runs)
+
+    # -- checkpoint: every run's state, gathered by global index ------------------------------------
+    def state_dict(self, ctx: dist.Context) -> dict:
+        if self.runs is None:  # saved before any outer step (train.iterations = 0): the runs as they start
+            self.start()
+        parts = {"weights": self.runs.weights, "state": self.runs.state, "step": self.runs.step, "lives": self.lives,
+                 "failures": self.failures}
+        leaves, spec = tree_flatten(parts)
+        full = []
+        for leaf in leaves:
+            whole = leaf.new_zeros((self.total, *leaf.shape[1:]))
+            whole[self.indices] = leaf
+            full.append(whole)
+        # One all-reduce per dtype: the flat buffer of all_reduce_sum holds one.
+        for dtype in sorted({leaf.dtype for leaf in full}, key=str):  # the same order on every rank
+            chosen = [i for i, leaf in enumerate(full) if leaf.dtype == dtype]
+            for i, summed in zip(chosen, dist.all_reduce_sum([full[i] for i in chosen], ctx)):
+                full[i] = summed
+        return tree_unflatten([leaf.cpu() for leaf in full], spec)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            return
+        mine = tree_map(lambda leaf: leaf.to(self.device).index_select(0, self.indices), state)
+        self.lives, self.failures = mine["lives"], mine["failures"]
+        self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"])
+
+    def summary(self, ctx: dist.Context) -> dict:
+        """The runs themselves: each one's metrics (the trained networks' own accuracy), counter and resets."""
+        state = self.state_dict(ctx)
+        with torch.no_grad():
+            metrics = torch.func.vmap(self.problem.problem.metrics, in_dims=(0, None, 0))(
+                self.runs.weights, {name: value.detach() for name, value in self.theta.items()}, self.runs.tasks)
+        sums = dist.all_reduce_sum([value.sum().reshape(1).double() for value in metrics.values()], ctx)
+        return {"runs": self.total, "steps": state["step"].tolist(), "restarts": int(state["lives"].sum()),
+                "restarts_not_finite": int(state["failures"].sum()),
+                "metrics": {name: float(value) / self.total for name, value in zip(metrics, sums)}}
+
+
+def _plain(online: Online) -> Inner:
+    """The inner loop a run's real steps take: the rule's own, no graph (the method is not asked)."""
+    return Inner(online.rule, online.unroll, FirstOrder())
+
+
+def make_schedule(learner, config, indices: torch.Tensor):
+    """The schedule config.online names: persistent runs (online.runs >= 1) or episodic tasks."""
+    return Online(learner, config, indices) if config.online.runs else Episodic(learner, indices)
+
+
+def as_runs(learner, tasks: Any, inner: Inner) -> tuple[Any, Any, Inner]:
+    """(problem, tasks, inner) of the lookahead over `tasks` taken as runs (shapes only will do: the
+    memory estimate's), whose stored weights and rule state count among the tasks' bytes."""
+    count = num_tasks(tasks)
+    template = learner.problem.inner_template()
+    device = next(iter(tree_flatten(tasks)[0])).device
+    weights = {name: torch.empty((count, *value.shape), dtype=value.dtype, device=device)
+               for name, value in template.items()}
+    runs = Runs(tasks, weights, learner.inner.rule.init(weights), torch.zeros(count, dtype=torch.int64, device=device))
+    return OnlineProblem(learner.problem), runs.as_tasks(), with_rule(inner, inner.steps)
+
+
+def first_lookahead(learner, config, count: int) -> tuple[Any, Any, Inner]:
+    """(problem, tasks, inner) of the first outer step of `count` online runs, at their staggered (and
+    burned-in) counters: what `distmaml gradcheck` checks the methods on, from the runs' stored state."""
+    online = Online(learner, config, torch.arange(count, device=next(learner.model.parameters()).device), count)
+    online.start()
+    return online.problem, online.runs.as_tasks(), with_rule(learner.inner, online.unroll)
