@@ -166,9 +166,6 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
     with torch.enable_grad():
         tracked = {key: value.detach().requires_grad_() for key, value in weights.items()}
         outer = call("outer_loss", problem.outer_loss, tracked, phi, task)
-    if "online" in getattr(problem, "modes", ()):  # a persistent run's inner loss gets its counter as a tensor
-        call("inner_loss at a tensor step (its modes include online)", problem.inner_loss, weights, phi, task,
-             torch.tensor(0, device=next(iter(weights.values())).device))
     for label, value in (("inner_loss", call("inner_loss", problem.inner_loss, weights, phi, task, 0)),
                          ("outer_loss", outer), ("metrics()['loss']", metrics.get("loss"))):
         if wrong := not_a_scalar(value):
@@ -180,6 +177,9 @@ def check_problem(problem: Any, phi: Params, task: Any, where: str = "problem") 
         if wrong := not_a_scalar(value):
             raise ProblemError(f"{where} {name}: metrics()[{key!r}] must be a scalar (a 0-dim floating-point tensor, "
                                f"one number per task), {wrong}")
+    if "online" in getattr(problem, "modes", ()):  # a persistent run's inner loss gets its counter as a tensor
+        call("inner_loss at a tensor step (its modes include online)", problem.inner_loss, weights, phi, task,
+             torch.tensor(0, device=next(iter(weights.values())).device))
     # A loss cut from the graph (.detach(), .item() wrapped back into a tensor) gives every method a
     # hypergradient of 0, or nothing to differentiate at all: say so here, before any method meets it.
     if not outer.requires_grad:
