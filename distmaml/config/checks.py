@@ -182,6 +182,11 @@ def check_values(config, source) -> None:
             fail("engine.batched", "must be true, false or auto")
         batched = "auto"
     config.engine.batched = batched
+    if config.online.runs and batched is not True:
+        # The per-task loop (distmaml.meta.reference) starts a task's rule state afresh at step 0; a
+        # persistent run carries its own (momentum, Adam's moments and count).
+        fail("engine.batched", "online runs take the batched path: the per-task loop starts every run's rule state "
+             "afresh", cause="online.runs")
 
 
 def _bool_words(value):

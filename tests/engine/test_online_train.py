@@ -113,6 +113,7 @@ def test_runs_that_keep_failing_stop_the_training_as_diverged(tmp_path):
     (["online.horizon=5"], "online.horizon = 5: must be a multiple of online.unroll (2)"),
     (["inner.steps=3"], "inner.steps = 3: online, it is the unroll, online.unroll (2): leave it out"),
     (["train.meta_batch=4"], "train.meta_batch = 4: online, it is the runs, online.runs (3): leave it out"),
+    (["engine.batched=auto"], "engine.batched = 'auto': online runs take the batched path"),
     (["online.max_resets=0"], "online.max_resets = 0.0: must be a fraction in (0, 1]"),
 ])
 def test_bad_online_settings_are_refused_in_one_line(tmp_path, overrides, message):
