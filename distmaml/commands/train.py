@@ -398,7 +398,8 @@ def _metrics(learner: Learner, out: StepOutput, config: Config, ctx: dist.Contex
         sums.update({name: found[name].sum().to(torch.float64) for name in names})
     reduced = dist.all_reduce_sum([value.reshape(()) for value in sums.values()], ctx)
     metrics = {"meta_loss": mean_loss}  # already over all ranks
-    metrics.update({name: value.item() / config.train.meta_batch for name, value in zip(sums, reduced)})
+    counted = max(config.train.meta_batch - float(out.excluded), 1)  # online: runs left out are not averaged
+    metrics.update({name: value.item() / counted for name, value in zip(sums, reduced)})
     metrics["grad_norm"] = out.grad_norm.item()
     metrics["tasks_per_s"] = config.train.meta_batch * window_iterations / max(seconds, 1e-9)
     metrics["s_per_iteration"] = seconds / max(window_iterations, 1)

@@ -90,6 +90,8 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> str:
         problem, probed = learner.problem, inner
         if config.online.runs:  # the lookahead from this process's runs, their stored states counted
             problem, shapes, probed = as_runs(learner, shapes, inner)
+            if not learner.theta:  # nothing to learn (Learning to Reweight): only the runs' own steps
+                probed = dataclasses.replace(probed, method=FirstOrder())
         try:
             found = None
             if inner.checkpoint == "auto":

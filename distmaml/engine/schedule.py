@@ -45,6 +45,9 @@ class Episodic:
     def excluded(self, device: torch.device) -> torch.Tensor:
         return torch.zeros((), device=device)
 
+    def nothing_counted(self, excluded: torch.Tensor) -> bool:
+        return False  # no task is ever left out (and no host sync is spent asking)
+
     def state_dict(self, ctx: dist.Context) -> dict | None:
         return None
 
@@ -76,6 +79,8 @@ class Online:
 
     # -- the runs' tasks: a run's key is a function of (seed, life, global run index) --------------
     def _tasks(self) -> Any:
+        if not len(self.indices):  # more processes than runs: this one only joins the collectives
+            return self.family.sample(STREAM_ONLINE, 0, self.indices)
         parts, order = [], []
         for life in torch.unique(self.lives).tolist():
             where = torch.nonzero(self.lives == life).flatten()
@@ -122,6 +127,10 @@ class Online:
     def excluded(self, device: torch.device) -> torch.Tensor:
         return self.bad.sum().to(device=device, dtype=torch.float64)
 
+    def nothing_counted(self, excluded: torch.Tensor) -> bool:
+        """Whether every run (of every process: `excluded` is the all-reduced count) was left out."""
+        return bool(excluded >= self.total)
+
     def advance(self, phi) -> None:
         """Each run's U real steps at the updated phi; a run left out of the lookahead starts again."""
         inner = with_rule(_plain(self), self.unroll)
@@ -164,13 +173,29 @@ class Online:
     def summary(self, ctx: dist.Context) -> dict:
         """The runs themselves: each one's metrics (the trained networks' own accuracy), counter and resets."""
         state = self.state_dict(ctx)
+        phi = {name: value.detach() for name, value in self.theta.items()}
         with torch.no_grad():
-            metrics = torch.func.vmap(self.problem.problem.metrics, in_dims=(0, None, 0))(
-                self.runs.weights, {name: value.detach() for name, value in self.theta.items()}, self.runs.tasks)
-        sums = dist.all_reduce_sum([value.sum().reshape(1).double() for value in metrics.values()], ctx)
+            if len(self.indices):
+                metrics = torch.func.vmap(self.problem.problem.metrics, in_dims=(0, None, 0))(
+                    self.runs.weights, phi, self.runs.tasks)
+                sums = [value.sum().reshape(1).double() for value in metrics.values()]
+            else:  # no run here: zeros under the names a run's metrics have, for the all-reduce
+                metrics = _metric_names(self, phi)
+                sums = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in metrics]
+        sums = dist.all_reduce_sum(sums, ctx)
         return {"runs": self.total, "steps": state["step"].tolist(), "restarts": int(state["lives"].sum()),
                 "restarts_not_finite": int(state["failures"].sum()),
                 "metrics": {name: float(value) / self.total for name, value in zip(metrics, sums)}}
+
+
+def _metric_names(online: Online, phi) -> list[str]:
+    """The names of a run's metrics, from one fresh run of the data on the `meta` device (shapes only)."""
+    problem = online.problem.problem.to("meta")
+    task = online.family.to("meta").sample(STREAM_ONLINE, 0, torch.zeros(1, dtype=torch.int64, device="meta"))
+    weights = {name: torch.empty_like(value, device="meta") for name, value in problem.inner_template().items()}
+    one = {name: value[0] for name, value in task.items()} if isinstance(task, dict) else task
+    return list(problem.metrics(weights, {name: torch.empty_like(value, device="meta") for name, value in phi.items()},
+                                one))
 
 
 def _plain(online: Online) -> Inner:

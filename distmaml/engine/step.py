@@ -243,9 +243,10 @@ class MetaStep:
         *grads, stop_votes, loss_sum, excluded = dist.all_reduce_sum(
             [*result.grad_sum.values(), self.stop_flag, loss_sum, excluded], self.ctx)
         counted = (train.meta_batch - excluded[0]).clamp(min=1)
+        skipped = self.schedule.nothing_counted(excluded[0])  # every run left out: no outer step at all
         for param, grad in zip(self.params.values(), grads):
-            param.grad = grad.to(param.dtype) / counted
-        reached = reached_flags(grads)
+            param.grad = None if skipped else grad.to(param.dtype) / counted
+        reached = reached_flags(grads, self.ctx.device)
         # Once, eagerly, before the first outer step changes anything; online, on the first step that
         # left no run out (a run left out for a non-finite state adds nothing, and would look unreached).
         if self.check_reachable and not bool(excluded[0] > 0):

@@ -35,7 +35,7 @@ def meta_parameters(problem: Any, inner: Inner) -> dict[str, nn.Parameter]:
 def check_method(problem: Any, phi: Params, tasks: Tasks, inner: Inner) -> None:
     """Raise MethodError if inner.method cannot differentiate `problem` (checked on the first task)."""
     seen = _CHECKED.setdefault(problem, set())
-    if inner in seen:
+    if inner in seen or not phi:  # no meta-parameters: nothing for a method to differentiate
         return
     inner.method.check_problem(problem, phi, task_at(tasks, 0), inner)
     seen.add(inner)

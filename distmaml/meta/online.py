@@ -156,6 +156,10 @@ class Runs(NamedTuple):
 
 def fresh_runs(problem: Any, rule: Rule, phi: Params, tasks: Tasks, steps: torch.Tensor) -> Runs:
     """Runs at their start: problem.start(phi, task), the rule's initial state, counters `steps`."""
+    if not steps.numel():  # no run here (more processes than runs): empty weights of the right shapes
+        weights = {name: value.new_empty((0, *value.shape)).to(steps.device)
+                   for name, value in problem.inner_template().items()}
+        return Runs(tasks, weights, rule.init(weights), steps)
     with torch.no_grad():
         weights = start_weights(problem, detached(phi), tasks)
     state = rule.init(weights)  # zeros shaped like the batched weights: the same as one init per run
@@ -166,6 +170,8 @@ def advance(problem: OnlineProblem, inner: Any, phi: Params, runs: Runs, steps: 
             moving: torch.Tensor | None = None) -> Runs:
     """Every run `steps` real inner steps further at phi, without a graph (inner.rule must be an
     OnlineRule); with `moving` ([n] bool), only those runs move."""
+    if not runs.step.numel():  # no run here
+        return runs
     with torch.no_grad():
         result = unroll(problem, detached(phi), runs.as_tasks(), inner, steps=steps, differentiated=0)
     moved = Runs(runs.tasks, result.weights, result.state["rule"], runs.step + steps)
@@ -190,21 +196,6 @@ def burn_in(problem: OnlineProblem, inner: Any, phi: Params, runs: Runs, targets
     return runs
 
 
-def finite_runs(runs: Runs) -> torch.Tensor:
-    """[n] bool: the runs whose weights and rule state are all finite."""
-    ok = torch.ones_like(runs.step, dtype=torch.bool)
-    for leaf in [*runs.weights.values(), *_leaves(runs.state)]:
-        if leaf.is_floating_point():
-            ok = ok & torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1)
-    return ok
-
-
-def _leaves(tree: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    tree_map(out.append, tree)
-    return out
-
-
 def select(runs: Runs, keep: torch.Tensor) -> Runs:
     """The runs where `keep` ([n] bool) holds, in order."""
     index = torch.nonzero(keep).flatten()
@@ -212,7 +203,10 @@ def select(runs: Runs, keep: torch.Tensor) -> Runs:
 
 
 def per_run(fn, runs: Runs, phi: Params):
-    """fn(weights_i, phi, task_i) of every run, as OnlineProblem's functions take it."""
+    """fn(weights_i, phi, task_i) of every run, as OnlineProblem's functions take it ([0] without runs)."""
+    if not runs.step.numel():
+        first = next(iter(runs.weights.values()))
+        return first.new_zeros(0)
     return vmap(fn, in_dims=(0, None, 0))(detached(runs.weights), phi, runs.as_tasks())
 
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 
-def reached_flags(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def reached_flags(grads: Sequence[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
     """One bool per tensor: whether any element of its hypergradient is non-zero (NaN counts as reached:
-    divergence is another check's to flag). Stays on the device: no host sync."""
+    divergence is another check's to flag). Stays on the device: no host sync. With no tensor (a
+    problem with nothing to learn), an empty tensor on `device`."""
     if not grads:
-        return torch.zeros(0, dtype=torch.bool)
+        return torch.zeros(0, dtype=torch.bool, device=device)
     return torch.stack([grad.ne(0).any() for grad in grads])
 
 

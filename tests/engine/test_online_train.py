@@ -133,7 +133,8 @@ def test_online_keys_without_online_runs_are_refused():
     ("configs/logistic_weight_decay.yaml", [*ONLINE, "problem.name=learning_rate", "inner.rule=schedule",
                                             "inner.schedule_blocks=2", "online.horizon=0"], "online.horizon = 0"),
     ("configs/logistic_weight_decay.yaml", [*ONLINE, "problem.name=learning_rate", "inner.rule=schedule",
-                                            "inner.mode=implicit"], "would get no gradient"),
+                                            "inner.mode=implicit", "implicit.inner_safeguard=false"],
+     "would get no gradient"),
 ])
 def test_impossible_online_combinations_are_refused_before_work(tmp_path, config, overrides, message):
     with pytest.raises(DistmamlError, match=message):
@@ -174,3 +175,24 @@ def test_gradcheck_checks_the_methods_on_the_runs_stored_state(tmp_path, capsys)
     exact = checked["second_order"]
     assert exact["exact"] and exact["rel_error"] <= exact["tolerance"], checked
     assert not checked["truncated"]["exact"]  # the last of the two steps: an approximation, reported as one
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["online.burn_in=false", "inner.rule=adam"], "online.burn_in = False: a run that starts fresh"),
+    (["inner.mode=implicit", "inner.rule=sgd"], "implicit.inner_safeguard = True: caps the lookahead's steps only"),
+])
+def test_online_settings_that_would_compute_something_else_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        online_config(tmp_path, *overrides)
+
+
+def test_more_processes_than_runs_and_a_problem_with_nothing_to_learn(tmp_path):
+    """Learning to Reweight (no phi) over 2 processes with 1 run: the second process holds no run and only
+    joins the collectives; a 2-step unroll is estimated as the runs' own steps."""
+    pytest.importorskip("mnist1d")
+    out = run(["bash", str(REPO / "launch/torchrun.sh"), "configs/mnist1d_l2rw_online.yaml", f"run.dir={tmp_path}",
+               "train.iterations=4", "online.unroll=2", "eval.at_end=false", "logging.progress=false",
+               "train.log_every=2", "train.checkpoint_every=2"], NPROC="2")
+    assert "tasks 1..0 of 1" in out or "2 process(es)" in out, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["online"]["steps"] == [8], summary

@@ -164,7 +164,7 @@ def _net_weights(net, losses):
     return torch.sigmoid(F.linear(hidden, net["weighting_net.2.weight"], net["weighting_net.2.bias"])).squeeze(-1)
 
 
-def _mwn_inner(model, weights, net, x, y):
+def _mwn_inner(model, weights, net, x, y):  # Shu et al.'s mean of the weighted losses
     losses = _losses(model, weights, x, y)
     return (_net_weights(net, losses) * losses).mean()
 
@@ -192,7 +192,7 @@ def test_meta_weight_net_step_is_shus_lookahead_update_and_real_step():
     lookahead's; after the update of the net, each run's real step uses the updated net."""
     model, data = small_model(), small_data()
     family = TrainingRuns(data, cross_entropy, None, 3, seed=5)
-    problem = WeightingNet(model, data, batch_size=BATCH, hidden=7)
+    problem = WeightingNet(model, data, batch_size=BATCH, hidden=7, normalised=False)  # Shu et al.'s mean
     inner = Inner(SGD(0.3), 1, make_method("second_order"))
     phi = {name: value.requires_grad_() for name, value in meta_parameters(problem, inner).items()}
     config = load_config(REPO / "configs/mnist1d_mwn_online.yaml", ["online.runs=3", "online.horizon=4"])

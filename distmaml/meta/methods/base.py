@@ -77,6 +77,8 @@ class Method(Protocol):
 
 def gradient_sum(objective: torch.Tensor, phi: Params) -> Params:
     """d objective / d phi for every entry of phi (zeros where it does not reach)."""
+    if not phi:  # nothing to learn (Learning to Reweight): no gradient to take
+        return {}
     if not objective.requires_grad:  # phi reaches the objective only through what the method holds constant
         return {name: torch.zeros_like(value) for name, value in phi.items()}
     grads = torch.autograd.grad(objective, list(phi.values()), allow_unused=True)

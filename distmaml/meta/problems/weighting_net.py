@@ -2,8 +2,9 @@
 
     phi = the weighting net V: one hidden layer of `hidden` ReLU units and a sigmoid output, from an
           example's detached training loss (and, with `classes`, its one-hot label) to its weight
-    inner_loss(w, phi, task, k) = mean_i V(l_i(w)) * l_i(w) over step k's mini-batch (Shu et al.'s
-                                  mean), or sum_i V(l_i) l_i / sum_i V(l_i) (normalised)
+    inner_loss(w, phi, task, k) = sum_i V(l_i) l_i / sum_i V(l_i) over step k's mini-batch
+                                  (normalised, as hyperclean's), or mean_i V(l_i(w)) * l_i(w) (Shu et
+                                  al.'s mean: normalised=False, hyperclean.weighting=mean)
     outer_loss(w, phi, task)    = the loss on the clean validation split
 
 Unlike one weight per example (distmaml.meta.problems.reweighting), phi has a fixed size whatever
@@ -35,7 +36,6 @@ NET = "weighting_net."
 class WeightingNet(Reweighting):
     hidden: int = 100
     classes: bool = False  # the net also reads the example's label (one-hot): a weight per class and loss
-    normalised: bool = False  # Shu et al.'s weighted loss is a mean; True divides by the batch's total weight
 
     learned_name = "weighting_net"
     headline = ()
