@@ -25,6 +25,9 @@ online by ONE run (online.runs = 1) with unroll U = 1 (greedy), 10 and 100, from
 grid's best fixed rate for 1,000 steps is about 1), each for the same 4,000 real inner steps (four
 training runs of 1,000 steps one after the other); the rate every LR_EVERY real steps (the trajectory),
 and the evaluation's fresh training runs of 1,000 steps at the final rate and at each rate of the grid.
+With --hd: hypergradient descent (Baydin et al. 2018), U = 1 with the training loss on the run's next
+mini-batch as the outer loss (training_run.outer=next_batch), from the same starts; added to the
+result file's rows.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ STOP_EVERY = 20
 
 LR_CONFIG = "configs/mnist1d_lr_online.yaml"
 LR_UNROLLS = (1, 10, 100)
+# Hypergradient descent (Baydin et al. 2018): U = 1 with the next training mini-batch as the outer loss.
+HD = (1, "next_batch")
 LR_STARTS = (0.1, 3.0)
 LR_STEPS = 4000  # real inner steps per run
 LR_EVERY = 200
@@ -172,11 +177,11 @@ def _spread(runs: list[dict], baselines: dict) -> dict[str, float]:
             "inner_steps_mean": statistics.mean(run["inner_steps"] for run in runs)}
 
 
-def lr_seed(unroll_steps: int, start: float, seed: int, out_dir: Path) -> dict[str, Any]:
+def lr_seed(unroll_steps: int, start: float, seed: int, out_dir: Path, outer: str = "soft_error") -> dict[str, Any]:
     iterations = LR_STEPS // unroll_steps
     every = max(LR_EVERY // unroll_steps, 1)
-    run_dir = out_dir / f"lr_u{unroll_steps}_{start:g}_{seed}"
-    config = load_config(REPO / LR_CONFIG, [
+    run_dir = out_dir / f"lr_u{unroll_steps}_{outer}_{start:g}_{seed}"
+    config = load_config(REPO / LR_CONFIG, [f"training_run.outer={outer}",
         "online.runs=1", f"online.unroll={unroll_steps}", f"inner.lr={start}", f"train.seed={seed}", f"train.iterations={iterations}",
         f"run.dir={run_dir}", "run.resume=false", "logging.progress=false", f"train.log_every={every}",
         f"train.checkpoint_every={every}", f"train.keep_checkpoints={iterations // every + 2}"])
@@ -189,17 +194,21 @@ def lr_seed(unroll_steps: int, start: float, seed: int, out_dir: Path) -> dict[s
         trajectory.append({"inner_steps": checkpoint_iteration(path) * unroll_steps,
                            "rate": float(log_rate.exp()[0])})
     evaluation = summary.get("eval", {})
-    return {"seed": seed, "unroll": unroll_steps, "start": start, "status": summary["status"],
+    return {"seed": seed, "unroll": unroll_steps, "outer": outer, "start": start, "status": summary["status"],
             "train_seconds": seconds, "final_rate": trajectory[-1]["rate"], "trajectory": trajectory,
             "test_accuracy": evaluation.get("test_accuracy"), "grid": evaluation.get("grid")}
 
 
-def learning_rate(seeds: list[int], out_dir: Path) -> dict[str, Any]:
+def _variants() -> list[tuple[int, str]]:
+    return [(unroll_steps, "soft_error") for unroll_steps in LR_UNROLLS] + [HD]
+
+
+def learning_rate(seeds: list[int], out_dir: Path, variants: list[tuple[int, str]]) -> dict[str, Any]:
     rows = []
-    for unroll_steps in LR_UNROLLS:
+    for unroll_steps, outer in variants:
         for start in LR_STARTS:
             for seed in seeds:
-                row = lr_seed(unroll_steps, start, seed, out_dir)
+                row = lr_seed(unroll_steps, start, seed, out_dir, outer)
                 rows.append(row)
                 print(f"U={unroll_steps} from {start:g} seed {seed}: rate {row['final_rate']:.4g}, test "
                       f"{row['test_accuracy']}", flush=True)
@@ -221,17 +230,19 @@ def lr_figure(result: dict[str, Any], path: Path = LR_FIGURE) -> Path:
 
     fig = Figure(figsize=(9.5, 4.6))
     axes = fig.subplots()
-    for (unroll_steps, start), color in zip([(u, s) for u in LR_UNROLLS for s in LR_STARTS],
-                                            ["C0", "C0", "C1", "C1", "C2", "C2"]):
-        rows = [r for r in result["rows"] if r["unroll"] == unroll_steps and r["start"] == start]
+    for (unroll_steps, outer, start), color in zip([(u, o, s) for u, o in _variants() for s in LR_STARTS],
+                                                   ["C0", "C0", "C1", "C1", "C2", "C2", "C3", "C3"]):
+        rows = [r for r in result["rows"] if r["unroll"] == unroll_steps and r["start"] == start
+                and r.get("outer", "soft_error") == outer]
         if not rows:
             continue
         steps = [point["inner_steps"] for point in rows[0]["trajectory"]]
         rates = [[run["trajectory"][i]["rate"] for run in rows] for i in range(len(steps))]
         axes.plot(steps, [statistics.mean(r) for r in rates], color=color, linestyle="-" if start < 1 else "--",
-                  label=f"U = {unroll_steps}, from {start:g}")
+                  label=f"U = {unroll_steps}, from {start:g}" + ("" if outer == "soft_error" else
+                                                                  ", next training batch (HD)"))
         axes.fill_between(steps, [min(r) for r in rates], [max(r) for r in rates], color=color, alpha=0.15)
-    best = [grid["lrs"][min(range(len(grid["lrs"])), key=lambda i: grid["validation_outer_loss"][i])]
+    best = [grid["lrs"][_best(grid)]
             for grid in (r["grid"] for r in result["rows"] if r.get("grid"))]
     if best:
         axes.axhline(statistics.median(best), color="black", linestyle=":",
@@ -272,22 +283,31 @@ def reweight_table(result: dict[str, Any]) -> str:
     return markdown_table(header, lines)
 
 
+def _best(grid: dict[str, Any]) -> int:
+    """The grid's rate chosen by the run's outer loss on the validation split (the soft error where that is
+    the outer loss, else the loss)."""
+    scores = grid.get("validation_outer_loss", grid["validation_loss"])
+    return min(range(len(scores)), key=lambda i: scores[i])
+
+
 def lr_table(result: dict[str, Any]) -> str:
-    header = ["unroll U", "start", "final rate (mean ± std)", "test accuracy %, fresh 1,000-step runs at it",
-              "the grid's best rate (by validation soft error), its test accuracy %", "seeds"]
+    header = ["unroll U", "outer loss", "start", "final rate (mean ± std)", "test accuracy %, fresh 1,000-step runs at it",
+              "the grid's best rate (by the validation split's soft error, or loss), its test accuracy %", "seeds"]
     lines = []
-    for unroll_steps in LR_UNROLLS:
+    for unroll_steps, outer in _variants():
         for start in LR_STARTS:
-            rows = [r for r in result["rows"] if r["unroll"] == unroll_steps and r["start"] == start]
+            rows = [r for r in result["rows"] if r["unroll"] == unroll_steps and r["start"] == start
+                    and r.get("outer", "soft_error") == outer]
             if not rows:
                 continue
             rates = [r["final_rate"] for r in rows]
             accuracy = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
             grids = [r["grid"] for r in rows if r.get("grid")]
-            best = [grid["lrs"][min(range(len(grid["lrs"])), key=lambda i: grid["validation_outer_loss"][i])]
+            best = [grid["lrs"][_best(grid)]
                     for grid in grids]
             best_accuracy = [grid["test_accuracy"][grid["lrs"].index(rate)] for grid, rate in zip(grids, best)]
-            lines.append([str(unroll_steps), f"{start:g}", f"{statistics.mean(rates):.3g} ± "
+            what = "validation soft error" if outer == "soft_error" else "next training batch (hypergradient descent)"
+            lines.append([str(unroll_steps), what, f"{start:g}", f"{statistics.mean(rates):.3g} ± "
                           f"{statistics.stdev(rates) if len(rates) > 1 else 0:.2g}",
                           f"{100 * statistics.mean(accuracy):.1f}" if accuracy else "-",
                           f"{', '.join(sorted({f'{rate:g}' for rate in best}))}: "
@@ -301,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--hd", action="store_true", help="lr: only hypergradient descent's rows, added to the "
+                        "result file's")
     parser.add_argument("--runs-dir", default="runs/online_study")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -311,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"rows": reweight(args.seeds, out_dir, args.cases, args.methods)}
         table = reweight_table(result)
     else:
-        result = learning_rate(args.seeds, out_dir)
+        result = learning_rate(args.seeds, out_dir, [HD] if args.hd else _variants())
+        if args.hd:  # beside the rows already measured, each with its own command
+            earlier = read(args.out or RESULTS / "online_lr.json")
+            result["rows"] = [row for row in earlier["rows"] if row.get("outer", "soft_error") != HD[1]] + result["rows"]
+            result["earlier_command"] = earlier["command"]
         table = lr_table(result)
         lr_figure(result)
     given = list(argv if argv is not None else sys.argv[1:])
@@ -319,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         at = given.index("--runs-dir")
         del given[at:at + 2]
     command = f"python -m benchmarks.online {' '.join(given)}"
+    if "earlier_command" in result:
+        earlier = result.pop("earlier_command")
+        command = earlier if "--hd" in earlier else f"{earlier}; {command}"
     result.update(benchmark="online", study=args.study, seeds=args.seeds, command=command.strip(),
                   machine=machine(torch.device("cpu")), wall_seconds=time.perf_counter() - started)
     write(result, args.out or RESULTS / f"online_{args.study}.json")

@@ -51,7 +51,8 @@ def _training(config, model, family, kind: type = TrainingRun) -> dict[str, Any]
                            f"{config.problem.name} needs class logits (a family with >= 2 classes)")
     return dict(model=model, data=data, loss_fn=family.loss,
                 accuracy_fn=family.accuracy if family.is_classification else None,
-                batch_size=config.training_run.batch_size, outer_fn=_outer_loss(config, family))
+                batch_size=config.training_run.batch_size, outer_fn=_outer_loss(config, family),
+                outer_batch=config.training_run.outer == "next_batch")
 
 
 def _no_class_logits(family) -> str | None:
@@ -65,8 +66,9 @@ def _no_class_logits(family) -> str | None:
 
 
 def _outer_loss(config, family):
-    """The outer loss training_run.outer names (None: the family's own loss)."""
-    if config.training_run.outer == "loss":
+    """The outer loss training_run.outer names (None: the family's own loss; next_batch's is too, on the
+    training mini-batch after the unroll: TrainingRun.outer_batch)."""
+    if config.training_run.outer in ("loss", "next_batch"):
         return None
     if _no_class_logits(family):
         raise SettingError("training_run.outer", config.training_run.outer, f"soft_error scores a softmax over two or more "

@@ -49,6 +49,9 @@ def _check_online(config, fail, at_least, source) -> None:
     (set here from online.*: given otherwise, they are refused)."""
     online = config.online
     at_least("online.runs", 0)
+    if not online.runs and config.training_run.outer == "next_batch":
+        fail("training_run.outer", "the next mini-batch is a persistent run's (online.runs >= 1); an episode's "
+             "outer loss is on held-out data")
     if not online.runs:
         for spec in dataclasses.fields(OnlineConfig):
             if spec.name != "runs" and getattr(online, spec.name) != spec.default:

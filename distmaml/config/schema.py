@@ -58,7 +58,9 @@ class TrainingRunConfig:
                            "the outer loss")
     outer: str = _opt("loss", "training-run problems: the outer loss on held-out data: the task family's loss, or "
                       "soft_error = 1 - mean softmax probability of the true class (classification; for "
-                      "hyperparameters chosen for accuracy rather than cross-entropy)", ("loss", "soft_error"))
+                      "hyperparameters chosen for accuracy rather than cross-entropy); or, online only, "
+                      "next_batch: the training loss on the run's next mini-batch after the unroll (Baydin et al.'s "
+                      "hypergradient descent)", ("loss", "soft_error", "next_batch"))
 
 
 @dataclass

@@ -64,7 +64,7 @@ class Online:
     def __init__(self, learner, config, indices: torch.Tensor, total: int | None = None):
         online = config.online
         self.family, self.theta = learner.family, learner.theta
-        self.problem = OnlineProblem(learner.problem)
+        self.problem = OnlineProblem(learner.problem, online.unroll)
         self.rule = learner.inner.rule
         self.unroll, self.horizon = online.unroll, online.horizon
         self.total = online.runs if total is None else total
@@ -217,7 +217,7 @@ def as_runs(learner, tasks: Any, inner: Inner) -> tuple[Any, Any, Inner]:
     weights = {name: torch.empty((count, *value.shape), dtype=value.dtype, device=device)
                for name, value in template.items()}
     runs = Runs(tasks, weights, learner.inner.rule.init(weights), torch.zeros(count, dtype=torch.int64, device=device))
-    return OnlineProblem(learner.problem), runs.as_tasks(), with_rule(inner, inner.steps)
+    return OnlineProblem(learner.problem, inner.steps), runs.as_tasks(), with_rule(inner, inner.steps)
 
 
 def first_lookahead(learner, config, count: int) -> tuple[Any, Any, Inner]:

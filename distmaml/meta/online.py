@@ -108,9 +108,10 @@ class OnlineProblem:
     run dimension first in a batch. The outer loss and metrics are the problem's at the run's task."""
 
     problem: Any
+    unroll: int = 0  # U: the outer loss of a problem with `outer_loss_at` is taken at the run's step start + U
 
     def __getattr__(self, name: str) -> Any:
-        if name == "problem":
+        if name in ("problem", "unroll"):
             raise AttributeError(name)
         return getattr(self.problem, name)
 
@@ -130,13 +131,16 @@ class OnlineProblem:
         return self.problem.inner_loss(weights, phi, task["task"], task["step"] + step)
 
     def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
+        at = getattr(self.problem, "outer_loss_at", None)  # one that depends on where the run is (its next batch)
+        if at is not None:
+            return at(weights, phi, task["task"], task["step"] + self.unroll)
         return self.problem.outer_loss(weights, phi, task["task"])
 
     def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
         return self.problem.metrics(weights, phi, task["task"])
 
     def to(self, device) -> "OnlineProblem":
-        return OnlineProblem(self.problem.to(device))
+        return OnlineProblem(self.problem.to(device), self.unroll)
 
 
 class Runs(NamedTuple):

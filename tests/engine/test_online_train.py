@@ -196,3 +196,8 @@ def test_more_processes_than_runs_and_a_problem_with_nothing_to_learn(tmp_path):
     assert "tasks 1..0 of 1" in out or "2 process(es)" in out, out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["online"]["steps"] == [8], summary
+
+
+def test_the_next_batch_outer_loss_is_refused_episodic(tmp_path):
+    with pytest.raises(ConfigError, match="training_run.outer = 'next_batch': the next mini-batch is a persistent"):
+        load_config(REPO / "configs/logistic_weight_decay.yaml", ["training_run.outer=next_batch"])

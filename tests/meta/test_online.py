@@ -287,3 +287,27 @@ def test_vmapped_losses_take_a_batched_counter():
                                                                 torch.tensor([0, 7]))
     assert torch.equal(losses[1], problem.inner_loss({k: v[1] for k, v in weights.items()}, phi,
                                                      {"seed": torch.tensor(2)}, 7))
+
+
+def test_hypergradient_descent_is_the_next_batch_gradient_dotted_with_this_one():
+    """training_run.outer=next_batch with U = 1 and one learned rate: Baydin et al.'s hypergradient,
+    d l_{c+1}(w - a g_c) / d log a = -a grad l_{c+1}(w_1) . grad l_c(w), run by run, by hand."""
+    model, data = small_model(), small_data()
+    problem = TrainingRun(model, data, batch_size=BATCH, outer_batch=True)
+    rule = make_rule("schedule", 0.3, steps=20)
+    inner = Inner(rule, 1, make_method("second_order"))
+    phi = meta_parameters(problem, inner)
+    runs = runs_of(problem, rule, phi)
+    found = meta_gradient(OnlineProblem(problem, 1), phi, runs.as_tasks(), with_rule(inner, 1)).grad_sum
+    expected = torch.zeros(())
+    for i, seed in enumerate(runs.tasks["seed"]):
+        task, step = {"seed": seed}, int(runs.step[i])
+        params = {name: value[i].detach().requires_grad_() for name, value in runs.weights.items()}
+        x, y = problem.batch(task, step)
+        now = torch.autograd.grad(cross_entropy(functional_call(model, params, (x,)), y), list(params.values()))
+        after = {name: (value - 0.3 * g).detach().requires_grad_() for (name, value), g in zip(params.items(), now)}
+        x_next, y_next = problem.batch(task, step + 1)
+        following = torch.autograd.grad(cross_entropy(functional_call(model, after, (x_next,)), y_next),
+                                        list(after.values()))
+        expected = expected - 0.3 * sum((a * b).sum() for a, b in zip(following, now))
+    torch.testing.assert_close(found["inner.lr.log_schedule"], expected.reshape(1), rtol=1e-10, atol=1e-14)

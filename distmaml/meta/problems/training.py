@@ -90,6 +90,9 @@ class TrainingRun:
     batch_size: int = 0
     phi_prefixes: tuple[str, ...] = ()
     outer_fn: LossFn | None = None  # the outer loss on held-out predictions; None: loss_fn
+    # Online: the outer loss is the (unweighted) training loss on the run's next mini-batch, the one it
+    # draws after the unroll, instead of the validation split's (Baydin et al.'s hypergradient descent).
+    outer_batch: bool = False
 
     outer_name = "validation"
     # Online (distmaml.meta.online) a run's inner loss gets its own counter as a tensor step: the
@@ -163,6 +166,10 @@ class TrainingRun:
 
     def outer_loss(self, weights: Params, phi: Params, task: Any) -> torch.Tensor:
         return self.held_out_loss(self.predict(weights, phi, self.data.val_x), self.data.val_y)
+
+    def outer_loss_at(self, weights: Params, phi: Params, task: Any, step) -> torch.Tensor:
+        """The outer loss of a persistent run whose next step is `step` (distmaml.meta.online)."""
+        return self.training_loss(weights, phi, task, step) if self.outer_batch else self.outer_loss(weights, phi, task)
 
     def metrics(self, weights: Params, phi: Params, task: Any) -> dict[str, torch.Tensor]:
         out = {}
