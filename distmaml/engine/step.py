@@ -227,10 +227,7 @@ class MetaStep:
         train = self.config.train
 
         def compute(problem, tasks, inner):
-            # No autocast weight cache: a captured graph must recompute the casts on every replay.
-            autocast = (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-                        if self.autocast_dtype else contextlib.nullcontext())
-            with autocast:
+            with self._autocast():
                 return compute_meta_gradient(problem, self.params, tasks, inner, self.batched, self.step_weights)
 
         problem, batch, result = self.schedule.lookahead(iteration, inner, compute)
@@ -270,8 +267,14 @@ class MetaStep:
         self.diverged_loss.copy_(torch.where(first, meta_loss.to(self.diverged_loss.dtype), self.diverged_loss))
         self.diverged_norm.copy_(torch.where(first, grad_norm.to(self.diverged_norm.dtype), self.diverged_norm))
         self.optimizer.step()
-        self.schedule.advance(self.params)
+        with self._autocast():  # online runs' real steps in the lookahead's precision
+            self.schedule.advance(self.params)
         return StepOutput(batch, result, grad_norm, stop_votes, meta_loss, problem, excluded[0])
+
+    def _autocast(self):
+        # No autocast weight cache: a captured graph must recompute the casts on every replay.
+        return (torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+                if self.autocast_dtype else contextlib.nullcontext())
 
     def _on_side_stream(self, fn):
         # Warm-up before capture runs on a side stream, as CUDA graph capture requires.
