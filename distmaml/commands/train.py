@@ -178,7 +178,7 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     train_start = time.perf_counter()
     iteration, status, reason, diverged_at = start, "complete", None, -1
     step.schedule.load_state_dict(resumed.online)
-    resets, window_start, reset_error = 0.0, start, None  # online: runs started again for a non-finite state
+    reset_error = None  # online: why too many runs started again for a non-finite state
     with dist.Watchdog(ctx, config.dist.timeout) as watchdog:
         while iteration < train_cfg.iterations:
             set_learning_rate(optimizer, learning_rate(config, iteration))
@@ -203,17 +203,14 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
                 if diverged_at >= 0:
                     status = "diverged"
                     break
-            resets = resets + out.excluded  # a device tensor: read at log steps only
             if log_now:
                 metrics = _metrics(learner, out, config, ctx, step.batched, *watch.window(iteration))
                 metrics.update(iteration=iteration, lr=learning_rate(config, iteration - 1))
-                window_resets = float(resets)
+                resets, reset_error = watch.resets(iteration)
                 if config.online.runs:  # runs left out and started again in the window, for a non-finite state
-                    metrics["runs_not_finite"] = window_resets
+                    metrics["runs_not_finite"] = resets
                 logger.log(metrics)
                 watch.close_window(iteration, params, lambda: _sharpness_warning(config, learner, metrics))
-                reset_error = _too_many_resets(config, window_resets, iteration - window_start)
-                resets, window_start = 0.0, iteration
                 if reset_error:
                     status, diverged_at = "diverged", iteration - 1
                     break
@@ -237,15 +234,9 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     online = step.schedule.summary(ctx) if status != "diverged" else None  # a collective: every rank
     if online is not None:
         summary["online"] = online
-    if status == "diverged" and reset_error:
-        good = checkpoint.latest_checkpoint(ckpt_dir, at_most=diverged_at)
-        summary.update(diverged_at=diverged_at + 1, last_good_checkpoint=str(good) if good else None,
-                       error=f"training diverged at iteration {diverged_at + 1}: {reset_error}; the last good "
-                       f"checkpoint is {good}" if good else f"training diverged at iteration {diverged_at + 1}: "
-                       f"{reset_error}; no checkpoint was written before it")
-    elif status == "diverged":  # the CLI prints summary["error"]
+    if status == "diverged":  # the CLI prints summary["error"]
         summary.update(_divergence(config, learner, ckpt_dir, diverged_at, step.diverged_loss.item(), watch.reference,
-                                   step.diverged_norm.item(), out.result.stats))
+                                   step.diverged_norm.item(), out.result.stats, reset_error))
     if status in ("complete", "time_limit") and config.eval.at_end and ctx.is_main:
         summary["eval"] = evaluate(learner.problem, params, learner.family, learner.inner,
                                    **evaluation_settings(config))
@@ -273,20 +264,11 @@ def _loop(config: Config, ctx: dist.Context, learner: Learner, optimizer, step: 
     return summary
 
 
-def _too_many_resets(config: Config, resets: float, iterations: int) -> str | None:
-    """Online: why the runs count as diverged, once more than online.max_resets of the window's run-steps
-    started again for a state that was not finite; None otherwise (and for episodic runs, which have none)."""
-    online = config.online
-    if not resets or resets <= online.max_resets * online.runs * iterations:
-        return None
-    return (f"{resets:.0f} of the {online.runs * iterations} run-steps of the last {iterations} iteration(s) had a "
-            f"state that was not finite and started again, above online.max_resets = {online.max_resets:g} of them "
-            "(with a smaller inner.lr, train.lr or online.unroll the runs stay finite)")
-
-
 def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: int, loss: float,
-                reference: dict | None, norm: float, stats: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The summary's account of a diverged run: where and why it diverged, and where to go back to."""
+                reference: dict | None, norm: float, stats: dict[str, torch.Tensor],
+                resets: str | None = None) -> dict[str, Any]:
+    """The summary's account of a diverged run: where and why it diverged, and where to go back to;
+    `resets` says why, where it was online runs that kept failing (RunWatch.resets)."""
     # The last good checkpoint precedes the iteration whose meta-loss or meta-gradient ran away:
     # one written after it (a GPU looks for divergence only at log and checkpoint steps) holds
     # weights already moved by the runaway steps.
@@ -299,9 +281,13 @@ def _divergence(config: Config, learner: Learner, ckpt_dir: Path, diverged_at: i
     cause = getattr(learner.inner.method, "divergence_cause", lambda stats: None)(stats)
     if cause:
         fix = cause
+    if resets:  # the runs themselves ran away, one after another
+        fix = "with a smaller inner.lr, train.lr or online.unroll the runs stay finite"
     hint = (f"starting again resumes from it: {fix}" if good else
             f"run.resume=false starts over, moving this run's files aside: {fix}")
-    if not math.isfinite(loss):
+    if resets:
+        why = resets
+    elif not math.isfinite(loss):
         why = "the meta-loss or meta-gradient was not finite"
         bad_data = _non_finite_data(learner, diverged_at, train.meta_batch)
         if bad_data:

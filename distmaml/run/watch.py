@@ -14,6 +14,8 @@
   written into the step's device tensors, where every iteration compares against them.
 - Tensors of phi whose meta-gradient stayed exactly 0 for a whole window, and an inner loss too
   sharp for the rule's steps: each warned once.
+- Online: the runs left out of the window's steps for a state that was not finite (and started again),
+  and whether they were more than online.max_resets of its run-steps.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class RunWatch:
         step.grad_bound.fill_(resumed.grad_norm_bound)
         self.first_norm_window = not math.isfinite(resumed.grad_norm_bound)
         self.window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_resets = torch.zeros((), dtype=torch.float64, device=device)
         self.window_start, self.window_time = start, time.perf_counter()
         self.warned_unreached: set[str] = set()
         self.warned_sharp = False
@@ -60,6 +63,7 @@ class RunWatch:
         """One iteration's meta-loss and meta-gradient norm (device tensors, copied: a CUDA graph reuses its
         outputs)."""
         self.window_loss += out.meta_loss
+        self.window_resets += out.excluded
         self.norms.append(out.grad_norm.detach().clone())
         if self.first_norm_window and len(self.norms) >= FIRST_NORMS:
             self._bound_norm()
@@ -71,6 +75,17 @@ class RunWatch:
         iterations = iteration - self.window_start
         mean_loss = (self.window_loss / max(iterations, 1)).item()
         return mean_loss, iterations, time.perf_counter() - self.window_time
+
+    def resets(self, iteration: int) -> tuple[float, str | None]:
+        """(the runs started again in the window for a non-finite state, why that is divergence: past
+        online.max_resets of the window's run-steps; else None) at a log step. Episodic runs have none."""
+        online, count = self.config.online, float(self.window_resets)
+        run_steps = online.runs * (iteration - self.window_start)
+        if not count or count <= online.max_resets * run_steps:
+            return count, None
+        return count, (f"{count:.0f} of the {run_steps} run-steps of the last {iteration - self.window_start} "
+                       f"iteration(s) had a state that was not finite and started again, above online.max_resets "
+                       f"= {online.max_resets:g} of them")
 
     def close_window(self, iteration: int, params, sharpness_warning) -> None:
         """At a log step, after the window was read: sets the bounds the next window is held to and gives
@@ -96,6 +111,7 @@ class RunWatch:
                 log.warning("%s", sharp)
                 self.warned_sharp = True
         self.window_loss.zero_()
+        self.window_resets.zero_()
         self.window_start, self.window_time = iteration, time.perf_counter()
 
     def checkpoint_fields(self) -> dict[str, Any]:
