@@ -75,13 +75,6 @@ def _check_online(config, fail, at_least, source) -> None:
     if config.engine.cuda_graph:
         fail("engine.cuda_graph", "online runs start again (and draw their new keys) on the host; the CUDA graph "
              "covers episodic training only", cause="online.runs")
-    if not online.burn_in and config.inner.rule == "adam":
-        fail("online.burn_in", "a run that starts fresh at a staggered counter has Adam's moments at zero, and "
-             "Adam's bias correction counts the run's counter: burn the runs in (online.burn_in=true)",
-             cause="inner.rule")
-    if config.inner.mode in ("implicit", "neumann") and config.implicit.inner_safeguard:
-        fail("implicit.inner_safeguard", "caps the lookahead's steps only: online, a run's real steps are the rule's "
-             "own; set implicit.inner_safeguard=false", cause="inner.mode")
 
 
 def check_values(config, source) -> None:

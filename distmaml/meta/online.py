@@ -48,8 +48,9 @@ def modes(problem: Any) -> tuple[str, ...]:
     return tuple(getattr(problem, "modes", (EPISODIC,)))
 
 
-def check_mode(problem: Any, rule: Rule, online: bool, horizon: int) -> None:
-    """Refuse, in one line, a problem or rule that cannot run as the schedule asks."""
+def check_mode(problem: Any, inner: Any, online: bool, horizon: int, burn_in: bool = True) -> None:
+    """Refuse, in one line, a problem, rule or method (inner's) that cannot run as the schedule asks."""
+    rule = inner.rule
     name = type(problem).__name__
     wanted = ONLINE if online else EPISODIC
     if wanted not in modes(problem):
@@ -70,6 +71,11 @@ def check_mode(problem: Any, rule: Rule, online: bool, horizon: int) -> None:
     if getattr(rule, "blocks", 1) > 1 and not horizon:
         raise SettingError("online.horizon", 0, f"the {rule.name} rule's blocks divide a horizon; online.horizon = 0 "
                            "(runs never start again) has none")
+    if not burn_in and getattr(rule, "counts_updates", False):
+        raise SettingError("online.burn_in", False, f"a run that starts fresh at a staggered counter has the "
+                           f"{rule.name} rule's state at its start, and the rule takes the counter for the count of "
+                           "its own updates (Adam's bias correction): burn the runs in (online.burn_in=true)")
+    getattr(inner.method, "check_online", lambda: None)()
 
 
 def staggered_steps(indices: torch.Tensor, runs: int, unroll_steps: int, horizon: int) -> torch.Tensor:

@@ -56,6 +56,9 @@ class Rule(Protocol):
     # True when a step is w - (step sizes) * (the gradient, or a sum with constants): its Jacobian in
     # the gradient is a fixed diagonal, which the finite-difference method relies on.
     linear_in_gradient: bool
+    # True when `step` is the count of the rule's own updates (Adam's bias correction), not a position
+    # along the steps: a persistent run must have taken them (distmaml.meta.online's burn-in).
+    counts_updates: bool
 
     def curvature_limit(self) -> float | None:
         """The largest inner-loss curvature its steps are stable at, where one is known (SGD: 2 / lr)."""
@@ -93,6 +96,7 @@ class BaseRule:
     per_step = False
     learns = False
     linear_in_gradient = True
+    counts_updates = False
     setting_keys: dict[str, str] = {"lr": "inner.lr"}
 
     def curvature_limit(self) -> float | None:
@@ -281,6 +285,7 @@ class Adam(BaseRule):
     eps: float = 1e-8
     name = "adam"
     linear_in_gradient = False
+    counts_updates = True  # the bias correction's count
     setting_keys = {"lr": "inner.lr", "betas": "inner.betas", "eps": "inner.eps"}
 
     def __post_init__(self) -> None:

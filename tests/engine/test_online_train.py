@@ -182,8 +182,10 @@ def test_gradcheck_checks_the_methods_on_the_runs_stored_state(tmp_path, capsys)
     (["inner.mode=implicit", "inner.rule=sgd"], "implicit.inner_safeguard = True: caps the lookahead's steps only"),
 ])
 def test_online_settings_that_would_compute_something_else_are_refused(tmp_path, overrides, message):
+    """Each asked of the rule (it counts its own updates) or the method (it caps the steps it takes)."""
     with pytest.raises(ConfigError, match=message):
-        online_config(tmp_path, *overrides)
+        train(online_config(tmp_path, *overrides))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_more_processes_than_runs_and_a_problem_with_nothing_to_learn(tmp_path):

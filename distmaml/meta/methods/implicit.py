@@ -286,6 +286,13 @@ class Implicit(WithoutUnrollGraph):
             raise MethodError("implicit.inner_safeguard", True, f"caps plain SGD steps; with inner.rule = "
                               f"{rule.name} set implicit.inner_safeguard=false")
 
+    def check_online(self) -> None:
+        """Online a run's real steps are the rule's own (distmaml.meta.online): the safeguard would cap the
+        lookahead alone, and the steps differentiated would not be the steps taken."""
+        if self.safeguard:
+            raise MethodError("implicit.inner_safeguard", True, "caps the lookahead's steps only: online, a run's "
+                              "real steps are the rule's own; set implicit.inner_safeguard=false")
+
     def check_problem(self, problem, phi: Params, task, inner) -> None:
         """The inner loss must have second derivatives in w and depend on phi (else so does not its
         solution); then the solver's own check, if it has one."""
