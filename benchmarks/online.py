@@ -89,17 +89,14 @@ def _noisy_length(baselines: dict, seed: int) -> int:
                      f"python -m benchmarks.baselines {baselines['case']} --seeds {seed}")
 
 
-def _run_accuracy(run_dir: Path, config, state: dict, data) -> dict[str, float]:
-    """The persistent run's test accuracy (and holdout accuracy, if any) in checkpoint `state`."""
-    learner = build(config)
+def _run_accuracy(learner, state: dict) -> dict[str, float]:
+    """The persistent run's test and holdout accuracy in checkpoint `state` (the network's prediction
+    reads no learned phi in these problems: the weights decide it)."""
     weights = {name: value[0] for name, value in state["online"]["weights"].items()}
-    phi = {name: value.detach() for name, value in learner.theta.items()}
-    out = {}
+    data, out = learner.family.dataset, {}
     with torch.no_grad():
         for split, (x, y) in {"test": (data.test_x, data.test_y), "holdout": learner.family.holdout}.items():
-            if x is None:
-                continue
-            logits = learner.problem.predict(weights, phi, x)
+            logits = learner.problem.predict(weights, {}, x)
             out[split] = float((logits.argmax(-1) == y).double().mean())
     return out
 
@@ -118,13 +115,11 @@ def reweight_seed(case: str, method: str, seed: int, out_dir: Path) -> dict[str,
     stop_dir = out_dir / f"{case}_{method}_{seed}_holdout"
     holdout_args = [f"task.args.holdout={spec['holdout']}", f"run.dir={stop_dir}", "run.resume=false",
                     f"train.checkpoint_every={STOP_EVERY}", f"train.keep_checkpoints={length // STOP_EVERY + 2}"]
-    held = train(load_config(REPO / spec["config"], [*common, *holdout_args]))
     config = load_config(REPO / spec["config"], [*common, *holdout_args])
-    learner = build(config)
-    scored = []
-    for path in list_checkpoints(stop_dir / "checkpoints"):
-        scored.append((checkpoint_iteration(path), _run_accuracy(stop_dir, config, load_checkpoint(path),
-                                                                  learner.family.dataset)))
+    held = train(config)
+    learner = build(config)  # its data set and network, to score the checkpoints' runs
+    scored = [(checkpoint_iteration(path), _run_accuracy(learner, load_checkpoint(path)))
+              for path in list_checkpoints(stop_dir / "checkpoints")]
     best_iteration, best = max(scored, key=lambda item: (item[1]["holdout"], -item[0]))
     return {"seed": seed, "length": length, "status": full["status"], "train_seconds": seconds,
             "test_accuracy": full["online"]["metrics"].get("test_accuracy") if "online" in full else math.nan,
