@@ -121,7 +121,8 @@ def build(config: Config, device: torch.device | str = "cpu", family: Any = None
     except SettingError as err:
         raise sourced(config, err, cause="problem.name") from None
     try:
-        check_mode(problem, inner, bool(config.online.runs), config.online.horizon, config.online.burn_in)
+        check_mode(problem, inner, bool(config.online.runs), config.online.horizon, config.online.burn_in,
+                   config.online.runs)
     except SettingError as err:
         raise sourced(config, err, cause="problem.name") from None
     theta = meta_parameters(problem, inner)

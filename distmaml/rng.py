@@ -20,6 +20,7 @@ STREAM_TRAIN = 0
 STREAM_EVAL = 1
 STREAM_PLOT = 2
 STREAM_ONLINE = 3  # a persistent run's key: (seed, stream, life, global run index)
+STREAM_NOISE = 4  # evolution strategies' perturbations: (seed, stream, iteration), then (pair, entry)
 
 
 def _mix32(x):
@@ -58,3 +59,11 @@ def uniform(low: float, high: float, *keys: int | torch.Tensor, dtype: torch.dty
     """Uniform values in [low, high) keyed by integers; 24 random bits, exact in float32."""
     unit = (hash_u32(*keys, device=device) >> 8).to(dtype) * (1.0 / (1 << 24))
     return low + (high - low) * unit
+
+
+def normal(*keys: int | torch.Tensor, dtype: torch.dtype = torch.float32,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal values keyed by integers (Box-Muller on two keyed uniforms in (0, 1])."""
+    radius = torch.sqrt(-2.0 * torch.log(1.0 - uniform(0.0, 1.0, *keys, 0, dtype=torch.float64, device=device)))
+    angle = (2.0 * torch.pi) * uniform(0.0, 1.0, *keys, 1, dtype=torch.float64, device=device)
+    return (radius * torch.cos(angle)).to(dtype)

@@ -177,7 +177,8 @@ class InnerConfig:
     mode: str = _opt("second_order", "hypergradient method: second_order (through every inner step), first_order, "
                      "truncated (the last inner.truncate steps), implicit (conjugate gradient; implicit.*), neumann "
                      "(a Neumann series; neumann.*), finite_difference (the last step's second derivatives by central "
-                     "differences; finite_difference.eps), reptile (phi - w_K), or your own as an import path "
+                     "differences; finite_difference.eps), reptile (phi - w_K), es (antithetic evolution strategies over the "
+                     "episode, or truncated online; es.*), pes (persistent evolution strategies, online; es.*), or your own as an import path "
                      "'package.module:Name' (a Method object, or a class called without arguments)")
     truncate: int = _opt(1, "truncated mode: backpropagate through the last T inner steps only")
     checkpoint: str = _opt("none", "recompute inner steps in the backward pass instead of storing them (auto: the "
@@ -219,6 +220,16 @@ class NeumannConfig:
 class FiniteDifferenceConfig:
     eps: float = _opt(0.01, "finite_difference mode: length of the central difference's step in weight space; its "
                       "error shrinks like eps^2 until rounding")
+
+
+@dataclass
+class EsConfig:
+    sigma: float = _opt(0.01, "es and pes modes: the perturbations' standard deviation in phi's units, for every "
+                        "tensor of phi that es.sigma_of does not name")
+    sigma_of: list[str] = _opt([], "es and pes modes: a tensor's own perturbation scale, 'name-prefix=sigma' (the "
+                               "longest matching prefix wins), e.g. ['inner.lr=0.3']")
+    pairs: int = _opt(8, "es mode: antithetic pairs of perturbations per task (or per online run); pes pairs the "
+                      "online runs themselves (online.runs: the particles)")
 
 
 @dataclass
@@ -333,6 +344,7 @@ class Config:
     implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
     neumann: NeumannConfig = field(default_factory=NeumannConfig)
     finite_difference: FiniteDifferenceConfig = field(default_factory=FiniteDifferenceConfig)
+    es: EsConfig = field(default_factory=EsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

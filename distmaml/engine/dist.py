@@ -252,11 +252,12 @@ class Watchdog:
             self._thread.join()
 
 
-def shard(meta_batch: int, rank: int, world_size: int) -> range:
-    """Global task indices of `rank`: contiguous shards, the first B mod W ranks one task larger."""
-    base, extra = divmod(meta_batch, world_size)
+def shard(meta_batch: int, rank: int, world_size: int, group: int = 1) -> range:
+    """Global task indices of `rank`: contiguous shards, the first B mod W ranks one task larger; with
+    `group`, shards of whole groups of consecutive tasks (B a multiple of it), never split across ranks."""
+    base, extra = divmod(meta_batch // group, world_size)
     start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+    return range(group * start, group * (start + base + (rank < extra)))
 
 
 def all_reduce_sum(tensors: list[torch.Tensor], ctx: Context) -> list[torch.Tensor]:

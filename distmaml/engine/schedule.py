@@ -1,7 +1,7 @@
 """Where each outer step's tasks come from: drawn afresh (episodic), or persistent runs (online).
 
     schedule = make_schedule(learner, config, ctx, indices)
-    problem, tasks, result = schedule.lookahead(iteration, inner, compute)   # compute(problem, tasks, inner)
+    problem, tasks, result = schedule.lookahead(iteration, inner, compute)   # compute(problem, tasks, inner, noise)
     ... all-reduce, outer step ...
     schedule.advance(phi)                                                    # online: the runs' real steps
 
@@ -22,22 +22,30 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from distmaml.engine import dist
 from distmaml.meta import FirstOrder, Inner, MetaGradient, detached, num_tasks
-from distmaml.meta.online import (OnlineProblem, Runs, advance, burn_in, choose, fresh_runs, per_run, select,
-                                  staggered_steps, with_rule)
-from distmaml.rng import STREAM_ONLINE, STREAM_TRAIN
+from distmaml.meta.functional import Noise
+from distmaml.meta.online import (OnlineProblem, Runs, advance, burn_in, carried_on, choose, fresh_runs, grouped,
+                                  per_run, place, run_group, select, staggered_steps, with_rule)
+from distmaml.rng import STREAM_NOISE, STREAM_ONLINE, STREAM_TRAIN, hash_u32, seed_words
 
 log = logging.getLogger("distmaml.train")
+
+
+def noise(seed: int, iteration, indices: torch.Tensor) -> Noise:
+    """Where a stochastic method's perturbations come from at `iteration` (an int or a device tensor):
+    a key of (seed, iteration), and the tasks' (runs') global indices."""
+    return Noise(hash_u32(*seed_words(seed), STREAM_NOISE, iteration, device=indices.device), indices)
 
 
 class Episodic:
     """Every outer step's tasks drawn afresh from (seed, iteration, global index)."""
 
-    def __init__(self, learner, indices: torch.Tensor):
+    def __init__(self, learner, config, indices: torch.Tensor):
         self.problem, self.family, self.indices = learner.problem, learner.family, indices
+        self.seed = config.train.seed
 
     def lookahead(self, iteration, inner, compute: Callable) -> tuple[Any, Any, MetaGradient]:
         batch = self.family.sample(STREAM_TRAIN, iteration, self.indices)
-        return self.problem, batch, compute(self.problem, batch, inner)
+        return self.problem, batch, compute(self.problem, batch, inner, noise(self.seed, iteration, self.indices))
 
     def advance(self, phi) -> None:
         pass
@@ -69,6 +77,14 @@ class Online:
         self.unroll, self.horizon = online.unroll, online.horizon
         self.total = online.runs if total is None else total
         self.burn = online.burn_in
+        self.seed = config.train.seed
+        # A persistent method (PES) carries the runs on with its own unrolls and keeps a state per run;
+        # runs of one group (its antithetic pairs) share a mini-batch stream and a counter.
+        method = learner.inner.method
+        self.persistent = bool(getattr(method, "persistent", False))
+        self.carry_init = getattr(method, "carry_init", None) if self.persistent else None
+        self.group = run_group(method)
+        self.carried: MetaGradient | None = None
         self.indices = indices
         self.device = indices.device
         count = len(indices)
@@ -84,17 +100,19 @@ class Online:
         parts, order = [], []
         for life in torch.unique(self.lives).tolist():
             where = torch.nonzero(self.lives == life).flatten()
-            parts.append(self.family.sample(STREAM_ONLINE, int(life), self.indices[where]))
+            parts.append(self.family.sample(STREAM_ONLINE, int(life), self.indices[where] // self.group))
             order.append(where)
         position = torch.argsort(torch.cat(order))
         return tree_map(lambda *leaves: torch.cat(leaves).index_select(0, position), *parts)
 
     def _fresh(self, steps: torch.Tensor) -> Runs:
-        return fresh_runs(self.problem.problem, self.rule, self.theta, self._tasks(), steps)
+        runs = fresh_runs(self.problem.problem, self.rule, self.theta, self._tasks(), steps)
+        return runs if self.carry_init is None else runs._replace(carry=self.carry_init(self.theta, len(steps)))
 
     def start(self) -> None:
-        """Runs at their staggered counters, burned in there at the initial phi (online.burn_in) or fresh."""
-        targets = staggered_steps(self.indices, self.total, self.unroll, self.horizon)
+        """Runs at their staggered counters, burned in there at the initial phi (online.burn_in) or fresh.
+        A persistent method's runs start their carry (PES: the accumulated perturbation) after the burn-in."""
+        targets = staggered_steps(self.indices, self.total, self.unroll, self.horizon, self.group)
         inner = with_rule(_plain(self), self.unroll)
         if self.burn:
             self.runs = burn_in(self.problem, inner, self.theta, self._fresh(torch.zeros_like(targets)), targets,
@@ -115,13 +133,17 @@ class Online:
             self.bad = ~torch.isfinite(losses)
             kept = select(runs, ~self.bad)
             return self.problem, kept.as_tasks(), MetaGradient({}, losses[~self.bad], {}, detached(kept.weights))
-        result = compute(self.problem, runs.as_tasks(), inner)
-        self.bad = ~torch.isfinite(result.task_losses)
+        drawn = noise(self.seed, iteration, self.indices)
+        result = compute(self.problem, runs.as_tasks(), inner, drawn)
+        # A group (PES's pair) with any member not finite is left out whole.
+        self.bad = grouped(~torch.isfinite(result.task_losses), self.group)
         if bool(self.bad.any()):  # left out of this step's hypergradient: computed again without them
             runs = select(runs, ~self.bad)
-            result = (compute(self.problem, runs.as_tasks(), inner) if num_tasks(runs.step) else
+            result = (compute(self.problem, runs.as_tasks(), inner, Noise(drawn.key, drawn.index[~self.bad]))
+                      if num_tasks(runs.step) else
                       MetaGradient({name: torch.zeros_like(value) for name, value in self.theta.items()},
                                    result.task_losses[:0], {name: value[:0] for name, value in result.stats.items()}))
+        self.carried = result.carried
         return self.problem, runs.as_tasks(), result
 
     def excluded(self, device: torch.device) -> torch.Tensor:
@@ -132,9 +154,16 @@ class Online:
         return bool(excluded >= self.total)
 
     def advance(self, phi) -> None:
-        """Each run's U real steps at the updated phi; a run left out of the lookahead starts again."""
-        inner = with_rule(_plain(self), self.unroll)
-        self.runs = advance(self.problem, inner, phi, self.runs, self.unroll, moving=~self.bad)
+        """Each run's U real steps at the updated phi -- or, for a persistent method, the steps its own
+        unrolls took -- ; a run left out of the lookahead starts again."""
+        if self.persistent:
+            if bool((~self.bad).any()):
+                kept = select(self.runs, ~self.bad)
+                self.runs = place(~self.bad, carried_on(kept, self.carried, self.unroll), self.runs)
+        else:
+            inner = with_rule(_plain(self), self.unroll)
+            self.runs = advance(self.problem, inner, phi, self.runs, self.unroll, moving=~self.bad)
+        self.carried = None
         self.failures += self.bad.long()
         self._restart(self.bad)
 
@@ -149,7 +178,7 @@ class Online:
         if self.runs is None:  # saved before any outer step (train.iterations = 0): the runs as they start
             self.start()
         parts = {"weights": self.runs.weights, "state": self.runs.state, "step": self.runs.step, "lives": self.lives,
-                 "failures": self.failures}
+                 "failures": self.failures, **({"carry": self.runs.carry} if self.runs.carry is not None else {})}
         leaves, spec = tree_flatten(parts)
         full = []
         for leaf in leaves:
@@ -168,7 +197,11 @@ class Online:
             return
         mine = tree_map(lambda leaf: leaf.to(self.device).index_select(0, self.indices), state)
         self.lives, self.failures = mine["lives"], mine["failures"]
-        self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"])
+        if self.persistent and "carry" not in mine:
+            raise ValueError("the checkpoint's runs were saved without a persistent method's state (online runs "
+                             "trained by another method): they cannot go on under this one")
+        self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"],
+                         mine.get("carry") if self.persistent else None)
 
     def summary(self, ctx: dist.Context) -> dict:
         """The runs themselves: each one's metrics (the trained networks' own accuracy), counter and resets."""
@@ -205,7 +238,7 @@ def _plain(online: Online) -> Inner:
 
 def make_schedule(learner, config, indices: torch.Tensor):
     """The schedule config.online names: persistent runs (online.runs >= 1) or episodic tasks."""
-    return Online(learner, config, indices) if config.online.runs else Episodic(learner, indices)
+    return Online(learner, config, indices) if config.online.runs else Episodic(learner, config, indices)
 
 
 def as_runs(learner, tasks: Any, inner: Inner) -> tuple[Any, Any, Inner]:
@@ -216,7 +249,11 @@ def as_runs(learner, tasks: Any, inner: Inner) -> tuple[Any, Any, Inner]:
     device = next(iter(tree_flatten(tasks)[0])).device
     weights = {name: torch.empty((count, *value.shape), dtype=value.dtype, device=device)
                for name, value in template.items()}
-    runs = Runs(tasks, weights, learner.inner.rule.init(weights), torch.zeros(count, dtype=torch.int64, device=device))
+    carry_init = getattr(inner.method, "carry_init", None)  # a persistent method's per-run state (PES)
+    carry = (None if carry_init is None else
+             carry_init({name: torch.empty_like(value, device=device) for name, value in learner.theta.items()}, count))
+    runs = Runs(tasks, weights, learner.inner.rule.init(weights), torch.zeros(count, dtype=torch.int64, device=device),
+                carry)
     return OnlineProblem(learner.problem, inner.steps), runs.as_tasks(), with_rule(inner, inner.steps)
 
 

@@ -22,6 +22,8 @@ from distmaml.build import DTYPES, Learner
 from distmaml.engine import dist
 from distmaml.engine.schedule import make_schedule
 from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
+from distmaml.meta.functional import Noise
+from distmaml.meta.online import run_group
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
@@ -132,11 +134,12 @@ def multi_step_weights(steps: int, iteration: int, anneal: int) -> list[float]:
 
 
 def compute_meta_gradient(problem, theta, tasks: Tasks, inner: Inner, batched: bool = True,
-                          step_weights: torch.Tensor | None = None) -> MetaGradient:
-    """This rank's summed hypergradient, batched or with the per-task reference loop."""
+                          step_weights: torch.Tensor | None = None, noise: Noise | None = None) -> MetaGradient:
+    """This rank's summed hypergradient, batched or with the per-task reference loop; `noise`: where a
+    stochastic method draws its perturbations."""
     if batched or num_tasks(tasks) == 0:  # no tasks: this rank only joins the all-reduce
-        return meta_gradient(problem, theta, tasks, inner, step_weights)
-    return meta_gradient_loop(problem, theta, tasks, inner, step_weights)
+        return meta_gradient(problem, theta, tasks, inner, step_weights, noise)
+    return meta_gradient_loop(problem, theta, tasks, inner, step_weights, noise)
 
 
 class MetaStep:
@@ -160,7 +163,9 @@ class MetaStep:
         # a MetaStep built without a choice (a benchmark, a test) takes the batched path for `auto`.
         self.batched = batched if batched is not None else config.engine.batched is not False
         self.static = static or self.cuda_graph
-        self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)  # this rank's global indices
+        # This rank's global indices; a method's group of runs (PES's antithetic pairs) stays on one rank.
+        self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size,
+                                run_group(self.inner.method) if config.online.runs else 1)
         self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
         # Tasks drawn afresh each outer step, or persistent runs (online.runs): this rank's share either way.
         self.schedule = make_schedule(learner, config, self.indices)
@@ -226,9 +231,9 @@ class MetaStep:
     def _body(self, iteration: int | torch.Tensor, inner: Inner) -> StepOutput:
         train = self.config.train
 
-        def compute(problem, tasks, inner):
+        def compute(problem, tasks, inner, noise):
             with self._autocast():
-                return compute_meta_gradient(problem, self.params, tasks, inner, self.batched, self.step_weights)
+                return compute_meta_gradient(problem, self.params, tasks, inner, self.batched, self.step_weights, noise)
 
         problem, batch, result = self.schedule.lookahead(iteration, inner, compute)
         # Stop requests, the loss and the count of tasks (online: runs left out for a state that is not

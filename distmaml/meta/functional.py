@@ -77,3 +77,15 @@ class MetaGradient(NamedTuple):
     task_losses: torch.Tensor  # [n] outer loss of each task after its last inner step, detached
     stats: dict[str, torch.Tensor]  # the method's diagnostics (e.g. the CG residual), one value per task
     adapted: Params | None = None  # detached inner weights after the last step, task dimension first
+    # A method whose own unrolls are the runs' real steps (persistent evolution strategies): each run's
+    # state after them, {"weights", "state" (the rule's), "carry" (the method's own)}, task dimension first.
+    carried: dict | None = None
+
+
+class Noise(NamedTuple):
+    """Where a stochastic method's perturbations come from: a key (a function of the seed and the outer
+    step, an int64 scalar in [0, 2**32)) and each task's global index ([n] int64), so that any shard
+    of a batch draws exactly the perturbations one process would have drawn for it."""
+
+    key: torch.Tensor
+    index: torch.Tensor

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distmaml.meta.functional import MetaGradient, Params, Tasks, num_tasks, task_at
+from distmaml.meta.functional import MetaGradient, Noise, Params, Tasks, num_tasks, task_at
 from distmaml.meta.inner import Inner
 
 _CHECKED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
@@ -42,14 +42,19 @@ def check_method(problem: Any, phi: Params, tasks: Tasks, inner: Inner) -> None:
 
 
 def meta_gradient(problem: Any, phi: Params, tasks: Tasks, inner: Inner,
-                  step_weights: torch.Tensor | None = None) -> MetaGradient:
+                  step_weights: torch.Tensor | None = None, noise: Noise | None = None) -> MetaGradient:
     """Sum over the batch's tasks of the hypergradient inner.method computes, for every entry of phi.
 
     `step_weights` ([K], MAML++'s multi-step loss) weights the outer loss after each inner step.
+    `noise` is where a stochastic method (evolution strategies: `method.stochastic`) draws its
+    perturbations (the trainer's: the seed and the outer step, the tasks' global indices); without
+    it such a method draws with key 0 and indices 0..n-1. Other methods draw nothing.
     """
     if num_tasks(tasks) == 0:  # more processes than tasks: this rank only joins the all-reduce
         first = next(iter(phi.values()))
         return MetaGradient({name: torch.zeros_like(value) for name, value in phi.items()},
                             first.new_zeros(0), {name: first.new_zeros(0) for name in inner.method.stat_names})
     check_method(problem, phi, tasks, inner)
+    if getattr(inner.method, "stochastic", False):
+        return inner.method.hypergradient(problem, phi, tasks, inner, step_weights, noise=noise)
     return inner.method.hypergradient(problem, phi, tasks, inner, step_weights)

@@ -48,9 +48,17 @@ def modes(problem: Any) -> tuple[str, ...]:
     return tuple(getattr(problem, "modes", (EPISODIC,)))
 
 
-def check_mode(problem: Any, inner: Any, online: bool, horizon: int, burn_in: bool = True) -> None:
+def run_group(method: Any) -> int:
+    """Runs that belong together (PES's antithetic pairs: 2): one process, one mini-batch stream, one
+    counter, started again together. 1 for every method that reads runs one by one."""
+    return int(getattr(method, "run_group", 1))
+
+
+def check_mode(problem: Any, inner: Any, online: bool, horizon: int, burn_in: bool = True, runs: int = 0) -> None:
     """Refuse, in one line, a problem, rule or method (inner's) that cannot run as the schedule asks."""
     rule = inner.rule
+    if not online:
+        getattr(inner.method, "check_episodic", lambda: None)()
     name = type(problem).__name__
     wanted = ONLINE if online else EPISODIC
     if wanted not in modes(problem):
@@ -75,15 +83,20 @@ def check_mode(problem: Any, inner: Any, online: bool, horizon: int, burn_in: bo
         raise SettingError("online.burn_in", False, f"a run that starts fresh at a staggered counter has the "
                            f"{rule.name} rule's state at its start, and the rule takes the counter for the count of "
                            "its own updates (Adam's bias correction): burn the runs in (online.burn_in=true)")
+    group = run_group(inner.method)
+    if runs % group:
+        raise SettingError("online.runs", runs, f"{inner.method.name} takes the runs in groups of {group} (antithetic "
+                           "pairs: each particle's mirror image): an odd number of particles has one without its pair")
     getattr(inner.method, "check_online", lambda: None)()
 
 
-def staggered_steps(indices: torch.Tensor, runs: int, unroll_steps: int, horizon: int) -> torch.Tensor:
+def staggered_steps(indices: torch.Tensor, runs: int, unroll_steps: int, horizon: int, group: int = 1) -> torch.Tensor:
     """The first counters of global runs `indices` out of `runs`: multiples of U spread evenly over
-    [0, H) (run r: floor(r * (H / U) / N) * U), all 0 without a horizon."""
+    [0, H) (run r: floor(r * (H / U) / N) * U), all 0 without a horizon; runs in one `group` (r // group)
+    share their group's counter, spread over the N / group groups."""
     if not horizon:
         return torch.zeros_like(indices)
-    return (indices * (horizon // unroll_steps) // runs) * unroll_steps
+    return ((indices // group) * (horizon // unroll_steps) // (runs // group)) * unroll_steps
 
 
 @dataclass(frozen=True)
@@ -150,18 +163,21 @@ class OnlineProblem:
 
 
 class Runs(NamedTuple):
-    """Persistent runs, run dimension first: each run's task (its key), weights, rule state and
-    counter (inner steps taken since its start)."""
+    """Persistent runs, run dimension first: each run's task (its key), weights, rule state, counter
+    (inner steps taken since its start) and what a persistent method keeps per run (`carry`: PES's
+    accumulated perturbation; None for every other method)."""
 
     tasks: Tasks
     weights: Params
     state: State
     step: torch.Tensor
+    carry: Any = None
 
     def as_tasks(self) -> dict[str, Any]:
-        """The runs as OnlineProblem's tasks (weights and state as constants)."""
-        return {"task": self.tasks, "weights": detached(self.weights), "state": tree_map(torch.Tensor.detach, self.state),
-                "step": self.step}
+        """The runs as OnlineProblem's tasks (weights, state and carry as constants)."""
+        tasks = {"task": self.tasks, "weights": detached(self.weights),
+                 "state": tree_map(torch.Tensor.detach, self.state), "step": self.step}
+        return tasks if self.carry is None else {**tasks, "carry": tree_map(torch.Tensor.detach, self.carry)}
 
 
 def fresh_runs(problem: Any, rule: Rule, phi: Params, tasks: Tasks, steps: torch.Tensor) -> Runs:
@@ -184,7 +200,7 @@ def advance(problem: OnlineProblem, inner: Any, phi: Params, runs: Runs, steps: 
         return runs
     with torch.no_grad():
         result = unroll(problem, detached(phi), runs.as_tasks(), inner, steps=steps, differentiated=0)
-    moved = Runs(runs.tasks, result.weights, result.state["rule"], runs.step + steps)
+    moved = Runs(runs.tasks, result.weights, result.state["rule"], runs.step + steps, runs.carry)
     return moved if moving is None else choose(moving, moved, runs)
 
 
@@ -204,6 +220,22 @@ def burn_in(problem: OnlineProblem, inner: Any, phi: Params, runs: Runs, targets
     while bool((runs.step < targets).any()):
         runs = advance(problem, inner, phi, runs, unroll_steps, moving=runs.step < targets)
     return runs
+
+
+def carried_on(runs: Runs, carried: dict, steps: int) -> Runs:
+    """The runs after a persistent method's own unrolls of `steps` steps (MetaGradient.carried)."""
+    return Runs(runs.tasks, carried["weights"], carried["state"]["rule"], runs.step + steps, carried["carry"])
+
+
+def grouped(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[n] bool: true for every run of a group (consecutive `group` runs) in which `mask` holds for any."""
+    return mask if group == 1 else mask.reshape(-1, group).any(1).repeat_interleave(group)
+
+
+def place(keep: torch.Tensor, part: Runs, whole: Runs) -> Runs:
+    """`whole` with the runs where `keep` holds replaced, in order, by `part`'s (select's inverse)."""
+    index = torch.nonzero(keep).flatten()
+    return Runs(*(tree_map(lambda into, leaf: into.index_copy(0, index, leaf), a, b) for a, b in zip(whole, part)))
 
 
 def select(runs: Runs, keep: torch.Tensor) -> Runs:

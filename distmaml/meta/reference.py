@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distmaml.meta.functional import (LossFn, MetaGradient, Params, Tasks, detached, functional_forward, mse,
-                                      num_tasks, task_at)
+from distmaml.meta.functional import (LossFn, MetaGradient, Noise, Params, Tasks, detached, functional_forward, mse,
+                                      num_tasks, task_at, tasks_slice)
 from distmaml.meta.methods.implicit import CG  # which solver's settings to read, nothing of its solve
 
 LEARNED = "inner.lr."  # the rules' naming of learned step sizes, spelled out again
@@ -232,10 +232,26 @@ def _finite_difference_task(problem: Any, phi: Params, task: Any, inner) -> tupl
     return {n: total[n] - mixed_d[n] for n in phi}, outer.detach()
 
 
+def _one_task_at_a_time(problem, phi, tasks, inner, step_weights, noise) -> MetaGradient:
+    count = num_tasks(tasks)
+    first = next(iter(phi.values()))
+    key = torch.zeros((), dtype=torch.int64, device=first.device) if noise is None else noise.key
+    index = torch.arange(count, device=first.device) if noise is None else noise.index
+    parts = [inner.method.hypergradient(problem, phi, tasks_slice(tasks, i, i + 1), inner, step_weights,
+                                        noise=Noise(key, index[i:i + 1])) for i in range(count)]
+    return MetaGradient({name: sum(part.grad_sum[name] for part in parts) for name in phi},
+                        torch.cat([part.task_losses for part in parts]),
+                        {name: torch.cat([part.stats[name] for part in parts]) for name in parts[0].stats})
+
+
 def meta_gradient_loop(problem: Any, phi: Params, tasks: Tasks, inner,
-                       step_weights: torch.Tensor | None = None) -> MetaGradient:
-    """Sum over tasks of the hypergradient inner.method names, one task after another."""
+                       step_weights: torch.Tensor | None = None, noise=None) -> MetaGradient:
+    """Sum over tasks of the hypergradient inner.method names, one task after another. A stochastic
+    method (evolution strategies) is its own per-task reference: it runs on one task at a time, each
+    with its own global index, so it draws the perturbations the batch would."""
     method = inner.method.name
+    if getattr(inner.method, "stochastic", False):
+        return _one_task_at_a_time(problem, phi, tasks, inner, step_weights, noise)
     losses, grads, stats = [], [], []
     for i in range(num_tasks(tasks)):
         task = task_at(tasks, i)

@@ -7,6 +7,8 @@
     neumann            the same, truncated Neumann series: Implicit(NeumannSeries(...)) (Lorraine et al. 2020)
     finite_difference  the last step's second derivatives by central differences (DARTS, SAMA)
     reptile            phi - w_K (Nichol et al. 2018)
+    es                 antithetic evolution strategies: over the episode, or truncated ES online
+    pes                persistent evolution strategies on online runs (Vicol et al. 2021)
 
 `make_method(name, **settings)` builds one from its class, passing the settings through
 (`method_settings(name)` lists them); each method is a frozen dataclass whose fields are its
@@ -18,6 +20,7 @@ Your own is any object following distmaml.meta.methods.base.Method.
 import dataclasses
 
 from distmaml.meta.methods.base import Method, MethodError
+from distmaml.meta.methods.evolution import ES, PES
 from distmaml.meta.methods.finite_difference import FiniteDifference
 from distmaml.meta.methods.implicit import (CG, Implicit, ImplicitCG, Neumann, NeumannSeries, Solver, batched_cg,
                                             neumann_series, safeguarded_descent)
@@ -33,6 +36,8 @@ _BUILT_IN = {
     "neumann": (Implicit, NeumannSeries),
     "finite_difference": (FiniteDifference, None),
     "reptile": (Reptile, None),
+    "es": (ES, None),
+    "pes": (PES, None),
 }
 METHODS = tuple(_BUILT_IN)
 
@@ -64,6 +69,6 @@ def make_method(name: str, **settings) -> Method:
     return method(solve, **{key: value for key, value in settings.items() if key not in solver_fields})
 
 
-__all__ = ["CG", "METHODS", "FiniteDifference", "FirstOrder", "Implicit", "ImplicitCG", "Method", "MethodError",
+__all__ = ["CG", "ES", "METHODS", "PES", "FiniteDifference", "FirstOrder", "Implicit", "ImplicitCG", "Method", "MethodError",
            "Neumann", "NeumannSeries", "Reptile", "SecondOrder", "Solver", "Truncated", "batched_cg", "make_method",
            "method_settings", "neumann_series", "safeguarded_descent", "unrolled_objective"]
