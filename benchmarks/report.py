@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import common, online, peers_online
+from benchmarks import common, influence_balancing, online, peers_es, peers_online, pes, pes_variance
 from benchmarks.common import REPO, read
 from benchmarks.report_bilevel import (HYPER, headline_rows, hyper, hyper_methods, mnist1d_baselines, peers_hyper,
                                        search_cost, unrolls)
@@ -350,6 +350,10 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "online-reweight": lambda: _online("online_reweight", online.reweight_table),
     "online-lr": lambda: _online("online_lr", online.lr_table),
     "peers-online-cpu": lambda: _online("peers_online_cpu", peers_online.table),
+    "pes-lr": lambda: _online("pes_lr", pes.table),
+    "pes-variance": lambda: _online("pes_variance", pes_variance.table),
+    "influence-balancing": lambda: _online("influence_balancing", influence_balancing.table),
+    "peers-es-cpu": lambda: _online("peers_es_cpu", peers_es.table),
     "headline": headline,
 }
 

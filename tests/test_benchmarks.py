@@ -314,3 +314,12 @@ def test_one_online_step_equals_torchopts_learning_to_reweight_and_bettys_darts(
     same, config_rate = [row for (library, _), row in rows.items() if library == "betty"]
     assert same["equal"] and same["rel_error"] <= peers_online.TOLERANCE, same
     assert not config_rate["equal"], config_rate
+
+
+def test_distmaml_s_es_estimate_equals_torchopts_zero_order_given_the_same_perturbations():
+    """benchmarks.peers_es's equality: TorchOpt's antithetic zero-order gradient of a plain-PyTorch
+    5-step sine adaptation, handed distmaml's draws, is distmaml's `es` estimate (float64)."""
+    pytest.importorskip("torchopt")
+    from benchmarks import peers_es
+
+    assert peers_es.check_equal(pairs=4) <= peers_es.TOLERANCE

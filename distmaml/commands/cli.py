@@ -277,6 +277,8 @@ def _study(args) -> int:
 
 
 def _gradcheck(args) -> int:
+    import dataclasses
+
     import torch
 
     from distmaml.build import build, build_method
@@ -310,6 +312,15 @@ def _gradcheck(args) -> int:
         except SettingError as err:
             skipped[name] = str(err)
     problem, inner, what = learner.problem, learner.inner, f"{args.tasks} task(s)"
+    from distmaml.meta.online import check_mode
+
+    for name in list(methods):  # a method the schedule cannot run (PES episodic, or an odd number of runs)
+        try:
+            check_mode(learner.problem, dataclasses.replace(inner, method=methods[name]), bool(config.online.runs),
+                       config.online.horizon, config.online.burn_in, config.online.runs and args.tasks)
+        except SettingError as err:
+            skipped[name] = str(err)
+            del methods[name]
     if config.online.runs:  # from the runs' stored state: the U-step objective of their first outer step
         from distmaml.engine.schedule import first_lookahead
 
@@ -321,7 +332,9 @@ def _gradcheck(args) -> int:
     print(format_report(report))
     if args.json:
         write_json(args.json, {"methods": {name: {"rel_error": check.rel_error, "reference": check.reference,
-                                                  "exact": check.exact, "tolerance": check.tolerance}
+                                                  "exact": check.exact, "tolerance": check.tolerance,
+                                                  **({"z": check.z, "particles": check.particles}
+                                                     if check.z is not None else {})}
                                            for name, check in report.items() if check.skipped is None},
                                "skipped": {**skipped, **{name: check.skipped for name, check in report.items()
                                                          if check.skipped is not None}}})

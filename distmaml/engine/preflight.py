@@ -21,7 +21,7 @@ import torch
 from distmaml.build import DTYPES, Learner, build
 from distmaml.config import Config, ConfigError, source_of
 from distmaml.engine import dist, memory
-from distmaml.engine.schedule import as_runs
+from distmaml.engine.schedule import as_runs, shard
 from distmaml.engine.step import compute_meta_gradient
 from distmaml.errors import SettingError
 from distmaml.evaluate import evaluation_settings, refuse_shots
@@ -82,7 +82,7 @@ def check_memory(config: Config, ctx: dist.Context, learner: Learner) -> str:
     if config.eval.at_end:  # the evaluation at the end refuses shots its tasks do not have: say so now
         refuse_shots(learner.family, evaluation_settings(config), EVAL_KEYS, config.task.family)
     inner, chosen = learner.inner, False
-    tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size)
+    tasks = shard(config, ctx, inner.method)
     if config.engine.memory_check and len(tasks):
         # Shapes only: sampling for real could itself exhaust memory (task.query = 100000000).
         shapes = learner.family.to("meta").sample(STREAM_TRAIN, 0, torch.arange(len(tasks), device="meta"))

@@ -197,11 +197,10 @@ class Online:
             return
         mine = tree_map(lambda leaf: leaf.to(self.device).index_select(0, self.indices), state)
         self.lives, self.failures = mine["lives"], mine["failures"]
-        if self.persistent and "carry" not in mine:
-            raise ValueError("the checkpoint's runs were saved without a persistent method's state (online runs "
-                             "trained by another method): they cannot go on under this one")
-        self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"],
-                         mine.get("carry") if self.persistent else None)
+        carry = mine.get("carry") if self.persistent else None
+        if self.persistent and carry is None:  # runs another method trained: their accumulated perturbation starts at 0
+            carry = self.carry_init(self.theta, len(self.indices))
+        self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"], carry)
 
     def summary(self, ctx: dist.Context) -> dict:
         """The runs themselves: each one's metrics (the trained networks' own accuracy), counter and resets."""
@@ -234,6 +233,12 @@ def _metric_names(online: Online, phi) -> list[str]:
 def _plain(online: Online) -> Inner:
     """The inner loop a run's real steps take: the rule's own, no graph (the method is not asked)."""
     return Inner(online.rule, online.unroll, FirstOrder())
+
+
+def shard(config, ctx: dist.Context, method) -> range:
+    """This process's global task (run) indices; a method's group of runs (PES's antithetic pairs) stays
+    on one process."""
+    return dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size, run_group(method) if config.online.runs else 1)
 
 
 def make_schedule(learner, config, indices: torch.Tensor):

@@ -20,10 +20,9 @@ import torch
 
 from distmaml.build import DTYPES, Learner
 from distmaml.engine import dist
-from distmaml.engine.schedule import make_schedule
+from distmaml.engine.schedule import make_schedule, shard
 from distmaml.meta import FirstOrder, Inner, MetaGradient, Tasks, meta_gradient, meta_gradient_loop, num_tasks
 from distmaml.meta.functional import Noise
-from distmaml.meta.online import run_group
 from distmaml.meta.reachability import reached_flags, unreached, zero_at_start
 
 # Eager iterations before capture: they run the lazy initialisations (Adam state, cuBLAS handles,
@@ -163,9 +162,7 @@ class MetaStep:
         # a MetaStep built without a choice (a benchmark, a test) takes the batched path for `auto`.
         self.batched = batched if batched is not None else config.engine.batched is not False
         self.static = static or self.cuda_graph
-        # This rank's global indices; a method's group of runs (PES's antithetic pairs) stays on one rank.
-        self.tasks = dist.shard(config.train.meta_batch, ctx.rank, ctx.world_size,
-                                run_group(self.inner.method) if config.online.runs else 1)
+        self.tasks = shard(config, ctx, self.inner.method)  # this rank's global indices
         self.indices = torch.arange(self.tasks.start, self.tasks.stop, device=ctx.device)
         # Tasks drawn afresh each outer step, or persistent runs (online.runs): this rank's share either way.
         self.schedule = make_schedule(learner, config, self.indices)

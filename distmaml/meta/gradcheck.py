@@ -30,6 +30,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.func import grad, jacrev
 
 from distmaml.errors import SettingError
@@ -38,6 +39,8 @@ from distmaml.meta.gradient import meta_gradient
 from distmaml.meta.unrolling import task_values, unroll
 
 TOLERANCE = {"finite_difference": 1e-6, "dense_ift": 1e-4}
+Z_LIMIT = 4.0  # a stochastic method's largest |z| over the directions, against its smoothed reference
+GROUPS = 16  # independent estimates (noise keys) a stochastic method's z-score is taken over
 
 
 STEPS = (1e-3, 1e-4, 1e-5, 1e-6)
@@ -49,13 +52,19 @@ class Check(NamedTuple):
     exact: bool
     skipped: str | None = None
     reference_error: float = 0.0  # the finite-difference reference's own estimated relative error
+    z: float | None = None  # a stochastic method: largest |z| over the directions against its smoothed reference
+    particles: int = 0  # ... and the particles the estimate and the reference were averaged over
 
     @property
     def tolerance(self) -> float:
+        if self.z is not None:
+            return Z_LIMIT
         return max(TOLERANCE[self.reference], 10 * self.reference_error)
 
     @property
     def failed(self) -> bool:
+        if self.z is not None:
+            return self.skipped is None and not self.z <= Z_LIMIT
         error = math.inf if self.rel_error is None or not math.isfinite(self.rel_error) else self.rel_error
         return self.skipped is None and self.exact and error > self.tolerance
 
@@ -138,6 +147,12 @@ def gradcheck(problem: Any, phi: Params, tasks: Tasks, inner, methods: dict[str,
     inner_size = sum(value.numel() for value in problem.inner_template().values())
     report = {}
     for name, method in methods.items():
+        if method.reference == "smoothed":
+            try:
+                report[name] = smoothed_check(problem, phi, tasks, dataclasses.replace(inner, method=method), basis)
+            except SettingError as err:
+                report[name] = Check(None, "smoothed", False, str(err))
+            continue
         reference = method.reference if method.reference != "dense_ift" or inner_size <= max_dense \
             else "finite_difference"
         try:
@@ -166,6 +181,51 @@ def gradcheck(problem: Any, phi: Params, tasks: Tasks, inner, methods: dict[str,
     return report
 
 
+def smoothed_gradient(problem: Any, phi: Params, tasks: Tasks, inner, eps: Params, task_of: torch.Tensor,
+                      weight: float) -> torch.Tensor:
+    """weight * sum over particles of the exact gradient of their task's K-step objective at phi + eps
+    (autograd through every step of the perturbed unroll), flat."""
+    from distmaml.meta.methods import SecondOrder
+    from distmaml.meta.methods.evolution import Perturbed, PerturbedRule
+
+    leaf = {name: value.detach().requires_grad_() for name, value in phi.items()}
+    count = len(task_of)
+    particle_phi = {name: leaf[name].expand(count, *leaf[name].shape) + eps[name] for name in leaf}
+    particles = {"task": tree_map(lambda value: value.index_select(0, task_of), tasks), "phi": particle_phi}
+    wrapped = Perturbed(problem, inner.rule)
+    exact = dataclasses.replace(inner, rule=PerturbedRule(inner.rule), method=SecondOrder())
+    template = {name: value.detach() for name, value in phi.items()}
+    with torch.enable_grad():
+        result = unroll(wrapped, template, particles, exact, differentiated=inner.steps)
+        losses = task_values(wrapped.outer_loss, result.weights, template, particles)
+        grads = torch.autograd.grad(weight * losses.sum(), list(leaf.values()), allow_unused=True)
+    return torch.cat([(torch.zeros_like(value) if g is None else g).reshape(-1) for value, g in zip(leaf.values(), grads)])
+
+
+def smoothed_check(problem: Any, phi: Params, tasks: Tasks, inner, basis: torch.Tensor, groups: int = GROUPS) -> Check:
+    """A stochastic method against the exact gradients of its smoothed objective under the same
+    perturbations (paired Monte Carlo), over `groups` independent noise keys: along each direction of
+    `basis`, z = mean(estimate - reference) / its standard error; the largest |z| is reported."""
+    from distmaml.meta.functional import Noise
+
+    method = inner.method
+    index = torch.arange(num_tasks(tasks), device=basis.device)
+    differences, estimates, references, particles = [], [], [], 0
+    for group in range(groups):
+        noise = Noise(torch.tensor(group, dtype=torch.int64, device=basis.device), index)
+        estimate = _flat(detached(meta_gradient(problem, phi, tasks, inner, noise=noise).grad_sum))
+        eps, task_of, weight = method.particles(phi, tasks, noise)
+        reference = smoothed_gradient(problem, phi, tasks, inner, eps, task_of, weight)
+        differences.append(basis @ (estimate - reference))
+        estimates.append(estimate), references.append(reference)
+        particles += len(task_of)
+    spread = torch.stack(differences)
+    z = spread.mean(0) / (spread.std(0) / groups ** 0.5).clamp_min(torch.finfo(spread.dtype).tiny)
+    mean_estimate, mean_reference = torch.stack(estimates).mean(0), torch.stack(references).mean(0)
+    error = (mean_estimate - mean_reference).norm() / mean_reference.norm().clamp_min(torch.finfo(spread.dtype).tiny)
+    return Check(float(error), "smoothed", True, z=float(z.abs().max()), particles=particles)
+
+
 def format_report(report: dict[str, Check]) -> str:
     """The report as a Markdown table."""
     lines = ["| method | reference | relative error | tolerance | exact | verdict |", "|---|---|---|---|---|---|"]
@@ -175,6 +235,10 @@ def format_report(report: dict[str, Check]) -> str:
             continue
         verdict = "FAIL" if check.failed else ("ok" if check.exact else "approximate")
         error = f"{check.rel_error:.2e}" if math.isfinite(check.rel_error) else "not finite"
+        if check.z is not None:  # a stochastic method: its z-score is the verdict, the error only informs
+            lines.append(f"| {name} | smoothed ({check.particles} particles) | {error} | |z| = {check.z:.2f} <= "
+                         f"{Z_LIMIT:g} | statistically | {verdict} |")
+            continue
         lines.append(f"| {name} | {check.reference} | {error} | {check.tolerance:.0e} | "
                      f"{'yes' if check.exact else 'no'} | {verdict} |")
     return "\n".join(lines)

@@ -210,7 +210,7 @@ def choose(mask: torch.Tensor, where_true: Runs, where_false: Runs) -> Runs:
     def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
 
-    return Runs(*(tree_map(pick, a, b) for a, b in zip(where_true, where_false)))
+    return Runs(*(None if a is None else tree_map(pick, a, b) for a, b in zip(where_true, where_false)))
 
 
 def burn_in(problem: OnlineProblem, inner: Any, phi: Params, runs: Runs, targets: torch.Tensor, unroll_steps: int,
@@ -235,13 +235,14 @@ def grouped(mask: torch.Tensor, group: int) -> torch.Tensor:
 def place(keep: torch.Tensor, part: Runs, whole: Runs) -> Runs:
     """`whole` with the runs where `keep` holds replaced, in order, by `part`'s (select's inverse)."""
     index = torch.nonzero(keep).flatten()
-    return Runs(*(tree_map(lambda into, leaf: into.index_copy(0, index, leaf), a, b) for a, b in zip(whole, part)))
+    return Runs(*(None if a is None else tree_map(lambda into, leaf: into.index_copy(0, index, leaf), a, b)
+                  for a, b in zip(whole, part)))
 
 
 def select(runs: Runs, keep: torch.Tensor) -> Runs:
     """The runs where `keep` ([n] bool) holds, in order."""
     index = torch.nonzero(keep).flatten()
-    return Runs(*(tree_map(lambda leaf: leaf.index_select(0, index), part) for part in runs))
+    return Runs(*(None if part is None else tree_map(lambda leaf: leaf.index_select(0, index), part) for part in runs))
 
 
 def per_run(fn, runs: Runs, phi: Params):

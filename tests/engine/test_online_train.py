@@ -45,8 +45,10 @@ def assert_same_runs(a, b, exact=True):
     runs_a, runs_b = a["online"], b["online"]
     for key in ("step", "lives", "failures"):
         assert torch.equal(runs_a[key], runs_b[key]), key
-    for tree in ("weights", "state"):
-        flat_a, flat_b = _leaves(runs_a[tree]), _leaves(runs_b[tree])
+    assert ("carry" in runs_a) == ("carry" in runs_b)
+    for tree in ("weights", "state", "carry"):
+        flat_a, flat_b = _leaves(runs_a.get(tree)), _leaves(runs_b.get(tree))
+        assert len(flat_a) == len(flat_b), tree
         for x, y in zip(flat_a, flat_b):
             if exact:
                 assert torch.equal(x, y), tree

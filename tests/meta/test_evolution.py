@@ -4,7 +4,7 @@
   over many pairs is the exact gradient within 4 standard errors (smoothing leaves a quadratic's gradient).
 - PES is unbiased for the objective smoothed with an independent perturbation per truncation,
   sum_tau L_tau(phi + eps_1, ..., phi + eps_tau), with phi held fixed: on the influence-balancing system
-  (Tallec & Ollivier 2017) its estimate agrees with the paired Monte Carlo of exact full-unroll gradients
+  (Tallec & Ollivier 2017; benchmarks/influence_balancing.py) its estimate agrees with the paired Monte Carlo of exact full-unroll gradients
   under the same perturbations (plain autograd through a hand-written unroll) within 4 standard errors,
   while truncated ES, whose bias there is many standard errors, does not. The tolerances are z-scores
   from the measured spread of the pairs, not hand-picked constants.
@@ -15,6 +15,7 @@ import dataclasses
 import pytest
 import torch
 
+from benchmarks.influence_balancing import SHIFT, SIGNS, STATES, Influence
 from distmaml.meta import Inner, make_rule, meta_gradient, meta_gradient_loop
 from distmaml.meta.functional import Noise
 from distmaml.meta.methods import ES, PES, MethodError, make_method
@@ -22,9 +23,6 @@ from distmaml.meta.methods.evolution import draws
 from distmaml.meta.online import OnlineProblem, Runs, advance, carried_on, with_rule
 
 DTYPE = torch.float64
-STATES, POSITIVE = 23, 10  # the influence-balancing system of Tallec & Ollivier, as Vicol et al. reproduce it
-SHIFT = 0.5 * torch.eye(STATES, dtype=DTYPE) + 0.5 * torch.diag(torch.ones(STATES - 1, dtype=DTYPE), 1)
-SIGNS = torch.tensor([1.0] * POSITIVE + [-1.0] * (STATES - POSITIVE), dtype=DTYPE)
 
 
 class Quadratic:
@@ -48,33 +46,6 @@ class Quadratic:
     def outer_loss(self, weights, phi, task):
         gap = weights["w"] - task["c"]
         return 0.5 * gap @ self.matrix @ gap
-
-
-class Influence:
-    """s_{t+1} = A s_t + theta (+1 x 10, -1 x 13), loss 1/2 (s[0] - 1)^2: one SGD step (lr 1) on
-    1/2 |s|^2 - (A s_const + theta signs) . s is one step of the system (forward only: the methods
-    here never differentiate an inner step)."""
-
-    modes = ("episodic", "online")
-
-    def meta_parameters(self):
-        return {"theta": torch.tensor([0.5], dtype=DTYPE)}
-
-    def inner_template(self):
-        return {"s": torch.zeros(STATES, dtype=DTYPE)}
-
-    def start(self, phi, task):
-        return {"s": torch.ones(STATES, dtype=DTYPE)}
-
-    def inner_loss(self, weights, phi, task, step):
-        s = weights["s"]
-        return 0.5 * (s * s).sum() - ((SHIFT @ s.detach() + phi["theta"] * SIGNS) * s).sum()
-
-    def outer_loss(self, weights, phi, task):
-        return 0.5 * (weights["s"][0] - 1) ** 2
-
-    def metrics(self, weights, phi, task):
-        return {"loss": self.outer_loss(weights, phi, task)}
 
 
 def exact_influence_gradients(theta, perturbations, unroll_steps):

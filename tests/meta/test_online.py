@@ -199,7 +199,7 @@ def test_meta_weight_net_step_is_shus_lookahead_update_and_real_step():
     online = Online(_Learner(model, family, problem, inner, phi), config, torch.arange(3))
     online.start()
     before = online.runs
-    _, tasks, result = online.lookahead(0, inner, lambda problem, tasks, inner: meta_gradient(problem, phi, tasks,
+    _, tasks, result = online.lookahead(0, inner, lambda problem, tasks, inner, noise: meta_gradient(problem, phi, tasks,
                                                                                              inner))
     expected = [torch.zeros_like(value) for value in phi.values()]
     for i in range(3):
@@ -242,10 +242,10 @@ def test_staggered_runs_each_start_again_once_per_horizon():
     first_keys = online.runs.tasks["seed"].clone()
     assert online.runs.step.tolist() == [0, 2, 4, 6]  # burned in to staggered counters
     for iteration in range(4):
-        online.lookahead(iteration, inner, lambda p, t, i: meta_gradient(p, phi, t, i))
+        online.lookahead(iteration, inner, lambda p, t, i, noise: meta_gradient(p, phi, t, i))
         online.advance(phi)
     assert online.runs.step.tolist() == [8, 2, 4, 6] and online.lives.tolist() == [0, 1, 1, 1]
-    online.lookahead(4, inner, lambda p, t, i: meta_gradient(p, phi, t, i))
+    online.lookahead(4, inner, lambda p, t, i, noise: meta_gradient(p, phi, t, i))
     assert online.runs.step.tolist() == [0, 2, 4, 6] and online.lives.tolist() == [1, 1, 1, 1]
     assert online.failures.tolist() == [0, 0, 0, 0]
     assert not bool((online.runs.tasks["seed"] == first_keys).any())
@@ -263,7 +263,7 @@ def test_a_run_that_is_not_finite_is_left_out_and_starts_again():
     broken = next(iter(online.runs.weights))
     online.runs.weights[broken][1].fill_(float("nan"))
     healthy = meta_gradient(OnlineProblem(problem), phi, _without(online.runs, 1).as_tasks(), with_rule(inner, 1))
-    _, tasks, result = online.lookahead(0, inner, lambda p, t, i: meta_gradient(p, phi, t, i))
+    _, tasks, result = online.lookahead(0, inner, lambda p, t, i, noise: meta_gradient(p, phi, t, i))
     assert online.bad.tolist() == [False, True, False] and int(online.excluded(torch.device("cpu"))) == 1
     for name in phi:
         assert torch.equal(result.grad_sum[name], healthy.grad_sum[name])

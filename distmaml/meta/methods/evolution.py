@@ -186,6 +186,20 @@ class ES(_EvolutionStrategy):
         super().__post_init__()
         at_least("es.pairs", self.pairs, 1, integer=True)
 
+    def particles(self, phi: Params, tasks: Tasks, noise: Noise) -> tuple[Params, torch.Tensor, float]:
+        """What gradcheck's smoothed reference needs: every particle's perturbation, its task, and the
+        weight of its exact gradient in the estimate's expectation (a task's mean over its particles)."""
+        eps = self._perturbations(phi, noise)
+        count = num_tasks(tasks)
+        return ({name: torch.stack([e, -e], 1).flatten(0, 1) for name, e in eps.items()},
+                torch.arange(count, device=noise.index.device).repeat_interleave(2 * self.pairs), 1 / (2 * self.pairs))
+
+    def _perturbations(self, phi: Params, noise: Noise) -> Params:
+        """eps of every pair, in the order (task, pair)."""
+        pairs, scales = self.pairs, self.scales(phi)
+        pair_index = (noise.index[:, None] * pairs + torch.arange(pairs, device=noise.index.device)).flatten()
+        return {name: scales[name] * z for name, z in draws(phi, noise.key, pair_index).items()}
+
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None,
                       noise: Noise | None = None) -> MetaGradient:
         refuse_step_weights(self, step_weights)
@@ -193,8 +207,7 @@ class ES(_EvolutionStrategy):
         noise = default_noise(tasks, first.device) if noise is None else noise
         count, pairs = num_tasks(tasks), self.pairs
         scales = self.scales(phi)
-        pair_index = (noise.index[:, None] * pairs + torch.arange(pairs, device=first.device)).flatten()
-        eps = {name: scales[name] * z for name, z in draws(phi, noise.key, pair_index).items()}
+        eps = self._perturbations(phi, noise)
         # Particles in the order (task, pair, +/-).
         particle_phi = {name: torch.stack([phi[name].detach() + e, phi[name].detach() - e], 1).flatten(0, 1)
                         for name, e in eps.items()}
@@ -225,6 +238,18 @@ class PES(_EvolutionStrategy):
                           "the next, and an episode starts every task again: run it online (online.runs: the "
                           "particles, online.unroll: the truncation, online.horizon), or use es over the episode")
 
+    def _perturbations(self, phi: Params, noise: Noise) -> Params:
+        """eps of every run: its pair's draw, + for the pair's first run, - for its second."""
+        scales = self.scales(phi)
+        sign = 1.0 - 2.0 * (noise.index % 2).to(next(iter(phi.values())).dtype)
+        return {name: _leading(sign, z) * scales[name] * z for name, z in draws(phi, noise.key, noise.index // 2).items()}
+
+    def particles(self, phi: Params, tasks: Tasks, noise: Noise) -> tuple[Params, torch.Tensor, float]:
+        """gradcheck's smoothed reference for one truncation from runs whose accumulated perturbation is
+        still zero (their first outer step): each run's exact gradient counts once (a pair's two make
+        the expectation of its estimate, 2 grad f_sigma)."""
+        return self._perturbations(phi, noise), torch.arange(num_tasks(tasks), device=noise.index.device), 1.0
+
     def carry_init(self, phi: Params, count: int) -> dict:
         """Each run's accumulated perturbation at its start: zero."""
         return {"perturbation": {name: value.detach().new_zeros((count, *value.shape)) for name, value in phi.items()}}
@@ -240,10 +265,10 @@ class PES(_EvolutionStrategy):
             raise MethodError("online.runs", num_tasks(tasks), "persistent ES takes its runs in antithetic pairs "
                               "(2p, 2p+1), both on one process")
         scales = self.scales(phi)
-        sign = 1.0 - 2.0 * (noise.index % 2).to(first.dtype)  # + for the pair's first run, - for its second
-        z = draws(phi, noise.key, noise.index // 2)
-        eps = {name: _leading(sign, value) * scales[name] * value for name, value in z.items()}
-        accumulated = {name: tasks["carry"]["perturbation"][name] + eps[name] for name in phi}
+        eps = self._perturbations(phi, noise)
+        # Runs given without a carry (gradcheck's, from another method's schedule) are at their start: xi = 0.
+        carry = tasks.get("carry") or self.carry_init(phi, num_tasks(tasks))
+        accumulated = {name: carry["perturbation"][name] + eps[name] for name in phi}
         particle_phi = {name: phi[name].detach() + eps[name] for name in phi}
         weights, state, losses = perturbed_unroll(problem, particle_phi, tasks, inner)
         grad_sum = self._estimate(phi, losses, accumulated, scales)
