@@ -4,8 +4,9 @@ pair's start, sigma, the truncation U and the dimension of phi.
     python -m benchmarks.pes_variance          # -> results/pes_variance.json
 
 The set-up of configs/mnist1d_lr_pes.yaml with phi frozen at a rate of 0.5 (log rate, or a five-block
-schedule at 0.5 for dim phi = 5): PAIRS antithetic pairs start fresh (counter 0, no accumulated
-perturbation) and run the whole 1,000-step horizon in truncations of U steps; at each truncation every
+schedule at 0.5 for dim phi = 5), and the 15,000 per-weight decays of configs/mnist1d_weight_decay.yaml
+(at their initial 1e-3, a horizon of its 300 steps): PAIRS antithetic pairs start fresh (counter 0, no
+accumulated perturbation) and run the whole horizon in truncations of U steps; at each truncation every
 pair's estimate (L+ - L-) xi / (2 sigma^2) is recorded. Reported per setting: the trace of the pairs'
 covariance (the variance of a one-pair estimate, summed over phi's entries) at 10 %, 50 % and 100 %
 of the horizon, its growth exponent b in variance ~ t^b over the truncations t since the start (a
@@ -37,16 +38,25 @@ from distmaml.rng import STREAM_ONLINE
 
 PAIRS = 32
 RATE = 0.5
-HORIZON = 1000
-# (label, sigma, U, schedule blocks)
-SETTINGS = [("sigma 0.03", 0.03, 10, 1), ("sigma 0.1", 0.1, 10, 1), ("sigma 0.3 (the config's)", 0.3, 10, 1),
-            ("sigma 0.6", 0.6, 10, 1), ("U = 5", 0.3, 5, 1), ("U = 25", 0.3, 25, 1), ("dim phi = 5 (schedule)", 0.3, 10, 5)]
+LR = "configs/mnist1d_lr_pes.yaml"
+# The per-weight decays of configs/mnist1d_weight_decay.yaml (15,000 log decays at 1e-3, full-batch SGD at
+# 0.5) as PES would learn them: runs of its 300 steps, truncations of 10.
+DECAY = ["online.horizon=300", "inner.mode=pes", "inner.steps=10", "train.meta_batch=2"]
+# (label, config, sigma, U, overrides)
+SETTINGS = [("sigma 0.03", LR, 0.03, 10, []), ("sigma 0.1", LR, 0.1, 10, []), ("sigma 0.3 (the config's)", LR, 0.3, 10, []),
+            ("sigma 0.6", LR, 0.6, 10, []), ("U = 5", LR, 0.3, 5, []), ("U = 25", LR, 0.3, 25, []),
+            ("dim phi = 5 (five-block schedule)", LR, 0.3, 10, ["inner.schedule_blocks=5"]),
+            ("dim phi = 15,000 (per-weight decay, mnist1d_weight_decay)", "configs/mnist1d_weight_decay.yaml", 0.3, 10,
+             DECAY)]
 
 
-def measure(sigma: float, unroll_steps: int, blocks: int, pairs: int, seed: int = 0) -> dict[str, Any]:
-    config = load_config(REPO / "configs/mnist1d_lr_pes.yaml", [
-        f"es.sigma={sigma}", f"online.unroll={unroll_steps}", f"inner.schedule_blocks={blocks}", f"inner.lr={RATE}",
-        f"online.runs={2 * pairs}", f"train.seed={seed}", "logging.progress=false", "engine.memory_check=false"])
+def measure(config_path: str, sigma: float, unroll_steps: int, overrides: list[str], pairs: int,
+            seed: int = 0) -> dict[str, Any]:
+    rate = [f"inner.lr={RATE}"] if config_path == LR else []
+    config = load_config(REPO / config_path, [
+        *overrides, f"es.sigma={sigma}", f"online.unroll={unroll_steps}", f"inner.steps={unroll_steps}", *rate,
+        f"online.runs={2 * pairs}", f"train.meta_batch={2 * pairs}", f"train.seed={seed}", "logging.progress=false",
+        "engine.memory_check=false"])
     learner = build(config)
     method = learner.inner.method
     problem = OnlineProblem(learner.problem, unroll_steps)
@@ -56,7 +66,8 @@ def measure(sigma: float, unroll_steps: int, blocks: int, pairs: int, seed: int 
     tasks = learner.family.sample(STREAM_ONLINE, 0, index // 2)
     runs = fresh_runs(learner.problem, learner.inner.rule, phi, tasks, torch.zeros(2 * pairs, dtype=torch.int64))
     runs = runs._replace(carry=method.carry_init(phi, 2 * pairs))
-    truncations = HORIZON // unroll_steps
+    horizon = config.online.horizon
+    truncations = horizon // unroll_steps
     traces, mean_norms, dropped = [], [], 0
     for tau in range(truncations):
         result = meta_gradient(problem, phi, runs.as_tasks(), inner, noise=Noise(torch.tensor(1000 + tau), index))
@@ -75,7 +86,8 @@ def measure(sigma: float, unroll_steps: int, blocks: int, pairs: int, seed: int 
     v = [math.log(max(value, 1e-300)) for value in traces]
     slope = _slope(t[truncations // 10:], v[truncations // 10:])
     at = {f"{int(100 * fraction)} %": traces[max(int(fraction * truncations) - 1, 0)] for fraction in (0.1, 0.5, 1.0)}
-    return {"sigma": sigma, "unroll": unroll_steps, "dim_phi": blocks, "pairs": pairs, "variance_at": at,
+    return {"config": config_path, "sigma": sigma, "unroll": unroll_steps, "horizon": horizon,
+            "dim_phi": sum(value.numel() for value in phi.values()), "pairs": pairs, "variance_at": at,
             "growth_exponent": slope, "variance_mean_over_horizon": statistics.mean(traces),
             "mean_squared_norm_over_horizon": statistics.mean(mean_norms), "pairs_not_finite": dropped,
             "traces": traces}
@@ -106,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     rows = {}
-    for label, sigma, unroll_steps, blocks in SETTINGS:
-        rows[label] = measure(sigma, unroll_steps, blocks, args.pairs)
+    for label, config_path, sigma, unroll_steps, overrides in SETTINGS:
+        rows[label] = measure(config_path, sigma, unroll_steps, overrides, args.pairs)
         print(label, {k: f"{v:.3g}" for k, v in rows[label]["variance_at"].items()}, flush=True)
-    result = {"benchmark": "pes_variance", "rows": rows, "rate": RATE, "horizon": HORIZON,
+    result = {"benchmark": "pes_variance", "rows": rows, "rate": RATE,
               "command": f"python -m benchmarks.pes_variance {' '.join(argv if argv is not None else sys.argv[1:])}".strip(),
               "machine": machine(torch.device("cpu")), "wall_seconds": time.perf_counter() - started}
     write(result, args.out or RESULTS / "pes_variance.json")

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmaml.build import build
+from distmaml.build import build, build_method
 from distmaml.commands import cli
 from distmaml.commands.train import _sharpness_warning
 from distmaml.config import load_config
 from distmaml.engine import dist
 from distmaml.engine.step import MetaStep, Unreached, make_optimizer
+from distmaml.meta.online import run_group
 from distmaml.meta.reachability import reached_flags, unreached
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,8 +212,9 @@ def test_no_shipped_config_is_refused_as_unreachable(path, omniglot_cache, tmp_p
         if not OMNIGLOT.is_dir():
             pytest.skip(f"no Omniglot at {OMNIGLOT}")
         overrides += [f"data.root={OMNIGLOT}", f"data.cache_dir={omniglot_cache(OMNIGLOT)}"]
-    if config.online.runs:  # one persistent run, its own unroll (online, inner.steps is the unroll)
-        overrides.append("online.runs=1")
+    if config.online.runs:  # one persistent run (PES: one pair), its own unroll (online, inner.steps is the unroll)
+        runs = run_group(build_method(config))
+        overrides += [f"online.runs={runs}", f"train.meta_batch={runs}"]
     else:
         # An implicit method needs inner steps that near a minimum: a handful is too few for MNIST-1D's MLP.
         steps = max(min(config.inner.steps, 10), config.inner.schedule_blocks)

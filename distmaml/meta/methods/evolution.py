@@ -233,6 +233,10 @@ class PES(_EvolutionStrategy):
     run_group = 2  # runs 2p and 2p+1 are one antithetic pair: one process, one mini-batch stream, one counter
     persistent = True  # its perturbed unrolls are the runs' real steps, and it keeps a state per run
 
+    def check_problem(self, problem, phi: Params, task, inner) -> None:
+        if getattr(problem, "start_state", None) is None:  # not a persistent run's problem: an episode's
+            self.check_episodic()
+
     def check_episodic(self) -> None:
         raise MethodError("inner.mode", self.name, "persistent ES keeps each particle's state from one outer step to "
                           "the next, and an episode starts every task again: run it online (online.runs: the "
