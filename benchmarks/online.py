@@ -221,8 +221,6 @@ def lr_figure(result: dict[str, Any], path: Path = LR_FIGURE) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from distmaml.files import write_figure
-
     fig = Figure(figsize=(9.5, 4.6))
     axes = fig.subplots()
     for (unroll_steps, outer, start), color in zip([(u, o, s) for u, o in _variants() for s in LR_STARTS],
@@ -239,13 +237,22 @@ def lr_figure(result: dict[str, Any], path: Path = LR_FIGURE) -> Path:
         axes.fill_between(steps, [min(r) for r in rates], [max(r) for r in rates], color=color, alpha=0.15)
     best = [grid["lrs"][_best(grid)]
             for grid in (r["grid"] for r in result["rows"] if r.get("grid"))]
+    return finish_rate_figure(fig, axes, best, "real inner steps of the run (a fresh network every 1,000)",
+                              "One rate learned online, MNIST-1D: the short-horizon bias", path)
+
+
+def finish_rate_figure(fig, axes, best: list[float], xlabel: str, title: str, path: Path) -> Path:
+    """A learned rate's figure: the grid's best fixed rate (the median of `best`) as a line, a log rate
+    axis, the labels and the legend; written to `path`."""
+    from distmaml.files import write_figure
+
     if best:
         axes.axhline(statistics.median(best), color="black", linestyle=":",
                      label=f"the grid's best fixed rate for 1,000 steps ({statistics.median(best):g})")
     axes.set_yscale("log")
-    axes.set_xlabel("real inner steps of the run (a fresh network every 1,000)")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("learned learning rate")
-    axes.set_title("One rate learned online, MNIST-1D: the short-horizon bias", fontsize=10)
+    axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

@@ -1,13 +1,17 @@
 """One learning rate learned by persistent evolution strategies against truncated ES, from far below and
 far above the grid's best rate, over training seeds.
 
-    python -m benchmarks.pes --seeds 0 1 2          # -> results/pes_lr.json, docs/pes_lr.png
+    python -m benchmarks.pes --seeds 0 1 2                      # -> results/pes_lr.json, docs/pes_lr.png
+    python -m benchmarks.pes --methods pes_schedule --starts 0.1  # the five-block schedule, added to it
+    python -m benchmarks.pes --objective                        # the objective at fixed rates, added to it
 
 The set-up is configs/mnist1d_lr_pes.yaml (plain SGD on MNIST-1D, batch 100, horizon H = 1,000, the
 validation soft error every U = 10 steps along the horizon as the objective), from 0.1 and from 3.0:
 
     pes   16 antithetic pairs of persistent runs (online.runs = 32), each particle's perturbed steps its
           real training, staggered over the horizon
+    pes_sigma_0.1  the same PES with sigma 0.1 instead of 0.3 (less smoothing of the objective)
+    pes_schedule  the same PES for a schedule of five rates, one per 200-step block of the horizon
     es    truncated ES: 2 persistent runs, each estimated from 8 antithetic pairs of 10-step unrolls from
           its state and moved on at the unperturbed rate (17 x 10 inner steps per run and outer step
           against PES's 10 per particle: the same budget to within 6 %)
@@ -33,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import REPO, RESULTS, machine, read, write
-from benchmarks.online import LR_STARTS, _best
+from benchmarks.online import LR_STARTS, _best, finish_rate_figure
 from benchmarks.tables import markdown_table
 from distmaml.commands.train import train
 from distmaml.config import load_config
@@ -42,7 +46,9 @@ from distmaml.run.checkpoint import checkpoint_iteration, list_checkpoints, load
 CONFIG = "configs/mnist1d_lr_pes.yaml"
 ITERATIONS = 1500
 EVERY = 50
-METHODS = {"pes": [], "es": ["inner.mode=es", "online.runs=2", "es.pairs=8"]}
+METHODS = {"pes": [], "es": ["inner.mode=es", "online.runs=2", "es.pairs=8"],
+           "pes_schedule": ["inner.schedule_blocks=5"],  # five rates, one per 200-step block of the horizon
+           "pes_sigma_0.1": ["es.sigma=0.1"]}  # a third of the config's perturbation: less smoothing
 FIGURE = REPO / "docs" / "pes_lr.png"
 
 
@@ -65,12 +71,13 @@ def run_seed(method: str, start: float, seed: int, out_dir: Path, iterations: in
     seconds = time.perf_counter() - started
     trajectory = [{"iteration": 0, "rate": start}]
     for path in list_checkpoints(run_dir / "checkpoints"):
-        log_rate = load_checkpoint(path)["rule"]["inner.lr.log_schedule"]
-        trajectory.append({"iteration": checkpoint_iteration(path), "rate": float(log_rate.exp()[0])})
+        rates = load_checkpoint(path)["rule"]["inner.lr.log_schedule"].exp().tolist()
+        trajectory.append({"iteration": checkpoint_iteration(path), "rate": rates[0], "rates": rates})
     last_third = [point["rate"] for point in trajectory if point["iteration"] >= 2 * iterations / 3]
     evaluation = summary.get("eval", {})
     return {"method": method, "start": start, "seed": seed, "status": summary["status"], "train_seconds": seconds,
             "inner_steps": _inner_steps_per_outer_step(config) * iterations, "final_rate": trajectory[-1]["rate"],
+            "final_rates": trajectory[-1].get("rates", [start]),
             "last_third_median": statistics.median(last_third), "last_third_min": min(last_third),
             "last_third_max": max(last_third), "trajectory": trajectory,
             "test_accuracy": evaluation.get("test_accuracy"),
@@ -89,8 +96,8 @@ def objective(rates=OBJECTIVE_RATES, runs: int = 8, seed: int = 0) -> dict[str, 
     from distmaml.meta.unrolling import task_values
     from distmaml.rng import STREAM_EVAL
 
-    config = load_config(REPO / CONFIG, [f"train.seed={seed}", "inner.mode=second_order", "online.runs=0",
-                                         "inner.steps=1000", "train.meta_batch=1", "logging.progress=false"])
+    # configs/mnist1d_lr.yaml is the same set-up, episodic: its tasks are fresh 1,000-step runs.
+    config = load_config(REPO / "configs/mnist1d_lr.yaml", [f"train.seed={seed}", "logging.progress=false"])
     learner = build(config)
     tasks = learner.family.sample(STREAM_EVAL, 0, torch.arange(runs))
     points = list(range(10, 1001, 10))
@@ -121,7 +128,7 @@ def table(result: dict[str, Any]) -> str:
               "inner steps", "seeds"]
     by_seed = {int(seed): grid for seed, grid in result["grids"].items()}
     lines = []
-    for method in METHODS:
+    for method in ("pes", "pes_sigma_0.1", "es"):
         for start in LR_STARTS:
             rows = [r for r in result["rows"] if r["method"] == method and r["start"] == start]
             if not rows:
@@ -142,6 +149,24 @@ def table(result: dict[str, Any]) -> str:
     return markdown_table(header, lines)
 
 
+def schedule_table(result: dict[str, Any]) -> str:
+    """The five-block schedule learned by PES: each block's rate (mean over seeds) and the test accuracy."""
+    rows = [r for r in result["rows"] if r["method"] == "pes_schedule"]
+    if not rows:
+        return "(not measured)\n"
+    lines = []
+    for start in sorted({r["start"] for r in rows}):
+        mine = [r for r in rows if r["start"] == start]
+        blocks = [statistics.mean(r["final_rates"][i] for r in mine) for i in range(len(mine[0]["final_rates"]))]
+        accuracy = [r["test_accuracy"] for r in mine if r["test_accuracy"] is not None]
+        lines.append([f"{start:g}", ", ".join(f"{rate:.3g}" for rate in blocks),
+                      f"{100 * statistics.mean(accuracy):.1f} ± "
+                      f"{100 * (statistics.stdev(accuracy) if len(accuracy) > 1 else 0):.1f}",
+                      ", ".join(f"{100 * a:.1f}" for a in accuracy), f"{mine[0]['inner_steps']:,}", str(len(mine))])
+    return markdown_table(["start", "learned rates of the five 200-step blocks (mean over seeds)",
+                           "test accuracy %, fresh 1,000-step runs", "per seed", "inner steps", "seeds"], lines)
+
+
 def objective_table(result: dict[str, Any]) -> str:
     found = result["objective"]
     return markdown_table(["fixed rate", *[f"{rate:g}" for rate in found["rates"]]], [
@@ -157,34 +182,22 @@ def figure(result: dict[str, Any], path: Path = FIGURE) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from distmaml.files import write_figure
-
     fig = Figure(figsize=(9, 4.4))
     axes = fig.subplots()
-    colors = {"pes": "C0", "es": "C3"}
-    for row in result["rows"]:
+    colors = {"pes": "C0", "pes_sigma_0.1": "C2", "es": "C3"}
+    for row in (r for r in result["rows"] if r["method"] in colors):
         label = f"{row['method']} from {row['start']:g}" if row["seed"] == min(r["seed"] for r in result["rows"]) else None
         axes.plot([p["iteration"] for p in row["trajectory"]], [p["rate"] for p in row["trajectory"]],
                   color=colors[row["method"]], linestyle="-" if row["start"] < 1 else "--", alpha=0.8, label=label)
     best = [grid["lrs"][_best(grid)] for grid in result["grids"].values()]
-    if best:
-        axes.axhline(statistics.median(best), color="black", linestyle=":",
-                     label=f"the grid's best fixed rate for 1,000 steps ({statistics.median(best):g})")
-    axes.set_yscale("log")
-    axes.set_xlabel("outer step")
-    axes.set_ylabel("learned learning rate")
-    axes.set_title("One rate on MNIST-1D, horizon 1,000: PES against truncated ES (each seed a line)", fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    write_figure(path, fig, dpi=120)
-    return path
+    return finish_rate_figure(fig, axes, best, "outer step",
+                              "One rate on MNIST-1D, horizon 1,000: PES against truncated ES (each seed a line)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pes", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["pes", "es"], choices=list(METHODS))
     parser.add_argument("--starts", type=float, nargs="+", default=list(LR_STARTS))
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
     parser.add_argument("--objective", action="store_true", help="only the objective at fixed rates, added to the "

@@ -10,7 +10,9 @@ accumulated perturbation) and run the whole horizon in truncations of U steps; a
 pair's estimate (L+ - L-) xi / (2 sigma^2) is recorded. Reported per setting: the trace of the pairs'
 covariance (the variance of a one-pair estimate, summed over phi's entries) at 10 %, 50 % and 100 %
 of the horizon, its growth exponent b in variance ~ t^b over the truncations t since the start (a
-least-squares line in log-log), and the squared norm of the mean estimate against it. The variance of
+least-squares line in log-log), and the squared norm of the mean estimate over the pairs against what
+noise alone would give it (the variance over the pairs): where the two are alike, the estimate at
+that many pairs carries no detectable signal. The variance of
 the mean over P pairs is the table's over P (the pairs are independent). Particles staggered over the
 horizon see, on average, half of it. A pair whose run diverges (a large sigma's perturbed rate) is
 left out of the statistics from then on, and counted (training drops and restarts it).
@@ -104,10 +106,12 @@ def table(result: dict[str, Any]) -> str:
         at = row["variance_at"]
         lines.append([label, f"{at['10 %']:.3g}", f"{at['50 %']:.3g}", f"{at['100 %']:.3g}",
                       f"{row['growth_exponent']:.2f}", f"{row['variance_mean_over_horizon']:.3g}",
-                      f"{row['mean_squared_norm_over_horizon']:.3g}", str(row["pairs_not_finite"])])
+                      f"{row['mean_squared_norm_over_horizon']:.3g}",
+                      f"{row['variance_mean_over_horizon'] / row['pairs']:.3g}", str(row["pairs_not_finite"])])
     return markdown_table(["setting", "one pair's variance at 10 % of the horizon", "at 50 %", "at 100 %",
                            "growth exponent b (variance ~ t^b)", "mean over the horizon (staggered pairs)",
-                           "squared norm of the mean estimate", "pairs not finite (left out)"], lines)
+                           "squared norm of the mean over the pairs", "what noise alone gives it (variance / pairs)",
+                           "pairs not finite (left out)"], lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,6 +351,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "online-lr": lambda: _online("online_lr", online.lr_table),
     "peers-online-cpu": lambda: _online("peers_online_cpu", peers_online.table),
     "pes-lr": lambda: _online("pes_lr", pes.table),
+    "pes-schedule": lambda: _online("pes_lr", pes.schedule_table),
+    "pes-objective": lambda: _online("pes_lr", pes.objective_table),
     "pes-variance": lambda: _online("pes_variance", pes_variance.table),
     "influence-balancing": lambda: _online("influence_balancing", influence_balancing.table),
     "peers-es-cpu": lambda: _online("peers_es_cpu", peers_es.table),

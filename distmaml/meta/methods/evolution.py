@@ -167,9 +167,6 @@ class _EvolutionStrategy(WithoutUnrollGraph):
     def exact(self, steps: int) -> bool:
         return False
 
-    def divergence_cause(self, stats: dict[str, torch.Tensor]) -> str | None:
-        return None
-
     def _estimate(self, phi: Params, weights: torch.Tensor, directions: Params, scales: dict[str, float]) -> Params:
         """sum over particles of weights[i] * directions[i] / sigma^2, per tensor of phi."""
         return {name: (_leading(weights, directions[name]) * directions[name]).sum(0) / scales[name] ** 2
