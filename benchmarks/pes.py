@@ -81,6 +81,7 @@ def run_seed(method: str, start: float, seed: int, out_dir: Path, iterations: in
             "last_third_median": statistics.median(last_third), "last_third_min": min(last_third),
             "last_third_max": max(last_third), "trajectory": trajectory,
             "test_accuracy": evaluation.get("test_accuracy"),
+            "validation_soft_error": _validation_soft_error(summary),
             "restarts_not_finite": (summary.get("online") or {}).get("restarts_not_finite")}
 
 
@@ -113,6 +114,13 @@ def objective(rates=OBJECTIVE_RATES, runs: int = 8, seed: int = 0) -> dict[str, 
     return {"rates": list(rates), "trajectory_soft_error": trajectory_mean, "final_soft_error": final}
 
 
+def _validation_soft_error(summary: dict) -> float | None:
+    """The validation soft error of the evaluation's fresh runs after their last step (what a choice
+    between settings of the method may read; the test split stays unread)."""
+    steps = (summary.get("eval") or {}).get("steps") or []
+    return steps[-1].get("outer_loss") if steps else None
+
+
 def grids(seeds: list[int]) -> dict[int, dict]:
     """Each seed's grid of fixed rates (test accuracy after 1,000 steps), from results/online_lr.json."""
     found = {}
@@ -124,7 +132,8 @@ def grids(seeds: list[int]) -> dict[int, dict]:
 
 def table(result: dict[str, Any]) -> str:
     header = ["method", "start", "final rate (mean ± std)", "rate over the last third: median [min, max] over seeds",
-              "test accuracy %, fresh 1,000-step runs at the final rate", "best fixed rate (validation): test %",
+              "validation soft error, fresh 1,000-step runs at the final rate",
+              "test accuracy %, the same runs", "best fixed rate (validation): test %",
               "inner steps", "seeds"]
     by_seed = {int(seed): grid for seed, grid in result["grids"].items()}
     lines = []
@@ -138,10 +147,12 @@ def table(result: dict[str, Any]) -> str:
             chosen = [by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
             best = [grid["test_accuracy"][_best(grid)] for grid in chosen]
             best_rates = sorted({f"{grid['lrs'][_best(grid)]:g}" for grid in chosen})
+            soft = [r["validation_soft_error"] for r in rows if r.get("validation_soft_error") is not None]
             lines.append([method, f"{start:g}", f"{statistics.mean(rates):.3g} ± "
                           f"{statistics.stdev(rates) if len(rates) > 1 else 0:.2g}",
                           f"{statistics.median(r['last_third_median'] for r in rows):.3g} "
                           f"[{min(r['last_third_min'] for r in rows):.3g}, {max(r['last_third_max'] for r in rows):.3g}]",
+                          f"{statistics.mean(soft):.4f}" if soft else "-",
                           f"{100 * statistics.mean(accuracy):.1f} ± "
                           f"{100 * (statistics.stdev(accuracy) if len(accuracy) > 1 else 0):.1f}" if accuracy else "-",
                           f"{', '.join(best_rates)}: {100 * statistics.mean(best):.1f}" if best else "-",

@@ -81,7 +81,8 @@ class Online:
         # A persistent method (PES) carries the runs on with its own unrolls and keeps a state per run;
         # runs of one group (its antithetic pairs) share a mini-batch stream and a counter.
         method = learner.inner.method
-        self.persistent = bool(getattr(method, "persistent", False))
+        # (A problem with nothing to learn takes no lookahead: its runs move by their own steps.)
+        self.persistent = bool(getattr(method, "persistent", False)) and bool(learner.theta)
         self.carry_init = getattr(method, "carry_init", None) if self.persistent else None
         self.group = run_group(method)
         self.carried: MetaGradient | None = None
@@ -125,7 +126,7 @@ class Online:
             self.start()
         # A run that reached the horizon starts again here, not when it got there: until then (the end
         # of training, a checkpoint) it is the finished network.
-        self._restart(self.runs.step >= self.horizon if self.horizon else torch.zeros_like(self.bad))
+        self._restart(grouped(self.runs.step >= self.horizon, self.group) if self.horizon else torch.zeros_like(self.bad))
         inner = with_rule(inner, self.unroll)
         runs = self.runs
         if not self.theta:  # nothing to learn (Learning to Reweight): the runs' outer losses, for the logs
@@ -168,9 +169,13 @@ class Online:
         self._restart(self.bad)
 
     def _restart(self, which: torch.Tensor) -> None:
-        """The runs `which` ([n] bool) from fresh weights, counter 0 and a new key."""
+        """The runs `which` ([n] bool) from fresh weights, counter 0 and a new key; the runs of a group
+        (a pair) restarted together take one life, and so one key."""
         if bool(which.any()):
             self.lives += which.long()
+            if self.group > 1:
+                shared = self.lives.reshape(-1, self.group).max(1).values.repeat_interleave(self.group)
+                self.lives = torch.where(which, shared, self.lives)
             self.runs = choose(which, self._fresh(torch.zeros_like(self.runs.step)), self.runs)
 
     # -- checkpoint: every run's state, gathered by global index ------------------------------------
@@ -201,6 +206,13 @@ class Online:
         if self.persistent and carry is None:  # runs another method trained: their accumulated perturbation starts at 0
             carry = self.carry_init(self.theta, len(self.indices))
         self.runs = Runs(self._tasks(), mine["weights"], mine["state"], mine["step"], carry)
+        if self.group > 1:  # runs another method trained, grouped now: a group whose members differ starts again
+            self._restart(self._differ(self.runs.step) | self._differ(self.lives))
+
+    def _differ(self, values: torch.Tensor) -> torch.Tensor:
+        """[n] bool: true for every run of a group whose members' values are not all the same."""
+        by_group = values.reshape(-1, self.group)
+        return (by_group != by_group[:, :1]).any(1).repeat_interleave(self.group)
 
     def summary(self, ctx: dist.Context) -> dict:
         """The runs themselves: each one's metrics (the trained networks' own accuracy), counter and resets."""
@@ -266,5 +278,7 @@ def first_lookahead(learner, config, count: int) -> tuple[Any, Any, Inner]:
     """(problem, tasks, inner) of the first outer step of `count` online runs, at their staggered (and
     burned-in) counters: what `distmaml gradcheck` checks the methods on, from the runs' stored state."""
     online = Online(learner, config, torch.arange(count, device=next(learner.model.parameters()).device), count)
+    if count % online.group:  # runs a grouped method could not pair (gradcheck skips that method): not grouped
+        online.group = 1
     online.start()
     return online.problem, online.runs.as_tasks(), with_rule(learner.inner, online.unroll)

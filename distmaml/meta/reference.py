@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from distmaml.meta.functional import (LossFn, MetaGradient, Noise, Params, Tasks, detached, functional_forward, mse,
                                       num_tasks, task_at, tasks_slice)
@@ -233,15 +234,22 @@ def _finite_difference_task(problem: Any, phi: Params, task: Any, inner) -> tupl
 
 
 def _one_task_at_a_time(problem, phi, tasks, inner, step_weights, noise) -> MetaGradient:
+    """A stochastic method one task (one group of runs: PES's pairs) at a time, the results joined."""
     count = num_tasks(tasks)
     first = next(iter(phi.values()))
     key = torch.zeros((), dtype=torch.int64, device=first.device) if noise is None else noise.key
     index = torch.arange(count, device=first.device) if noise is None else noise.index
-    parts = [inner.method.hypergradient(problem, phi, tasks_slice(tasks, i, i + 1), inner, step_weights,
-                                        noise=Noise(key, index[i:i + 1])) for i in range(count)]
+    group = int(getattr(inner.method, "run_group", 1))
+    parts = [inner.method.hypergradient(problem, phi, tasks_slice(tasks, i, i + group), inner, step_weights,
+                                        noise=Noise(key, index[i:i + group])) for i in range(0, count, group)]
+
+    def joined(trees):
+        return None if trees[0] is None else tree_map(lambda *leaves: torch.cat(leaves), *trees)
+
     return MetaGradient({name: sum(part.grad_sum[name] for part in parts) for name in phi},
                         torch.cat([part.task_losses for part in parts]),
-                        {name: torch.cat([part.stats[name] for part in parts]) for name in parts[0].stats})
+                        {name: torch.cat([part.stats[name] for part in parts]) for name in parts[0].stats},
+                        joined([part.adapted for part in parts]), joined([part.carried for part in parts]))
 
 
 def meta_gradient_loop(problem: Any, phi: Params, tasks: Tasks, inner,

@@ -44,14 +44,38 @@ def test_pes_runs_resume_bit_for_bit_mid_horizon(tmp_path):
     assert all(line["es_sq_norm"] > 0 and line["es_loss_gap"] >= 0 for line in logged)
 
 
-def test_two_processes_hold_one_pair_each_and_match_one(tmp_path):
-    run(["bash", str(REPO / "launch/torchrun.sh"), "configs/logistic_weight_decay.yaml", *PES, "train.iterations=5",
+def test_two_processes_hold_whole_pairs_and_match_one(tmp_path):
+    """3 pairs over 2 processes: 2 pairs and 1 (4 runs and 2, where a split by runs would give 3 and 3)."""
+    six = ["online.runs=6", "train.meta_batch=6", "train.iterations=5"]
+    run(["bash", str(REPO / "launch/torchrun.sh"), "configs/logistic_weight_decay.yaml", *PES, *six,
          f"run.dir={tmp_path / 'two'}"], NPROC="2")
-    train(pes_config(tmp_path / "one", "train.iterations=5"))
+    train(pes_config(tmp_path / "one", *six))
     assert_same_runs(last(tmp_path / "one"), last(tmp_path / "two"), exact=False)
 
 
-def test_a_pair_that_is_not_finite_is_dropped_whole_and_counted(tmp_path):
+def test_a_pair_with_one_member_not_finite_is_left_out_whole_and_both_start_again(tmp_path):
+    from distmaml.build import build
+    from distmaml.engine.schedule import Online
+    from distmaml.meta import meta_gradient
+
+    config = pes_config(tmp_path)
+    learner = build(config)
+    phi = learner.theta
+    online = Online(learner, config, torch.arange(4))
+    online.start()
+    weights = next(iter(online.runs.weights))
+    online.runs.weights[weights][1].fill_(float("nan"))
+    _, tasks, result = online.lookahead(3, learner.inner, lambda p, t, i, noise: meta_gradient(p, phi, t, i, noise=noise))
+    assert online.bad.tolist() == [True, True, False, False]
+    assert bool(torch.isfinite(result.task_losses).all()) and len(result.task_losses) == 2
+    online.advance(phi)
+    assert online.failures.tolist() == [1, 1, 0, 0] and online.lives.tolist() == [1, 1, 0, 0]
+    assert online.runs.step[:2].tolist() == [0, 0] and bool(torch.isfinite(online.runs.weights[weights]).all())
+    for value in online.runs.carry["perturbation"].values():
+        assert not bool(value[:2].any()) and bool(value[2:].any())
+
+
+def test_runs_that_keep_failing_stop_the_pes_training_as_diverged(tmp_path):
     summary = train(pes_config(tmp_path, "inner.lr=1e30", "train.iterations=8"))
     assert summary["status"] == "diverged"
     assert "had a state that was not finite and started again, above online.max_resets = 0.5" in summary["error"]

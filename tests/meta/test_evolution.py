@@ -10,8 +10,6 @@
   from the measured spread of the pairs, not hand-picked constants.
 """
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -188,4 +186,37 @@ def test_pes_needs_its_pairs_together():
     phi = {"theta": torch.tensor([0.5], dtype=DTYPE, requires_grad=True)}
     with pytest.raises(MethodError, match="antithetic pairs"):
         meta_gradient(problem, phi, runs.as_tasks(), inner, noise=Noise(torch.tensor(0), torch.tensor([1, 2, 3, 4])))
-    assert dataclasses.replace(method, sigma=0.2).sigma == 0.2
+
+
+def test_pes_one_pair_at_a_time_is_the_batched_estimate_and_carries_the_runs_alike():
+    method = PES(sigma=0.1)
+    problem = OnlineProblem(Influence(), 2)
+    inner = with_rule(Inner(make_rule("sgd", lr=1.0), 2, method), 2)
+    runs = fresh_influence_runs(6, method)
+    phi = {"theta": torch.tensor([0.5], dtype=DTYPE, requires_grad=True)}
+    noise = Noise(torch.tensor(7), torch.arange(6))
+    for _ in range(2):  # the second time with carries that are not zero
+        batched = meta_gradient(problem, phi, runs.as_tasks(), inner, noise=noise)
+        looped = meta_gradient_loop(problem, phi, runs.as_tasks(), inner, noise=noise)
+        torch.testing.assert_close(looped.grad_sum["theta"], batched.grad_sum["theta"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(looped.carried["weights"]["s"], batched.carried["weights"]["s"], rtol=0, atol=0)
+        torch.testing.assert_close(looped.carried["carry"]["perturbation"]["theta"],
+                                   batched.carried["carry"]["perturbation"]["theta"], rtol=0, atol=0)
+        runs = carried_on(runs, batched.carried, 2)
+
+
+def test_es_with_several_pairs_and_tasks_is_each_pair_s_closed_form_summed():
+    """The particles' order (task, pair, +/-): 3 tasks of 3 pairs each, against the closed form of every
+    pair from the draws of the pairs' global indices (task i's pair p is i * 3 + p)."""
+    problem, sigma, pairs = Quadratic(), 0.1, 3
+    phi = {"a": torch.tensor([0.3, -0.2, 0.5], dtype=DTYPE, requires_grad=True)}
+    tasks = {"c": torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5], [2.0, 0.0, -1.0]], dtype=DTYPE)}
+    inner = Inner(make_rule("sgd", lr=0.1), 0, ES(sigma=sigma, pairs=pairs))
+    key = torch.tensor(4)
+    result = meta_gradient(problem, phi, tasks, inner, noise=Noise(key, torch.tensor([5, 0, 2])))
+    expected = torch.zeros(3, dtype=DTYPE)
+    for task, index in enumerate([5, 0, 2]):
+        gradient = problem.matrix @ (phi["a"].detach() - tasks["c"][task])
+        eps = sigma * draws({"a": phi["a"]}, key, index * pairs + torch.arange(pairs))["a"]
+        expected += (eps * (eps @ gradient)[:, None] / sigma ** 2).mean(0)
+    torch.testing.assert_close(result.grad_sum["a"], expected, rtol=1e-9, atol=1e-12)

@@ -230,10 +230,6 @@ class PES(_EvolutionStrategy):
     run_group = 2  # runs 2p and 2p+1 are one antithetic pair: one process, one mini-batch stream, one counter
     persistent = True  # its perturbed unrolls are the runs' real steps, and it keeps a state per run
 
-    def check_problem(self, problem, phi: Params, task, inner) -> None:
-        if getattr(problem, "start_state", None) is None:  # not a persistent run's problem: an episode's
-            self.check_episodic()
-
     def check_episodic(self) -> None:
         raise MethodError("inner.mode", self.name, "persistent ES keeps each particle's state from one outer step to "
                           "the next, and an episode starts every task again: run it online (online.runs: the "
@@ -258,6 +254,8 @@ class PES(_EvolutionStrategy):
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None,
                       noise: Noise | None = None) -> MetaGradient:
         refuse_step_weights(self, step_weights)
+        if getattr(problem, "start_state", None) is None:  # an episode's tasks, not persistent runs
+            self.check_episodic()
         first = next(iter(phi.values()))
         noise = default_noise(tasks, first.device) if noise is None else noise
         shapes_only = noise.index.device.type == "meta"  # a memory estimate's probe: no values to check
@@ -272,8 +270,10 @@ class PES(_EvolutionStrategy):
         accumulated = {name: carry["perturbation"][name] + eps[name] for name in phi}
         particle_phi = {name: phi[name].detach() + eps[name] for name in phi}
         weights, state, losses = perturbed_unroll(problem, particle_phi, tasks, inner)
-        grad_sum = self._estimate(phi, losses, accumulated, scales)
+        # sum over runs of xi_m L_m / sigma^2, taken pair by pair: (L+ - L-) xi+ (the members' xi are
+        # exactly opposite), so that the losses cancel before they are weighted.
         pair_gap = losses[0::2] - losses[1::2]
+        grad_sum = self._estimate(phi, pair_gap, {name: value[0::2] for name, value in accumulated.items()}, scales)
         # The estimate is the mean over pairs of (L+ - L-) xi / (2 sigma^2) (N particles, N/2 pairs).
         per_pair = {name: _leading(pair_gap, value[0::2]) * value[0::2] / (2 * scales[name] ** 2)
                     for name, value in accumulated.items()}
