@@ -3,7 +3,7 @@ pair's start, sigma, the truncation U and the dimension of phi.
 
     python -m benchmarks.pes_variance          # -> results/pes_variance.json
 
-The set-up of configs/mnist1d_lr_pes.yaml with phi frozen at a rate of 0.5 (log rate, or a five-block
+The set-up of configs/mnist1d_lr_pes.yaml (the rows of U and dim phi at sigma 0.3) with phi frozen at a rate of 0.5 (log rate, or a five-block
 schedule at 0.5 for dim phi = 5), and the 15,000 per-weight decays of configs/mnist1d_weight_decay.yaml
 (at their initial 1e-3, a horizon of its 300 steps): PAIRS antithetic pairs start fresh (counter 0, no
 accumulated perturbation) and run the whole horizon in truncations of U steps; at each truncation every
@@ -45,7 +45,7 @@ LR = "configs/mnist1d_lr_pes.yaml"
 # 0.5) as PES would learn them: runs of its 300 steps, truncations of 10.
 DECAY = ["online.horizon=300", "inner.mode=pes", "inner.steps=10", "train.meta_batch=2"]
 # (label, config, sigma, U, overrides)
-SETTINGS = [("sigma 0.03", LR, 0.03, 10, []), ("sigma 0.1", LR, 0.1, 10, []), ("sigma 0.3 (the config's)", LR, 0.3, 10, []),
+SETTINGS = [("sigma 0.03", LR, 0.03, 10, []), ("sigma 0.1 (the config's)", LR, 0.1, 10, []), ("sigma 0.3", LR, 0.3, 10, []),
             ("sigma 0.6", LR, 0.6, 10, []), ("U = 5", LR, 0.3, 5, []), ("U = 25", LR, 0.3, 25, []),
             ("dim phi = 5 (five-block schedule)", LR, 0.3, 10, ["inner.schedule_blocks=5"]),
             ("dim phi = 15,000 (per-weight decay, mnist1d_weight_decay)", "configs/mnist1d_weight_decay.yaml", 0.3, 10,

@@ -81,7 +81,7 @@ def build_errors_of(overrides, path=None):
      "command line: inner.truncate = 3: must be between 0 and inner.steps (2)"),
     (["inner.mode=second_ordr"],
      "command line: inner.mode = 'second_ordr': must be one of second_order, first_order, truncated, implicit, "
-     "neumann, finite_difference, reptile, or an import path"),
+     "neumann, finite_difference, reptile, es, pes, or an import path"),
 ])
 def test_bad_inner_settings_give_one_line_naming_key_value_and_source_when_built(override, expected):
     assert build_errors_of(override) == expected
