@@ -11,6 +11,8 @@ validation soft error every U = 10 steps along the horizon as the objective), fr
     pes   16 antithetic pairs of persistent runs (online.runs = 32), each particle's perturbed steps its
           real training, staggered over the horizon
     pes_sigma_0.3  the same PES with sigma 0.3 instead of the config's 0.1 (more smoothing of the objective)
+    exact  the exact hypergradient through all 1,000 steps, episodically: configs/mnist1d_lr.yaml (40
+          outer steps of 4 fresh runs each) from the same starts
     pes_schedule  the same PES, at sigma 0.3, for a schedule of five rates, one per 200-step block of the horizon
     es    truncated ES: 2 persistent runs, each estimated from 8 antithetic pairs of 10-step unrolls from
           its state and moved on at the unperturbed rate (17 x 10 inner steps per run and outer step
@@ -49,24 +51,32 @@ EVERY = 50
 METHODS = {"pes": [], "es": ["inner.mode=es", "online.runs=2", "es.pairs=8", "es.sigma=0.3"],
            # five rates, one per 200-step block of the horizon (at sigma 0.3)
            "pes_schedule": ["inner.schedule_blocks=5", "es.sigma=0.3"],
-           "pes_sigma_0.3": ["es.sigma=0.3"]}  # three times the config's perturbation: more smoothing
+           "pes_sigma_0.3": ["es.sigma=0.3"],  # three times the config's perturbation: more smoothing
+           # the exact hypergradient through all 1,000 steps, episodically (configs/mnist1d_lr.yaml, its own
+           # 40 outer steps of 4 runs; its spikes would stop it at the default max_grad_norm_factor)
+           "exact": ["train.max_grad_norm_factor=0"]}
+# A method that is not run on CONFIG: its config, outer steps and checkpoint interval.
+EPISODIC = {"exact": ("configs/mnist1d_lr.yaml", 40, 2)}
 FIGURE = REPO / "docs" / "pes_lr.png"
 
 
 def _inner_steps_per_outer_step(config) -> int:
     """Inner steps one outer step takes over all runs: PES's particles' own; ES's pairs and real step."""
     online = config.online
+    if not online.runs:  # episodic: every task a whole training run
+        return config.train.meta_batch * config.inner.steps
     per_run = online.unroll * (2 * config.es.pairs + 1) if config.inner.mode == "es" else online.unroll
     return per_run * online.runs
 
 
 def run_seed(method: str, start: float, seed: int, out_dir: Path, iterations: int) -> dict[str, Any]:
     run_dir = out_dir / f"{method}_{start:g}_{seed}"
-    config = load_config(REPO / CONFIG, [*METHODS[method], f"inner.lr={start}", f"train.seed={seed}",
-                                         f"train.iterations={iterations}", f"run.dir={run_dir}", "run.resume=false",
-                                         "logging.progress=false", f"train.log_every={EVERY}",
-                                         f"train.checkpoint_every={EVERY}",
-                                         f"train.keep_checkpoints={iterations // EVERY + 2}", "eval.lr_grid=[]"])
+    config_path, iterations, every = EPISODIC.get(method, (CONFIG, iterations, EVERY))
+    config = load_config(REPO / config_path, [*METHODS[method], f"inner.lr={start}", f"train.seed={seed}",
+                                              f"train.iterations={iterations}", f"run.dir={run_dir}", "run.resume=false",
+                                              "logging.progress=false", f"train.log_every={every}",
+                                              f"train.checkpoint_every={every}",
+                                              f"train.keep_checkpoints={iterations // every + 2}", "eval.lr_grid=[]"])
     started = time.perf_counter()
     summary = train(config)
     seconds = time.perf_counter() - started
@@ -138,7 +148,7 @@ def table(result: dict[str, Any]) -> str:
               "inner steps", "seeds"]
     by_seed = {int(seed): grid for seed, grid in result["grids"].items()}
     lines = []
-    for method in ("pes", "pes_sigma_0.3", "es"):
+    for method in ("pes", "pes_sigma_0.3", "es", "exact"):
         for start in LR_STARTS:
             rows = [r for r in result["rows"] if r["method"] == method and r["start"] == start]
             if not rows:
@@ -196,7 +206,7 @@ def figure(result: dict[str, Any], path: Path = FIGURE) -> Path:
 
     fig = Figure(figsize=(9, 4.4))
     axes = fig.subplots()
-    colors = {"pes": "C0", "pes_sigma_0.3": "C2", "es": "C3"}
+    colors = {"pes": "C0", "pes_sigma_0.3": "C2", "es": "C3"}  # the exact runs' 40 steps would not show
     for row in (r for r in result["rows"] if r["method"] in colors):
         label = f"{row['method']} from {row['start']:g}" if row["seed"] == min(r["seed"] for r in result["rows"]) else None
         axes.plot([p["iteration"] for p in row["trajectory"]], [p["rate"] for p in row["trajectory"]],
