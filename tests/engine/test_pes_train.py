@@ -121,3 +121,23 @@ def test_gradcheck_reports_the_evolution_strategies_as_z_scores(tmp_path, capsys
                      "implicit.inner_safeguard=false", "--tasks", "3", "--json", str(tmp_path / "odd.json")])
     capsys.readouterr()
     assert "groups of 2" in json.loads((tmp_path / "odd.json").read_text())["skipped"]["pes"]
+
+
+def test_runs_another_method_trained_are_paired_on_resuming(tmp_path):
+    """A checkpoint's runs without carries (another method trained them) go on under PES with zero
+    accumulated perturbations, and a pair whose members differ (counter or starts) starts again whole."""
+    from distmaml.build import build
+    from distmaml.engine import dist
+    from distmaml.engine.schedule import Online
+
+    config = pes_config(tmp_path)
+    learner = build(config)
+    online = Online(learner, config, torch.arange(4))
+    state = online.state_dict(dist.Context())
+    del state["carry"]
+    state["lives"][1] = 3  # run 1 started again more often than its partner
+    online.load_state_dict(state)
+    assert online.lives.tolist()[:2] == [4, 4] and online.runs.step.tolist()[:2] == [0, 0]
+    assert online.runs.step.tolist()[2:] == state["step"].tolist()[2:]
+    for value in online.runs.carry["perturbation"].values():
+        assert not bool(value.any())
