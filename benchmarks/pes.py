@@ -71,23 +71,37 @@ def _inner_steps_per_outer_step(config) -> int:
 
 def run_seed(method: str, start: float, seed: int, out_dir: Path, iterations: int) -> dict[str, Any]:
     run_dir = out_dir / f"{method}_{start:g}_{seed}"
-    config_path, iterations, every = EPISODIC.get(method, (CONFIG, iterations, EVERY))
-    config = load_config(REPO / config_path, [*METHODS[method], f"inner.lr={start}", f"train.seed={seed}",
-                                              f"train.iterations={iterations}", f"run.dir={run_dir}", "run.resume=false",
-                                              "logging.progress=false", f"train.log_every={every}",
-                                              f"train.checkpoint_every={every}",
-                                              f"train.keep_checkpoints={iterations // every + 2}", "eval.lr_grid=[]"])
+    config = _config(method, start, seed, run_dir, iterations)
     started = time.perf_counter()
     summary = train(config)
-    seconds = time.perf_counter() - started
+    return collect(method, start, seed, run_dir, config, summary, time.perf_counter() - started)
+
+
+def _config(method: str, start: float, seed: int, run_dir: Path, iterations: int):
+    config_path, iterations, every = EPISODIC.get(method, (CONFIG, iterations, EVERY))
+    return load_config(REPO / config_path, [*METHODS[method], f"inner.lr={start}", f"train.seed={seed}",
+                                            f"train.iterations={iterations}", f"run.dir={run_dir}", "run.resume=false",
+                                            "logging.progress=false", f"train.log_every={every}",
+                                            f"train.checkpoint_every={every}",
+                                            f"train.keep_checkpoints={iterations // every + 2}", "eval.lr_grid=[]"])
+
+
+def collect(method: str, start: float, seed: int, run_dir: Path, config, summary: dict, seconds: float) -> dict[str, Any]:
+    """A finished run's row: its rate trajectory from its checkpoints, its evaluation from its summary."""
+    iterations = config.train.iterations
     trajectory = [{"iteration": 0, "rate": start}]
-    for path in list_checkpoints(run_dir / "checkpoints"):
+    kept = list_checkpoints(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
+    for path in kept:  # none where the run diverged before its first checkpoint
         rates = load_checkpoint(path)["rule"]["inner.lr.log_schedule"].exp().tolist()
         trajectory.append({"iteration": checkpoint_iteration(path), "rate": rates[0], "rates": rates})
-    last_third = [point["rate"] for point in trajectory if point["iteration"] >= 2 * iterations / 3]
-    evaluation = summary.get("eval", {})
+    # A run stopped early (diverged) has no last third: its last rate stands for it.
+    last_third = [point["rate"] for point in trajectory if point["iteration"] >= 2 * iterations / 3] or \
+        [trajectory[-1]["rate"]]
+    evaluation = summary.get("eval") or {}
     return {"method": method, "start": start, "seed": seed, "status": summary["status"], "train_seconds": seconds,
-            "inner_steps": _inner_steps_per_outer_step(config) * iterations, "final_rate": trajectory[-1]["rate"],
+            # the outer steps it took (a diverged run stops early)
+            "inner_steps": _inner_steps_per_outer_step(config) * summary.get("iteration", iterations),
+            "final_rate": trajectory[-1]["rate"],
             "final_rates": trajectory[-1].get("rates", [start]),
             "last_third_median": statistics.median(last_third), "last_third_min": min(last_third),
             "last_third_max": max(last_third), "trajectory": trajectory,
@@ -145,7 +159,7 @@ def table(result: dict[str, Any]) -> str:
     header = ["method", "start", "final rate (mean ± std)", "rate over the last third: median [min, max] over seeds",
               "validation soft error, fresh 1,000-step runs at the final rate",
               "test accuracy %, the same runs", "best fixed rate (validation): test %",
-              "inner steps", "seeds"]
+              "inner steps", "seeds", "stopped as diverged"]
     by_seed = {int(seed): grid for seed, grid in result["grids"].items()}
     lines = []
     for method in ("pes", "pes_sigma_0.3", "es", "exact"):
@@ -167,7 +181,8 @@ def table(result: dict[str, Any]) -> str:
                           f"{100 * statistics.mean(accuracy):.1f} ± "
                           f"{100 * (statistics.stdev(accuracy) if len(accuracy) > 1 else 0):.1f}" if accuracy else "-",
                           f"{', '.join(best_rates)}: {100 * statistics.mean(best):.1f}" if best else "-",
-                          f"{rows[0]['inner_steps']:,}", str(len(rows))])
+                          f"{rows[0]['inner_steps']:,}", str(len(rows)),
+                          str(sum(r["status"] == "diverged" for r in rows))])
     return markdown_table(header, lines)
 
 
