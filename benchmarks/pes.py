@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if kept_objective is not None:
         result["objective"] = kept_objective
     write(result, out)
-    figure(result)
+    if out == RESULTS / "pes_lr.json":  # the figure shows the results' file, not a scratch one
+        figure(result)
     print(table(result))
     return 0
 
