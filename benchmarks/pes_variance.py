@@ -46,7 +46,9 @@ LR = "configs/mnist1d_lr_pes.yaml"
 DECAY = ["online.horizon=300", "inner.mode=pes", "inner.steps=10", "train.meta_batch=2"]
 # (label, config, sigma, U, overrides)
 SETTINGS = [("sigma 0.03", LR, 0.03, 10, []), ("sigma 0.1 (the config's)", LR, 0.1, 10, []), ("sigma 0.3", LR, 0.3, 10, []),
-            ("sigma 0.6", LR, 0.6, 10, []), ("U = 5", LR, 0.3, 5, []), ("U = 25", LR, 0.3, 25, []),
+            ("sigma 0.6", LR, 0.6, 10, []),
+            ("noise reuse (es.reuse_noise), sigma 0.1", LR, 0.1, 10, ["es.reuse_noise=true"]),
+            ("U = 5", LR, 0.3, 5, []), ("U = 25", LR, 0.3, 25, []),
             ("dim phi = 5 (five-block schedule)", LR, 0.3, 10, ["inner.schedule_blocks=5"]),
             ("dim phi = 15,000 (per-weight decay, mnist1d_weight_decay)", "configs/mnist1d_weight_decay.yaml", 0.3, 10,
              DECAY)]

@@ -230,6 +230,9 @@ class EsConfig:
                                "longest matching prefix wins), e.g. ['inner.lr=0.3']")
     pairs: int = _opt(8, "es mode: antithetic pairs of perturbations per task (or per online run); pes pairs the "
                       "online runs themselves (online.runs: the particles)")
+    reuse_noise: bool = _opt(False, "pes mode: noise-reuse ES: a pair keeps one perturbation for its whole life "
+                             "(drawn at its start) and weights its estimate by it, instead of a fresh one per "
+                             "truncation summed")
 
 
 @dataclass

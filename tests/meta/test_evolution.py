@@ -101,10 +101,10 @@ def test_the_perturbations_are_standard_normal_and_a_function_of_key_pair_and_en
     assert not torch.equal(other["b"][0], z["b"][17])
 
 
-def _pes_sum_over_truncations(pairs, truncations, sigma, unroll_steps):
+def _pes_sum_over_truncations(pairs, truncations, sigma, unroll_steps, reuse_noise=False):
     """PES with theta frozen over `truncations` truncations from fresh pairs: each pair's summed
-    estimate ([pairs]) and the perturbations each run drew ([2 pairs, truncations])."""
-    method = PES(sigma=sigma)
+    estimate ([pairs]) and the perturbation each run ran each truncation under ([2 pairs, truncations])."""
+    method = PES(sigma=sigma, reuse_noise=reuse_noise)
     problem = OnlineProblem(Influence(), unroll_steps)
     inner = with_rule(Inner(make_rule("sgd", lr=1.0), unroll_steps, method), unroll_steps)
     phi = {"theta": torch.tensor([0.5], dtype=DTYPE, requires_grad=True)}
@@ -114,7 +114,7 @@ def _pes_sum_over_truncations(pairs, truncations, sigma, unroll_steps):
         result = meta_gradient(problem, phi, runs.as_tasks(), inner,
                                noise=Noise(torch.tensor(100 + tau), torch.arange(2 * pairs)))
         accumulated = result.carried["carry"]["perturbation"]["theta"][:, 0]
-        drawn.append(accumulated - before)
+        drawn.append(accumulated if reuse_noise else accumulated - before)  # noise reuse carries eps itself
         before = accumulated
         losses = result.task_losses
         each = accumulated[0::2] * (losses[0::2] - losses[1::2]) / (2 * sigma ** 2)
@@ -136,6 +136,16 @@ def test_pes_is_unbiased_for_the_smoothed_objective_over_the_truncations():
     difference = estimate - reference
     z = float(difference.mean() / (difference.std() / pairs ** 0.5))
     assert abs(z) < 4, (z, float(estimate.mean()), float(reference.mean()))
+
+
+def test_noise_reuse_pes_is_unbiased_for_one_perturbation_per_life():
+    pairs, truncations, sigma, unroll_steps = 1500, 6, 0.1, 2
+    estimate, perturbations = _pes_sum_over_truncations(pairs, truncations, sigma, unroll_steps, reuse_noise=True)
+    assert torch.equal(perturbations, perturbations[:, :1].expand_as(perturbations))  # one eps per life
+    exact = exact_influence_gradients(0.5, perturbations, unroll_steps)
+    difference = estimate - (exact[0::2] + exact[1::2]) / 2
+    z = float(difference.mean() / (difference.std() / pairs ** 0.5))
+    assert abs(z) < 4, z
 
 
 def test_truncated_es_is_biased_where_pes_is_not():

@@ -26,7 +26,8 @@ NON_DEFAULT = {"inner.truncate": 3, "implicit.damping": 0.25, "implicit.inner_sa
                "implicit.cg_steps": 7, "implicit.cg_tol": 1e-6, "neumann.terms": 9, "neumann.alpha": 0.05,
                "finite_difference.eps": 0.003, "inner.lr": 0.2, "inner.steps": 6, "inner.schedule_blocks": 3,
                "inner.momentum": 0.7, "inner.betas": [0.8, 0.95], "inner.eps": 1e-6,
-               "es.sigma": 0.2, "es.sigma_of": ["inner.lr=0.3"], "es.pairs": 3}
+               "es.sigma": 0.2, "es.sigma_of": ["inner.lr=0.3"], "es.pairs": 3,
+               "es.reuse_noise": True}
 # Types written differently on the two sides: a config list holds what a rule keeps as a tuple, and
 # inner.momentum has no default on either side (a momentum run must give it).
 SAME_TYPE = {"tuple[float, float]": "list[float]", "tuple[str, ...]": "list[str]", "Optional[float]": "float | None"}

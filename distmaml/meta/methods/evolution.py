@@ -5,7 +5,8 @@
           run's stored state over its U steps, the state then moved on at the unperturbed phi by the
           schedule, as after every lookahead (biased: a perturbation's effect on later truncations
           is never seen).
-    pes   persistent ES (Vicol, Metz & Sohl-Dickstein 2021), online only. Runs 2p and 2p+1 are an
+    pes   persistent ES (Vicol, Metz & Sohl-Dickstein 2021), online only (with reuse_noise: noise-reuse
+          ES, Li et al. 2023, one perturbation per pair's life, the estimate weighted by it). Runs 2p and 2p+1 are an
           antithetic pair: each member keeps its own state, unrolls its U steps at phi + eps and
           phi - eps, and those unrolls *are* its real steps (the method carries the runs on:
           MetaGradient.carried). Each member accumulates the perturbations it has run under since
@@ -225,8 +226,11 @@ class ES(_EvolutionStrategy):
 
 @dataclass(frozen=True)
 class PES(_EvolutionStrategy):
+    # Noise-reuse ES (Li et al. 2023): a pair draws its perturbation once per life and runs every
+    # truncation of it at phi +/- that eps, the estimate weighting by eps itself, not a growing sum.
+    reuse_noise: bool = False
     name = "pes"
-    setting_keys = {"sigma": "es.sigma", "sigma_of": "es.sigma_of"}
+    setting_keys = {"sigma": "es.sigma", "sigma_of": "es.sigma_of", "reuse_noise": "es.reuse_noise"}
     run_group = 2  # runs 2p and 2p+1 are one antithetic pair: one process, one mini-batch stream, one counter
     persistent = True  # its perturbed unrolls are the runs' real steps, and it keeps a state per run
 
@@ -267,7 +271,13 @@ class PES(_EvolutionStrategy):
         eps = self._perturbations(phi, noise)
         # Runs given without a carry (gradcheck's, from another method's schedule) are at their start: xi = 0.
         carry = tasks.get("carry") or self.carry_init(phi, num_tasks(tasks))
-        accumulated = {name: carry["perturbation"][name] + eps[name] for name in phi}
+        if self.reuse_noise:  # the life's one perturbation: drawn now where the run has none yet (its start)
+            stored = carry["perturbation"]
+            fresh = torch.stack([(value == 0).flatten(1).all(1) for value in stored.values()]).all(0)
+            eps = {name: torch.where(_leading(fresh, stored[name]), eps[name], stored[name]) for name in phi}
+            accumulated = eps
+        else:
+            accumulated = {name: carry["perturbation"][name] + eps[name] for name in phi}
         particle_phi = {name: phi[name].detach() + eps[name] for name in phi}
         weights, state, losses = perturbed_unroll(problem, particle_phi, tasks, inner)
         # sum over runs of xi_m L_m / sigma^2, taken pair by pair: (L+ - L-) xi+ (the members' xi are
