@@ -10,6 +10,7 @@ validation soft error every U = 10 steps along the horizon as the objective), fr
 
     pes   16 antithetic pairs of persistent runs (online.runs = 32), each particle's perturbed steps its
           real training, staggered over the horizon
+    pes_noise_reuse  the same PES with one perturbation per pair's life (es.reuse_noise)
     pes_sigma_0.3  the same PES with sigma 0.3 instead of the config's 0.1 (more smoothing of the objective)
     exact  the exact hypergradient through all 1,000 steps, episodically: configs/mnist1d_lr.yaml (40
           outer steps of 4 fresh runs each) from the same starts
@@ -52,6 +53,7 @@ METHODS = {"pes": [], "es": ["inner.mode=es", "online.runs=2", "es.pairs=8", "es
            # five rates, one per 200-step block of the horizon (at sigma 0.3)
            "pes_schedule": ["inner.schedule_blocks=5", "es.sigma=0.3"],
            "pes_sigma_0.3": ["es.sigma=0.3"],  # three times the config's perturbation: more smoothing
+           "pes_noise_reuse": ["es.reuse_noise=true"],  # one perturbation per pair's life (Li et al. 2023)
            # the exact hypergradient through all 1,000 steps, episodically (configs/mnist1d_lr.yaml, its own
            # 40 outer steps of 4 runs; its spikes would stop it at the default max_grad_norm_factor)
            "exact": ["train.max_grad_norm_factor=0"]}
@@ -162,7 +164,7 @@ def table(result: dict[str, Any]) -> str:
               "inner steps", "seeds", "stopped as diverged"]
     by_seed = {int(seed): grid for seed, grid in result["grids"].items()}
     lines = []
-    for method in ("pes", "pes_sigma_0.3", "es", "exact"):
+    for method in ("pes", "pes_sigma_0.3", "pes_noise_reuse", "es", "exact"):
         for start in LR_STARTS:
             rows = [r for r in result["rows"] if r["method"] == method and r["start"] == start]
             if not rows:
@@ -221,7 +223,7 @@ def figure(result: dict[str, Any], path: Path = FIGURE) -> Path:
 
     fig = Figure(figsize=(9, 4.4))
     axes = fig.subplots()
-    colors = {"pes": "C0", "pes_sigma_0.3": "C2", "es": "C3"}  # the exact runs' 40 steps would not show
+    colors = {"pes": "C0", "pes_sigma_0.3": "C2", "pes_noise_reuse": "C4", "es": "C3"}  # the exact runs' 40 steps would not show
     for row in (r for r in result["rows"] if r["method"] in colors):
         label = f"{row['method']} from {row['start']:g}" if row["seed"] == min(r["seed"] for r in result["rows"]) else None
         axes.plot([p["iteration"] for p in row["trajectory"]], [p["rate"] for p in row["trajectory"]],
