@@ -185,19 +185,14 @@ def smoothed_gradient(problem: Any, phi: Params, tasks: Tasks, inner, eps: Param
                       weight: float) -> torch.Tensor:
     """weight * sum over particles of the exact gradient of their task's K-step objective at phi + eps
     (autograd through every step of the perturbed unroll), flat."""
-    from distmaml.meta.methods import SecondOrder
-    from distmaml.meta.methods.evolution import Perturbed, PerturbedRule
+    from distmaml.meta.methods.evolution import perturbed_unroll
 
     leaf = {name: value.detach().requires_grad_() for name, value in phi.items()}
     count = len(task_of)
     particle_phi = {name: leaf[name].expand(count, *leaf[name].shape) + eps[name] for name in leaf}
-    particles = {"task": tree_map(lambda value: value.index_select(0, task_of), tasks), "phi": particle_phi}
-    wrapped = Perturbed(problem, inner.rule)
-    exact = dataclasses.replace(inner, rule=PerturbedRule(inner.rule), method=SecondOrder())
-    template = {name: value.detach() for name, value in phi.items()}
+    particle_tasks = tree_map(lambda value: value.index_select(0, task_of), tasks)
+    _, _, losses = perturbed_unroll(problem, particle_phi, particle_tasks, inner, exact=True)
     with torch.enable_grad():
-        result = unroll(wrapped, template, particles, exact, differentiated=inner.steps)
-        losses = task_values(wrapped.outer_loss, result.weights, template, particles)
         grads = torch.autograd.grad(weight * losses.sum(), list(leaf.values()), allow_unused=True)
     return torch.cat([(torch.zeros_like(value) if g is None else g).reshape(-1) for value, g in zip(leaf.values(), grads)])
 

@@ -115,16 +115,17 @@ class PerturbedRule:
         return new, {"rule": rule_state, "phi": state["phi"]}
 
 
-def perturbed_unroll(problem: Any, particle_phi: Params, tasks: Tasks, inner: Any):
-    """Every particle's inner loop at its own phi (particle dimension first in both), no graph: the
-    final weights, the rule's state and the outer losses."""
+def perturbed_unroll(problem: Any, particle_phi: Params, tasks: Tasks, inner: Any, exact: bool = False):
+    """Every particle's inner loop at its own phi (particle dimension first in both): the final weights,
+    the rule's state and the outer losses; no graph, or with `exact` (gradcheck's reference) the graph of
+    every step back to the particles' phi."""
     rule = inner.rule
     wrapped = Perturbed(problem, rule)
     particles = {"task": tasks, "phi": particle_phi}
-    template = {name: value[0] for name, value in particle_phi.items()}  # read by nothing: shapes only
-    with torch.no_grad():
+    template = {name: value[0].detach() for name, value in particle_phi.items()}  # read by nothing: shapes only
+    with torch.enable_grad() if exact else torch.no_grad():
         inner = dataclasses.replace(inner, rule=PerturbedRule(rule))
-        result = unroll(wrapped, template, particles, inner, differentiated=0)
+        result = unroll(wrapped, template, particles, inner, differentiated=inner.steps if exact else 0)
         losses = task_values(wrapped.outer_loss, result.weights, template, particles)
     return result.weights, result.state["rule"], losses
 
@@ -168,10 +169,15 @@ class _EvolutionStrategy(WithoutUnrollGraph):
     def exact(self, steps: int) -> bool:
         return False
 
-    def _estimate(self, phi: Params, weights: torch.Tensor, directions: Params, scales: dict[str, float]) -> Params:
-        """sum over particles of weights[i] * directions[i] / sigma^2, per tensor of phi."""
-        return {name: (_leading(weights, directions[name]) * directions[name]).sum(0) / scales[name] ** 2
-                for name in phi}
+    def _noise(self, phi: Params, tasks: Tasks, noise: Noise | None, step_weights) -> Noise:
+        """The caller's noise (default_noise without one); a multi-step loss is refused."""
+        refuse_step_weights(self, step_weights)
+        return default_noise(tasks, next(iter(phi.values())).device) if noise is None else noise
+
+    @staticmethod
+    def _each(gaps: torch.Tensor, eps: Params, scales: dict[str, float]) -> Params:
+        """(L+ - L-) eps / (2 sigma^2) of every pair ([pairs, *shape] per tensor of phi)."""
+        return {name: _leading(gaps, value) * value / (2 * scales[name] ** 2) for name, value in eps.items()}
 
 
 @dataclass(frozen=True)
@@ -200,9 +206,7 @@ class ES(_EvolutionStrategy):
 
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None,
                       noise: Noise | None = None) -> MetaGradient:
-        refuse_step_weights(self, step_weights)
-        first = next(iter(phi.values()))
-        noise = default_noise(tasks, first.device) if noise is None else noise
+        noise = self._noise(phi, tasks, noise, step_weights)
         count, pairs = num_tasks(tasks), self.pairs
         scales = self.scales(phi)
         eps = self._perturbations(phi, noise)
@@ -212,11 +216,10 @@ class ES(_EvolutionStrategy):
         particles = tree_map(lambda leaf: leaf.repeat_interleave(2 * pairs, 0), tasks)
         weights, _, losses = perturbed_unroll(problem, particle_phi, particles, inner)
         plus, minus = losses.reshape(count, pairs, 2).unbind(-1)
-        gap = (plus - minus).flatten()
         # Per pair (f+ - f-) eps / (2 sigma^2); a task's estimate is the mean over its pairs.
-        grad_sum = self._estimate(phi, gap / (2 * pairs), eps, scales)
-        per_task = {name: (_leading(gap, e) * e).reshape(count, pairs, *e.shape[1:]).sum(1) / (2 * pairs * scales[name] ** 2)
-                    for name, e in eps.items()}
+        per_task = {name: value.reshape(count, pairs, *value.shape[1:]).mean(1)
+                    for name, value in self._each((plus - minus).flatten(), eps, scales).items()}
+        grad_sum = {name: value.sum(0) for name, value in per_task.items()}
         stats = {"es_loss_gap": (plus - minus).abs().mean(1),
                  "es_sq_norm": sum((value.flatten(1) ** 2).sum(1) for value in per_task.values())}
         # The first pair's + particle stands for the task in the logs' after-adaptation metrics.
@@ -257,11 +260,9 @@ class PES(_EvolutionStrategy):
 
     def hypergradient(self, problem, phi: Params, tasks: Tasks, inner, step_weights=None,
                       noise: Noise | None = None) -> MetaGradient:
-        refuse_step_weights(self, step_weights)
         if getattr(problem, "start_state", None) is None:  # an episode's tasks, not persistent runs
             self.check_episodic()
-        first = next(iter(phi.values()))
-        noise = default_noise(tasks, first.device) if noise is None else noise
+        noise = self._noise(phi, tasks, noise, step_weights)
         shapes_only = noise.index.device.type == "meta"  # a memory estimate's probe: no values to check
         if num_tasks(tasks) % 2 or not shapes_only and (bool((noise.index[0::2] % 2 != 0).any()) or bool(
                 (noise.index[1::2] != noise.index[0::2] + 1).any())):
@@ -280,13 +281,12 @@ class PES(_EvolutionStrategy):
             accumulated = {name: carry["perturbation"][name] + eps[name] for name in phi}
         particle_phi = {name: phi[name].detach() + eps[name] for name in phi}
         weights, state, losses = perturbed_unroll(problem, particle_phi, tasks, inner)
-        # sum over runs of xi_m L_m / sigma^2, taken pair by pair: (L+ - L-) xi+ (the members' xi are
-        # exactly opposite), so that the losses cancel before they are weighted.
+        # The sum over runs of xi_m L_m / sigma^2, taken pair by pair as 2 (L+ - L-) xi+ / (2 sigma^2) (the
+        # members' xi are exactly opposite), so that the losses cancel before they are weighted; the engine's
+        # division by the N runs makes it the mean over the N/2 pairs of (L+ - L-) xi / (2 sigma^2).
         pair_gap = losses[0::2] - losses[1::2]
-        grad_sum = self._estimate(phi, pair_gap, {name: value[0::2] for name, value in accumulated.items()}, scales)
-        # The estimate is the mean over pairs of (L+ - L-) xi / (2 sigma^2) (N particles, N/2 pairs).
-        per_pair = {name: _leading(pair_gap, value[0::2]) * value[0::2] / (2 * scales[name] ** 2)
-                    for name, value in accumulated.items()}
+        per_pair = self._each(pair_gap, {name: value[0::2] for name, value in accumulated.items()}, scales)
+        grad_sum = {name: 2 * value.sum(0) for name, value in per_pair.items()}
         sq_norm = sum((value.flatten(1) ** 2).sum(1) for value in per_pair.values())
         stats = {"es_loss_gap": pair_gap.abs().repeat_interleave(2), "es_sq_norm": sq_norm.repeat_interleave(2)}
         carried = {"weights": detached(weights), "state": state, "carry": {"perturbation": accumulated}}
